@@ -1,0 +1,1 @@
+"""PyTorch LSTM encoders and their dynamic (native ONNX LSTM) and static (unrolled) exports."""

@@ -1,0 +1,54 @@
+"""The default model family that `make export` writes, and where each file goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from export.model import LSTMConfig, LSTMEncoder
+
+REPORT_STATIC_LENGTHS = (10, 25, 50, 100, 200)
+SERVED_STATIC_LENGTH = 50  # the static model that the server loads by default
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    name: str
+    config: LSTMConfig
+    seed: int
+    static_lengths: tuple[int, ...] = ()  # static variants served beside the dynamic model
+    note: str = ""
+
+
+FAMILY = (
+    FamilyMember(
+        "encoder",
+        LSTMConfig(input_size=80, hidden_size=256, num_layers=2, bidirectional=True),
+        seed=0,
+        static_lengths=(SERVED_STATIC_LENGTH,),
+        note="bidirectional 2-layer encoder sized like a speech encoder (80 log-mel bins)",
+    ),
+    FamilyMember(
+        "tf_example",
+        LSTMConfig(input_size=5, hidden_size=3, num_layers=1, bidirectional=False),
+        seed=0,
+        note="TensorFlow dynamic_rnn documentation shape: 5 features, 3 units, 1 layer",
+    ),
+)
+
+
+def build(member: FamilyMember) -> LSTMEncoder:
+    """Seeded random weights: the same member always gets the same weights hash."""
+    torch.manual_seed(member.seed)
+    return LSTMEncoder(member.config).eval()
+
+
+def model_path(root: Path, name: str, version: int = 1) -> Path:
+    """Triton-style repository layout: <root>/<model>/<version>/model.onnx."""
+    return root / name / str(version) / "model.onnx"
+
+
+def static_name(name: str, steps: int) -> str:
+    return f"{name}_static_t{steps}"

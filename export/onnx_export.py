@@ -1,0 +1,183 @@
+"""Export an `LSTMEncoder` to ONNX, dynamically (native LSTM nodes) or statically (unrolled).
+
+Both paths go through `torch.onnx.export` with the TorchScript exporter (`dynamo=False`): it is
+the one exporter in torch 2.13 that turns pack_padded_sequence -> nn.LSTM -> pad_packed_sequence
+into native ONNX `LSTM` nodes fed by `sequence_lens` (see README, "Why this exporter").
+Files are written atomically: a temporary file in the target folder, then `os.replace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from export.model import LSTMConfig, LSTMEncoder, StaticUnrolledLSTM
+
+OPSET = 17  # ORT's CUDA LSTM kernel covers LSTM-14..21; 17 is widely supported
+IR_VERSION = 8  # what opset 17 needs; onnxruntime 1.31 loads up to IR 13
+INPUT_NAMES = ["x", "lengths"]
+OUTPUT_NAMES = ["y", "h_n", "c_n"]
+# Named dims, the same names in code comments, ONNX files and server metadata.
+BATCH, TIME = "batch", "time"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    seconds: float  # wall time of torch.onnx.export (+ checks and metadata)
+    mode: str  # "dynamic" or "static"
+    steps: int | None  # static T, None for dynamic
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A stable hash of the parameters (names, shapes and float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_metadata(
+    encoder: LSTMEncoder, mode: str, steps: int | None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    cfg = encoder.config
+    meta = {
+        "lstm.config": cfg.to_json(),
+        "lstm.param_count": str(sum(p.numel() for p in encoder.parameters())),
+        "lstm.export_mode": mode,
+        "lstm.static_length": str(steps) if steps is not None else "",
+        "lstm.torch_version": torch.__version__,
+        "lstm.onnx_version": onnx.__version__,
+        "lstm.opset": str(OPSET),
+        "lstm.weights_sha256": weights_sha256(encoder),
+        "lstm.semantics": "dynamic_rnn: y zero past lengths; h_n/c_n at last valid step",
+    }
+    meta.update(extra or {})
+    return meta
+
+
+@contextlib.contextmanager
+def _atomic_path(final: Path):
+    """Yield a temp path next to `final`; move it into place only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _finish(tmp: Path, metadata: dict[str, str]) -> None:
+    model = onnx.load(str(tmp))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.ir_version = IR_VERSION
+    model.producer_name = "lstm-serve"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp))
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, dynamic_axes: dict) -> None:
+    with warnings.catch_warnings():
+        # Known, harmless for this model: the deprecation of the TorchScript exporter (we pin
+        # torch), and the hint about h0/c0 (our initial states are built from the batch dim).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*variable length with LSTM.*")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+
+
+def export_dynamic(
+    encoder: LSTMEncoder, path: Path, extra_metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """One native ONNX LSTM node per layer; symbolic batch and time; lengths -> sequence_lens."""
+    cfg = encoder.config
+    encoder = encoder.eval()
+    batch, steps = 3, 5
+    x = torch.zeros(batch, steps, cfg.input_size)
+    lengths = torch.tensor([5, 4, 2], dtype=torch.int64)  # sorted: see LSTMEncoder.forward
+    axes = {
+        "x": {0: BATCH, 1: TIME},
+        "lengths": {0: BATCH},
+        "y": {0: BATCH, 1: TIME},
+        "h_n": {1: BATCH},
+        "c_n": {1: BATCH},
+    }
+    start = time.perf_counter()
+    with _atomic_path(path) as tmp, torch.no_grad():
+        _export(encoder, (x, lengths), tmp, axes)
+        _finish(tmp, build_metadata(encoder, "dynamic", None, extra_metadata))
+    return ExportResult(path, time.perf_counter() - start, "dynamic", None)
+
+
+def export_static(
+    encoder: LSTMEncoder, steps: int, path: Path, extra_metadata: dict[str, str] | None = None
+) -> ExportResult:
+    """One cell per step per layer per direction over a fixed time axis of `steps`."""
+    cfg = encoder.config
+    static = StaticUnrolledLSTM(encoder.eval(), steps).eval()
+    x = torch.zeros(2, steps, cfg.input_size)
+    lengths = torch.tensor([steps, 1], dtype=torch.int64)
+    axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "y": {0: BATCH}, "h_n": {1: BATCH}, "c_n": {1: BATCH}}
+    start = time.perf_counter()
+    with _atomic_path(path) as tmp, torch.no_grad():
+        _export(static, (x, lengths), tmp, axes)
+        _finish(tmp, build_metadata(encoder, "static", steps, extra_metadata))
+    return ExportResult(path, time.perf_counter() - start, "static", steps)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def config_from_metadata(meta: dict[str, str]) -> LSTMConfig:
+    return LSTMConfig.from_json(meta["lstm.config"])
+
+
+def describe(path: Path) -> dict[str, object]:
+    """Node counts and byte split of an exported file (weights = initializers + constants)."""
+    model = onnx.load(str(path), load_external_data=True)
+    weight_bytes = sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    weight_bytes += onnx.numpy_helper.to_array(attr.t).nbytes
+    folder_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "bytes_total": folder_bytes,
+        "bytes_weights": weight_bytes,
+        "bytes_graph": folder_bytes - weight_bytes,
+        "nodes": len(model.graph.node),
+        "ops": json.dumps(dict(sorted(ops.items()))),
+    }

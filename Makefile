@@ -1,0 +1,57 @@
+# Every target creates and reuses its own virtual environment: a fresh clone needs only `make <target>`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TRITON_VENV := .venv-triton
+MODELS ?= models
+PROTO_OUT := server/proto
+SERVE_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv proto proto-check export serve test test-fast bench lint clean triton-venv
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed ## create the virtual environment (.venv) with the pinned dependencies
+
+$(TRITON_VENV)/.installed: requirements-triton.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -r requirements-triton.txt
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.installed ## separate venv with tritonclient (it needs protobuf < 7)
+
+proto: $(VENV)/.installed ## regenerate the gRPC stubs in server/proto from protos/*.proto
+	$(PY) -m server.proto.generate $(PROTO_OUT)
+
+proto-check: $(VENV)/.installed ## fail if the committed stubs differ from what protos/ generates
+	$(PY) -m server.proto.generate $(PROTO_OUT) --check
+
+export: $(VENV)/.installed ## export the default model family and the static-vs-dynamic report into models/
+	$(PY) -m export --out $(MODELS)
+
+$(MODELS)/encoder/1/model.onnx: | $(VENV)/.installed
+	$(PY) -m export --out $(MODELS) --no-report
+
+serve: $(VENV)/.installed $(MODELS)/encoder/1/model.onnx ## start the gRPC server on 127.0.0.1:8001 (exports models if missing)
+	$(PY) -m server --model-repository $(MODELS) $(SERVE_ARGS)
+
+test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient)
+	$(PY) -m server.proto.generate $(PROTO_OUT) --check
+	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q
+
+lint: $(VENV)/.installed ## ruff check and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean: ## remove generated models and caches (keeps the venvs)
+	rm -rf $(MODELS)/*/ .pytest_cache .ruff_cache .hypothesis

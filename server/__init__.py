@@ -1,0 +1,1 @@
+"""gRPC inference server (KServe Open Inference Protocol v2) over ONNX Runtime."""

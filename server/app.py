@@ -1,0 +1,106 @@
+"""The server object: gRPC server with the inference, health and reflection services.
+
+`InferenceServer(settings).start()` returns the bound port; `stop(grace)` drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.codec import Limits
+from server.config import Settings
+from server.dataplane import DataPlane
+from server.errors import StartupError
+from server.proto import grpc_service_pb2 as pb
+from server.proto import grpc_service_pb2_grpc as pb_grpc
+from server.repository import ModelRepository
+from server.runtime import RuntimeOptions, select_providers
+from server.servicer import InferenceServicer
+from server.stats import Statistics
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class InferenceServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.options = RuntimeOptions(
+            device=settings.device, cuda_tf32=settings.cuda_tf32,
+            intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
+            graph_optimization=settings.graph_optimization,
+        )
+        self.providers = select_providers(self.options)  # StartupError if cuda asked and unusable
+        log.info("execution provider in use: %s", self.providers.kind)
+        self.repository = ModelRepository(settings.model_repository, self.providers, self.options)
+        self.stats = Statistics()
+        self.plane = DataPlane(
+            self.repository, self.stats, Limits(settings.max_elements, settings.max_request_batch)
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._draining = threading.Event()
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.providers.kind
+
+    def _set_model_health(self, name: str, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(f"{SERVICE_NAME}/{name}", status)
+
+    def start(self) -> int:
+        s = self.settings
+        if not s.model_repository.is_dir():
+            raise StartupError(f"model repository {s.model_repository} is not a folder (run `make export`)")
+        self.repository.on_change = self._set_model_health
+        self.repository.load_all()
+        size = s.max_message_mb * 1024 * 1024
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
+            options=[
+                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.plane, lambda: not self._draining.is_set()), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if port == 0:
+            raise StartupError(f"cannot bind {s.host}:{s.port}")
+        server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self.port = server, port
+        log.info(
+            "serving %d model(s) %s on %s:%d with %s", len(self.repository.ready_models()),
+            self.repository.ready_models(), s.host, port, self.providers.kind,
+        )
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING first, refuse new calls, let in-flight ones finish within `grace`."""
+        if self._server is None:
+            return
+        self._draining.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(self.settings.grace_s if grace is None else grace).wait()
+        self._server = None
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()

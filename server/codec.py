@@ -1,0 +1,150 @@
+"""InferTensor <-> numpy for the Open Inference Protocol v2, with the checks a hostile client needs.
+
+Sizes are checked with Python integers before anything of that size is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import InvalidArgument, ResourceExhausted
+from server.proto import grpc_service_pb2 as pb
+
+# OIP datatype -> (numpy dtype, InferTensorContents field). BYTES is not used by these models.
+DATATYPES: dict[str, tuple[np.dtype, str]] = {
+    "BOOL": (np.dtype(np.bool_), "bool_contents"),
+    "UINT8": (np.dtype(np.uint8), "uint_contents"),
+    "UINT16": (np.dtype(np.uint16), "uint_contents"),
+    "UINT32": (np.dtype(np.uint32), "uint_contents"),
+    "UINT64": (np.dtype(np.uint64), "uint64_contents"),
+    "INT8": (np.dtype(np.int8), "int_contents"),
+    "INT16": (np.dtype(np.int16), "int_contents"),
+    "INT32": (np.dtype(np.int32), "int_contents"),
+    "INT64": (np.dtype(np.int64), "int64_contents"),
+    "FP16": (np.dtype(np.float16), "fp32_contents"),
+    "FP32": (np.dtype(np.float32), "fp32_contents"),
+    "FP64": (np.dtype(np.float64), "fp64_contents"),
+}
+ONNX_TO_OIP = {
+    "tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(int32)": "INT32",
+    "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(bool)": "BOOL",
+}
+_CONTENT_FIELDS = (
+    "bool_contents", "int_contents", "int64_contents", "uint_contents",
+    "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_elements: int = 64 * 1024 * 1024  # per input tensor
+    max_batch: int = 4096  # sequences per request
+
+
+def _shape(tensor: pb.ModelInferRequest.InferInputTensor, limits: Limits) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} has a negative dimension")
+    count = 1
+    for d in shape:
+        count *= d  # Python int: no overflow, no allocation
+    if count > limits.max_elements:
+        raise ResourceExhausted(
+            f"input '{tensor.name}': shape {list(shape)} is {count} elements, "
+            f"more than the limit of {limits.max_elements}"
+        )
+    return shape
+
+
+def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np.ndarray]:
+    """Decode every input of a request into numpy arrays (shape and byte counts checked)."""
+    raw = request.raw_input_contents
+    names = [t.name for t in request.inputs]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"inputs {names}: each input name may appear once")
+    typed = [t.name for t in request.inputs if any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS)]
+    if raw and typed:
+        raise InvalidArgument(
+            f"input(s) {typed} use typed 'contents' while the request also has raw_input_contents; "
+            "send all inputs raw or all typed"
+        )
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; expected one per input"
+        )
+    out: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.datatype not in DATATYPES:
+            raise InvalidArgument(
+                f"input '{tensor.name}': unknown datatype {tensor.datatype!r}; "
+                f"expected one of {', '.join(DATATYPES)}"
+            )
+        dtype, field = DATATYPES[tensor.datatype]
+        shape = _shape(tensor, limits)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if raw:
+            data = raw[index]
+            expected = count * dtype.itemsize
+            if len(data) != expected:
+                raise InvalidArgument(
+                    f"input '{tensor.name}': raw content is {len(data)} bytes, expected {expected} "
+                    f"for shape {list(shape)} of {tensor.datatype}"
+                )
+            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        else:
+            values = getattr(tensor.contents, field)
+            if len(values) != count:
+                raise InvalidArgument(
+                    f"input '{tensor.name}': contents.{field} has {len(values)} values, expected {count} "
+                    f"for shape {list(shape)}"
+                )
+            array = np.asarray(values, dtype=dtype).reshape(shape)
+        out[tensor.name] = array
+    return out
+
+
+def encode_output(
+    response: pb.ModelInferResponse, name: str, array: np.ndarray
+) -> None:
+    """Append one output, always as raw_output_contents (tritonclient decodes only raw)."""
+    array = np.ascontiguousarray(array)
+    datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}.get(array.dtype)
+    if datatype is None:
+        raise ValueError(f"output {name}: unsupported dtype {array.dtype}")
+    tensor = response.outputs.add()
+    tensor.name = name
+    tensor.datatype = datatype
+    tensor.shape.extend(array.shape)
+    response.raw_output_contents.append(array.tobytes())
+
+
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Client side: raw (or typed) outputs of a response as numpy arrays."""
+    out = {}
+    for index, tensor in enumerate(response.outputs):
+        dtype, field = DATATYPES[tensor.datatype]
+        shape = tuple(tensor.shape)
+        if response.raw_output_contents:
+            out[tensor.name] = np.frombuffer(response.raw_output_contents[index], dtype=dtype).reshape(shape)
+        else:
+            out[tensor.name] = np.asarray(getattr(tensor.contents, field), dtype=dtype).reshape(shape)
+    return out
+
+
+def encode_input(
+    request: pb.ModelInferRequest, name: str, array: np.ndarray, raw: bool = True
+) -> None:
+    """Client side: append one input, raw bytes (default) or typed contents."""
+    inv = {v[0]: k for k, v in DATATYPES.items() if k not in ("UINT8", "UINT16", "INT8", "INT16", "FP16")}
+    array = np.ascontiguousarray(array)
+    datatype = inv[array.dtype]
+    tensor = request.inputs.add()
+    tensor.name = name
+    tensor.datatype = datatype
+    tensor.shape.extend(array.shape)
+    if raw:
+        request.raw_input_contents.append(array.tobytes())
+    else:
+        getattr(tensor.contents, DATATYPES[datatype][1]).extend(array.ravel().tolist())

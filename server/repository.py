@@ -1,0 +1,140 @@
+"""The model repository: which models and versions exist on disk, which are loaded, and their state.
+
+Layout (Triton's): <root>/<model>/<version>/model.onnx with integer versions. Loading or
+unloading one model swaps its entry under a lock; requests already running keep the runtime
+object they started with, so they finish normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import InvalidArgument, NotFound, Unavailable
+from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    state: str = UNAVAILABLE
+    reason: str = ""
+    versions: dict[int, ModelRuntime] = field(default_factory=dict)
+
+    def latest(self) -> ModelRuntime:
+        return self.versions[max(self.versions)]
+
+
+def _versions_on_disk(folder: Path) -> dict[int, Path]:
+    found = {}
+    if folder.is_dir():
+        for sub in folder.iterdir():
+            if sub.is_dir() and sub.name.isdigit() and (sub / "model.onnx").is_file():
+                found[int(sub.name)] = sub / "model.onnx"
+    return found
+
+
+class ModelRepository:
+    def __init__(self, root: Path, providers: Providers, options: RuntimeOptions) -> None:
+        self.root = root
+        self.providers = providers
+        self.options = options
+        self._lock = threading.Lock()  # guards _models
+        self._load_lock = threading.Lock()  # one load/unload at a time
+        self._models: dict[str, ModelEntry] = {}
+        self.on_change = lambda name, ready: None  # set by the server (health status)
+
+    def model_names_on_disk(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if _versions_on_disk(p))
+
+    def load_all(self) -> None:
+        for name in self.model_names_on_disk():
+            try:
+                self.load(name)
+            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
+                log.error("model %s failed to load: %s", name, exc)
+
+    def load(self, name: str) -> ModelEntry:
+        """(Re)load every version of a model from disk; the old versions serve until the swap."""
+        if not name or "/" in name or name.startswith("."):
+            raise InvalidArgument(f"model name {name!r} is not a folder name in the repository")
+        with self._load_lock:
+            versions = _versions_on_disk(self.root / name)
+            if not versions:
+                raise NotFound(f"model '{name}' has no <version>/model.onnx under {self.root}")
+            loaded = {}
+            start = time.perf_counter()
+            for version, path in sorted(versions.items()):
+                try:
+                    loaded[version] = load_model(name, version, path, self.providers, self.options)
+                except Exception as exc:  # noqa: BLE001
+                    msg = f"model '{name}' version {version} ({path}) failed to load: {exc}"
+                    with self._lock:
+                        entry = self._models.get(name)
+                        if entry is None or not entry.versions:
+                            self._models[name] = ModelEntry(name, UNAVAILABLE, msg)
+                    raise InvalidArgument(msg) from exc
+            entry = ModelEntry(name, READY, "", loaded)
+            with self._lock:
+                self._models[name] = entry
+            log.info(
+                "loaded model %s versions %s on %s in %.2f s", name, sorted(loaded),
+                entry.latest().provider, time.perf_counter() - start,
+            )
+            self.on_change(name, True)
+            return entry
+
+    def unload(self, name: str) -> None:
+        with self._load_lock:
+            with self._lock:
+                entry = self._models.get(name)
+                if entry is None or entry.state != READY:
+                    raise NotFound(f"model '{name}' is not loaded")
+                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded")
+            log.info("unloaded model %s", name)
+            self.on_change(name, False)
+
+    def get(self, name: str, version: str = "") -> ModelRuntime:
+        with self._lock:
+            entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model '{name}'")
+        if entry.state != READY or not entry.versions:
+            raise Unavailable(f"model '{name}' is not ready ({entry.state}{': ' + entry.reason if entry.reason else ''})")
+        if not version:
+            return entry.latest()
+        if not version.isdigit() or int(version) not in entry.versions:
+            raise NotFound(f"model '{name}' has no version {version!r}; loaded: {sorted(entry.versions)}")
+        return entry.versions[int(version)]
+
+    def entry(self, name: str) -> ModelEntry | None:
+        with self._lock:
+            return self._models.get(name)
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model on disk or known, like Triton's index."""
+        with self._lock:
+            models = dict(self._models)
+        rows = []
+        for name in sorted(set(models) | set(self.model_names_on_disk())):
+            entry = models.get(name)
+            if entry is not None and entry.versions:
+                rows += [(name, str(v), entry.state, entry.reason) for v in sorted(entry.versions)]
+            elif entry is not None:
+                rows.append((name, "", entry.state, entry.reason))
+            else:
+                rows.append((name, "", UNAVAILABLE, "not loaded"))
+        return rows
+
+    def ready_models(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, e in self._models.items() if e.state == READY)

@@ -1,0 +1,136 @@
+"""GRPCInferenceService: converts protobuf <-> data-plane calls; errors map in one place."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+
+import grpc
+
+from server.dataplane import DataPlane
+from server.errors import ServingError
+from server.proto import grpc_service_pb2 as pb
+from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVER_NAME = "lstm-serve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
+
+
+def _to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The single mapping from exceptions to gRPC status; unexpected errors are INTERNAL and logged."""
+    if isinstance(exc, ServingError):
+        return exc.code, exc.message
+    log.exception("unexpected error")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _unary(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            code, message = _to_status(exc)
+            context.abort(code, message)
+
+    return wrapper
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane, is_ready) -> None:
+        self.plane = plane
+        self.is_ready = is_ready  # callable: False while draining
+
+    @_unary
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @_unary
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.is_ready())
+
+    @_unary
+    def ModelReady(self, request, context):
+        try:
+            self.plane.repository.get(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.is_ready())
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
+
+    @_unary
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @_unary
+    def ModelMetadata(self, request, context):
+        response, headers = self.plane.model_metadata(request.name, request.version)
+        context.send_initial_metadata(tuple(headers.items()))
+        return response
+
+    @_unary
+    def ModelInfer(self, request, context):
+        return self.plane.infer(request)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        # Like Triton: a bad request gets an error_message in the stream; the stream goes on.
+        for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=self.plane.infer(request))
+            except Exception as exc:  # noqa: BLE001
+                code, message = _to_status(exc)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    ),
+                )
+
+    @_unary
+    def ModelStatistics(self, request, context):
+        snap = self.plane.stats.snapshot()
+        response = pb.ModelStatisticsResponse()
+        if request.name:
+            self.plane.repository.get(request.name, request.version)  # NOT_FOUND if unknown
+        for (name, version), s in sorted(snap.items()):
+            if request.name and name != request.name:
+                continue
+            if request.version and str(version) != request.version:
+                continue
+            ms = response.model_stats.add(
+                name=name, version=str(version), last_inference=s.last_inference_ms,
+                inference_count=s.inference_count, execution_count=s.execution_count,
+            )
+            for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+                d = getattr(s, field)
+                getattr(ms.inference_stats, field).CopyFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
+            for size, d in sorted(s.batches.items()):
+                ms.batch_stats.add(
+                    batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns)
+                )
+        return response
+
+    @_unary
+    def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.plane.repository.index():
+            if request.ready and state != "READY":
+                continue
+            response.models.add(name=name, version=version, state=state, reason=reason)
+        return response
+
+    @_unary
+    def RepositoryModelLoad(self, request, context):
+        self.plane.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    def RepositoryModelUnload(self, request, context):
+        self.plane.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def server_description() -> str:
+    return f"{SERVER_NAME} {SERVER_VERSION} (Python {platform.python_version()})"

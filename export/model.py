@@ -82,16 +82,35 @@ class LSTMEncoder(nn.Module):
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # ONNX's LSTM takes sequence_lens in any order, so the export needs no sort/unsort
-        # (the graph then feeds `lengths` straight into every LSTM node). Eager PyTorch needs
-        # the sort, which pack_padded_sequence does itself with enforce_sorted=False.
-        exporting = torch.onnx.is_in_onnx_export()
-        packed = pack_padded_sequence(
-            x, lengths.cpu(), batch_first=True, enforce_sorted=exporting
-        )
+        return self.run(x, lengths, lengths_sorted=False)
+
+    def run(
+        self, x: torch.Tensor, lengths: torch.Tensor, lengths_sorted: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`lengths_sorted=True` skips the sort/unsort; only the ONNX export uses it (see below)."""
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=lengths_sorted)
         out, (h_n, c_n) = self.lstm(packed)
         y, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, T, D*H)
         return y, h_n, c_n
+
+
+class ExportView(nn.Module):
+    """The encoder as the dynamic export traces it.
+
+    ONNX's LSTM takes `sequence_lens` in any order, so the exported graph needs no sort/unsort
+    and feeds `lengths` straight into every LSTM node. Eager PyTorch needs the sort, which
+    `LSTMEncoder.forward` keeps. A separate view (not a global "exporting" flag) keeps the
+    reference model's behaviour independent of exports running in other threads.
+    """
+
+    def __init__(self, encoder: LSTMEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encoder.run(x, lengths, lengths_sorted=True)
 
 
 class StaticUnrolledLSTM(nn.Module):

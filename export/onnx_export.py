@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.model import LSTMConfig, LSTMEncoder, StaticUnrolledLSTM
+from export.model import ExportView, LSTMConfig, LSTMEncoder, StaticUnrolledLSTM
 
 OPSET = 17  # ORT's CUDA LSTM kernel covers LSTM-14..21; 17 is widely supported
 IR_VERSION = 8  # what opset 17 needs; onnxruntime 1.31 loads up to IR 13
@@ -124,7 +124,7 @@ def export_dynamic(
     encoder = encoder.eval()
     batch, steps = 3, 5
     x = torch.zeros(batch, steps, cfg.input_size)
-    lengths = torch.tensor([5, 4, 2], dtype=torch.int64)  # sorted: see LSTMEncoder.forward
+    lengths = torch.tensor([5, 4, 2], dtype=torch.int64)  # sorted: see ExportView
     axes = {
         "x": {0: BATCH, 1: TIME},
         "lengths": {0: BATCH},
@@ -134,7 +134,7 @@ def export_dynamic(
     }
     start = time.perf_counter()
     with _atomic_path(path) as tmp, torch.no_grad():
-        _export(encoder, (x, lengths), tmp, axes)
+        _export(ExportView(encoder), (x, lengths), tmp, axes)
         _finish(tmp, build_metadata(encoder, "dynamic", None, extra_metadata))
     return ExportResult(path, time.perf_counter() - start, "dynamic", None)
 

@@ -13,10 +13,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.batcher import BatchPolicy
 from server.codec import Limits
 from server.config import Settings
 from server.dataplane import DataPlane
 from server.errors import StartupError
+from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository
@@ -40,9 +42,18 @@ class InferenceServer:
         log.info("execution provider in use: %s", self.providers.kind)
         self.repository = ModelRepository(settings.model_repository, self.providers, self.options)
         self.stats = Statistics()
-        self.plane = DataPlane(
-            self.repository, self.stats, Limits(settings.max_elements, settings.max_request_batch)
+        self.metrics = Metrics()
+        self.metrics.provider.labels(self.providers.kind).set(1)
+        policy = BatchPolicy(
+            enabled=settings.batching, max_batch=settings.max_batch,
+            max_queue_delay_us=settings.max_queue_delay_us, max_queue=settings.max_queue,
+            instances=settings.instances,
         )
+        self.plane = DataPlane(
+            self.repository, self.stats, Limits(settings.max_elements, settings.max_request_batch),
+            policy, self.metrics,
+        )
+        self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._draining = threading.Event()
         self._server: grpc.Server | None = None
@@ -83,6 +94,9 @@ class InferenceServer:
         if port == 0:
             raise StartupError(f"cannot bind {s.host}:{s.port}")
         server.start()
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            log.info("Prometheus metrics on http://%s:%d/metrics", s.host, self.metrics_port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port

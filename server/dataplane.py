@@ -1,18 +1,22 @@
-"""The data plane: validate a decoded request against a model, run it, build the response.
+"""The data plane: validate a decoded request against a model, run it (batched), build the response.
 
 Transport-free: the gRPC servicer converts protobuf <-> calls here, and nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from server.codec import Limits, decode_inputs, encode_output
-from server.errors import InvalidArgument, ResourceExhausted
+from server.batcher import Batcher, BatchInfo, BatchPolicy
+from server.codec import DATATYPES, Limits, decode_inputs, encode_output
+from server.errors import InvalidArgument, ResourceExhausted, ServingError
+from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.repository import ModelRepository
 from server.runtime import ModelRuntime
@@ -29,28 +33,26 @@ class Prepared:
     outputs: list[str]
 
 
+def _oip(dtype: np.dtype) -> str:
+    return next((name for name, (dt, _) in DATATYPES.items() if dt == dtype), str(dtype))
+
+
 def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
     """Check names, dtypes, ranks, sizes and lengths; messages name the input and the expectation."""
-    known = {i.name for i in rt.inputs}
+    known = [i.name for i in rt.inputs]
     for name in arrays:
         if name not in known:
-            raise InvalidArgument(
-                f"unknown input '{name}' for model '{rt.name}'; expected {sorted(known)}"
-            )
+            raise InvalidArgument(f"unknown input '{name}' for model '{rt.name}'; expected {known}")
     if "x" not in arrays:
         raise InvalidArgument(f"missing required input 'x' (FP32, shape [batch, time, {rt.features}])")
     x = arrays["x"]
     if x.dtype != np.float32:
         raise InvalidArgument(f"input 'x': datatype must be FP32, got {_oip(x.dtype)}")
     if x.ndim != 3:
-        raise InvalidArgument(
-            f"input 'x': expected rank 3 [batch, time, {rt.features}], got shape {list(x.shape)}"
-        )
+        raise InvalidArgument(f"input 'x': expected rank 3 [batch, time, {rt.features}], got shape {list(x.shape)}")
     batch, steps, features = x.shape
     if features != rt.features:
-        raise InvalidArgument(
-            f"input 'x': feature size must be {rt.features} (model '{rt.name}'), got {features}"
-        )
+        raise InvalidArgument(f"input 'x': feature size must be {rt.features} (model '{rt.name}'), got {features}")
     if batch < 1 or steps < 1:
         raise InvalidArgument(f"input 'x': batch and time must be >= 1, got shape {list(x.shape)}")
     rt.check_lengths(steps)
@@ -73,46 +75,86 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
     else:
         lengths = np.full((batch,), steps, np.int64)
     names = rt.output_names
-    if requested:
-        unknown = [n for n in requested if n not in names]
-        if unknown:
-            raise InvalidArgument(f"requested output(s) {unknown} unknown; model '{rt.name}' has {names}")
-        if len(set(requested)) != len(requested):
-            raise InvalidArgument(f"requested outputs {requested}: each may appear once")
-        outputs = list(requested)
-    else:
-        outputs = names
+    outputs = list(requested) or names
+    unknown = [n for n in outputs if n not in names]
+    if unknown:
+        raise InvalidArgument(f"requested output(s) {unknown} unknown; model '{rt.name}' has {names}")
+    if len(set(outputs)) != len(outputs):
+        raise InvalidArgument(f"requested outputs {outputs}: each may appear once")
     return Prepared(rt, np.ascontiguousarray(x), np.ascontiguousarray(lengths), outputs)
 
 
-def _oip(dtype: np.dtype) -> str:
-    from server.codec import DATATYPES
-
-    for name, (dt, _) in DATATYPES.items():
-        if dt == dtype:
-            return name
-    return str(dtype)
-
-
 class DataPlane:
-    def __init__(self, repository: ModelRepository, stats: Statistics, limits: Limits, executor=None) -> None:
+    def __init__(self, repository: ModelRepository, stats: Statistics, limits: Limits,
+                 policy: BatchPolicy | None = None, metrics: Metrics | None = None) -> None:
         self.repository = repository
         self.stats = stats
         self.limits = limits
-        # executor(prepared) -> (outputs, queue_ns, infer_ns); the batcher plugs in here
-        self.executor = executor or self._run_direct
+        self.policy = policy or BatchPolicy(enabled=False)
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Lock()
+        repository.on_retire = self._retire
 
-    def _run_direct(self, prepared: Prepared) -> tuple[dict[str, np.ndarray], int, int]:
+    # -- batching ---------------------------------------------------------------------------
+    def policy_for(self, rt: ModelRuntime) -> BatchPolicy:
+        """Server defaults, overridden by the model's config.json {"batching": {...}}."""
+        override = rt.model_config.get("batching", {})
+        fields = {f.name for f in dataclasses.fields(BatchPolicy)}
+        unknown = sorted(set(override) - fields)
+        if unknown:
+            raise InvalidArgument(f"model '{rt.name}' config.json: unknown batching option(s) {unknown}")
+        return dataclasses.replace(self.policy, **override)
+
+    def _batcher(self, rt: ModelRuntime) -> Batcher | None:
+        if rt.batcher is None:
+            with self._lock:
+                if rt.batcher is None:
+                    policy = self.policy_for(rt)
+                    if not policy.enabled:
+                        rt.batcher = False
+                    else:
+                        rt.batcher = Batcher(f"{rt.name}:{rt.version}", rt.run, policy,
+                                             on_batch=lambda info, rt=rt: self._on_batch(rt, info))
+        return rt.batcher or None
+
+    def _on_batch(self, rt: ModelRuntime, info: BatchInfo) -> None:
+        self.stats.record_execution(rt.name, rt.version, info.sequences, info.infer_ns)
+        m = self.metrics
+        m.infer.labels(rt.name).observe(info.infer_ns / 1e9)
+        m.batch.labels(rt.name).observe(info.sequences)
+        m.batch_requests.labels(rt.name).observe(info.requests)
+        m.padding.labels(rt.name).observe(info.padding_fraction)
+
+    def _retire(self, runtimes: list[ModelRuntime]) -> None:
+        for rt in runtimes:
+            if rt.batcher:
+                rt.batcher.close()  # queued requests still run, then its threads exit
+
+    def _execute(self, p: Prepared, deadline: float | None) -> tuple[dict[str, np.ndarray], int, int]:
+        rt = p.runtime
+        batcher = self._batcher(rt)
+        if batcher is not None:
+            future = batcher.submit(p.x, p.lengths, p.outputs, deadline)
+            self.metrics.queue_depth.labels(rt.name).set(batcher.queue_depth())
+            result, queue_ns, info = future.result()
+            self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
+            return result, max(queue_ns, 0), info.infer_ns
         t0 = time.perf_counter_ns()
-        out = prepared.runtime.run(prepared.x, prepared.lengths, prepared.outputs)
+        out = rt.run(p.x, p.lengths, p.outputs)
         infer_ns = time.perf_counter_ns() - t0
-        self.stats.record_execution(prepared.runtime.name, prepared.runtime.version, prepared.x.shape[0], infer_ns)
+        steps = p.x.shape[1]
+        pad = 1.0 - float(p.lengths.sum()) / (p.x.shape[0] * steps)
+        self._on_batch(rt, BatchInfo(1, p.x.shape[0], steps, pad, infer_ns))
         return out, 0, infer_ns
 
-    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    # -- requests ---------------------------------------------------------------------------
+    def infer(self, request: pb.ModelInferRequest, deadline: float | None = None) -> pb.ModelInferResponse:
+        """`deadline`: time.monotonic() by which the client stops waiting (None: no deadline)."""
         start = time.perf_counter_ns()
-        rt = self.repository.get(request.model_name, request.model_version)
+        rt: ModelRuntime | None = None
+        code = "OK"
         try:
+            rt = self.repository.get(request.model_name, request.model_version)
             arrays = decode_inputs(request, self.limits)
             x = arrays.get("x")
             if x is not None and x.ndim >= 1 and x.shape[0] > self.limits.max_batch:
@@ -121,34 +163,44 @@ class DataPlane:
                 )
             prepared = validate(rt, arrays, [o.name for o in request.outputs])
             t_in = time.perf_counter_ns()
-            outputs, queue_ns, infer_ns = self.executor(prepared)
+            outputs, queue_ns, infer_ns = self._execute(prepared, deadline)
             t_run = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=rt.name, model_version=str(rt.version), id=request.id)
             for name in prepared.outputs:
                 encode_output(response, name, outputs[name])
             end = time.perf_counter_ns()
-        except Exception:
-            self.stats.record_failure(rt.name, rt.version, time.perf_counter_ns() - start)
+            self.stats.record_success(rt.name, rt.version, end - start, queue_ns, t_in - start,
+                                      infer_ns, end - t_run - 0, prepared.x.shape[0])
+            return response
+        except ServingError as exc:
+            code = exc.code.name
             raise
-        self.stats.record_success(
-            rt.name, rt.version, end - start, queue_ns, t_in - start, infer_ns, end - t_run, prepared.x.shape[0]
-        )
-        return response
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            label = rt.name if rt is not None else "_unknown"
+            elapsed = time.perf_counter_ns() - start
+            if rt is not None and code != "OK":
+                self.stats.record_failure(rt.name, rt.version, elapsed)
+            self.metrics.requests.labels(label, code).inc()
+            self.metrics.latency.labels(label).observe(elapsed / 1e9)
 
     def model_metadata(self, name: str, version: str) -> tuple[pb.ModelMetadataResponse, dict[str, str]]:
         rt = self.repository.get(name, version)
         entry = self.repository.entry(name)
         versions = sorted(entry.versions) if entry else [rt.version]
-        response = pb.ModelMetadataResponse(
-            name=rt.name, versions=[str(v) for v in versions], platform="onnxruntime_onnx"
-        )
+        response = pb.ModelMetadataResponse(name=rt.name, versions=[str(v) for v in versions],
+                                            platform="onnxruntime_onnx")
         for info, target in ((rt.inputs, response.inputs), (rt.outputs, response.outputs)):
             for t in info:
                 target.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        policy = self.policy_for(rt)
         headers = {
             "lstm-export-metadata": json.dumps(rt.export_metadata, sort_keys=True),
             "lstm-provider": rt.provider,
             "lstm-static-length": str(rt.static_length or ""),
             "lstm-model-version": str(rt.version),
+            "lstm-batching": json.dumps(dataclasses.asdict(policy), sort_keys=True),
         }
         return response, headers

@@ -7,6 +7,7 @@ object they started with, so they finish normally.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -41,6 +42,19 @@ def _versions_on_disk(folder: Path) -> dict[int, Path]:
     return found
 
 
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InvalidArgument(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{path}: expected a JSON object")
+    return config
+
+
 class ModelRepository:
     def __init__(self, root: Path, providers: Providers, options: RuntimeOptions) -> None:
         self.root = root
@@ -50,6 +64,7 @@ class ModelRepository:
         self._load_lock = threading.Lock()  # one load/unload at a time
         self._models: dict[str, ModelEntry] = {}
         self.on_change = lambda name, ready: None  # set by the server (health status)
+        self.on_retire = lambda runtimes: None  # versions replaced or unloaded (close their batchers)
 
     def model_names_on_disk(self) -> list[str]:
         if not self.root.is_dir():
@@ -73,9 +88,10 @@ class ModelRepository:
                 raise NotFound(f"model '{name}' has no <version>/model.onnx under {self.root}")
             loaded = {}
             start = time.perf_counter()
+            model_config = _read_config(self.root / name)
             for version, path in sorted(versions.items()):
                 try:
-                    loaded[version] = load_model(name, version, path, self.providers, self.options)
+                    loaded[version] = load_model(name, version, path, self.providers, self.options, model_config)
                 except Exception as exc:  # noqa: BLE001
                     msg = f"model '{name}' version {version} ({path}) failed to load: {exc}"
                     with self._lock:
@@ -85,7 +101,10 @@ class ModelRepository:
                     raise InvalidArgument(msg) from exc
             entry = ModelEntry(name, READY, "", loaded)
             with self._lock:
+                old = self._models.get(name)
                 self._models[name] = entry
+            if old is not None:
+                self.on_retire(list(old.versions.values()))
             log.info(
                 "loaded model %s versions %s on %s in %.2f s", name, sorted(loaded),
                 entry.latest().provider, time.perf_counter() - start,
@@ -100,6 +119,7 @@ class ModelRepository:
                 if entry is None or entry.state != READY:
                     raise NotFound(f"model '{name}' is not loaded")
                 self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded")
+            self.on_retire(list(entry.versions.values()))
             log.info("unloaded model %s", name)
             self.on_change(name, False)
 

@@ -123,6 +123,8 @@ class ModelRuntime:
     static_length: int | None  # T of a statically unrolled model, None when dynamic
     features: int
     provider: str
+    model_config: dict  # <model>/config.json (e.g. per-model batching), {} when absent
+    batcher: object | None = None  # set by the data plane when batching is on
 
     @property
     def output_names(self) -> list[str]:
@@ -152,7 +154,8 @@ def _dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
-def load_model(name: str, version: int, path: Path, providers: Providers, options: RuntimeOptions) -> ModelRuntime:
+def load_model(name: str, version: int, path: Path, providers: Providers, options: RuntimeOptions,
+               model_config: dict | None = None) -> ModelRuntime:
     """Create the session; raise with a clear message if the file is not a usable LSTM model."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads
@@ -175,6 +178,7 @@ def load_model(name: str, version: int, path: Path, providers: Providers, option
     return ModelRuntime(
         name=name, version=version, path=path, session=session, inputs=inputs, outputs=outputs,
         export_metadata=meta, static_length=static_length, features=features, provider=in_use,
+        model_config=model_config or {},
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import time
 
 import grpc
 
@@ -25,6 +26,11 @@ def _to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     log.exception("unexpected error")
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _unary(method):
@@ -72,13 +78,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     def ModelInfer(self, request, context):
-        return self.plane.infer(request)
+        return self.plane.infer(request, _deadline(context))
 
     def ModelStreamInfer(self, request_iterator, context):
         # Like Triton: a bad request gets an error_message in the stream; the stream goes on.
         for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self.plane.infer(request))
+                yield pb.ModelStreamInferResponse(infer_response=self.plane.infer(request, _deadline(context)))
             except Exception as exc:  # noqa: BLE001
                 code, message = _to_status(exc)
                 yield pb.ModelStreamInferResponse(

@@ -62,7 +62,9 @@ def server(repo):
     from server.app import InferenceServer
     from server.config import Settings
 
-    srv = InferenceServer(Settings(port=0, model_repository=repo, device="cpu", log_level="WARNING"))
+    srv = InferenceServer(
+        Settings(port=0, model_repository=repo, device="cpu", log_level="WARNING", metrics_port=0, instances=2)
+    )
     srv.start()
     yield srv
     srv.stop(grace=1)

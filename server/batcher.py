@@ -1,0 +1,219 @@
+"""Dynamic batching of ragged sequences: merge concurrent requests into one ONNX Runtime run.
+
+Exporting with `sequence_lens` makes padding harmless, so requests of different lengths can share
+one run exactly: pad to the longest sequence in the batch, pass the true lengths, split the
+outputs back per request and trim `y` to each request's own time size.
+
+Policy (per model version):
+- a batch starts with the oldest queued request (no starvation), then takes the queued
+  requests whose time size is closest to it, until `max_batch` sequences; so padding stays small;
+- it waits at most `max_queue_delay_us` after the oldest request arrived for more to come;
+- a request larger than `max_batch` runs alone (never refused for its size);
+- the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
+- a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED).
+`instances` worker threads run batches concurrently (Triton's instance count).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    enabled: bool = True
+    max_batch: int = 64  # sequences per merged run
+    max_queue_delay_us: int = 2000  # how long the oldest request may wait for company
+    max_queue: int = 1024  # queued requests before RESOURCE_EXHAUSTED
+    instances: int = 1  # concurrent runs per model version
+
+
+@dataclass
+class _Item:
+    x: np.ndarray  # (b, t, F)
+    lengths: np.ndarray  # (b,)
+    outputs: list[str]
+    deadline: float | None  # time.monotonic() deadline, None = none
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def steps(self) -> int:
+        return self.x.shape[1]
+
+
+@dataclass
+class BatchInfo:
+    """What one merged run looked like; the server's metrics and statistics consume it."""
+
+    requests: int
+    sequences: int
+    padded_steps: int  # T of the merged batch
+    padding_fraction: float  # padded (invalid) cells / all cells in the batch
+    infer_ns: int
+
+
+def merge_and_run(
+    items: list[_Item], run: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, np.ndarray]]
+) -> tuple[list[dict[str, np.ndarray]], BatchInfo]:
+    """Pad to the longest, run once with the union of requested outputs, split and trim."""
+    steps = max(i.steps for i in items)
+    features = items[0].x.shape[2]
+    total = sum(i.rows for i in items)
+    x = np.zeros((total, steps, features), np.float32)  # (B, T, F)
+    lengths = np.empty((total,), np.int64)
+    row = 0
+    for item in items:
+        x[row : row + item.rows, : item.steps] = item.x
+        lengths[row : row + item.rows] = item.lengths
+        row += item.rows
+    wanted = sorted({o for i in items for o in i.outputs})
+    t0 = time.perf_counter_ns()
+    out = run(x, lengths, wanted)
+    infer_ns = time.perf_counter_ns() - t0
+    results = []
+    row = 0
+    for item in items:
+        rows = slice(row, row + item.rows)
+        mine = {}
+        for name in item.outputs:
+            value = out[name]
+            if name == "y":
+                mine[name] = value[rows, : item.steps]  # (b, t, D*H)
+            elif name in ("h_n", "c_n"):
+                mine[name] = value[:, rows]  # (L*D, b, H)
+            else:
+                mine[name] = value[rows]
+        results.append(mine)
+        row += item.rows
+    valid = int(lengths.sum())
+    info = BatchInfo(len(items), total, steps, 1.0 - valid / float(total * steps), infer_ns)
+    return results, info
+
+
+class Batcher:
+    """One queue and `instances` worker threads for one model version."""
+
+    def __init__(self, name: str, run: Callable, policy: BatchPolicy,
+                 on_batch: Callable[[BatchInfo], None] = lambda info: None) -> None:
+        self.name = name
+        self.run = run
+        self.policy = policy
+        self.on_batch = on_batch
+        self._queue: list[_Item] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(policy.instances)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, x: np.ndarray, lengths: np.ndarray, outputs: list[str],
+               deadline: float | None = None) -> Future:
+        item = _Item(x, lengths, outputs, deadline)
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model '{self.name}' is being unloaded")
+            if len(self._queue) >= self.policy.max_queue:
+                raise ResourceExhausted(
+                    f"model '{self.name}': queue full ({self.policy.max_queue} requests waiting); retry later"
+                )
+            self._queue.append(item)
+            self._cond.notify()
+        return item.future
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self) -> None:
+        """Stop taking requests; the queued ones still run (drain), then the workers exit."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _take(self) -> list[_Item] | None:
+        policy = self.policy
+        with self._cond:
+            while True:
+                if not self._queue:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                    continue
+                # Another worker may take the oldest while this one waits: re-read it each time.
+                oldest = self._queue[0]
+                queued = sum(i.rows for i in self._queue)
+                remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - time.monotonic()
+                if queued >= policy.max_batch or remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            self._queue.pop(0)
+            batch = [oldest]
+            rows = oldest.rows
+            # closest time sizes first: small padding waste
+            for item in sorted(self._queue, key=lambda i: (abs(i.steps - oldest.steps), i.enqueued)):
+                if rows + item.rows > policy.max_batch:
+                    continue
+                batch.append(item)
+                rows += item.rows
+            if len(batch) > 1:
+                taken = {id(i) for i in batch}
+                self._queue = [i for i in self._queue if id(i) not in taken]
+            return batch
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
+                log.exception("batcher %s: unexpected failure", self.name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded(f"model '{self.name}': deadline passed while queued; not run")
+                )
+            elif item.future.set_running_or_notify_cancel():
+                live.append(item)
+        if not live:
+            return
+        try:
+            results, info = merge_and_run(live, self.run)
+        except Exception as exc:  # noqa: BLE001 - reported to every request in the batch
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        start = time.monotonic()
+        for item, result in zip(live, results):
+            item.future.set_result((result, int((start - item.enqueued) * 1e9) - info.infer_ns, info))
+        try:
+            self.on_batch(info)
+        except Exception:  # noqa: BLE001
+            log.exception("batch callback failed")

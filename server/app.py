@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import threading
 from concurrent import futures
 
@@ -79,7 +81,7 @@ class InferenceServer:
             options=[
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -118,3 +120,30 @@ class InferenceServer:
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
+
+
+def serve(settings: Settings, announce: bool) -> int:
+    """Run one server process until SIGTERM/SIGINT (drain, then exit code 0); 2 if it cannot start."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+    )
+    try:
+        server = InferenceServer(settings)
+        port = server.start()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if announce:
+        print(f"listening on {settings.host}:{port}", flush=True)
+    stopping = threading.Event()
+
+    def _stop(signum, frame):  # noqa: ARG001
+        if not stopping.is_set():
+            stopping.set()
+            logging.getLogger("server").info("signal %d: draining (grace %.1f s)", signum, settings.grace_s)
+            threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server.wait()
+    return 0

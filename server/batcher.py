@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class BatchPolicy:
     enabled: bool = True
     max_batch: int = 64  # sequences per merged run
-    max_queue_delay_us: int = 2000  # how long the oldest request may wait for company
+    max_queue_delay_us: int = 0  # how long the oldest request may wait for company (0: eager)
     max_queue: int = 1024  # queued requests before RESOURCE_EXHAUSTED
     instances: int = 1  # concurrent runs per model version
 

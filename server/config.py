@@ -31,10 +31,11 @@ class Settings:
     max_request_batch: int = field(default=4096, metadata={"help": "maximum sequences in one request"})
     batching: bool = field(default=True, metadata={"help": "merge concurrent requests into one run (per model: config.json)"})
     max_batch: int = field(default=64, metadata={"help": "batcher: maximum sequences per merged run"})
-    max_queue_delay_us: int = field(default=2000, metadata={"help": "batcher: longest wait for more requests (µs)"})
+    max_queue_delay_us: int = field(default=0, metadata={"help": "batcher: longest wait for more requests (µs); 0 = batch what queued while the last run ran"})
     max_queue: int = field(default=1024, metadata={"help": "batcher: queued requests before RESOURCE_EXHAUSTED"})
     instances: int = field(default=1, metadata={"help": "concurrent ONNX Runtime runs per model version"})
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus HTTP port; 0 = any free port; -1 = off"})
+    workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
 
     def __post_init__(self) -> None:
@@ -43,7 +44,7 @@ class Settings:
         if self.graph_optimization not in ("disable", "basic", "extended", "all"):
             raise ValueError(f"graph_optimization must be disable|basic|extended|all, got {self.graph_optimization!r}")
         for name in ("grpc_workers", "max_message_mb", "max_elements", "max_request_batch", "max_batch",
-                     "max_queue", "instances"):
+                     "max_queue", "instances", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -43,6 +43,7 @@ def _export_family(out: Path, report: bool, report_lengths: list[int]) -> None:
         for steps in member.static_lengths:
             sres = export_static(encoder, steps, family.model_path(out, family.static_name(member.name, steps)))
             print(f"{member.name}: static T={steps} -> {sres.path} ({sres.seconds:.2f} s)")
+    _export_speaker_id(out)
     if not report:
         return
     # The comparison files live under report/, which has no version folders: not served.
@@ -58,6 +59,28 @@ def _export_family(out: Path, report: bool, report_lengths: list[int]) -> None:
     print("report: measuring load time, memory and latency (a fresh process per file) ...")
     build_report(dyn, statics, report_dir)
     print((report_dir / "report.md").read_text())
+
+
+SPEAKER_ID_STATIC_T = 29  # the longest Japanese Vowels utterance in the sktime files
+
+
+def _export_speaker_id(out: Path) -> None:
+    """The trained speaker classifier, from the committed checkpoint (no data set needed)."""
+    from export.onnx_export import export_classifier
+    from export.train import CHECKPOINT, load_checkpoint
+
+    if not CHECKPOINT.is_file():
+        print(f"speaker_id: no checkpoint at {CHECKPOINT}; run `make train`", file=sys.stderr)
+        return
+    model, result = load_checkpoint(CHECKPOINT)
+    extra = {"classifier.task": "speaker identification, Japanese Vowels (9 speakers, 12 LPC coefficients)",
+             "classifier.labels": ",".join(f"speaker{i + 1}" for i in range(model.num_classes)),
+             "classifier.test_accuracy": f"{result['test_accuracy']:.4f}"}
+    res = export_classifier(model, family.model_path(out, "speaker_id"), extra_metadata=extra)
+    print(f"speaker_id: dynamic -> {res.path} ({res.seconds:.2f} s)")
+    name = family.static_name("speaker_id", SPEAKER_ID_STATIC_T)
+    res = export_classifier(model, family.model_path(out, name), SPEAKER_ID_STATIC_T, extra)
+    print(f"speaker_id: static T={SPEAKER_ID_STATIC_T} -> {res.path} ({res.seconds:.2f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,18 +50,19 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def build_metadata(
-    encoder: LSTMEncoder, mode: str, steps: int | None, extra: dict[str, str] | None = None
+    module: torch.nn.Module, config: LSTMConfig, mode: str, steps: int | None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    cfg = encoder.config
+    """`module` is what the parameter count and weights hash cover (encoder or whole classifier)."""
     meta = {
-        "lstm.config": cfg.to_json(),
-        "lstm.param_count": str(sum(p.numel() for p in encoder.parameters())),
+        "lstm.config": config.to_json(),
+        "lstm.param_count": str(sum(p.numel() for p in module.parameters())),
         "lstm.export_mode": mode,
         "lstm.static_length": str(steps) if steps is not None else "",
         "lstm.torch_version": torch.__version__,
         "lstm.onnx_version": onnx.__version__,
         "lstm.opset": str(OPSET),
-        "lstm.weights_sha256": weights_sha256(encoder),
+        "lstm.weights_sha256": weights_sha256(module),
         "lstm.semantics": "dynamic_rnn: y zero past lengths; h_n/c_n at last valid step",
     }
     meta.update(extra or {})
@@ -94,7 +95,8 @@ def _finish(tmp: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(tmp))
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, dynamic_axes: dict) -> None:
+def _export(module: torch.nn.Module, args: tuple, path: Path, dynamic_axes: dict,
+            output_names: list[str] = OUTPUT_NAMES) -> None:
     with warnings.catch_warnings():
         # Known, harmless for this model: the deprecation of the TorchScript exporter (we pin
         # torch), and the hint about h0/c0 (our initial states are built from the batch dim).
@@ -110,7 +112,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, dynamic_axes: dict
             dynamo=False,
             opset_version=OPSET,
             input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            output_names=output_names,
             dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
@@ -135,7 +137,7 @@ def export_dynamic(
     start = time.perf_counter()
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(ExportView(encoder), (x, lengths), tmp, axes)
-        _finish(tmp, build_metadata(encoder, "dynamic", None, extra_metadata))
+        _finish(tmp, build_metadata(encoder, cfg, "dynamic", None, extra_metadata))
     return ExportResult(path, time.perf_counter() - start, "dynamic", None)
 
 
@@ -151,8 +153,41 @@ def export_static(
     start = time.perf_counter()
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(static, (x, lengths), tmp, axes)
-        _finish(tmp, build_metadata(encoder, "static", steps, extra_metadata))
+        _finish(tmp, build_metadata(encoder, cfg, "static", steps, extra_metadata))
     return ExportResult(path, time.perf_counter() - start, "static", steps)
+
+
+CLASSIFIER_OUTPUTS = ["logits", "probs"]
+
+
+def export_classifier(
+    classifier: torch.nn.Module, path: Path, steps: int | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> ExportResult:
+    """A SequenceClassifier: dynamic (native LSTM, symbolic batch/time) or static over `steps`."""
+    from export.classifier import ClassifierExportView, StaticClassifier
+
+    cfg = classifier.config
+    classifier = classifier.eval()
+    if steps is None:
+        module: torch.nn.Module = ClassifierExportView(classifier)
+        x = torch.zeros(3, 5, cfg.input_size)
+        lengths = torch.tensor([5, 4, 2], dtype=torch.int64)
+        axes = {"x": {0: BATCH, 1: TIME}, "lengths": {0: BATCH}, "logits": {0: BATCH}, "probs": {0: BATCH}}
+    else:
+        module = StaticClassifier(classifier, steps).eval()
+        x = torch.zeros(2, steps, cfg.input_size)
+        lengths = torch.tensor([steps, 1], dtype=torch.int64)
+        axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "logits": {0: BATCH}, "probs": {0: BATCH}}
+    mode = "dynamic" if steps is None else "static"
+    extra = {"classifier.num_classes": str(classifier.num_classes),
+             "classifier.normalisation": "inside the graph: (x - mean) / std of the training set",
+             **(extra_metadata or {})}
+    start = time.perf_counter()
+    with _atomic_path(path) as tmp, torch.no_grad():
+        _export(module, (x, lengths), tmp, axes, CLASSIFIER_OUTPUTS)
+        _finish(tmp, build_metadata(classifier, cfg, mode, steps, extra))
+    return ExportResult(path, time.perf_counter() - start, mode, steps)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -1,0 +1,163 @@
+"""Dynamic batching: merged runs equal unbatched runs, policy (grouping, limits, deadlines), metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from server.batcher import Batcher, BatchPolicy, _Item, merge_and_run
+from server.errors import DeadlineExceeded, ResourceExhausted
+from server.proto import grpc_service_pb2 as pb
+from server.proto import grpc_service_pb2_grpc as pb_grpc
+from server.runtime import RuntimeOptions, load_model, select_providers
+from tests.conftest import TOL, ragged, reference
+
+
+@pytest.fixture(scope="module")
+def runtime(repo):
+    providers = select_providers(RuntimeOptions(device="cpu"))
+    return load_model("bi", 1, repo / "bi" / "1" / "model.onnx", providers, RuntimeOptions(device="cpu"))
+
+
+def _items(rng, shapes, outputs=("y", "h_n", "c_n")):
+    items = []
+    for b, t in shapes:
+        x, lengths = ragged(rng, b, t, 6)
+        items.append(_Item(x, lengths, list(outputs), None))
+    return items
+
+
+def test_merge_equals_unbatched(runtime, encoders):
+    rng = np.random.default_rng(0)
+    items = _items(rng, [(1, 3), (4, 40), (2, 17), (1, 1)])
+    items[1].outputs = ["h_n"]  # different requested subsets in one batch
+    results, info = merge_and_run(items, runtime.run)
+    assert info.requests == 4 and info.sequences == 8 and info.padded_steps == 40
+    for item, got in zip(items, results):
+        assert sorted(got) == sorted(item.outputs)
+        want = reference(encoders["bi"], item.x, item.lengths)
+        alone = runtime.run(item.x, item.lengths, item.outputs)
+        for name in item.outputs:
+            assert got[name].shape == want[name].shape
+            assert np.abs(got[name] - want[name]).max() <= TOL
+            assert np.abs(got[name] - alone[name]).max() <= TOL
+
+
+def _blocked_batcher(policy: BatchPolicy, runtime, infos: list):
+    gate = threading.Event()
+
+    def run(x, lengths, outputs):
+        gate.wait(10)
+        return runtime.run(x, lengths, outputs)
+
+    return Batcher("bi:1", run, policy, on_batch=infos.append), gate
+
+
+def test_groups_similar_lengths_and_runs_oversized_alone(runtime, encoders):
+    infos: list = []
+    batcher, gate = _blocked_batcher(BatchPolicy(max_batch=4, max_queue_delay_us=0), runtime, infos)
+    rng = np.random.default_rng(1)
+    first = batcher.submit(*[a for a in ragged(rng, 1, 3, 6)], ["h_n"])  # occupies the worker
+    time.sleep(0.1)
+    shapes = [(2, 5), (2, 100), (2, 6), (2, 99), (9, 20)]  # the last is larger than max_batch
+    reqs = [ragged(rng, b, t, 6) for b, t in shapes]
+    futures = [batcher.submit(x, lengths, ["y", "h_n"]) for x, lengths in reqs]
+    gate.set()
+    first.result(10)
+    for (x, lengths), fut in zip(reqs, futures):
+        got, _queue_ns, _info = fut.result(10)
+        want = reference(encoders["bi"], x, lengths)
+        assert np.abs(got["y"] - want["y"]).max() <= TOL and np.abs(got["h_n"] - want["h_n"]).max() <= TOL
+    batcher.close()
+    # oldest first (T=5) with its nearest (T=6); then T=100 with T=99; the 9-sequence one alone
+    steps = sorted((i.padded_steps, i.sequences) for i in infos[1:])
+    assert steps == [(6, 4), (20, 9), (100, 4)], steps
+    assert all(i.padding_fraction < 0.5 for i in infos[1:])
+
+
+def test_queue_full_is_resource_exhausted(runtime):
+    infos: list = []
+    batcher, gate = _blocked_batcher(BatchPolicy(max_batch=1, max_queue=2), runtime, infos)
+    x, lengths = ragged(np.random.default_rng(2), 1, 4, 6)
+    running = batcher.submit(x, lengths, ["h_n"])
+    time.sleep(0.1)
+    queued = [batcher.submit(x, lengths, ["h_n"]) for _ in range(2)]
+    with pytest.raises(ResourceExhausted, match="queue full"):
+        batcher.submit(x, lengths, ["h_n"])
+    gate.set()
+    for f in [running, *queued]:
+        f.result(10)
+    batcher.close()
+
+
+def test_deadline_passed_while_queued_is_not_run(runtime):
+    infos: list = []
+    batcher, gate = _blocked_batcher(BatchPolicy(max_batch=1), runtime, infos)
+    x, lengths = ragged(np.random.default_rng(3), 1, 4, 6)
+    running = batcher.submit(x, lengths, ["h_n"])
+    time.sleep(0.05)
+    late = batcher.submit(x, lengths, ["h_n"], deadline=time.monotonic() + 0.05)
+    time.sleep(0.2)
+    gate.set()
+    running.result(10)
+    with pytest.raises(DeadlineExceeded):
+        late.result(10)
+    assert len(infos) == 1  # the expired request never reached the runtime
+    batcher.close()
+
+
+@pytest.fixture(scope="module")
+def slow_batch_server(repo):
+    """A server that waits 30 ms for company, so concurrent requests surely merge."""
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(Settings(port=0, model_repository=repo, device="cpu", log_level="WARNING",
+                                   metrics_port=-1, max_queue_delay_us=30000, max_batch=64))
+    srv.start()
+    yield srv
+    srv.stop(grace=1)
+
+
+def test_concurrent_requests_merge_exactly(slow_batch_server, encoders):
+    from server.client import LSTMClient
+
+    target = f"127.0.0.1:{slow_batch_server.port}"
+    rng = np.random.default_rng(4)
+    reqs = [ragged(rng, int(rng.integers(1, 4)), int(rng.integers(1, 50)), 6) for _ in range(24)]
+
+    def call(req):
+        with LSTMClient(target) as c:
+            return c.infer_batch("bi", *req)
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, reqs))
+    for (x, lengths), got in zip(reqs, results):
+        want = reference(encoders["bi"], x, lengths)
+        for name in ("y", "h_n", "c_n"):
+            assert np.abs(got[name] - want[name]).max() <= TOL
+    with grpc.insecure_channel(target) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="bi"))
+    (ms,) = stats.model_stats
+    assert ms.execution_count < 24, "no request was merged"
+    assert max(b.batch_size for b in ms.batch_stats) > 3
+    assert ms.inference_count == sum(len(lengths) for _, lengths in reqs)
+
+
+def test_prometheus_metrics(server, client):
+    client.infer_batch("bi", np.zeros((2, 3, 6), np.float32), np.array([3, 1], np.int64))
+    with pytest.raises(grpc.RpcError):
+        client.infer_batch("bi", np.zeros((2, 3, 5), np.float32))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'lstm_requests_total{code="OK",model="bi"}' in body
+    assert 'lstm_requests_total{code="INVALID_ARGUMENT",model="bi"}' in body
+    for name in ("lstm_request_latency_seconds_bucket", "lstm_queue_seconds_bucket", "lstm_inference_seconds_bucket",
+                 "lstm_batch_sequences_bucket", "lstm_padding_fraction_bucket"):
+        assert f'{name}{{le="' in body or f"{name}{{model=" in body, name
+    assert 'lstm_execution_provider{provider="CPUExecutionProvider"} 1.0' in body

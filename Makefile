@@ -9,7 +9,7 @@ PROTO_OUT := server/proto
 SERVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check export serve test test-fast bench lint clean triton-venv
+.PHONY: help venv proto proto-check export serve test bench train lint clean triton-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,19 +39,27 @@ proto-check: $(VENV)/.installed ## fail if the committed stubs differ from what 
 export: $(VENV)/.installed ## export the default model family and the static-vs-dynamic report into models/
 	$(PY) -m export --out $(MODELS)
 
-$(MODELS)/encoder/1/model.onnx: | $(VENV)/.installed
+DEFAULT_MODELS := $(MODELS)/encoder/1/model.onnx $(MODELS)/speaker_id/1/model.onnx
+
+$(DEFAULT_MODELS) &: | $(VENV)/.installed
 	$(PY) -m export --out $(MODELS) --no-report
 
-serve: $(VENV)/.installed $(MODELS)/encoder/1/model.onnx ## start the gRPC server on 127.0.0.1:8001 (exports models if missing)
+serve: $(VENV)/.installed $(DEFAULT_MODELS) ## start the gRPC server on 127.0.0.1:8001 (exports models if missing)
 	$(PY) -m server --model-repository $(MODELS) $(SERVE_ARGS)
+
+train: $(VENV)/.installed ## retrain the speaker-ID classifier (Japanese Vowels, ~15 s) into export/checkpoints/
+	$(PY) -m export.train
+
+bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static; writes docs/bench.{md,json}
+	$(PY) -m bench --models $(MODELS)
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient)
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q
 
 lint: $(VENV)/.installed ## ruff check and format check
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+	$(PY) -m ruff check export server bench tests
+	$(PY) -m ruff format --check export server bench tests
 
 clean: ## remove generated models and caches (keeps the venvs)
 	rm -rf $(MODELS)/*/ .pytest_cache .ruff_cache .hypothesis

@@ -47,8 +47,12 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict:
     na @ nb
     best_np = min(_timed(lambda: na @ nb) for _ in range(repeats))
     flops = 2.0 * n**3
-    return {"n": n, "torch_gflops": flops / best / 1e9, "numpy_gflops": flops / best_np / 1e9,
-            "gflops": max(flops / best, flops / best_np) / 1e9}
+    return {
+        "n": n,
+        "torch_gflops": flops / best / 1e9,
+        "numpy_gflops": flops / best_np / 1e9,
+        "gflops": max(flops / best, flops / best_np) / 1e9,
+    }
 
 
 def _timed(fn) -> float:
@@ -63,9 +67,26 @@ class ServerProcess:
     def __init__(self, repo: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model-repository", str(repo), "--port", "0",
-             "--metrics-port", "-1", "--log-level", "WARNING", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--model-repository",
+                str(repo),
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--log-level",
+                "WARNING",
+                *args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         lines = []
         while time.monotonic() < deadline:
@@ -87,8 +108,9 @@ class ServerProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="encoder")
     parser.add_argument("--static-model", default="encoder_static_t50")
@@ -127,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             row["ceiling_fraction"] = row["gflops"] / ceiling["gflops"]
         rows.append(row)
         if res is not None:
-            print(f"{line:3} {payload:6} c={conc:<3} {row['seq_per_s']:8.1f} seq/s  p50 {row['p50_ms']:7.2f} ms"
-                  f"  p99 {row['p99_ms']:7.2f} ms  {row['gflops']:6.2f} GFLOP/s  errors {row['errors']}", flush=True)
+            print(
+                f"{line:3} {payload:6} c={conc:<3} {row['seq_per_s']:8.1f} seq/s  p50 {row['p50_ms']:7.2f} ms"
+                f"  p99 {row['p99_ms']:7.2f} ms  {row['gflops']:6.2f} GFLOP/s  errors {row['errors']}",
+                flush=True,
+            )
         else:
             print(f"{line:3} {payload:6} c={conc:<3} n/a: {note}", flush=True)
 
@@ -157,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             for conc in concurrency:
                 record(line, payload, conc, closed_loop(call, reqs, conc, args.warmup, args.duration))
 
-    servers = {"c": ("--batching", "false"), "d": ("--batching", "true"),
-               "d2": ("--batching", "true", "--workers", "2")}
+    servers = {
+        "c": ("--batching", "false"),
+        "d": ("--batching", "true"),
+        "d2": ("--batching", "true", "--workers", "2"),
+    }
     for line, flags in servers.items():
         if line not in lines:
             continue
@@ -166,22 +194,45 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for payload in payloads:
                 for conc in concurrency:
-                    res = run_grpc_load(srv.target, args.model, payload, cfg.input_size, conc, args.warmup,
-                                        args.duration, args.client_processes)
+                    res = run_grpc_load(
+                        srv.target,
+                        args.model,
+                        payload,
+                        cfg.input_size,
+                        conc,
+                        args.warmup,
+                        args.duration,
+                        args.client_processes,
+                    )
                     record(line, payload, conc, res)
             if line == "d" and "e" in lines:
-                static_len = int(read_metadata(args.models / args.static_model / "1" / "model.onnx")
-                                 ["lstm.static_length"])
+                static_len = int(
+                    read_metadata(args.models / args.static_model / "1" / "model.onnx")["lstm.static_length"]
+                )
                 for payload in payloads:
                     from bench.loadgen import PAYLOADS
 
                     if PAYLOADS[payload][1] > static_len:
                         for conc in concurrency:
-                            record("e", payload, conc, None, f"lengths up to {PAYLOADS[payload][1]} > T={static_len}")
+                            record(
+                                "e",
+                                payload,
+                                conc,
+                                None,
+                                f"lengths up to {PAYLOADS[payload][1]} > T={static_len}",
+                            )
                         continue
                     for conc in concurrency:
-                        res = run_grpc_load(srv.target, args.static_model, payload, cfg.input_size, conc,
-                                            args.warmup, args.duration, args.client_processes)
+                        res = run_grpc_load(
+                            srv.target,
+                            args.static_model,
+                            payload,
+                            cfg.input_size,
+                            conc,
+                            args.warmup,
+                            args.duration,
+                            args.client_processes,
+                        )
                         record("e", payload, conc, res)
         finally:
             srv.stop()
@@ -190,11 +241,21 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "onnxruntime": ort.__version__, "grpcio": grpc.__version__, "numpy": np.__version__},
-        "model": args.model, "config": json.loads(cfg.to_json()), "flops_per_step": flops_step,
-        "ceiling": ceiling, "warmup_s": args.warmup, "duration_s": args.duration,
-        "client_processes": args.client_processes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "grpcio": grpc.__version__,
+            "numpy": np.__version__,
+        },
+        "model": args.model,
+        "config": json.loads(cfg.to_json()),
+        "flops_per_step": flops_step,
+        "ceiling": ceiling,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "client_processes": args.client_processes,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     write_report(info, rows, args.out)
     print(f"wrote {args.out}.json and {args.out}.md", flush=True)

@@ -74,16 +74,26 @@ class LoadResult:
             return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1e3 if lat else float("nan")
 
         return {
-            "requests": len(lat), "errors": self.errors, "sequences": self.sequences,
+            "requests": len(lat),
+            "errors": self.errors,
+            "sequences": self.sequences,
             "seq_per_s": self.sequences / self.window_s if self.window_s else 0.0,
             "steps_per_s": self.steps / self.window_s if self.window_s else 0.0,
-            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+            "p50_ms": pct(50),
+            "p95_ms": pct(95),
+            "p99_ms": pct(99),
             "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
         }
 
 
-def closed_loop(call: Callable[[Request], None], requests: list[Request], threads: int,
-                warmup_s: float, duration_s: float, offset: int = 0) -> LoadResult:
+def closed_loop(
+    call: Callable[[Request], None],
+    requests: list[Request],
+    threads: int,
+    warmup_s: float,
+    duration_s: float,
+    offset: int = 0,
+) -> LoadResult:
     """`threads` loops calling `call` back to back; only calls that start after warm-up count."""
     result = LoadResult()
     lock = threading.Lock()
@@ -122,8 +132,17 @@ def closed_loop(call: Callable[[Request], None], requests: list[Request], thread
     return result
 
 
-def _grpc_worker(target: str, model: str, payload: str, features: int, threads: int, warmup_s: float,
-                 duration_s: float, seed: int, queue) -> None:
+def _grpc_worker(
+    target: str,
+    model: str,
+    payload: str,
+    features: int,
+    threads: int,
+    warmup_s: float,
+    duration_s: float,
+    seed: int,
+    queue,
+) -> None:
     import grpc
 
     from server.codec import encode_input
@@ -138,9 +157,13 @@ def _grpc_worker(target: str, model: str, payload: str, features: int, threads: 
         encode_input(req, "lengths", r.lengths)
         wire[id(r)] = req
     size = 256 * 1024 * 1024
-    channels = [grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", size),
-                                                       ("grpc.max_send_message_length", size)])
-                for _ in range(max(1, threads // 8))]
+    channels = [
+        grpc.insecure_channel(
+            target,
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        )
+        for _ in range(max(1, threads // 8))
+    ]
     stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
     counter = iter(range(10**12))
 
@@ -150,8 +173,17 @@ def _grpc_worker(target: str, model: str, payload: str, features: int, threads: 
     queue.put(closed_loop(call, requests, threads, warmup_s, duration_s, offset=seed))
 
 
-def run_grpc_load(target: str, model: str, payload: str, features: int, concurrency: int,
-                  warmup_s: float, duration_s: float, processes: int = 2, seed: int = 0) -> LoadResult:
+def run_grpc_load(
+    target: str,
+    model: str,
+    payload: str,
+    features: int,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    processes: int = 2,
+    seed: int = 0,
+) -> LoadResult:
     """Closed-loop load from `processes` client processes (threads split among them)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -159,8 +191,12 @@ def run_grpc_load(target: str, model: str, payload: str, features: int, concurre
     nproc = max(1, min(processes, concurrency))
     for p in range(nproc):
         threads = concurrency // nproc + (1 if p < concurrency % nproc else 0)
-        procs.append(ctx.Process(target=_grpc_worker, args=(target, model, payload, features, threads,
-                                                           warmup_s + 1.0, duration_s, seed + p, queue)))
+        procs.append(
+            ctx.Process(
+                target=_grpc_worker,
+                args=(target, model, payload, features, threads, warmup_s + 1.0, duration_s, seed + p, queue),
+            )
+        )
     for proc in procs:
         proc.start()
     total = LoadResult()

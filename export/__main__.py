@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -73,9 +72,11 @@ def _export_speaker_id(out: Path) -> None:
         print(f"speaker_id: no checkpoint at {CHECKPOINT}; run `make train`", file=sys.stderr)
         return
     model, result = load_checkpoint(CHECKPOINT)
-    extra = {"classifier.task": "speaker identification, Japanese Vowels (9 speakers, 12 LPC coefficients)",
-             "classifier.labels": ",".join(f"speaker{i + 1}" for i in range(model.num_classes)),
-             "classifier.test_accuracy": f"{result['test_accuracy']:.4f}"}
+    extra = {
+        "classifier.task": "speaker identification, Japanese Vowels (9 speakers, 12 LPC coefficients)",
+        "classifier.labels": ",".join(f"speaker{i + 1}" for i in range(model.num_classes)),
+        "classifier.test_accuracy": f"{result['test_accuracy']:.4f}",
+    }
     res = export_classifier(model, family.model_path(out, "speaker_id"), extra_metadata=extra)
     print(f"speaker_id: dynamic -> {res.path} ({res.seconds:.2f} s)")
     name = family.static_name("speaker_id", SPEAKER_ID_STATIC_T)
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--no-report", action="store_true", help="family only: skip the comparison")
-    parser.add_argument(
-        "--report-lengths", type=_lengths, default=list(family.REPORT_STATIC_LENGTHS)
-    )
+    parser.add_argument("--report-lengths", type=_lengths, default=list(family.REPORT_STATIC_LENGTHS))
     args = parser.parse_args(argv)
 
     if args.name is None:

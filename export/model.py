@@ -79,9 +79,7 @@ class LSTMEncoder(nn.Module):
             batch_first=True,
         )
 
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.run(x, lengths, lengths_sorted=False)
 
     def run(
@@ -107,9 +105,7 @@ class ExportView(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encoder.run(x, lengths, lengths_sorted=True)
 
 
@@ -136,9 +132,7 @@ class StaticUnrolledLSTM(nn.Module):
         bias = getattr(self.lstm, "bias_ih" + sfx) + getattr(self.lstm, "bias_hh" + sfx)  # (4H,)
         return w_ih.t(), w_hh.t(), bias
 
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         batch = x.shape[0]
         hidden = cfg.hidden_size

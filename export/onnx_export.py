@@ -50,7 +50,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def build_metadata(
-    module: torch.nn.Module, config: LSTMConfig, mode: str, steps: int | None,
+    module: torch.nn.Module,
+    config: LSTMConfig,
+    mode: str,
+    steps: int | None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """`module` is what the parameter count and weights hash cover (encoder or whole classifier)."""
@@ -95,8 +98,13 @@ def _finish(tmp: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(tmp))
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, dynamic_axes: dict,
-            output_names: list[str] = OUTPUT_NAMES) -> None:
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    dynamic_axes: dict,
+    output_names: list[str] = OUTPUT_NAMES,
+) -> None:
     with warnings.catch_warnings():
         # Known, harmless for this model: the deprecation of the TorchScript exporter (we pin
         # torch), and the hint about h0/c0 (our initial states are built from the batch dim).
@@ -118,9 +126,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, dynamic_axes: dict
         )
 
 
-def export_dynamic(
-    encoder: LSTMEncoder, path: Path, extra_metadata: dict[str, str] | None = None
-) -> ExportResult:
+def export_dynamic(encoder: LSTMEncoder, path: Path, extra_metadata: dict[str, str] | None = None) -> ExportResult:
     """One native ONNX LSTM node per layer; symbolic batch and time; lengths -> sequence_lens."""
     cfg = encoder.config
     encoder = encoder.eval()
@@ -161,7 +167,9 @@ CLASSIFIER_OUTPUTS = ["logits", "probs"]
 
 
 def export_classifier(
-    classifier: torch.nn.Module, path: Path, steps: int | None = None,
+    classifier: torch.nn.Module,
+    path: Path,
+    steps: int | None = None,
     extra_metadata: dict[str, str] | None = None,
 ) -> ExportResult:
     """A SequenceClassifier: dynamic (native LSTM, symbolic batch/time) or static over `steps`."""
@@ -180,9 +188,11 @@ def export_classifier(
         lengths = torch.tensor([steps, 1], dtype=torch.int64)
         axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "logits": {0: BATCH}, "probs": {0: BATCH}}
     mode = "dynamic" if steps is None else "static"
-    extra = {"classifier.num_classes": str(classifier.num_classes),
-             "classifier.normalisation": "inside the graph: (x - mean) / std of the training set",
-             **(extra_metadata or {})}
+    extra = {
+        "classifier.num_classes": str(classifier.num_classes),
+        "classifier.normalisation": "inside the graph: (x - mean) / std of the training set",
+        **(extra_metadata or {}),
+    }
     start = time.perf_counter()
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(module, (x, lengths), tmp, axes, CLASSIFIER_OUTPUTS)

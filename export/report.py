@@ -24,8 +24,14 @@ LATENCY_BATCH = 8
 
 def _probe(path: Path, times: list[int], probe_lengths: list[int]) -> dict:
     cmd = [
-        sys.executable, "-m", "export.probe", str(path), "--batch", str(LATENCY_BATCH),
-        "--probe-lengths", ",".join(map(str, probe_lengths)),
+        sys.executable,
+        "-m",
+        "export.probe",
+        str(path),
+        "--batch",
+        str(LATENCY_BATCH),
+        "--probe-lengths",
+        ",".join(map(str, probe_lengths)),
     ]
     for steps in times:
         cmd += ["--time", str(steps)]
@@ -45,27 +51,41 @@ def build_report(dynamic: ExportResult, statics: list[ExportResult], out_dir: Pa
     lengths = sorted(r.steps for r in statics if r.steps is not None)
     rows = []
     dyn_probe = _probe(dynamic.path, lengths, [1, 7, 1000])
-    rows.append({
-        "model": "dynamic", "T": None, **describe(dynamic.path), "export_s": dynamic.seconds,
-        "load_s": dyn_probe["load_s"], "load_peak_mib": dyn_probe["load_peak_mib"],
-        "latency_ms": dyn_probe["latency_ms"],
-        "accepts": _accepts_text(dyn_probe["accepts"], None),
-    })
+    rows.append(
+        {
+            "model": "dynamic",
+            "T": None,
+            **describe(dynamic.path),
+            "export_s": dynamic.seconds,
+            "load_s": dyn_probe["load_s"],
+            "load_peak_mib": dyn_probe["load_peak_mib"],
+            "latency_ms": dyn_probe["latency_ms"],
+            "accepts": _accepts_text(dyn_probe["accepts"], None),
+        }
+    )
     for res in sorted(statics, key=lambda r: r.steps or 0):
         steps = res.steps or 0
         pr = _probe(res.path, [steps], [p for p in (steps - 1, steps, steps + 1) if p >= 1])
-        rows.append({
-            "model": f"static T={steps}", "T": steps, **describe(res.path), "export_s": res.seconds,
-            "load_s": pr["load_s"], "load_peak_mib": pr["load_peak_mib"],
-            "latency_ms": pr["latency_ms"][str(steps)],
-            "dynamic_latency_ms": dyn_probe["latency_ms"][str(steps)],
-            "accepts": _accepts_text(pr["accepts"], steps),
-        })
+        rows.append(
+            {
+                "model": f"static T={steps}",
+                "T": steps,
+                **describe(res.path),
+                "export_s": res.seconds,
+                "load_s": pr["load_s"],
+                "load_peak_mib": pr["load_peak_mib"],
+                "latency_ms": pr["latency_ms"][str(steps)],
+                "dynamic_latency_ms": dyn_probe["latency_ms"][str(steps)],
+                "accepts": _accepts_text(pr["accepts"], steps),
+            }
+        )
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
         },
         "provider": dyn_probe["providers"][0],
         "latency_batch": LATENCY_BATCH,
@@ -82,7 +102,8 @@ def markdown(report: dict) -> str:
     dyn = report["rows"][0]
     lines = [
         f"Machine: {report['machine']}; provider {report['provider']}; versions "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        + ".",
         "",
         f"| model | bytes on disk | weights | graph | nodes | export s | load s | load peak MiB "
         f"| latency ms (batch {report['latency_batch']}, T steps) | dynamic at same T, ms | accepts |",
@@ -115,8 +136,10 @@ def plot(report: dict, path: Path) -> None:
     ts = [r["T"] for r in stat]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = [
-        ("bytes_total", "file size (MB)", 1e-6), ("nodes", "graph nodes", 1.0),
-        ("export_s", "export time (s)", 1.0), ("load_s", "ORT load time (s)", 1.0),
+        ("bytes_total", "file size (MB)", 1e-6),
+        ("nodes", "graph nodes", 1.0),
+        ("export_s", "export time (s)", 1.0),
+        ("load_s", "ORT load time (s)", 1.0),
     ]
     for ax, (key, label, scale) in zip(axes.flat, panels):
         ax.plot(ts, [r[key] * scale for r in stat], "o-", label="static (unrolled)")

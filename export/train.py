@@ -40,8 +40,9 @@ def accuracy(model: SequenceClassifier, sequences: list[np.ndarray], labels: np.
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
-def train(epochs: int = 40, seed: int = 0, lr: float = 3e-3, batch: int = 16, progress: bool = True,
-          log=print) -> tuple[SequenceClassifier, dict]:
+def train(
+    epochs: int = 40, seed: int = 0, lr: float = 3e-3, batch: int = 16, progress: bool = True, log=print
+) -> tuple[SequenceClassifier, dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # small model: one thread is fastest here and keeps runs repeatable
     rng = np.random.default_rng(seed)
@@ -74,7 +75,7 @@ def train(epochs: int = 40, seed: int = 0, lr: float = 3e-3, batch: int = 16, pr
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
         sched.step()
         line = f"epoch {epoch:3d}  loss {total_loss / len(train_x):.4f}  train acc {correct / len(train_x):.4f}"
@@ -89,8 +90,12 @@ def train(epochs: int = 40, seed: int = 0, lr: float = 3e-3, batch: int = 16, pr
         "train_accuracy": accuracy(model, train_x, train_y),
         "test_accuracy": accuracy(model, test_x, test_y),
         "seconds": time.perf_counter() - start,
-        "epochs": epochs, "seed": seed, "lr": lr, "batch": batch,
-        "config": json.loads(CONFIG.to_json()), "torch": torch.__version__,
+        "epochs": epochs,
+        "seed": seed,
+        "lr": lr,
+        "batch": batch,
+        "config": json.loads(CONFIG.to_json()),
+        "torch": str(torch.__version__),
     }
     return model.eval(), result
 
@@ -98,8 +103,15 @@ def train(epochs: int = 40, seed: int = 0, lr: float = 3e-3, batch: int = 16, pr
 def save(model: SequenceClassifier, result: dict, path: Path = CHECKPOINT) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "config": model.config.to_json(),
-                "num_classes": model.num_classes, "result": result}, tmp)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "config": model.config.to_json(),
+            "num_classes": model.num_classes,
+            "result": result,
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
@@ -119,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model, result = train(args.epochs, args.seed, progress=not args.no_progress)
     save(model, result, args.out)
-    print(f"test accuracy {result['test_accuracy']:.4f} (train {result['train_accuracy']:.4f}) "
-          f"in {result['seconds']:.1f} s -> {args.out}")
+    print(
+        f"test accuracy {result['test_accuracy']:.4f} (train {result['train_accuracy']:.4f}) "
+        f"in {result['seconds']:.1f} s -> {args.out}"
+    )
     return 0
 
 

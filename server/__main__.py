@@ -15,7 +15,7 @@ import socket
 import sys
 
 from server.app import serve
-from server.config import Settings, load_settings
+from server.config import load_settings
 
 
 @contextlib.contextmanager

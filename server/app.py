@@ -36,8 +36,10 @@ class InferenceServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.options = RuntimeOptions(
-            device=settings.device, cuda_tf32=settings.cuda_tf32,
-            intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
+            device=settings.device,
+            cuda_tf32=settings.cuda_tf32,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
             graph_optimization=settings.graph_optimization,
         )
         self.providers = select_providers(self.options)  # StartupError if cuda asked and unusable
@@ -47,13 +49,18 @@ class InferenceServer:
         self.metrics = Metrics()
         self.metrics.provider.labels(self.providers.kind).set(1)
         policy = BatchPolicy(
-            enabled=settings.batching, max_batch=settings.max_batch,
-            max_queue_delay_us=settings.max_queue_delay_us, max_queue=settings.max_queue,
+            enabled=settings.batching,
+            max_batch=settings.max_batch,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            max_queue=settings.max_queue,
             instances=settings.instances,
         )
         self.plane = DataPlane(
-            self.repository, self.stats, Limits(settings.max_elements, settings.max_request_batch),
-            policy, self.metrics,
+            self.repository,
+            self.stats,
+            Limits(settings.max_elements, settings.max_request_batch),
+            policy,
+            self.metrics,
         )
         self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -89,7 +96,11 @@ class InferenceServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         port = server.add_insecure_port(f"{s.host}:{s.port}")
@@ -103,8 +114,12 @@ class InferenceServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
         log.info(
-            "serving %d model(s) %s on %s:%d with %s", len(self.repository.ready_models()),
-            self.repository.ready_models(), s.host, port, self.providers.kind,
+            "serving %d model(s) %s on %s:%d with %s",
+            len(self.repository.ready_models()),
+            self.repository.ready_models(),
+            s.host,
+            port,
+            self.providers.kind,
         )
         return port
 

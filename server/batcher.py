@@ -109,8 +109,13 @@ def merge_and_run(
 class Batcher:
     """One queue and `instances` worker threads for one model version."""
 
-    def __init__(self, name: str, run: Callable, policy: BatchPolicy,
-                 on_batch: Callable[[BatchInfo], None] = lambda info: None) -> None:
+    def __init__(
+        self,
+        name: str,
+        run: Callable,
+        policy: BatchPolicy,
+        on_batch: Callable[[BatchInfo], None] = lambda info: None,
+    ) -> None:
         self.name = name
         self.run = run
         self.policy = policy
@@ -125,8 +130,7 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, x: np.ndarray, lengths: np.ndarray, outputs: list[str],
-               deadline: float | None = None) -> Future:
+    def submit(self, x: np.ndarray, lengths: np.ndarray, outputs: list[str], deadline: float | None = None) -> Future:
         item = _Item(x, lengths, outputs, deadline)
         with self._cond:
             if self._closed:

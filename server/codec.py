@@ -28,12 +28,22 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
     "FP64": (np.dtype(np.float64), "fp64_contents"),
 }
 ONNX_TO_OIP = {
-    "tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(int32)": "INT32",
-    "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(bool)": "BOOL",
+    "tensor(float)": "FP32",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(bool)": "BOOL",
 }
 _CONTENT_FIELDS = (
-    "bool_contents", "int_contents", "int64_contents", "uint_contents",
-    "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents",
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp32_contents",
+    "fp64_contents",
+    "bytes_contents",
 )
 
 
@@ -78,8 +88,7 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
     for index, tensor in enumerate(request.inputs):
         if tensor.datatype not in DATATYPES:
             raise InvalidArgument(
-                f"input '{tensor.name}': unknown datatype {tensor.datatype!r}; "
-                f"expected one of {', '.join(DATATYPES)}"
+                f"input '{tensor.name}': unknown datatype {tensor.datatype!r}; expected one of {', '.join(DATATYPES)}"
             )
         dtype, field = DATATYPES[tensor.datatype]
         shape = _shape(tensor, limits)
@@ -105,9 +114,7 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
     return out
 
 
-def encode_output(
-    response: pb.ModelInferResponse, name: str, array: np.ndarray
-) -> None:
+def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
     """Append one output, always as raw_output_contents (tritonclient decodes only raw)."""
     array = np.ascontiguousarray(array)
     datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}.get(array.dtype)
@@ -133,9 +140,7 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     return out
 
 
-def encode_input(
-    request: pb.ModelInferRequest, name: str, array: np.ndarray, raw: bool = True
-) -> None:
+def encode_input(request: pb.ModelInferRequest, name: str, array: np.ndarray, raw: bool = True) -> None:
     """Client side: append one input, raw bytes (default) or typed contents."""
     inv = {v[0]: k for k, v in DATATYPES.items() if k not in ("UINT8", "UINT16", "INT8", "INT16", "FP16")}
     array = np.ascontiguousarray(array)

@@ -21,17 +21,26 @@ class Settings:
     model_repository: Path = field(default=Path("models"), metadata={"help": "folder of <model>/<version>/model.onnx"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     cuda_tf32: bool = field(default=False, metadata={"help": "allow TF32 in CUDA kernels (moves results by ~3e-4)"})
-    intra_op_threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads per session (0 = one per core)"})
+    intra_op_threads: int = field(
+        default=0, metadata={"help": "ONNX Runtime intra-op threads per session (0 = one per core)"}
+    )
     inter_op_threads: int = field(default=0, metadata={"help": "ONNX Runtime inter-op threads (0 = default)"})
-    graph_optimization: str = field(default="all", metadata={"help": "ORT graph optimization: disable|basic|extended|all"})
+    graph_optimization: str = field(
+        default="all", metadata={"help": "ORT graph optimization: disable|basic|extended|all"}
+    )
     grpc_workers: int = field(default=32, metadata={"help": "gRPC handler threads (concurrent calls in progress)"})
     max_message_mb: int = field(default=256, metadata={"help": "maximum gRPC message size, both ways (MiB)"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
     max_elements: int = field(default=64 * 1024 * 1024, metadata={"help": "maximum elements of one input tensor"})
     max_request_batch: int = field(default=4096, metadata={"help": "maximum sequences in one request"})
-    batching: bool = field(default=True, metadata={"help": "merge concurrent requests into one run (per model: config.json)"})
+    batching: bool = field(
+        default=True, metadata={"help": "merge concurrent requests into one run (per model: config.json)"}
+    )
     max_batch: int = field(default=64, metadata={"help": "batcher: maximum sequences per merged run"})
-    max_queue_delay_us: int = field(default=0, metadata={"help": "batcher: longest wait for more requests (µs); 0 = batch what queued while the last run ran"})
+    max_queue_delay_us: int = field(
+        default=0,
+        metadata={"help": "batcher: longest wait for more requests (µs); 0 = batch what queued while the last run ran"},
+    )
     max_queue: int = field(default=1024, metadata={"help": "batcher: queued requests before RESOURCE_EXHAUSTED"})
     instances: int = field(default=1, metadata={"help": "concurrent ONNX Runtime runs per model version"})
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus HTTP port; 0 = any free port; -1 = off"})
@@ -43,8 +52,16 @@ class Settings:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.graph_optimization not in ("disable", "basic", "extended", "all"):
             raise ValueError(f"graph_optimization must be disable|basic|extended|all, got {self.graph_optimization!r}")
-        for name in ("grpc_workers", "max_message_mb", "max_elements", "max_request_batch", "max_batch",
-                     "max_queue", "instances", "workers"):
+        for name in (
+            "grpc_workers",
+            "max_message_mb",
+            "max_elements",
+            "max_request_batch",
+            "max_batch",
+            "max_queue",
+            "instances",
+            "workers",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -65,12 +82,19 @@ def _caster(f: dataclasses.Field):
 
 
 def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="LSTM inference server (Open Inference Protocol v2 over gRPC)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="LSTM inference server (Open Inference Protocol v2 over gRPC)"
+    )
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
-        parser.add_argument(flag, dest=f.name, type=_caster(f), default=None,
-                            help=f"{f.metadata['help']} (env {env}; default {f.default})")
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=_caster(f),
+            default=None,
+            help=f"{f.metadata['help']} (env {env}; default {f.default})",
+        )
     return parser
 
 

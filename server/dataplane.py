@@ -62,8 +62,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
             raise InvalidArgument(f"input 'lengths': datatype must be INT64, got {_oip(lengths.dtype)}")
         if lengths.shape != (batch,):
             raise InvalidArgument(
-                f"input 'lengths': expected shape [{batch}] (one length per sequence of 'x'), "
-                f"got {list(lengths.shape)}"
+                f"input 'lengths': expected shape [{batch}] (one length per sequence of 'x'), got {list(lengths.shape)}"
             )
         bad = np.flatnonzero((lengths < 1) | (lengths > steps))
         if bad.size:
@@ -85,8 +84,14 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, stats: Statistics, limits: Limits,
-                 policy: BatchPolicy | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        stats: Statistics,
+        limits: Limits,
+        policy: BatchPolicy | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.repository = repository
         self.stats = stats
         self.limits = limits
@@ -113,8 +118,12 @@ class DataPlane:
                     if not policy.enabled:
                         rt.batcher = False
                     else:
-                        rt.batcher = Batcher(f"{rt.name}:{rt.version}", rt.run, policy,
-                                             on_batch=lambda info, rt=rt: self._on_batch(rt, info))
+                        rt.batcher = Batcher(
+                            f"{rt.name}:{rt.version}",
+                            rt.run,
+                            policy,
+                            on_batch=lambda info, rt=rt: self._on_batch(rt, info),
+                        )
         return rt.batcher or None
 
     def _on_batch(self, rt: ModelRuntime, info: BatchInfo) -> None:
@@ -169,8 +178,16 @@ class DataPlane:
             for name in prepared.outputs:
                 encode_output(response, name, outputs[name])
             end = time.perf_counter_ns()
-            self.stats.record_success(rt.name, rt.version, end - start, queue_ns, t_in - start,
-                                      infer_ns, end - t_run - 0, prepared.x.shape[0])
+            self.stats.record_success(
+                rt.name,
+                rt.version,
+                end - start,
+                queue_ns,
+                t_in - start,
+                infer_ns,
+                end - t_run - 0,
+                prepared.x.shape[0],
+            )
             return response
         except ServingError as exc:
             code = exc.code.name
@@ -190,8 +207,9 @@ class DataPlane:
         rt = self.repository.get(name, version)
         entry = self.repository.entry(name)
         versions = sorted(entry.versions) if entry else [rt.version]
-        response = pb.ModelMetadataResponse(name=rt.name, versions=[str(v) for v in versions],
-                                            platform="onnxruntime_onnx")
+        response = pb.ModelMetadataResponse(
+            name=rt.name, versions=[str(v) for v in versions], platform="onnxruntime_onnx"
+        )
         for info, target in ((rt.inputs, response.inputs), (rt.outputs, response.outputs)):
             for t in info:
                 target.add(name=t.name, datatype=t.datatype, shape=t.shape)

@@ -12,24 +12,43 @@ _FRAC = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("lstm_requests", "inference requests by model and gRPC status",
-                                ["model", "code"], registry=r)
-        self.latency = Histogram("lstm_request_latency_seconds", "request latency, receipt to reply",
-                                 ["model"], buckets=_LAT, registry=r)
-        self.queue = Histogram("lstm_queue_seconds", "time a request waited in the batcher queue",
-                               ["model"], buckets=_LAT, registry=r)
-        self.infer = Histogram("lstm_inference_seconds", "ONNX Runtime run time per (merged) batch",
-                               ["model"], buckets=_LAT, registry=r)
-        self.batch = Histogram("lstm_batch_sequences", "sequences per ONNX Runtime run",
-                               ["model"], buckets=_BATCH, registry=r)
-        self.batch_requests = Histogram("lstm_batch_requests", "requests merged into one run",
-                                        ["model"], buckets=_BATCH, registry=r)
-        self.padding = Histogram("lstm_padding_fraction", "padded cells / all cells of a run",
-                                 ["model"], buckets=_FRAC, registry=r)
-        self.provider = Gauge("lstm_execution_provider", "1 for the ONNX Runtime provider in use",
-                              ["provider"], registry=r)
-        self.queue_depth = Gauge("lstm_queue_depth", "requests waiting in the batcher",
-                                 ["model"], registry=r)
+        self.requests = Counter(
+            "lstm_requests", "inference requests by model and gRPC status", ["model", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "lstm_request_latency_seconds",
+            "request latency, receipt to reply",
+            ["model"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "lstm_queue_seconds",
+            "time a request waited in the batcher queue",
+            ["model"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.infer = Histogram(
+            "lstm_inference_seconds",
+            "ONNX Runtime run time per (merged) batch",
+            ["model"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "lstm_batch_sequences", "sequences per ONNX Runtime run", ["model"], buckets=_BATCH, registry=r
+        )
+        self.batch_requests = Histogram(
+            "lstm_batch_requests", "requests merged into one run", ["model"], buckets=_BATCH, registry=r
+        )
+        self.padding = Histogram(
+            "lstm_padding_fraction", "padded cells / all cells of a run", ["model"], buckets=_FRAC, registry=r
+        )
+        self.provider = Gauge(
+            "lstm_execution_provider", "1 for the ONNX Runtime provider in use", ["provider"], registry=r
+        )
+        self.queue_depth = Gauge("lstm_queue_depth", "requests waiting in the batcher", ["model"], registry=r)
 
     def serve(self, host: str, port: int) -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

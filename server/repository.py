@@ -106,8 +106,11 @@ class ModelRepository:
             if old is not None:
                 self.on_retire(list(old.versions.values()))
             log.info(
-                "loaded model %s versions %s on %s in %.2f s", name, sorted(loaded),
-                entry.latest().provider, time.perf_counter() - start,
+                "loaded model %s versions %s on %s in %.2f s",
+                name,
+                sorted(loaded),
+                entry.latest().provider,
+                time.perf_counter() - start,
             )
             self.on_change(name, True)
             return entry
@@ -129,7 +132,9 @@ class ModelRepository:
         if entry is None:
             raise NotFound(f"unknown model '{name}'")
         if entry.state != READY or not entry.versions:
-            raise Unavailable(f"model '{name}' is not ready ({entry.state}{': ' + entry.reason if entry.reason else ''})")
+            raise Unavailable(
+                f"model '{name}' is not ready ({entry.state}{': ' + entry.reason if entry.reason else ''})"
+            )
         if not version:
             return entry.latest()
         if not version.isdigit() or int(version) not in entry.versions:

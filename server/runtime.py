@@ -154,8 +154,14 @@ def _dims(shape: list) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
-def load_model(name: str, version: int, path: Path, providers: Providers, options: RuntimeOptions,
-               model_config: dict | None = None) -> ModelRuntime:
+def load_model(
+    name: str,
+    version: int,
+    path: Path,
+    providers: Providers,
+    options: RuntimeOptions,
+    model_config: dict | None = None,
+) -> ModelRuntime:
     """Create the session; raise with a clear message if the file is not a usable LSTM model."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads
@@ -176,8 +182,16 @@ def load_model(name: str, version: int, path: Path, providers: Providers, option
     static_length = int(static) if static else (inputs[0].shape[1] if inputs[0].shape[1] > 0 else None)
     in_use = session.get_providers()[0]
     return ModelRuntime(
-        name=name, version=version, path=path, session=session, inputs=inputs, outputs=outputs,
-        export_metadata=meta, static_length=static_length, features=features, provider=in_use,
+        name=name,
+        version=version,
+        path=path,
+        session=session,
+        inputs=inputs,
+        outputs=outputs,
+        export_metadata=meta,
+        static_length=static_length,
+        features=features,
+        provider=in_use,
         model_config=model_config or {},
     )
 

@@ -106,16 +106,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if request.version and str(version) != request.version:
                 continue
             ms = response.model_stats.add(
-                name=name, version=str(version), last_inference=s.last_inference_ms,
-                inference_count=s.inference_count, execution_count=s.execution_count,
+                name=name,
+                version=str(version),
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
             )
             for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
                 d = getattr(s, field)
                 getattr(ms.inference_stats, field).CopyFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
             for size, d in sorted(s.batches.items()):
-                ms.batch_stats.add(
-                    batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns)
-                )
+                ms.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns))
         return response
 
     @_unary

@@ -38,8 +38,17 @@ class Statistics:
         self._lock = threading.Lock()
         self._stats: dict[tuple[str, int], VersionStats] = defaultdict(VersionStats)
 
-    def record_success(self, name: str, version: int, total_ns: int, queue_ns: int, input_ns: int,
-                       infer_ns: int, output_ns: int, sequences: int) -> None:
+    def record_success(
+        self,
+        name: str,
+        version: int,
+        total_ns: int,
+        queue_ns: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+        sequences: int,
+    ) -> None:
         with self._lock:
             s = self._stats[(name, version)]
             s.success.add(total_ns)

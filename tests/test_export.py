@@ -167,7 +167,12 @@ def test_dynamic_node_count_independent_of_T_static_grows(tmp_path, encoders):
 
 def test_metadata(repo, encoders):
     meta = read_metadata(repo / f"bi_static_t{STATIC_T}" / "1" / "model.onnx")
-    assert json.loads(meta["lstm.config"]) == {"input_size": 6, "hidden_size": 8, "num_layers": 2, "bidirectional": True}
+    assert json.loads(meta["lstm.config"]) == {
+        "input_size": 6,
+        "hidden_size": 8,
+        "num_layers": 2,
+        "bidirectional": True,
+    }
     assert meta["lstm.export_mode"] == "static" and meta["lstm.static_length"] == str(STATIC_T)
     assert meta["lstm.param_count"] == str(SMALL["bi"].param_count())
     assert meta["lstm.torch_version"] == torch.__version__ and meta["lstm.onnx_version"] == onnx.__version__
@@ -191,8 +196,13 @@ def test_ort_loads_without_warnings(repo, capfd):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -217,8 +227,22 @@ def test_cli_bad_config(tmp_path, args, needle):
 
 
 def test_cli_exports_one_model(tmp_path):
-    res = _cli("--name", "m", "--out", str(tmp_path), "--input-size", "4", "--hidden-size", "3",
-               "--layers", "1", "--unidirectional", "--static", "3", cwd=tmp_path)
+    res = _cli(
+        "--name",
+        "m",
+        "--out",
+        str(tmp_path),
+        "--input-size",
+        "4",
+        "--hidden-size",
+        "3",
+        "--layers",
+        "1",
+        "--unidirectional",
+        "--static",
+        "3",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "m" / "1" / "model.onnx").is_file()
     assert (tmp_path / "m_static_t3" / "1" / "model.onnx").is_file()

@@ -130,7 +130,9 @@ def test_static_model_pads_shorter_and_refuses_longer(client, encoders):
 def test_stream_infer(client, encoders):
     rng = np.random.default_rng(6)
     batches = [ragged(rng, b, t, 6) for b, t in [(2, 3), (5, 11), (1, 1)]]
-    requests = [client.request("bi", x, lengths, raw=(i % 2 == 0), request_id=str(i)) for i, (x, lengths) in enumerate(batches)]
+    requests = [
+        client.request("bi", x, lengths, raw=(i % 2 == 0), request_id=str(i)) for i, (x, lengths) in enumerate(batches)
+    ]
     bad = client.request("bi", np.zeros((1, 2, 3), np.float32))  # wrong feature size
     replies = list(client.stream(requests[:2] + [bad] + requests[2:]))
     assert isinstance(replies[2], RuntimeError) and "INVALID_ARGUMENT" in str(replies[2])
@@ -153,54 +155,127 @@ def _x(batch=2, steps=3, feat=6):
 
 ERROR_CASES = {
     "unknown model": (_raw_request("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
-    "unknown version": (_raw_request(model_version="7", inputs=[_tensor("x", "FP32", [2, 3, 6])],
-                                     raw_input_contents=[_x()]), grpc.StatusCode.NOT_FOUND, "version"),
-    "wrong input name": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lens", "INT64", [2])],
-                                      raw_input_contents=[_x(), np.ones(2, np.int64).tobytes()]),
-                         grpc.StatusCode.INVALID_ARGUMENT, "'lens'"),
-    "wrong datatype": (_raw_request(inputs=[_tensor("x", "FP64", [2, 3, 6])],
-                                    raw_input_contents=[np.ones((2, 3, 6)).tobytes()]),
-                       grpc.StatusCode.INVALID_ARGUMENT, "FP32"),
-    "garbage datatype": (_raw_request(inputs=[_tensor("x", "FLOAT", [2, 3, 6])], raw_input_contents=[_x()]),
-                         grpc.StatusCode.INVALID_ARGUMENT, "datatype"),
-    "wrong rank": (_raw_request(inputs=[_tensor("x", "FP32", [6, 6])], raw_input_contents=[_x(1, 6, 6)[: 36 * 4]]),
-                   grpc.StatusCode.INVALID_ARGUMENT, "rank 3"),
-    "wrong feature size": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 5])], raw_input_contents=[_x(2, 3, 5)]),
-                           grpc.StatusCode.INVALID_ARGUMENT, "feature size must be 6"),
-    "batch mismatch": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lengths", "INT64", [3])],
-                                    raw_input_contents=[_x(), np.ones(3, np.int64).tobytes()]),
-                       grpc.StatusCode.INVALID_ARGUMENT, "'lengths'"),
-    "length zero": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lengths", "INT64", [2])],
-                                 raw_input_contents=[_x(), np.array([0, 3], np.int64).tobytes()]),
-                    grpc.StatusCode.INVALID_ARGUMENT, "1..3"),
-    "length above T": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lengths", "INT64", [2])],
-                                    raw_input_contents=[_x(), np.array([4, 3], np.int64).tobytes()]),
-                       grpc.StatusCode.INVALID_ARGUMENT, "lengths[0] = 4"),
-    "raw byte count": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6])], raw_input_contents=[_x()[:-4]]),
-                       grpc.StatusCode.INVALID_ARGUMENT, "expected 144"),
+    "unknown version": (
+        _raw_request(model_version="7", inputs=[_tensor("x", "FP32", [2, 3, 6])], raw_input_contents=[_x()]),
+        grpc.StatusCode.NOT_FOUND,
+        "version",
+    ),
+    "wrong input name": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lens", "INT64", [2])],
+            raw_input_contents=[_x(), np.ones(2, np.int64).tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'lens'",
+    ),
+    "wrong datatype": (
+        _raw_request(inputs=[_tensor("x", "FP64", [2, 3, 6])], raw_input_contents=[np.ones((2, 3, 6)).tobytes()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "FP32",
+    ),
+    "garbage datatype": (
+        _raw_request(inputs=[_tensor("x", "FLOAT", [2, 3, 6])], raw_input_contents=[_x()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "datatype",
+    ),
+    "wrong rank": (
+        _raw_request(inputs=[_tensor("x", "FP32", [6, 6])], raw_input_contents=[_x(1, 6, 6)[: 36 * 4]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "rank 3",
+    ),
+    "wrong feature size": (
+        _raw_request(inputs=[_tensor("x", "FP32", [2, 3, 5])], raw_input_contents=[_x(2, 3, 5)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "feature size must be 6",
+    ),
+    "batch mismatch": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lengths", "INT64", [3])],
+            raw_input_contents=[_x(), np.ones(3, np.int64).tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'lengths'",
+    ),
+    "length zero": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lengths", "INT64", [2])],
+            raw_input_contents=[_x(), np.array([0, 3], np.int64).tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "1..3",
+    ),
+    "length above T": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [2, 3, 6]), _tensor("lengths", "INT64", [2])],
+            raw_input_contents=[_x(), np.array([4, 3], np.int64).tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "lengths[0] = 4",
+    ),
+    "raw byte count": (
+        _raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6])], raw_input_contents=[_x()[:-4]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected 144",
+    ),
     "raw and typed mixed": (
         _raw_request(
-            inputs=[_tensor("x", "FP32", [2, 3, 6]),
-                    pb.ModelInferRequest.InferInputTensor(
-                        name="lengths", datatype="INT64", shape=[2],
-                        contents=pb.InferTensorContents(int64_contents=[1, 2]))],
-            raw_input_contents=[_x()]),
-        grpc.StatusCode.INVALID_ARGUMENT, "typed"),
-    "typed count": (_raw_request(inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="x", datatype="FP32", shape=[1, 2, 6], contents=pb.InferTensorContents(fp32_contents=[1.0] * 11))]),
-        grpc.StatusCode.INVALID_ARGUMENT, "expected 12"),
-    "missing x": (_raw_request(inputs=[_tensor("lengths", "INT64", [2])],
-                               raw_input_contents=[np.ones(2, np.int64).tobytes()]),
-                  grpc.StatusCode.INVALID_ARGUMENT, "missing required input 'x'"),
-    "negative dim": (_raw_request(inputs=[_tensor("x", "FP32", [-2, 3, 6])], raw_input_contents=[b""]),
-                     grpc.StatusCode.INVALID_ARGUMENT, "negative"),
-    "huge shape": (_raw_request(inputs=[_tensor("x", "FP32", [10**6, 10**6, 6])], raw_input_contents=[b""]),
-                   grpc.StatusCode.RESOURCE_EXHAUSTED, "limit"),
-    "unknown output": (_raw_request(inputs=[_tensor("x", "FP32", [2, 3, 6])], raw_input_contents=[_x()],
-                                    outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="z")]),
-                       grpc.StatusCode.INVALID_ARGUMENT, "'z'"),
-    "zero time": (_raw_request(inputs=[_tensor("x", "FP32", [2, 0, 6])], raw_input_contents=[b""]),
-                  grpc.StatusCode.INVALID_ARGUMENT, ">= 1"),
+            inputs=[
+                _tensor("x", "FP32", [2, 3, 6]),
+                pb.ModelInferRequest.InferInputTensor(
+                    name="lengths",
+                    datatype="INT64",
+                    shape=[2],
+                    contents=pb.InferTensorContents(int64_contents=[1, 2]),
+                ),
+            ],
+            raw_input_contents=[_x()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "typed",
+    ),
+    "typed count": (
+        _raw_request(
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="x",
+                    datatype="FP32",
+                    shape=[1, 2, 6],
+                    contents=pb.InferTensorContents(fp32_contents=[1.0] * 11),
+                )
+            ]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected 12",
+    ),
+    "missing x": (
+        _raw_request(inputs=[_tensor("lengths", "INT64", [2])], raw_input_contents=[np.ones(2, np.int64).tobytes()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing required input 'x'",
+    ),
+    "negative dim": (
+        _raw_request(inputs=[_tensor("x", "FP32", [-2, 3, 6])], raw_input_contents=[b""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "negative",
+    ),
+    "huge shape": (
+        _raw_request(inputs=[_tensor("x", "FP32", [10**6, 10**6, 6])], raw_input_contents=[b""]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "limit",
+    ),
+    "unknown output": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [2, 3, 6])],
+            raw_input_contents=[_x()],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="z")],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'z'",
+    ),
+    "zero time": (
+        _raw_request(inputs=[_tensor("x", "FP32", [2, 0, 6])], raw_input_contents=[b""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ">= 1",
+    ),
 }
 
 
@@ -338,12 +413,19 @@ def test_provider_auto_picks_cpu_without_error_log(repo, caplog, capfd):
 
 def _popen_server(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_cuda_fails_fast_with_clear_message(repo):
-    from server.runtime import select_providers, RuntimeOptions
+    from server.runtime import RuntimeOptions, select_providers
 
     if select_providers(RuntimeOptions(device="auto")).kind == "CUDAExecutionProvider":
         pytest.skip("a usable GPU is present")
@@ -392,7 +474,9 @@ def test_subprocess_server_serves_and_drains(repo, encoders):
 def test_settings_from_env_and_flags(tmp_path):
     from server.config import load_settings
 
-    s = load_settings(["--port", "0"], {"LSTM_SERVE_PORT": "9", "LSTM_SERVE_DEVICE": "cpu", "LSTM_SERVE_CUDA_TF32": "1"})
+    s = load_settings(
+        ["--port", "0"], {"LSTM_SERVE_PORT": "9", "LSTM_SERVE_DEVICE": "cpu", "LSTM_SERVE_CUDA_TF32": "1"}
+    )
     assert s.port == 0 and s.device == "cpu" and s.cuda_tf32 is True
     with pytest.raises(ValueError, match="LSTM_SERVE_GRPC_WORKERS"):
         load_settings([], {"LSTM_SERVE_GRPC_WORKERS": "many"})

@@ -22,9 +22,18 @@ def test_tritonclient_live_metadata_infer(target, encoders, tmp_path):
     x, lengths = ragged(np.random.default_rng(12), 4, 9, 6)
     np.savez(tmp_path / "in.npz", x=x, lengths=lengths)
     res = subprocess.run(
-        [TRITON_PYTHON, str(HERE / "tritonclient_check.py"), target, "bi", str(tmp_path / "in.npz"),
-         str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
+        [
+            TRITON_PYTHON,
+            str(HERE / "tritonclient_check.py"),
+            target,
+            "bi",
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ.get("PATH", "")},
     )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout.strip().splitlines()[-1])

@@ -22,7 +22,10 @@ def main() -> None:
     meta = client.get_model_metadata(model, as_json=True)
     data = np.load(in_path)
     x, lengths = data["x"], data["lengths"]
-    inputs = [grpcclient.InferInput("x", list(x.shape), "FP32"), grpcclient.InferInput("lengths", list(lengths.shape), "INT64")]
+    inputs = [
+        grpcclient.InferInput("x", list(x.shape), "FP32"),
+        grpcclient.InferInput("lengths", list(lengths.shape), "INT64"),
+    ]
     inputs[0].set_data_from_numpy(x)
     inputs[1].set_data_from_numpy(lengths)
     outputs = [grpcclient.InferRequestedOutput(n) for n in ("y", "h_n", "c_n")]

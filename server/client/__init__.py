@@ -62,11 +62,17 @@ def split_outputs(outputs: dict[str, np.ndarray], lengths: np.ndarray) -> list[d
 class LSTMClient:
     """A thin client over the generated Open Inference Protocol v2 stubs."""
 
-    def __init__(self, target: str = "127.0.0.1:8001", timeout: float | None = 30.0,
-                 max_message_mb: int = 256, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8001",
+        timeout: float | None = 30.0,
+        max_message_mb: int = 256,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         size = max_message_mb * 1024 * 1024
         self.channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+            target,
+            options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)],
         )
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
@@ -97,16 +103,26 @@ class LSTMClient:
         headers = dict(call.initial_metadata())
         tensors = lambda ts: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]  # noqa: E731
         return {
-            "name": response.name, "versions": list(response.versions), "platform": response.platform,
-            "inputs": tensors(response.inputs), "outputs": tensors(response.outputs),
+            "name": response.name,
+            "versions": list(response.versions),
+            "platform": response.platform,
+            "inputs": tensors(response.inputs),
+            "outputs": tensors(response.outputs),
             "export": json.loads(headers.get("lstm-export-metadata", "{}")),
             "provider": headers.get("lstm-provider", ""),
             "static_length": int(headers["lstm-static-length"]) if headers.get("lstm-static-length") else None,
         }
 
-    def request(self, model: str, x: np.ndarray, lengths: np.ndarray | None = None,
-                outputs: Sequence[str] | None = None, raw: bool = True, version: str = "",
-                request_id: str = "") -> pb.ModelInferRequest:
+    def request(
+        self,
+        model: str,
+        x: np.ndarray,
+        lengths: np.ndarray | None = None,
+        outputs: Sequence[str] | None = None,
+        raw: bool = True,
+        version: str = "",
+        request_id: str = "",
+    ) -> pb.ModelInferRequest:
         req = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
         encode_input(req, "x", np.asarray(x, np.float32), raw=raw)
         if lengths is not None:
@@ -115,14 +131,27 @@ class LSTMClient:
             req.outputs.add(name=name)
         return req
 
-    def infer_batch(self, model: str, x: np.ndarray, lengths: np.ndarray | None = None,
-                    outputs: Sequence[str] | None = None, raw: bool = True, version: str = "") -> dict[str, np.ndarray]:
+    def infer_batch(
+        self,
+        model: str,
+        x: np.ndarray,
+        lengths: np.ndarray | None = None,
+        outputs: Sequence[str] | None = None,
+        raw: bool = True,
+        version: str = "",
+    ) -> dict[str, np.ndarray]:
         """One padded batch in, batch outputs out (no trimming)."""
         req = self.request(model, x, lengths, outputs, raw, version)
         return decode_outputs(self.stub.ModelInfer(req, timeout=self.timeout))
 
-    def infer(self, model: str, sequences: Sequence[np.ndarray], outputs: Sequence[str] | None = None,
-              raw: bool = True, version: str = "") -> list[dict[str, np.ndarray]]:
+    def infer(
+        self,
+        model: str,
+        sequences: Sequence[np.ndarray],
+        outputs: Sequence[str] | None = None,
+        raw: bool = True,
+        version: str = "",
+    ) -> list[dict[str, np.ndarray]]:
         """Variable-length sequences (T_i, F) in; one dict of outputs per sequence, trimmed."""
         x, lengths = pad_sequences(sequences)
         return split_outputs(self.infer_batch(model, x, lengths, outputs, raw, version), lengths)

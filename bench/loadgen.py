@@ -21,7 +21,9 @@ PAYLOADS = {  # lengths (time steps) drawn uniformly in [lo, hi]; 1..4 sequences
     "short": (5, 25),
     "long": (100, 200),
     "mixed": (5, 200),
+    "single50": (50, 50),  # the targets' payload: one sequence of T = 50 per request
 }
+SINGLE = {"single50"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def make_requests(payload: str, features: int, count: int, seed: int, max_seqs: 
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        b = int(rng.integers(1, max_seqs + 1))
+        b = 1 if payload in SINGLE else int(rng.integers(1, max_seqs + 1))
         lengths = rng.integers(lo, hi + 1, size=b).astype(np.int64)
         x = rng.standard_normal((b, int(lengths.max()), features)).astype(np.float32)
         for i, n in enumerate(lengths):
@@ -142,8 +144,14 @@ def _grpc_worker(
     duration_s: float,
     seed: int,
     queue,
+    cpus: set[int] | None = None,
 ) -> None:
+    import os
+
     import grpc
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # keep the load generator off the server's core
 
     from server.codec import encode_input
     from server.proto import grpc_service_pb2 as pb
@@ -183,6 +191,7 @@ def run_grpc_load(
     duration_s: float,
     processes: int = 2,
     seed: int = 0,
+    cpus: set[int] | None = None,
 ) -> LoadResult:
     """Closed-loop load from `processes` client processes (threads split among them)."""
     ctx = multiprocessing.get_context("spawn")
@@ -194,7 +203,7 @@ def run_grpc_load(
         procs.append(
             ctx.Process(
                 target=_grpc_worker,
-                args=(target, model, payload, features, threads, warmup_s + 1.0, duration_s, seed + p, queue),
+                args=(target, model, payload, features, threads, warmup_s + 1.0, duration_s, seed + p, queue, cpus),
             )
         )
     for proc in procs:

@@ -1,4 +1,4 @@
-"""Write the benchmark's JSON and Markdown report (the README quotes the Markdown)."""
+"""Write the benchmark's JSON, Markdown table and PNG plots (the README quotes the Markdown)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ LINES = {
 }
 
 
-def markdown(info: dict, rows: list[dict]) -> str:
+def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
     c = info["ceiling"]
     out = [
-        f"Machine: {info['machine']}. Versions: "
+        f"Machine: {info['machine']}. Device: {info['device']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         + f". Model `{info['model']}` {json.dumps(info['config'])}; {info['flops_per_step'] / 1e6:.2f} MFLOP"
-        f" per valid step per sequence. Matmul ceiling (float32 {c['n']}x{c['n']}): {c['gflops']:.1f} GFLOP/s"
-        f" (torch {c['torch_gflops']:.1f}, numpy {c['numpy_gflops']:.1f}). Closed loop, {info['warmup_s']} s"
-        f" warm-up excluded, {info['duration_s']} s measured per line; 1-4 sequences per request; "
-        f"gRPC load from {info['client_processes']} client processes on the same machine. {info['date']}.",
+        f" per valid step per sequence. Pinning: {info['pinning']}. Matmul ceiling (float32 {c['n']}x{c['n']},"
+        f" same CPUs as the server): {c['gflops']:.1f} GFLOP/s. Closed loop, {info['warmup_s']} s warm-up excluded,"
+        f" {info['duration_s']} s measured per line; 1-4 sequences per request (single50: one of T = 50); gRPC"
+        f" load from {info['client_processes']} client processes. {info['date']}."
+        + (" QUICK MODE: harness check, not a measurement." if info.get("quick") else ""),
         "",
         "| line | payload | clients | seq/s | p50 ms | p95 ms | p99 ms | GFLOP/s | of ceiling | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -39,10 +40,54 @@ def markdown(info: dict, rows: list[dict]) -> str:
             f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['gflops']:.2f} | {100 * r['ceiling_fraction']:.1f}% "
             f"| {r['errors']} |"
         )
+    if targets:
+        out += ["", "| target | measured | goal | met | figures |", "|---|---:|---|---|---|"]
+        for t in targets:
+            out.append(
+                f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['ok'] else 'NO'} | {t['detail']} |"
+            )
     return "\n".join(out) + "\n"
 
 
-def write_report(info: dict, rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payloads = sorted({r["payload"] for r in rows if "seq_per_s" in r and r["payload"] != "single50"})
+    if not payloads:
+        return
+    fig, axes = plt.subplots(2, len(payloads), figsize=(5 * len(payloads), 8), squeeze=False)
+    for col, payload in enumerate(payloads):
+        for line in LINES:
+            pts = sorted(
+                (r["concurrency"], r)
+                for r in rows
+                if r["line"] == line and r["payload"] == payload and "seq_per_s" in r
+            )
+            if not pts:
+                continue
+            xs = [c for c, _ in pts]
+            axes[0][col].plot(xs, [r["seq_per_s"] for _, r in pts], "o-", label=f"({line}) {LINES[line]}")
+            axes[1][col].plot(xs, [r["p50_ms"] for _, r in pts], "o-", label=f"({line}) p50")
+            axes[1][col].plot(xs, [r["p99_ms"] for _, r in pts], "x--", color=axes[1][col].lines[-1].get_color())
+        axes[0][col].set_title(f"{payload}: throughput")
+        axes[1][col].set_title(f"{payload}: latency p50 (o) and p99 (x)")
+        for ax, label in ((axes[0][col], "sequences/s"), (axes[1][col], "ms")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(info: dict, rows: list[dict], targets: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(info, rows))
+    out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows, "targets": targets}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(info, rows, targets))
+    plot(rows, out.with_suffix(".png"))

@@ -7,7 +7,9 @@ outputs back per request and trim `y` to each request's own time size.
 Policy (per model version):
 - a batch starts with the oldest queued request (no starvation), then takes the queued
   requests whose time size is closest to it, until `max_batch` sequences; so padding stays small;
-- it waits at most `max_queue_delay_us` after the oldest request arrived for more to come;
+- it waits at most `max_queue_delay_us` after the oldest request arrived for more to come; with
+  the default 0, a request that finds the model idle runs at once in its own thread (no hand-off),
+  and requests that arrive while a run is in progress are merged into the next run;
 - a request larger than `max_batch` runs alone (never refused for its size);
 - the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
 - a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED).
@@ -123,6 +125,7 @@ class Batcher:
         self._queue: list[_Item] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._slots = threading.Semaphore(policy.instances)  # runs in progress, inline or by a worker
         self._threads = [
             threading.Thread(target=self._worker, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.instances)
@@ -139,8 +142,16 @@ class Batcher:
                 raise ResourceExhausted(
                     f"model '{self.name}': queue full ({self.policy.max_queue} requests waiting); retry later"
                 )
-            self._queue.append(item)
-            self._cond.notify()
+            # Idle and eager (no delay asked for): run in the caller's thread, no hand-off, no wait.
+            inline = not self._queue and self.policy.max_queue_delay_us == 0 and self._slots.acquire(blocking=False)
+            if not inline:
+                self._queue.append(item)
+                self._cond.notify()
+        if inline:
+            try:
+                self._run_safely([item])
+            finally:
+                self._slots.release()
         return item.future
 
     def queue_depth(self) -> int:
@@ -153,15 +164,21 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
 
-    def _take(self) -> list[_Item] | None:
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return False
+                self._cond.wait()
+            return True
+
+    def _take(self) -> list[_Item]:
+        """Called holding a run slot; [] if other workers emptied the queue meanwhile."""
         policy = self.policy
         with self._cond:
             while True:
                 if not self._queue:
-                    if self._closed:
-                        return None
-                    self._cond.wait()
-                    continue
+                    return []
                 # Another worker may take the oldest while this one waits: re-read it each time.
                 oldest = self._queue[0]
                 queued = sum(i.rows for i in self._queue)
@@ -184,17 +201,20 @@ class Batcher:
             return batch
 
     def _worker(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            try:
-                self._run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
-                log.exception("batcher %s: unexpected failure", self.name)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+        while self._wait_for_work():
+            with self._slots:  # the batch is formed once a slot is free: it takes all that queued
+                batch = self._take()
+                if batch:
+                    self._run_safely(batch)
+
+    def _run_safely(self, batch: list[_Item]) -> None:
+        try:
+            self._run_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
+            log.exception("batcher %s: unexpected failure", self.name)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
     def _run_batch(self, batch: list[_Item]) -> None:
         now = time.monotonic()

@@ -59,11 +59,28 @@ def _blocked_batcher(policy: BatchPolicy, runtime, infos: list):
     return Batcher("bi:1", run, policy, on_batch=infos.append), gate
 
 
+def _submit_in_thread(batcher: Batcher, *args):
+    """Submit from another thread: an idle eager batcher runs the request in the caller's thread."""
+    pool = ThreadPoolExecutor(1)
+    outer = pool.submit(lambda: batcher.submit(*args).result(30))
+    pool.shutdown(wait=False)
+    return outer
+
+
+def test_idle_batcher_runs_inline(runtime):
+    infos: list = []
+    batcher = Batcher("bi:1", runtime.run, BatchPolicy(max_queue_delay_us=0), on_batch=infos.append)
+    x, lengths = ragged(np.random.default_rng(9), 2, 5, 6)
+    future = batcher.submit(x, lengths, ["h_n"])
+    assert future.done() and len(infos) == 1  # ran in this thread, before submit returned
+    batcher.close()
+
+
 def test_groups_similar_lengths_and_runs_oversized_alone(runtime, encoders):
     infos: list = []
     batcher, gate = _blocked_batcher(BatchPolicy(max_batch=4, max_queue_delay_us=0), runtime, infos)
     rng = np.random.default_rng(1)
-    first = batcher.submit(*[a for a in ragged(rng, 1, 3, 6)], ["h_n"])  # occupies the worker
+    first = _submit_in_thread(batcher, *ragged(rng, 1, 3, 6), ["h_n"])  # occupies the only run slot
     time.sleep(0.1)
     shapes = [(2, 5), (2, 100), (2, 6), (2, 99), (9, 20)]  # the last is larger than max_batch
     reqs = [ragged(rng, b, t, 6) for b, t in shapes]
@@ -72,6 +89,7 @@ def test_groups_similar_lengths_and_runs_oversized_alone(runtime, encoders):
     first.result(10)
     for (x, lengths), fut in zip(reqs, futures):
         got, _queue_ns, _info = fut.result(10)
+        assert _info.requests >= 1
         want = reference(encoders["bi"], x, lengths)
         assert np.abs(got["y"] - want["y"]).max() <= TOL and np.abs(got["h_n"] - want["h_n"]).max() <= TOL
     batcher.close()
@@ -87,7 +105,7 @@ def test_queue_full_is_resource_exhausted(runtime):
     infos: list = []
     batcher, gate = _blocked_batcher(BatchPolicy(max_batch=1, max_queue=2), runtime, infos)
     x, lengths = ragged(np.random.default_rng(2), 1, 4, 6)
-    running = batcher.submit(x, lengths, ["h_n"])
+    running = _submit_in_thread(batcher, x, lengths, ["h_n"])
     time.sleep(0.1)
     queued = [batcher.submit(x, lengths, ["h_n"]) for _ in range(2)]
     with pytest.raises(ResourceExhausted, match="queue full"):
@@ -102,7 +120,7 @@ def test_deadline_passed_while_queued_is_not_run(runtime):
     infos: list = []
     batcher, gate = _blocked_batcher(BatchPolicy(max_batch=1), runtime, infos)
     x, lengths = ragged(np.random.default_rng(3), 1, 4, 6)
-    running = batcher.submit(x, lengths, ["h_n"])
+    running = _submit_in_thread(batcher, x, lengths, ["h_n"])
     time.sleep(0.05)
     late = batcher.submit(x, lengths, ["h_n"], deadline=time.monotonic() + 0.05)
     time.sleep(0.2)
@@ -177,3 +195,58 @@ def test_prometheus_metrics(server, client):
     ):
         assert f'{name}{{le="' in body or f"{name}{{model=" in body, name
     assert 'lstm_execution_provider{provider="CPUExecutionProvider"} 1.0' in body
+
+
+def test_streams_and_unary_batched_exactly_bad_requests_fail_alone(slow_batch_server, encoders):
+    """Concurrent streams and unary calls merge; each reply matches its request id exactly once;
+    a bad request among them fails alone."""
+    from server.client import LSTMClient
+
+    target = f"127.0.0.1:{slow_batch_server.port}"
+    rng = np.random.default_rng(21)
+
+    def stream_worker(k: int) -> list[str]:
+        reqs, expect = [], {}
+        with LSTMClient(target) as c:
+            for j in range(6):
+                rid = f"s{k}-{j}"
+                if j == 3:  # wrong feature size: must fail alone
+                    reqs.append(c.request("bi", np.zeros((1, 4, 5), np.float32), request_id=rid))
+                    expect[rid] = None
+                    continue
+                x, lengths = ragged(
+                    np.random.default_rng(k * 100 + j), int(rng.integers(1, 4)), int(rng.integers(1, 40)), 6
+                )
+                reqs.append(c.request("bi", x, lengths, request_id=rid))
+                expect[rid] = (x, lengths)
+            seen = []
+            for reply in c.stub.ModelStreamInfer(iter(reqs), timeout=60):
+                rid = reply.infer_response.id
+                seen.append(rid)
+                if expect[rid] is None:
+                    assert "INVALID_ARGUMENT" in reply.error_message
+                    continue
+                assert not reply.error_message, reply.error_message
+                from server.codec import decode_outputs
+
+                got = decode_outputs(reply.infer_response)
+                x, lengths = expect[rid]
+                want = reference(encoders["bi"], x, lengths)
+                for name in ("y", "h_n", "c_n"):
+                    assert np.abs(got[name] - want[name]).max() <= TOL
+        assert seen == [r.id for r in reqs]  # in order, each exactly once
+        return seen
+
+    def unary_worker(k: int) -> int:
+        x, lengths = ragged(np.random.default_rng(1000 + k), 2, int(rng.integers(1, 30)), 6)
+        with LSTMClient(target) as c:
+            got = c.infer_batch("bi", x, lengths)
+        want = reference(encoders["bi"], x, lengths)
+        assert all(np.abs(got[n] - want[n]).max() <= TOL for n in ("y", "h_n", "c_n"))
+        return 1
+
+    with ThreadPoolExecutor(12) as pool:
+        streams = [pool.submit(stream_worker, k) for k in range(6)]
+        unary = [pool.submit(unary_worker, k) for k in range(18)]
+        assert sum(f.result(60) for f in unary) == 18
+        assert sum(len(f.result(60)) for f in streams) == 36

@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             row.update(res.summary())
             row["gflops"] = res.steps * flops_step / res.window_s / 1e9
             row["ceiling_fraction"] = row["gflops"] / ceiling["gflops"]
-            print(f"{line:3} {payload:8} c={conc:<3} {row['seq_per_s']:8.1f} seq/s  p50 {row['p50_ms']:7.2f} ms"
-                  f"  p99 {row['p99_ms']:7.2f} ms  {row['gflops']:6.2f} GFLOP/s  errors {row['errors']}", flush=True)  # fmt: skip
+            text = f"{line:3} {payload:8} c={conc:<3} {row['seq_per_s']:8.1f} seq/s  p50 {row['p50_ms']:7.2f} ms"
+            text += f"  p99 {row['p99_ms']:7.2f} ms  {row['gflops']:6.2f} GFLOP/s  errors {row['errors']}"
+            print(text, flush=True)
         else:
             print(f"{line:3} {payload:8} c={conc:<3} n/a: {note}", flush=True)
         rows.append(row)

@@ -9,7 +9,7 @@ PROTO_OUT := server/proto
 SERVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check export serve test bench train lint clean triton-venv
+.PHONY: help venv proto proto-check export serve test bench soak train lint clean triton-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ train: $(VENV)/.installed ## retrain the speaker-ID classifier (Japanese Vowels,
 
 bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static; writes docs/bench.{md,json}
 	$(PY) -m bench --models $(MODELS)
+
+soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift
+	$(PY) -m bench.soak --models $(MODELS) --out docs/soak.json
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient)
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check

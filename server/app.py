@@ -9,7 +9,9 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +27,7 @@ from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
+from server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from server.servicer import InferenceServicer
 from server.stats import Statistics
 
@@ -83,8 +86,17 @@ class InferenceServer:
         self.repository.on_change = self._set_model_health
         self.repository.load_all()
         size = s.max_message_mb * 1024 * 1024
+        interceptors = []
+        try:
+            tokens = load_tokens(s.auth_tokens, Path(s.auth_tokens_file) if s.auth_tokens_file else None)
+        except OSError as exc:
+            raise StartupError(f"--auth-tokens-file: {exc}") from None
+        if tokens:
+            interceptors.append(TokenAuthInterceptor(tokens))
+            log.info("bearer-token authentication on (%d token(s)); health stays open", len(tokens))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
@@ -103,7 +115,18 @@ class InferenceServer:
             ),
             server,
         )
-        port = server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert:
+            try:
+                creds = server_credentials(
+                    Path(s.tls_cert), Path(s.tls_key), Path(s.tls_client_ca) if s.tls_client_ca else None
+                )
+            except OSError as exc:
+                raise StartupError(f"TLS: {exc}") from None
+            port = server.add_secure_port(address, creds)
+            log.info("TLS on%s", " with client-certificate verification" if s.tls_client_ca else "")
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise StartupError(f"cannot bind {s.host}:{s.port}")
         server.start()
@@ -113,6 +136,8 @@ class InferenceServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
+        if s.poll_s > 0:
+            threading.Thread(target=self._poll, name="repository-poll", daemon=True).start()
         log.info(
             "serving %d model(s) %s on %s:%d with %s",
             len(self.repository.ready_models()),
@@ -123,12 +148,23 @@ class InferenceServer:
         )
         return port
 
+    def _poll(self) -> None:
+        """Triton's poll mode: load new/changed versions, unload models removed from disk."""
+        while not self._draining.wait(self.settings.poll_s):
+            try:
+                self.repository.sync()
+            except Exception:  # noqa: BLE001 - the poller must go on
+                log.exception("repository poll failed")
+
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING first, refuse new calls, let in-flight ones finish within `grace`."""
+        """Health NOT_SERVING (and ServerReady false) first; after `drain_delay_s` refuse new calls
+        (UNAVAILABLE) and let in-flight ones finish within `grace`; then close the batchers."""
         if self._server is None:
             return
         self._draining.set()
         self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay_s > 0:
+            time.sleep(self.settings.drain_delay_s)
         self._server.stop(self.settings.grace_s if grace is None else grace).wait()
         self._server = None
 

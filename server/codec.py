@@ -60,10 +60,11 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor, limits: Limits) -> tup
     count = 1
     for d in shape:
         count *= d  # Python int: no overflow, no allocation
-    if count > limits.max_elements:
+    # each dim too (a zero elsewhere makes the product small, but numpy refuses such a shape)
+    if count > limits.max_elements or any(d > limits.max_elements for d in shape):
         raise ResourceExhausted(
             f"input '{tensor.name}': shape {list(shape)} is {count} elements, "
-            f"more than the limit of {limits.max_elements}"
+            f"more than the limit of {limits.max_elements} (or a dimension above it)"
         )
     return shape
 

@@ -44,12 +44,27 @@ class Settings:
     max_queue: int = field(default=1024, metadata={"help": "batcher: queued requests before RESOURCE_EXHAUSTED"})
     instances: int = field(default=1, metadata={"help": "concurrent ONNX Runtime runs per model version"})
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus HTTP port; 0 = any free port; -1 = off"})
+    tls_cert: str = field(default="", metadata={"help": "PEM server certificate (chain): turns TLS on"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={"help": "PEM CA: require client certificates signed by it"})
+    auth_tokens: str = field(default="", metadata={"help": "comma-separated bearer tokens (prefer the env variable)"})
+    auth_tokens_file: str = field(default="", metadata={"help": "file with one bearer token per line"})
+    drain_delay_s: float = field(
+        default=0.0, metadata={"help": "on SIGTERM: seconds of NOT_SERVING health before refusing calls"}
+    )
+    poll_s: float = field(
+        default=0.0, metadata={"help": "re-scan the model repository every N s (0 = off); loads new versions"}
+    )
     workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if self.graph_optimization not in ("disable", "basic", "extended", "all"):
             raise ValueError(f"graph_optimization must be disable|basic|extended|all, got {self.graph_optimization!r}")
         for name in (

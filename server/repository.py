@@ -28,9 +28,22 @@ class ModelEntry:
     state: str = UNAVAILABLE
     reason: str = ""
     versions: dict[int, ModelRuntime] = field(default_factory=dict)
+    signature: dict = field(default_factory=dict)  # what was on disk when loaded (for polling)
+    failed_signature: dict | None = None
 
     def latest(self) -> ModelRuntime:
         return self.versions[max(self.versions)]
+
+
+def _signature(folder: Path) -> dict:
+    sig = {}
+    for version, path in _versions_on_disk(folder).items():
+        st = path.stat()
+        sig[version] = (st.st_mtime_ns, st.st_size)
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        sig["config"] = cfg.stat().st_mtime_ns
+    return sig
 
 
 def _versions_on_disk(folder: Path) -> dict[int, Path]:
@@ -88,8 +101,19 @@ class ModelRepository:
                 raise NotFound(f"model '{name}' has no <version>/model.onnx under {self.root}")
             loaded = {}
             start = time.perf_counter()
+            signature = _signature(self.root / name)
             model_config = _read_config(self.root / name)
+            with self._lock:
+                previous = self._models.get(name)
             for version, path in sorted(versions.items()):
+                if (
+                    previous is not None
+                    and version in previous.versions
+                    and previous.signature.get(version) == signature.get(version)
+                    and previous.signature.get("config") == signature.get("config")
+                ):
+                    loaded[version] = previous.versions[version]  # unchanged: keep the live session
+                    continue
                 try:
                     loaded[version] = load_model(name, version, path, self.providers, self.options, model_config)
                 except Exception as exc:  # noqa: BLE001
@@ -99,12 +123,13 @@ class ModelRepository:
                         if entry is None or not entry.versions:
                             self._models[name] = ModelEntry(name, UNAVAILABLE, msg)
                     raise InvalidArgument(msg) from exc
-            entry = ModelEntry(name, READY, "", loaded)
+            entry = ModelEntry(name, READY, "", loaded, signature)
             with self._lock:
                 old = self._models.get(name)
                 self._models[name] = entry
             if old is not None:
-                self.on_retire(list(old.versions.values()))
+                kept = {id(rt) for rt in loaded.values()}
+                self.on_retire([rt for rt in old.versions.values() if id(rt) not in kept])
             log.info(
                 "loaded model %s versions %s on %s in %.2f s",
                 name,
@@ -114,6 +139,32 @@ class ModelRepository:
             )
             self.on_change(name, True)
             return entry
+
+    def sync(self) -> list[str]:
+        """Bring the loaded models in line with the disk; returns the models (re)loaded or unloaded."""
+        changed = []
+        on_disk = set(self.model_names_on_disk())
+        for name in sorted(on_disk):
+            signature = _signature(self.root / name)
+            entry = self.entry(name)
+            if entry is not None and entry.signature == signature:
+                continue
+            if entry is not None and entry.failed_signature == signature:
+                continue  # already refused this exact content; do not retry in a loop
+            try:
+                self.load(name)
+            except Exception as exc:  # noqa: BLE001
+                log.error("poll: %s", exc)
+                with self._lock:
+                    current = self._models.get(name)
+                    if current is not None:
+                        current.failed_signature = signature
+            changed.append(name)
+        for name in self.ready_models():
+            if name not in on_disk:
+                self.unload(name)
+                changed.append(name)
+        return changed
 
     def unload(self, name: str) -> None:
         with self._load_lock:

@@ -68,14 +68,26 @@ class LSTMClient:
         timeout: float | None = 30.0,
         max_message_mb: int = 256,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        tls: bool = False,
     ) -> None:
+        """`token`: sent as `authorization: Bearer <token>`. TLS when `tls` or `tls_ca` is given
+        (`tls_ca`: PEM roots, None = system roots); `tls_cert`/`tls_key`: client certificate."""
         size = max_message_mb * 1024 * 1024
-        self.channel = channel or grpc.insecure_channel(
-            target,
-            options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)],
-        )
+        options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+        if channel is None:
+            if tls or tls_ca is not None:
+                creds = grpc.ssl_channel_credentials(tls_ca, tls_key, tls_cert)
+                channel = grpc.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        self.channel = channel
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
+        self.call_metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def __enter__(self) -> LSTMClient:
         return self
@@ -87,18 +99,20 @@ class LSTMClient:
         self.channel.close()
 
     def live(self) -> bool:
-        return self.stub.ServerLive(pb.ServerLiveRequest(), timeout=self.timeout).live
+        return self.stub.ServerLive(pb.ServerLiveRequest(), timeout=self.timeout, metadata=self.call_metadata).live
 
     def ready(self) -> bool:
-        return self.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout).ready
+        return self.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout, metadata=self.call_metadata).ready
 
     def model_ready(self, model: str, version: str = "") -> bool:
-        return self.stub.ModelReady(pb.ModelReadyRequest(name=model, version=version), timeout=self.timeout).ready
+        return self.stub.ModelReady(
+            pb.ModelReadyRequest(name=model, version=version), timeout=self.timeout, metadata=self.call_metadata
+        ).ready
 
     def metadata(self, model: str, version: str = "") -> dict:
         """Model metadata, plus the export metadata and provider the server sends as headers."""
         response, call = self.stub.ModelMetadata.with_call(
-            pb.ModelMetadataRequest(name=model, version=version), timeout=self.timeout
+            pb.ModelMetadataRequest(name=model, version=version), timeout=self.timeout, metadata=self.call_metadata
         )
         headers = dict(call.initial_metadata())
         tensors = lambda ts: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]  # noqa: E731
@@ -142,7 +156,7 @@ class LSTMClient:
     ) -> dict[str, np.ndarray]:
         """One padded batch in, batch outputs out (no trimming)."""
         req = self.request(model, x, lengths, outputs, raw, version)
-        return decode_outputs(self.stub.ModelInfer(req, timeout=self.timeout))
+        return decode_outputs(self.stub.ModelInfer(req, timeout=self.timeout, metadata=self.call_metadata))
 
     def infer(
         self,
@@ -158,7 +172,7 @@ class LSTMClient:
 
     def stream(self, requests: Iterable[pb.ModelInferRequest]) -> Iterator[dict[str, np.ndarray] | Exception]:
         """ModelStreamInfer: yields decoded outputs, or a RuntimeError for a request the server refused."""
-        for reply in self.stub.ModelStreamInfer(iter(requests), timeout=self.timeout):
+        for reply in self.stub.ModelStreamInfer(iter(requests), timeout=self.timeout, metadata=self.call_metadata):
             if reply.error_message:
                 yield RuntimeError(reply.error_message)
             else:

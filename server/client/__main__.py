@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,10 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", default="", help="comma-separated outputs to request (default all)")
     parser.add_argument("--save", type=Path, help="write outputs to this .npz (keys seq<i>_<output>)")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--token", default=os.environ.get("LSTM_SERVE_TOKEN"), help="bearer token (env LSTM_SERVE_TOKEN)"
+    )
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM client key (mutual TLS)")
     args = parser.parse_args(argv)
     try:
         sequences = read_sequences(args.input)
-        with LSTMClient(args.target, timeout=args.timeout) as client:
+        read = lambda p: p.read_bytes() if p else None  # noqa: E731
+        tls = dict(tls_ca=read(args.tls_ca), tls_cert=read(args.tls_cert), tls_key=read(args.tls_key))
+        with LSTMClient(args.target, timeout=args.timeout, token=args.token, **tls) as client:
             outputs = [o for o in args.outputs.split(",") if o] or None
             results = client.infer(args.model, sequences, outputs=outputs, version=args.version)
     except (ValueError, OSError) as exc:

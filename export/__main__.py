@@ -37,7 +37,7 @@ def _export_family(out: Path, report: bool, report_lengths: list[int]) -> None:
 
     for member in family.FAMILY:
         encoder = family.build(member)
-        res = export_dynamic(encoder, family.model_path(out, member.name))
+        res = export_dynamic(encoder, family.model_path(out, member.name), initial_state=member.initial_state)
         print(f"{member.name}: dynamic -> {res.path} ({res.seconds:.2f} s)")
         for steps in member.static_lengths:
             sres = export_static(encoder, steps, family.model_path(out, family.static_name(member.name, steps)))
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--unidirectional", action="store_true")
+    parser.add_argument("--initial-state", action="store_true", help="add h0/c0 inputs (stateful streaming)")
     parser.add_argument("--static", type=_lengths, default=[], help="comma-separated static T values")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--version", type=int, default=1)
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     encoder = LSTMEncoder(config).eval()
-    res = export_dynamic(encoder, family.model_path(args.out, args.name, args.version))
+    res = export_dynamic(
+        encoder, family.model_path(args.out, args.name, args.version), initial_state=args.initial_state
+    )
     print(f"{args.name}: dynamic -> {res.path} ({res.seconds:.2f} s)")
     for steps in args.static:
         path = family.model_path(args.out, family.static_name(args.name, steps), args.version)

@@ -20,6 +20,7 @@ class FamilyMember:
     seed: int
     static_lengths: tuple[int, ...] = ()  # static variants served beside the dynamic model
     note: str = ""
+    initial_state: bool = False  # h0/c0 inputs: the server can keep state between chunks
 
 
 FAMILY = (
@@ -29,6 +30,13 @@ FAMILY = (
         seed=0,
         static_lengths=(SERVED_STATIC_LENGTH,),
         note="bidirectional 2-layer encoder sized like a speech encoder (80 log-mel bins)",
+    ),
+    FamilyMember(
+        "stream_encoder",
+        LSTMConfig(input_size=80, hidden_size=256, num_layers=2, bidirectional=False),
+        seed=0,
+        note="unidirectional 2-layer encoder with h0/c0 inputs: long streams sent in chunks",
+        initial_state=True,
     ),
     FamilyMember(
         "tf_example",

@@ -79,15 +79,29 @@ class LSTMEncoder(nn.Module):
             batch_first=True,
         )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.run(x, lengths, lengths_sorted=False)
+    def forward(
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        c0: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Optional initial states h0, c0 (L*D, B, H), in the batch's own order (zeros if None)."""
+        return self.run(x, lengths, lengths_sorted=False, h0=h0, c0=c0)
 
     def run(
-        self, x: torch.Tensor, lengths: torch.Tensor, lengths_sorted: bool
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        lengths_sorted: bool,
+        h0: torch.Tensor | None = None,
+        c0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`lengths_sorted=True` skips the sort/unsort; only the ONNX export uses it (see below)."""
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=lengths_sorted)
-        out, (h_n, c_n) = self.lstm(packed)
+        # nn.LSTM permutes hx by the packed sequence's sort order itself
+        hx = None if h0 is None else (h0, c0 if c0 is not None else torch.zeros_like(h0))
+        out, (h_n, c_n) = self.lstm(packed, hx)
         y, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, T, D*H)
         return y, h_n, c_n
 
@@ -107,6 +121,19 @@ class ExportView(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encoder.run(x, lengths, lengths_sorted=True)
+
+
+class StatefulExportView(nn.Module):
+    """ExportView with initial-state inputs h0, c0 (L*D, B, H), fed to every layer's LSTM node."""
+
+    def __init__(self, encoder: LSTMEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encoder.run(x, lengths, lengths_sorted=True, h0=h0, c0=c0)
 
 
 class StaticUnrolledLSTM(nn.Module):

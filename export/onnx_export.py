@@ -21,12 +21,13 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.model import ExportView, LSTMConfig, LSTMEncoder, StaticUnrolledLSTM
+from export.model import ExportView, LSTMConfig, LSTMEncoder, StatefulExportView, StaticUnrolledLSTM
 
 OPSET = 17  # ORT's CUDA LSTM kernel covers LSTM-14..21; 17 is widely supported
 IR_VERSION = 8  # what opset 17 needs; onnxruntime 1.31 loads up to IR 13
 INPUT_NAMES = ["x", "lengths"]
 OUTPUT_NAMES = ["y", "h_n", "c_n"]
+STATE_NAMES = ["h0", "c0"]  # optional initial-state inputs (export_dynamic(initial_state=True))
 # Named dims, the same names in code comments, ONNX files and server metadata.
 BATCH, TIME = "batch", "time"
 
@@ -104,6 +105,7 @@ def _export(
     path: Path,
     dynamic_axes: dict,
     output_names: list[str] = OUTPUT_NAMES,
+    input_names: list[str] = INPUT_NAMES,
 ) -> None:
     with warnings.catch_warnings():
         # Known, harmless for this model: the deprecation of the TorchScript exporter (we pin
@@ -119,15 +121,23 @@ def _export(
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=INPUT_NAMES,
+            input_names=input_names,
             output_names=output_names,
             dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
 
 
-def export_dynamic(encoder: LSTMEncoder, path: Path, extra_metadata: dict[str, str] | None = None) -> ExportResult:
-    """One native ONNX LSTM node per layer; symbolic batch and time; lengths -> sequence_lens."""
+def export_dynamic(
+    encoder: LSTMEncoder,
+    path: Path,
+    extra_metadata: dict[str, str] | None = None,
+    initial_state: bool = False,
+) -> ExportResult:
+    """One native ONNX LSTM node per layer; symbolic batch and time; lengths -> sequence_lens.
+
+    `initial_state`: add inputs h0, c0 (L*D, batch, H) wired to every LSTM node's initial_h and
+    initial_c (the server feeds zeros when a client sends none)."""
     cfg = encoder.config
     encoder = encoder.eval()
     batch, steps = 3, 5
@@ -140,10 +150,20 @@ def export_dynamic(encoder: LSTMEncoder, path: Path, extra_metadata: dict[str, s
         "h_n": {1: BATCH},
         "c_n": {1: BATCH},
     }
+    args: tuple = (x, lengths)
+    module: torch.nn.Module = ExportView(encoder)
+    input_names = INPUT_NAMES
+    if initial_state:
+        state = torch.zeros(cfg.num_layers * cfg.num_directions, batch, cfg.hidden_size)
+        args = (x, lengths, state, state.clone())
+        module = StatefulExportView(encoder)
+        axes.update({"h0": {1: BATCH}, "c0": {1: BATCH}})
+        input_names = INPUT_NAMES + STATE_NAMES
+    extra = {"lstm.initial_state": "h0,c0" if initial_state else "", **(extra_metadata or {})}
     start = time.perf_counter()
     with _atomic_path(path) as tmp, torch.no_grad():
-        _export(ExportView(encoder), (x, lengths), tmp, axes)
-        _finish(tmp, build_metadata(encoder, cfg, "dynamic", None, extra_metadata))
+        _export(module, args, tmp, axes, input_names=input_names)
+        _finish(tmp, build_metadata(encoder, cfg, "dynamic", None, extra))
     return ExportResult(path, time.perf_counter() - start, "dynamic", None)
 
 

@@ -28,6 +28,7 @@ from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
 from server.security import TokenAuthInterceptor, load_tokens, server_credentials
+from server.sequences import SequenceStore
 from server.servicer import InferenceServicer
 from server.stats import Statistics
 
@@ -58,12 +59,20 @@ class InferenceServer:
             max_queue=settings.max_queue,
             instances=settings.instances,
         )
+
+        def _sequences_changed(live: int, evicted: int) -> None:
+            self.metrics.live_sequences.set(live)
+            if evicted:
+                self.metrics.sequence_evictions.inc(evicted)
+
+        self.sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_s, _sequences_changed)
         self.plane = DataPlane(
             self.repository,
             self.stats,
             Limits(settings.max_elements, settings.max_request_batch),
             policy,
             self.metrics,
+            self.sequences,
         )
         self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -138,6 +147,7 @@ class InferenceServer:
         self._server, self.port = server, port
         if s.poll_s > 0:
             threading.Thread(target=self._poll, name="repository-poll", daemon=True).start()
+        threading.Thread(target=self._sweep_sequences, name="sequence-sweep", daemon=True).start()
         log.info(
             "serving %d model(s) %s on %s:%d with %s",
             len(self.repository.ready_models()),
@@ -147,6 +157,12 @@ class InferenceServer:
             self.providers.kind,
         )
         return port
+
+    def _sweep_sequences(self) -> None:
+        """Free sequences idle longer than sequence_idle_s (also checked on every access)."""
+        period = min(1.0, max(0.05, self.settings.sequence_idle_s / 4))
+        while not self._draining.wait(period):
+            self.sequences.sweep()
 
     def _poll(self) -> None:
         """Triton's poll mode: load new/changed versions, unload models removed from disk."""

@@ -47,6 +47,8 @@ class _Item:
     lengths: np.ndarray  # (b,)
     outputs: list[str]
     deadline: float | None  # time.monotonic() deadline, None = none
+    h0: np.ndarray | None = None  # (L*D, b, H) initial state of these rows (stateful models)
+    c0: np.ndarray | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -85,8 +87,21 @@ def merge_and_run(
         lengths[row : row + item.rows] = item.lengths
         row += item.rows
     wanted = sorted({o for i in items for o in i.outputs})
+    state = {}
+    with_state = [i for i in items if i.h0 is not None]
+    if with_state:  # each row starts from its own state; rows without one from zeros
+        ld, _, hidden = with_state[0].h0.shape
+        h0 = np.zeros((ld, total, hidden), np.float32)
+        c0 = np.zeros((ld, total, hidden), np.float32)
+        row = 0
+        for item in items:
+            if item.h0 is not None:
+                h0[:, row : row + item.rows] = item.h0
+                c0[:, row : row + item.rows] = item.c0
+            row += item.rows
+        state = {"h0": h0, "c0": c0}
     t0 = time.perf_counter_ns()
-    out = run(x, lengths, wanted)
+    out = run(x, lengths, wanted, **state)
     infer_ns = time.perf_counter_ns() - t0
     results = []
     row = 0
@@ -133,8 +148,16 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, x: np.ndarray, lengths: np.ndarray, outputs: list[str], deadline: float | None = None) -> Future:
-        item = _Item(x, lengths, outputs, deadline)
+    def submit(
+        self,
+        x: np.ndarray,
+        lengths: np.ndarray,
+        outputs: list[str],
+        deadline: float | None = None,
+        h0: np.ndarray | None = None,
+        c0: np.ndarray | None = None,
+    ) -> Future:
+        item = _Item(x, lengths, outputs, deadline, h0, c0)
         with self._cond:
             if self._closed:
                 raise Unavailable(f"model '{self.name}' is being unloaded")

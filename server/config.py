@@ -44,6 +44,8 @@ class Settings:
     max_queue: int = field(default=1024, metadata={"help": "batcher: queued requests before RESOURCE_EXHAUSTED"})
     instances: int = field(default=1, metadata={"help": "concurrent ONNX Runtime runs per model version"})
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus HTTP port; 0 = any free port; -1 = off"})
+    max_sequences: int = field(default=1024, metadata={"help": "live stateful sequences (sequence_id) at most"})
+    sequence_idle_s: float = field(default=60.0, metadata={"help": "free a sequence after this many idle seconds"})
     tls_cert: str = field(default="", metadata={"help": "PEM server certificate (chain): turns TLS on"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={"help": "PEM CA: require client certificates signed by it"})

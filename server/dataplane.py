@@ -20,6 +20,7 @@ from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.repository import ModelRepository
 from server.runtime import ModelRuntime
+from server.sequences import SequenceStore, parse_sequence
 from server.stats import Statistics
 
 
@@ -31,6 +32,8 @@ class Prepared:
     x: np.ndarray  # (B, T, F) float32
     lengths: np.ndarray  # (B,) int64
     outputs: list[str]
+    h0: np.ndarray | None = None  # (L*D, B, H) initial states (models exported with h0/c0)
+    c0: np.ndarray | None = None
 
 
 def _oip(dtype: np.dtype) -> str:
@@ -73,6 +76,23 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
             )
     else:
         lengths = np.full((batch,), steps, np.int64)
+    states = {}
+    for name in ("h0", "c0"):
+        if name in arrays:
+            expected = (rt.state_shape[0], batch, rt.state_shape[1])
+            value = arrays[name]
+            if value.dtype != np.float32:
+                raise InvalidArgument(f"input '{name}': datatype must be FP32, got {_oip(value.dtype)}")
+            if value.shape != expected:
+                raise InvalidArgument(
+                    f"input '{name}': expected shape {list(expected)} (layers*directions, batch, hidden), "
+                    f"got {list(value.shape)}"
+                )
+            states[name] = np.ascontiguousarray(value)
+    if states and "h0" not in states:
+        states["h0"] = np.zeros_like(states["c0"])
+    if states and "c0" not in states:
+        states["c0"] = np.zeros_like(states["h0"])
     names = rt.output_names
     outputs = list(requested) or names
     unknown = [n for n in outputs if n not in names]
@@ -80,7 +100,9 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
         raise InvalidArgument(f"requested output(s) {unknown} unknown; model '{rt.name}' has {names}")
     if len(set(outputs)) != len(outputs):
         raise InvalidArgument(f"requested outputs {outputs}: each may appear once")
-    return Prepared(rt, np.ascontiguousarray(x), np.ascontiguousarray(lengths), outputs)
+    return Prepared(
+        rt, np.ascontiguousarray(x), np.ascontiguousarray(lengths), outputs, states.get("h0"), states.get("c0")
+    )
 
 
 class DataPlane:
@@ -91,6 +113,7 @@ class DataPlane:
         limits: Limits,
         policy: BatchPolicy | None = None,
         metrics: Metrics | None = None,
+        sequences: SequenceStore | None = None,
     ) -> None:
         self.repository = repository
         self.stats = stats
@@ -99,6 +122,7 @@ class DataPlane:
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         repository.on_retire = self._retire
+        self.sequences = sequences if sequences is not None else SequenceStore()
 
     # -- batching ---------------------------------------------------------------------------
     def policy_for(self, rt: ModelRuntime) -> BatchPolicy:
@@ -143,13 +167,13 @@ class DataPlane:
         rt = p.runtime
         batcher = self._batcher(rt)
         if batcher is not None:
-            future = batcher.submit(p.x, p.lengths, p.outputs, deadline)
+            future = batcher.submit(p.x, p.lengths, p.outputs, deadline, p.h0, p.c0)
             self.metrics.queue_depth.labels(rt.name).set(batcher.queue_depth())
             result, queue_ns, info = future.result()
             self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
             return result, max(queue_ns, 0), info.infer_ns
         t0 = time.perf_counter_ns()
-        out = rt.run(p.x, p.lengths, p.outputs)
+        out = rt.run(p.x, p.lengths, p.outputs, p.h0, p.c0)
         infer_ns = time.perf_counter_ns() - t0
         steps = p.x.shape[1]
         pad = 1.0 - float(p.lengths.sum()) / (p.x.shape[0] * steps)
@@ -164,31 +188,12 @@ class DataPlane:
         code = "OK"
         try:
             rt = self.repository.get(request.model_name, request.model_version)
-            arrays = decode_inputs(request, self.limits)
-            x = arrays.get("x")
-            if x is not None and x.ndim >= 1 and x.shape[0] > self.limits.max_batch:
-                raise ResourceExhausted(
-                    f"input 'x': {x.shape[0]} sequences exceed the per-request limit of {self.limits.max_batch}"
-                )
+            sequence = parse_sequence(request.parameters)
+            if sequence is not None:
+                return self._infer_sequence(rt, request, sequence, deadline, start)
+            arrays = self._decode(request)
             prepared = validate(rt, arrays, [o.name for o in request.outputs])
-            t_in = time.perf_counter_ns()
-            outputs, queue_ns, infer_ns = self._execute(prepared, deadline)
-            t_run = time.perf_counter_ns()
-            response = pb.ModelInferResponse(model_name=rt.name, model_version=str(rt.version), id=request.id)
-            for name in prepared.outputs:
-                encode_output(response, name, outputs[name])
-            end = time.perf_counter_ns()
-            self.stats.record_success(
-                rt.name,
-                rt.version,
-                end - start,
-                queue_ns,
-                t_in - start,
-                infer_ns,
-                end - t_run - 0,
-                prepared.x.shape[0],
-            )
-            return response
+            return self._respond(rt, request, prepared, deadline, start)
         except ServingError as exc:
             code = exc.code.name
             raise
@@ -202,6 +207,92 @@ class DataPlane:
                 self.stats.record_failure(rt.name, rt.version, elapsed)
             self.metrics.requests.labels(label, code).inc()
             self.metrics.latency.labels(label).observe(elapsed / 1e9)
+
+    def _decode(self, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+        arrays = decode_inputs(request, self.limits)
+        x = arrays.get("x")
+        if x is not None and x.ndim >= 1 and x.shape[0] > self.limits.max_batch:
+            raise ResourceExhausted(
+                f"input 'x': {x.shape[0]} sequences exceed the per-request limit of {self.limits.max_batch}"
+            )
+        return arrays
+
+    def _respond(self, rt: ModelRuntime, request, prepared: Prepared, deadline, start: int, returned=None,
+                 after=None) -> pb.ModelInferResponse:  # fmt: skip
+        """Run a prepared request and build its response. `returned`: outputs the client gets
+        (default: all that ran); `after(outputs)`: called with the outputs before the reply."""
+        t_in = time.perf_counter_ns()
+        outputs, queue_ns, infer_ns = self._execute(prepared, deadline)
+        if after is not None:
+            after(outputs)
+        t_run = time.perf_counter_ns()
+        response = pb.ModelInferResponse(model_name=rt.name, model_version=str(rt.version), id=request.id)
+        for name in returned or prepared.outputs:
+            encode_output(response, name, outputs[name])
+        end = time.perf_counter_ns()
+        self.stats.record_success(
+            rt.name, rt.version, end - start, queue_ns, t_in - start, infer_ns, end - t_run, prepared.x.shape[0]
+        )
+        return response
+
+    def _infer_sequence(self, rt: ModelRuntime, request, sequence, deadline, start: int) -> pb.ModelInferResponse:
+        """One chunk of a server-side stateful sequence (Triton's sequence_id/start/end)."""
+        seq_id, first, last = sequence
+        if rt.state_shape is None:
+            raise InvalidArgument(
+                f"model '{rt.name}' has no initial-state inputs (h0, c0), so it cannot keep state between "
+                "chunks; export it with `python -m export --initial-state`"
+            )
+        if rt.bidirectional:
+            raise InvalidArgument(
+                f"model '{rt.name}' is bidirectional: its backward direction needs the whole sequence, so it "
+                "cannot be streamed in chunks; send whole sequences, or use a unidirectional model"
+            )
+        arrays = self._decode(request)
+        if not first and ("h0" in arrays or "c0" in arrays):
+            raise InvalidArgument(
+                "inputs 'h0'/'c0' are only accepted with sequence_start; later chunks continue from the state "
+                "the server keeps"
+            )
+        if not arrays and not last:
+            raise InvalidArgument("missing required input 'x' (only a sequence_end request may carry no inputs)")
+        prepared = validate(rt, arrays, [o.name for o in request.outputs]) if arrays else None
+        if prepared is not None and prepared.x.shape[0] != 1:
+            raise InvalidArgument(
+                f"input 'x': a sequence chunk carries one sequence (batch 1), got batch {prepared.x.shape[0]}"
+            )
+        ld, hidden = rt.state_shape
+        zeros = np.zeros((ld, 1, hidden), np.float32)
+        h0 = prepared.h0 if prepared is not None and prepared.h0 is not None else zeros
+        c0 = prepared.c0 if prepared is not None and prepared.c0 is not None else zeros
+        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, h0, c0)
+        stored: dict[str, np.ndarray] = {}
+        try:
+            if state.version != rt.version:  # a sequence stays on the version it started with
+                rt = self.repository.get(rt.name, str(state.version))
+            if prepared is None:  # end without data: return the final state and free it
+                stored = {"h_n": state.h, "c_n": state.c}
+                wanted = [o.name for o in request.outputs] or ["h_n", "c_n"]
+                bad = [n for n in wanted if n not in stored]
+                if bad:
+                    raise InvalidArgument(f"an end-only sequence request returns h_n and c_n, not {bad}")
+                response = pb.ModelInferResponse(model_name=rt.name, model_version=str(rt.version), id=request.id)
+                for name in wanted:
+                    encode_output(response, name, stored[name])
+            else:
+                returned = prepared.outputs
+                prepared = dataclasses.replace(
+                    prepared, runtime=rt, h0=state.h, c0=state.c,
+                    outputs=sorted(set(prepared.outputs) | {"h_n", "c_n"}),
+                )  # fmt: skip
+                response = self._respond(rt, request, prepared, deadline, start, returned, after=stored.update)
+        except BaseException:
+            self.sequences.release(rt.name, seq_id, None, None, False)
+            raise
+        self.sequences.release(rt.name, seq_id, stored["h_n"], stored["c_n"], last)
+        response.parameters["sequence_id"].CopyFrom(request.parameters["sequence_id"])
+        response.parameters["sequence_end"].bool_param = last
+        return response
 
     def model_metadata(self, name: str, version: str) -> tuple[pb.ModelMetadataResponse, dict[str, str]]:
         rt = self.repository.get(name, version)

@@ -41,3 +41,7 @@ class Internal(ServingError):
 
 class StartupError(Exception):
     """The server cannot start as configured (bad flag, CUDA asked for but unusable)."""
+
+
+class FailedPrecondition(ServingError):
+    code = grpc.StatusCode.FAILED_PRECONDITION

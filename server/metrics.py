@@ -48,6 +48,10 @@ class Metrics:
         self.provider = Gauge(
             "lstm_execution_provider", "1 for the ONNX Runtime provider in use", ["provider"], registry=r
         )
+        self.live_sequences = Gauge("lstm_live_sequences", "stateful sequences held by the server", registry=r)
+        self.sequence_evictions = Counter(
+            "lstm_sequence_evictions", "sequences freed after the idle timeout", registry=r
+        )
         self.queue_depth = Gauge("lstm_queue_depth", "requests waiting in the batcher", ["model"], registry=r)
 
     def serve(self, host: str, port: int) -> int:

@@ -124,19 +124,34 @@ class ModelRuntime:
     features: int
     provider: str
     model_config: dict  # <model>/config.json (e.g. per-model batching), {} when absent
+    state_shape: tuple[int, int] | None = None  # (L*D, H) when the model takes h0/c0 inputs
+    bidirectional: bool = False
     batcher: object | None = None  # set by the data plane when batching is on
 
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
 
-    def run(self, x: np.ndarray, lengths: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        """Run on a padded batch. Static models get x padded to their T; y is cut back to x's T."""
+    def run(
+        self,
+        x: np.ndarray,
+        lengths: np.ndarray,
+        outputs: list[str],
+        h0: np.ndarray | None = None,
+        c0: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run on a padded batch. Static models get x padded to their T; y is cut back to x's T.
+        Models with initial-state inputs get h0/c0 (L*D, B, H), zeros where not given."""
         steps = x.shape[1]
         if self.static_length is not None and steps != self.static_length:
             pad = np.zeros((x.shape[0], self.static_length - steps, x.shape[2]), np.float32)
             x = np.concatenate([x, pad], axis=1)
-        results = self.session.run(outputs, {"x": x, "lengths": lengths})
+        feeds = {"x": x, "lengths": lengths}
+        if self.state_shape is not None:
+            zeros = np.zeros((self.state_shape[0], x.shape[0], self.state_shape[1]), np.float32)
+            feeds["h0"] = zeros if h0 is None else h0
+            feeds["c0"] = zeros if c0 is None else c0
+        results = self.session.run(outputs, feeds)
         out = dict(zip(outputs, results))
         if "y" in out and out["y"].shape[1] != steps:
             out["y"] = out["y"][:, :steps]
@@ -181,6 +196,15 @@ def load_model(
     static = meta.get("lstm.static_length") or ""
     static_length = int(static) if static else (inputs[0].shape[1] if inputs[0].shape[1] > 0 else None)
     in_use = session.get_providers()[0]
+    state_shape = None
+    if names[2:4] == ["h0", "c0"]:
+        dims = inputs[2].shape
+        if len(dims) != 3 or dims[0] < 1 or dims[2] < 1 or inputs[3].shape != dims:
+            raise ValueError(f"{path}: h0/c0 must be (L*D, batch, H) with fixed L*D and H, got {dims}")
+        state_shape = (dims[0], dims[2])
+    elif len(names) > 2 and not meta.get("classifier.num_classes"):
+        raise ValueError(f"{path}: unexpected inputs {names[2:]} (only h0, c0 may follow x, lengths)")
+    bidirectional = '"bidirectional": true' in meta.get("lstm.config", "")
     return ModelRuntime(
         name=name,
         version=version,
@@ -193,6 +217,8 @@ def load_model(
         features=features,
         provider=in_use,
         model_config=model_config or {},
+        state_shape=state_shape,
+        bidirectional=bidirectional,
     )
 
 

@@ -21,6 +21,11 @@ SMALL = {
     "bi": LSTMConfig(input_size=6, hidden_size=8, num_layers=2, bidirectional=True),
     "uni": LSTMConfig(input_size=5, hidden_size=3, num_layers=1, bidirectional=False),
 }
+# exported with initial-state inputs h0/c0 (stateful streaming)
+STATEFUL = {
+    "suni": LSTMConfig(input_size=5, hidden_size=7, num_layers=2, bidirectional=False),
+    "sbi": LSTMConfig(input_size=5, hidden_size=4, num_layers=1, bidirectional=True),
+}
 
 
 def make_encoder(config: LSTMConfig, seed: int = 0) -> LSTMEncoder:
@@ -28,9 +33,10 @@ def make_encoder(config: LSTMConfig, seed: int = 0) -> LSTMEncoder:
     return LSTMEncoder(config).eval()
 
 
-def reference(encoder: LSTMEncoder, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+def reference(encoder: LSTMEncoder, x: np.ndarray, lengths: np.ndarray, h0=None, c0=None) -> dict[str, np.ndarray]:
+    state = [None if s is None else torch.from_numpy(s) for s in (h0, c0)]
     with torch.no_grad():
-        y, h, c = encoder(torch.from_numpy(x), torch.from_numpy(lengths))
+        y, h, c = encoder(torch.from_numpy(x), torch.from_numpy(lengths), *state)
     return {"y": y.numpy(), "h_n": h.numpy(), "c_n": c.numpy()}
 
 
@@ -49,10 +55,17 @@ def encoders() -> dict[str, LSTMEncoder]:
 
 
 @pytest.fixture(scope="session")
-def repo(tmp_path_factory, encoders) -> Path:
+def stateful_encoders() -> dict[str, LSTMEncoder]:
+    return {name: make_encoder(cfg, seed=3) for name, cfg in STATEFUL.items()}
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory, encoders, stateful_encoders) -> Path:
     root = tmp_path_factory.mktemp("models")
     for name, enc in encoders.items():
         export_dynamic(enc, root / name / "1" / "model.onnx")
+    for name, enc in stateful_encoders.items():
+        export_dynamic(enc, root / name / "1" / "model.onnx", initial_state=True)
     export_static(encoders["bi"], STATIC_T, root / f"bi_static_t{STATIC_T}" / "1" / "model.onnx")
     return root
 

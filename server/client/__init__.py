@@ -22,7 +22,7 @@ from server.codec import decode_outputs, encode_input
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 
-__all__ = ["LSTMClient", "pad_sequences", "split_outputs"]
+__all__ = ["LSTMClient", "SequenceStream", "pad_sequences", "split_outputs"]
 
 
 def pad_sequences(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +170,12 @@ class LSTMClient:
         x, lengths = pad_sequences(sequences)
         return split_outputs(self.infer_batch(model, x, lengths, outputs, raw, version), lengths)
 
+    def sequence(self, model: str, sequence_id: int | str | None = None, use_stream: bool = False,
+                 h0: np.ndarray | None = None, c0: np.ndarray | None = None) -> SequenceStream:  # fmt: skip
+        """A server-side stateful sequence: send a long signal in chunks (unidirectional models
+        exported with h0/c0). `h0`/`c0` (L*D, H): the state to start from (zeros by default)."""
+        return SequenceStream(self, model, sequence_id, use_stream, h0, c0)
+
     def stream(self, requests: Iterable[pb.ModelInferRequest]) -> Iterator[dict[str, np.ndarray] | Exception]:
         """ModelStreamInfer: yields decoded outputs, or a RuntimeError for a request the server refused."""
         for reply in self.stub.ModelStreamInfer(iter(requests), timeout=self.timeout, metadata=self.call_metadata):
@@ -177,3 +183,109 @@ class LSTMClient:
                 yield RuntimeError(reply.error_message)
             else:
                 yield decode_outputs(reply.infer_response)
+
+
+class SequenceStream:
+    """Send one long sequence in chunks; the server keeps (h, c) between them.
+
+        stream = client.sequence("stream_encoder")
+        for chunk in chunks:                  # (T_i, F) arrays
+            out = stream.send(chunk)          # y (T_i, H), h_n / c_n (L*D, H) after this chunk
+        final = stream.close()                # final h_n, c_n; the server frees the state
+
+    With `use_stream=True` the chunks go over one ModelStreamInfer call instead of unary calls.
+    """
+
+    def __init__(
+        self,
+        client: LSTMClient,
+        model: str,
+        sequence_id: int | str | None = None,
+        use_stream: bool = False,
+        h0: np.ndarray | None = None,
+        c0: np.ndarray | None = None,
+    ) -> None:
+        import queue
+        import secrets
+
+        self.client = client
+        self.model = model
+        self.sequence_id = secrets.randbits(63) if sequence_id is None else sequence_id
+        self._started = False
+        self._ended = False
+        self._initial = (h0, c0)
+        self._queue: queue.Queue | None = None
+        self._replies = None
+        if use_stream:
+            self._queue = queue.Queue()
+            sentinel = object()
+            self._sentinel = sentinel
+            requests = iter(self._queue.get, sentinel)
+            self._replies = client.stub.ModelStreamInfer(requests, metadata=client.call_metadata)
+
+    def _request(self, chunk: np.ndarray | None, end: bool, outputs) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name=self.model)
+        if chunk is not None:
+            chunk = np.asarray(chunk, np.float32)
+            if chunk.ndim != 2 or chunk.shape[0] < 1:
+                raise ValueError(f"chunk: expected shape (time >= 1, features), got {chunk.shape}")
+            encode_input(req, "x", chunk[None])
+            encode_input(req, "lengths", np.array([chunk.shape[0]], np.int64))
+            if not self._started:
+                for name, value in zip(("h0", "c0"), self._initial):
+                    if value is not None:
+                        encode_input(req, name, np.asarray(value, np.float32)[:, None])  # (L*D, 1, H)
+        sid = req.parameters["sequence_id"]
+        if isinstance(self.sequence_id, str):
+            sid.string_param = self.sequence_id
+        else:
+            sid.uint64_param = int(self.sequence_id)
+        req.parameters["sequence_start"].bool_param = not self._started
+        req.parameters["sequence_end"].bool_param = end
+        for name in outputs or ():
+            req.outputs.add(name=name)
+        return req
+
+    def _call(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if self._queue is None:
+            return self.client.stub.ModelInfer(req, timeout=self.client.timeout, metadata=self.client.call_metadata)
+        self._queue.put(req)
+        reply = next(self._replies)
+        if reply.error_message:
+            raise RuntimeError(reply.error_message)
+        return reply.infer_response
+
+    def send(self, chunk: np.ndarray, end: bool = False, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One chunk (T, F); returns y (T, D*H) and the state after it, h_n / c_n (L*D, H)."""
+        if self._ended:
+            raise RuntimeError(f"sequence {self.sequence_id} already ended")
+        out = decode_outputs(self._call(self._request(chunk, end, outputs)))
+        self._started = True
+        self._ended = end
+        if end:
+            self._finish()
+        return split_outputs(out, np.array([np.asarray(chunk).shape[0]]))[0]
+
+    def close(self) -> dict[str, np.ndarray]:
+        """End the sequence; returns its final h_n, c_n (L*D, H) and frees it on the server."""
+        if self._ended:
+            return {}
+        if not self._started:
+            raise RuntimeError("nothing was sent: a sequence needs at least one chunk")
+        out = decode_outputs(self._call(self._request(None, True, None)))
+        self._ended = True
+        self._finish()
+        return {k: v[:, 0] for k, v in out.items()}
+
+    def _finish(self) -> None:
+        if self._queue is not None:
+            self._queue.put(self._sentinel)
+            for _ in self._replies:  # let the stream end cleanly
+                pass
+
+    def __enter__(self) -> SequenceStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._ended and self._started:
+            self.close()

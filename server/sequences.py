@@ -1,0 +1,140 @@
+"""Server-side LSTM state for chunked streams (Triton's sequence batcher, for our models).
+
+A client sends a long sequence in chunks with the OIP request parameters `sequence_id` (uint64,
+int64 or string), `sequence_start` and `sequence_end`. Between chunks the server keeps the
+sequence's (h, c); each chunk starts from it, so chunked equals whole exactly. One chunk of a
+sequence may be in flight at a time (a second is refused: chunks must be applied in order).
+Sequences idle longer than `idle_s` are freed; a later chunk is told so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+
+@dataclass
+class SequenceState:
+    model: str
+    version: int
+    h: np.ndarray  # (L*D, 1, H)
+    c: np.ndarray  # (L*D, 1, H)
+    last_used: float
+    busy: bool = False
+    chunks: int = 0
+
+
+def parse_sequence(parameters) -> tuple[object, bool, bool] | None:
+    """(id, start, end) from request parameters, or None when the request is not a sequence chunk."""
+    if "sequence_id" not in parameters:
+        for key in ("sequence_start", "sequence_end"):
+            if key in parameters:
+                raise InvalidArgument(f"parameter '{key}' needs 'sequence_id'")
+        return None
+    p = parameters["sequence_id"]
+    kind = p.WhichOneof("parameter_choice")
+    if kind in ("uint64_param", "int64_param"):
+        seq_id: object = int(getattr(p, kind))
+    elif kind == "string_param" and p.string_param:
+        seq_id = p.string_param
+    else:
+        raise InvalidArgument("parameter 'sequence_id' must be a uint64, int64 or non-empty string")
+    flags = []
+    for key in ("sequence_start", "sequence_end"):
+        if key not in parameters:
+            flags.append(False)
+        elif parameters[key].WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidArgument(f"parameter '{key}' must be a bool")
+        else:
+            flags.append(parameters[key].bool_param)
+    return seq_id, flags[0], flags[1]
+
+
+class SequenceStore:
+    def __init__(self, max_sequences: int = 1024, idle_s: float = 60.0, on_change=lambda live, evicted: None):
+        self.max_sequences = max_sequences
+        self.idle_s = idle_s
+        self._lock = threading.Lock()
+        self._live: dict[tuple[str, object], SequenceState] = {}
+        self._evicted: OrderedDict[tuple[str, object], float] = OrderedDict()  # for clear errors
+        self.evictions = 0
+        self.on_change = on_change
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def acquire(self, model: str, version: int, seq_id, start: bool, h0: np.ndarray, c0: np.ndarray):
+        """Mark the sequence busy and return its state (a new zero/client state on start)."""
+        key = (model, seq_id)
+        now = time.monotonic()
+        with self._lock:
+            self._sweep_locked(now)
+            state = self._live.get(key)
+            if state is not None and state.busy:
+                raise FailedPrecondition(
+                    f"sequence {seq_id!r} of model '{model}' already has a chunk in flight; send its chunks "
+                    "one at a time, in order (or over one ModelStreamInfer stream)"
+                )
+            if start:
+                if state is None and len(self._live) >= self.max_sequences:
+                    raise ResourceExhausted(
+                        f"{len(self._live)} live sequences: the limit ({self.max_sequences}) is reached; "
+                        "end sequences with sequence_end or wait for idle ones to be freed"
+                    )
+                state = SequenceState(model, version, h0, c0, now)
+                self._live[key] = state
+                self._evicted.pop(key, None)
+            elif state is None:
+                if key in self._evicted:
+                    raise NotFound(
+                        f"sequence {seq_id!r} of model '{model}' was freed after {self.idle_s:g} s idle; "
+                        "start it again with sequence_start"
+                    )
+                raise NotFound(
+                    f"unknown sequence {seq_id!r} for model '{model}' (never started, already ended, or lost in a "
+                    "server restart); begin it with sequence_start=true"
+                )
+            state.busy = True
+            state.last_used = now
+            self.on_change(len(self._live), 0)
+            return state
+
+    def release(self, model: str, seq_id, h: np.ndarray | None, c: np.ndarray | None, end: bool) -> None:
+        """After a chunk: store the new state (None: the chunk failed, keep the old), free on end."""
+        key = (model, seq_id)
+        with self._lock:
+            state = self._live.get(key)
+            if state is None:
+                return
+            if end and h is not None:
+                del self._live[key]
+            else:
+                if h is not None:  # copies: do not keep a whole batch's output alive
+                    state.h, state.c = np.array(h, np.float32), np.array(c, np.float32)
+                    state.chunks += 1
+                state.busy = False
+                state.last_used = time.monotonic()
+            self.on_change(len(self._live), 0)
+
+    def sweep(self) -> int:
+        with self._lock:
+            return self._sweep_locked(time.monotonic())
+
+    def _sweep_locked(self, now: float) -> int:
+        idle = [k for k, s in self._live.items() if not s.busy and now - s.last_used > self.idle_s]
+        for key in idle:
+            del self._live[key]
+            self._evicted[key] = now
+            while len(self._evicted) > 10_000:
+                self._evicted.popitem(last=False)
+        if idle:
+            self.evictions += len(idle)
+            self.on_change(len(self._live), len(idle))
+        return len(idle)

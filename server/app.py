@@ -29,7 +29,7 @@ from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
 from server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from server.sequences import SequenceStore
-from server.servicer import InferenceServicer
+from server.servicer import Admission, InferenceServicer
 from server.stats import Statistics
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class InferenceServer:
         self.metrics_port: int | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._draining = threading.Event()
+        self.admission = Admission()
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
@@ -113,7 +114,7 @@ class InferenceServer:
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.plane, lambda: not self._draining.is_set()), server
+            InferenceServicer(self.plane, lambda: not self._draining.is_set(), self.admission), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -173,15 +174,25 @@ class InferenceServer:
                 log.exception("repository poll failed")
 
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING (and ServerReady false) first; after `drain_delay_s` refuse new calls
-        (UNAVAILABLE) and let in-flight ones finish within `grace`; then close the batchers."""
+        """Drain: health NOT_SERVING and ServerReady false first (calls still served for
+        `drain_delay_s`, so balancers notice); then new inference calls get UNAVAILABLE while the
+        running ones finish (up to `grace` s); then the gRPC server stops."""
         if self._server is None:
             return
+        grace = self.settings.grace_s if grace is None else grace
         self._draining.set()
         self.health.enter_graceful_shutdown()
         if self.settings.drain_delay_s > 0:
             time.sleep(self.settings.drain_delay_s)
-        self._server.stop(self.settings.grace_s if grace is None else grace).wait()
+        start = time.monotonic()
+        left = self.admission.refuse_and_wait(grace)
+        # Calls the transport already took in but no handler has started yet would be cancelled by
+        # the core's stop: let them reach our handler first (they get a clean UNAVAILABLE).
+        time.sleep(min(0.5, max(0.0, grace - (time.monotonic() - start))))
+        left = self.admission.refuse_and_wait(max(0.0, grace - (time.monotonic() - start)))
+        if left:
+            log.warning("%d call(s) still running after the %.1f s grace period: cancelled", left, grace)
+        self._server.stop(max(0.0, grace - (time.monotonic() - start))).wait()
         self._server = None
 
     def wait(self) -> None:

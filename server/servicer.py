@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import platform
+import threading
 import time
 
 import grpc
 
 from server.dataplane import DataPlane
-from server.errors import ServingError
+from server.errors import ServingError, Unavailable
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -45,10 +47,44 @@ def _unary(method):
     return wrapper
 
 
+class Admission:
+    """Counts inference calls in progress; on shutdown refuses new ones (UNAVAILABLE, with a
+    message) and waits for those in progress, before the gRPC server itself is stopped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._refusing = False
+
+    @contextlib.contextmanager
+    def call(self):
+        with self._cond:
+            if self._refusing:
+                raise Unavailable("server is shutting down and takes no new requests; retry (another replica)")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._cond.notify_all()
+
+    def refuse_and_wait(self, timeout: float) -> int:
+        """Refuse new calls; wait up to `timeout` s for the running ones; returns how many still run."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._refusing = True
+            while self._in_flight and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return self._in_flight
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, is_ready) -> None:
+    def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None) -> None:
         self.plane = plane
         self.is_ready = is_ready  # callable: False while draining
+        self.admission = admission or Admission()
 
     @_unary
     def ServerLive(self, request, context):
@@ -78,13 +114,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     def ModelInfer(self, request, context):
-        return self.plane.infer(request, _deadline(context))
+        with self.admission.call():
+            return self.plane.infer(request, _deadline(context))
 
     def ModelStreamInfer(self, request_iterator, context):
         # Like Triton: a bad request gets an error_message in the stream; the stream goes on.
         for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=self.plane.infer(request, _deadline(context)))
+                with self.admission.call():
+                    response = self.plane.infer(request, _deadline(context))
+                yield pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:  # noqa: BLE001
                 code, message = _to_status(exc)
                 yield pb.ModelStreamInferResponse(

@@ -167,6 +167,7 @@ def test_graceful_drain_on_sigterm(repo):
     proc, port = _spawn(repo, "--drain-delay-s", "1.5", "--grace-s", "5")
     target = f"127.0.0.1:{port}"
     outcomes: list[tuple[float, str]] = []
+    odd: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
     x = np.random.default_rng(0).standard_normal((16, 400, 6)).astype(np.float32)  # a few ms per call
@@ -179,6 +180,8 @@ def test_graceful_drain_on_sigterm(repo):
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name
+                    if code not in ("OK", "UNAVAILABLE"):
+                        odd.append((time.monotonic(), f"{code}: {exc.details()}"))
                 with lock:
                     outcomes.append((time.monotonic(), code))
                 if code == "UNAVAILABLE":
@@ -212,7 +215,9 @@ def test_graceful_drain_on_sigterm(repo):
     assert t_exit - t_term < 1.5 + 5 + 3
     assert not_serving_at is not None, "health never turned NOT_SERVING before the server stopped"
     codes = {c for _, c in outcomes}
-    assert codes <= {"OK", "UNAVAILABLE"}, codes
+    last_ok = max(t for t, c in outcomes if c == "OK")
+    timeline = [(round(t - t_term, 3), d) for t, d in odd[:5]]
+    assert codes <= {"OK", "UNAVAILABLE"}, (codes, timeline, round(last_ok - t_term, 3), round(t_exit - t_term, 3))
     ok_after = [t for t, c in outcomes if c == "OK" and t > not_serving_at]
     assert ok_after, "calls should still succeed while health is NOT_SERVING (drain delay)"
     assert any(c == "UNAVAILABLE" and t > not_serving_at for t, c in outcomes)

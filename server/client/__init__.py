@@ -59,6 +59,24 @@ def split_outputs(outputs: dict[str, np.ndarray], lengths: np.ndarray) -> list[d
     return per_seq
 
 
+ROUND_ROBIN_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+    "methodConfig": [
+        {
+            "name": [{"service": "inference.GRPCInferenceService"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.02s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
 class LSTMClient:
     """A thin client over the generated Open Inference Protocol v2 stubs."""
 
@@ -73,11 +91,17 @@ class LSTMClient:
         tls_cert: bytes | None = None,
         tls_key: bytes | None = None,
         tls: bool = False,
+        round_robin: bool = False,
     ) -> None:
         """`token`: sent as `authorization: Bearer <token>`. TLS when `tls` or `tls_ca` is given
-        (`tls_ca`: PEM roots, None = system roots); `tls_cert`/`tls_key`: client certificate."""
+        (`tls_ca`: PEM roots, None = system roots); `tls_cert`/`tls_key`: client certificate.
+        `round_robin`: spread calls over every address of a multi-address target
+        (`ipv4:127.0.0.1:P1,127.0.0.1:P2`), skip replicas whose health check fails, and retry
+        UNAVAILABLE on another one (not for sequence chunks, which are not idempotent)."""
         size = max_message_mb * 1024 * 1024
         options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+        if round_robin:
+            options.append(("grpc.service_config", json.dumps(ROUND_ROBIN_SERVICE_CONFIG)))
         if channel is None:
             if tls or tls_ca is not None:
                 creds = grpc.ssl_channel_credentials(tls_ca, tls_key, tls_cert)

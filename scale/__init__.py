@@ -1,0 +1,1 @@
+"""Scale-out: several plain server replicas behind a gRPC load balancer (Envoy or client-side)."""

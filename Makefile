@@ -9,7 +9,7 @@ PROTO_OUT := server/proto
 SERVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check export serve test bench soak train lint clean triton-venv
+.PHONY: help venv proto proto-check export serve serve-envoy test bench soak train lint clean triton-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ $(DEFAULT_MODELS) &: | $(VENV)/.installed
 serve: $(VENV)/.installed $(DEFAULT_MODELS) ## start the gRPC server on 127.0.0.1:8001 (exports models if missing)
 	$(PY) -m server --model-repository $(MODELS) $(SERVE_ARGS)
 
+serve-envoy: $(VENV)/.installed $(DEFAULT_MODELS) ## 2 server replicas behind Envoy (health checks, retries); prints the address
+	$(PY) -m scale.envoy --replicas 2 --models $(MODELS)
+
 train: $(VENV)/.installed ## retrain the speaker-ID classifier (Japanese Vowels, ~15 s) into export/checkpoints/
 	$(PY) -m export.train
 
@@ -61,8 +64,8 @@ test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto 
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q
 
 lint: $(VENV)/.installed ## ruff check and format check
-	$(PY) -m ruff check export server bench tests
-	$(PY) -m ruff format --check export server bench tests
+	$(PY) -m ruff check export server bench scale tests
+	$(PY) -m ruff format --check export server bench scale tests
 
 clean: ## remove generated models and caches (keeps the venvs)
 	rm -rf $(MODELS)/*/ .pytest_cache .ruff_cache .hypothesis

@@ -62,7 +62,7 @@ def start_replica(models: Path, args: list[str] = (), cpus: set[int] | None = No
         if m:
             replica = Replica(proc, int(m.group(1)), lines)
 
-            def drain(out=proc.stdout):
+            def drain(out=proc.stdout, replica=replica):
                 with out:
                     for ln in out:
                         replica.log.append(ln)

@@ -56,6 +56,7 @@ class InferenceServer:
             enabled=settings.batching,
             max_batch=settings.max_batch,
             max_queue_delay_us=settings.max_queue_delay_us,
+            max_cells=settings.max_elements,
             max_queue=settings.max_queue,
             instances=settings.instances,
         )
@@ -107,6 +108,8 @@ class InferenceServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
             interceptors=interceptors,
+            # beyond this many calls at once gRPC answers RESOURCE_EXHAUSTED instead of queueing
+            maximum_concurrent_rpcs=s.grpc_workers + s.max_queue,
             options=[
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),

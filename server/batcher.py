@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from server.errors import DeadlineExceeded, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,24 @@ class BatchPolicy:
     max_queue_delay_us: int = 0  # how long the oldest request may wait for company (0: eager)
     max_queue: int = 1024  # queued requests before RESOURCE_EXHAUSTED
     instances: int = 1  # concurrent runs per model version
+    max_cells: int = 64 * 1024 * 1024  # elements of a merged x (B x T x F) at most
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"batching 'enabled' must be true or false, got {self.enabled!r}")
+        for name in ("max_batch", "max_queue", "instances", "max_cells"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"batching '{name}' must be an integer >= 1, got {value!r}")
+        if (
+            isinstance(self.max_queue_delay_us, bool)
+            or not isinstance(self.max_queue_delay_us, int)
+            or (self.max_queue_delay_us < 0)
+        ):
+            raise ValueError(f"batching 'max_queue_delay_us' must be an integer >= 0, got {self.max_queue_delay_us!r}")
+
+
+MAX_STRETCH = 4  # a request is merged only with requests at most 4x longer or shorter
 
 
 @dataclass
@@ -159,18 +177,22 @@ class Batcher:
     ) -> Future:
         item = _Item(x, lengths, outputs, deadline, h0, c0)
         with self._cond:
-            if self._closed:
-                raise Unavailable(f"model '{self.name}' is being unloaded")
+            closed = self._closed
             if len(self._queue) >= self.policy.max_queue:
                 raise ResourceExhausted(
                     f"model '{self.name}': queue full ({self.policy.max_queue} requests waiting); retry later"
                 )
             # Idle and eager (no delay asked for): run in the caller's thread, no hand-off, no wait.
-            inline = not self._queue and self.policy.max_queue_delay_us == 0 and self._slots.acquire(blocking=False)
-            if not inline:
+            inline = not closed and not self._queue and self.policy.max_queue_delay_us == 0
+            inline = inline and self._slots.acquire(blocking=False)
+            if not inline and not closed:
                 self._queue.append(item)
                 self._cond.notify()
-        if inline:
+        if closed:
+            # This version was replaced or unloaded after the request found it: the session
+            # still works, so the request runs alone rather than failing.
+            self._run_safely([item])
+        elif inline:
             try:
                 self._run_safely([item])
             finally:
@@ -211,13 +233,21 @@ class Batcher:
                 self._cond.wait(remaining)
             self._queue.pop(0)
             batch = [oldest]
-            rows = oldest.rows
-            # closest time sizes first: small padding waste
+            rows, longest = oldest.rows, oldest.steps
+            # closest time sizes first: small padding waste. Only requests within a factor
+            # MAX_STRETCH of the oldest's time size join it (so padding never multiplies a request's
+            # cost beyond that, and short requests never wait on a very long run), and the merged
+            # x stays within max_cells (no request-driven memory blow-up).
             for item in sorted(self._queue, key=lambda i: (abs(i.steps - oldest.steps), i.enqueued)):
                 if rows + item.rows > policy.max_batch:
                     continue
+                if max(item.steps, oldest.steps) > MAX_STRETCH * min(item.steps, oldest.steps):
+                    continue
+                new_longest = max(longest, item.steps)
+                if (rows + item.rows) * new_longest * item.x.shape[2] > policy.max_cells:
+                    continue
                 batch.append(item)
-                rows += item.rows
+                rows, longest = rows + item.rows, new_longest
             if len(batch) > 1:
                 taken = {id(i) for i in batch}
                 self._queue = [i for i in self._queue if id(i) not in taken]
@@ -225,10 +255,13 @@ class Batcher:
 
     def _worker(self) -> None:
         while self._wait_for_work():
-            with self._slots:  # the batch is formed once a slot is free: it takes all that queued
-                batch = self._take()
-                if batch:
-                    self._run_safely(batch)
+            try:
+                with self._slots:  # the batch is formed once a slot is free: it takes all that queued
+                    batch = self._take()
+                    if batch:
+                        self._run_safely(batch)
+            except Exception:  # noqa: BLE001 - never let a worker die while requests wait
+                log.exception("batcher %s: worker error", self.name)
 
     def _run_safely(self, batch: list[_Item]) -> None:
         try:

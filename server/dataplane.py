@@ -5,6 +5,7 @@ Transport-free: the gRPC servicer converts protobuf <-> calls here, and nothing 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import threading
@@ -15,7 +16,7 @@ import numpy as np
 
 from server.batcher import Batcher, BatchInfo, BatchPolicy
 from server.codec import DATATYPES, Limits, decode_inputs, encode_output
-from server.errors import InvalidArgument, ResourceExhausted, ServingError
+from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.repository import ModelRepository
@@ -122,17 +123,27 @@ class DataPlane:
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         repository.on_retire = self._retire
+        repository.config_check = lambda name, config: self.policy_from_config(name, config)
         self.sequences = sequences if sequences is not None else SequenceStore()
 
     # -- batching ---------------------------------------------------------------------------
     def policy_for(self, rt: ModelRuntime) -> BatchPolicy:
         """Server defaults, overridden by the model's config.json {"batching": {...}}."""
-        override = rt.model_config.get("batching", {})
+        return self.policy_from_config(rt.name, rt.model_config)
+
+    def policy_from_config(self, name: str, config: dict) -> BatchPolicy:
+        """Checked when a model loads (a bad config.json fails the load, not every request)."""
+        override = config.get("batching", {})
+        if not isinstance(override, dict):
+            raise InvalidArgument(f"model '{name}' config.json: 'batching' must be an object")
         fields = {f.name for f in dataclasses.fields(BatchPolicy)}
         unknown = sorted(set(override) - fields)
         if unknown:
-            raise InvalidArgument(f"model '{rt.name}' config.json: unknown batching option(s) {unknown}")
-        return dataclasses.replace(self.policy, **override)
+            raise InvalidArgument(f"model '{name}' config.json: unknown batching option(s) {unknown}")
+        try:
+            return dataclasses.replace(self.policy, **override)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"model '{name}' config.json: {exc}") from None
 
     def _batcher(self, rt: ModelRuntime) -> Batcher | None:
         if rt.batcher is None:
@@ -159,9 +170,11 @@ class DataPlane:
         m.padding.labels(rt.name).observe(info.padding_fraction)
 
     def _retire(self, runtimes: list[ModelRuntime]) -> None:
-        for rt in runtimes:
-            if rt.batcher:
-                rt.batcher.close()  # queued requests still run, then its threads exit
+        with self._lock:  # with _batcher(): no batcher is created for a retired version later
+            for rt in runtimes:
+                if rt.batcher:
+                    rt.batcher.close()  # queued requests still run, then its threads exit
+                rt.batcher = False  # late requests on this version run directly
 
     def _execute(self, p: Prepared, deadline: float | None) -> tuple[dict[str, np.ndarray], int, int]:
         rt = p.runtime
@@ -169,7 +182,11 @@ class DataPlane:
         if batcher is not None:
             future = batcher.submit(p.x, p.lengths, p.outputs, deadline, p.h0, p.c0)
             self.metrics.queue_depth.labels(rt.name).set(batcher.queue_depth())
-            result, queue_ns, info = future.result()
+            try:  # the client's deadline bounds the wait (a request expired in the queue is not run)
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.5
+                result, queue_ns, info = future.result(timeout=wait)
+            except concurrent.futures.TimeoutError:
+                raise DeadlineExceeded(f"model '{rt.name}': the client's deadline passed while queued") from None
             self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
             return result, max(queue_ns, 0), info.infer_ns
         t0 = time.perf_counter_ns()
@@ -238,6 +255,17 @@ class DataPlane:
     def _infer_sequence(self, rt: ModelRuntime, request, sequence, deadline, start: int) -> pb.ModelInferResponse:
         """One chunk of a server-side stateful sequence (Triton's sequence_id/start/end)."""
         seq_id, first, last = sequence
+        if not first:  # later chunks run, and are checked, on the version the sequence started on
+            pinned = self.sequences.version_of(rt.name, seq_id)
+            if pinned is not None and pinned != rt.version:
+                try:
+                    rt = self.repository.get(rt.name, str(pinned))
+                except ServingError:
+                    self.sequences.drop(rt.name, seq_id)
+                    raise NotFound(
+                        f"sequence {seq_id!r} started on version {pinned} of model '{rt.name}', which is no longer "
+                        "loaded; its state is freed: start it again with sequence_start"
+                    ) from None
         if rt.state_shape is None:
             raise InvalidArgument(
                 f"model '{rt.name}' has no initial-state inputs (h0, c0), so it cannot keep state between "
@@ -268,8 +296,8 @@ class DataPlane:
         state = self.sequences.acquire(rt.name, rt.version, seq_id, first, h0, c0)
         stored: dict[str, np.ndarray] = {}
         try:
-            if state.version != rt.version:  # a sequence stays on the version it started with
-                rt = self.repository.get(rt.name, str(state.version))
+            if state.version != rt.version:  # pinned above; only a restart in between gets here
+                raise NotFound(f"sequence {seq_id!r}: its version changed while this chunk was prepared; retry")
             if prepared is None:  # end without data: return the final state and free it
                 stored = {"h_n": state.h, "c_n": state.c}
                 wanted = [o.name for o in request.outputs] or ["h_n", "c_n"]

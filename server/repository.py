@@ -78,6 +78,7 @@ class ModelRepository:
         self._models: dict[str, ModelEntry] = {}
         self.on_change = lambda name, ready: None  # set by the server (health status)
         self.on_retire = lambda runtimes: None  # versions replaced or unloaded (close their batchers)
+        self.config_check = lambda name, config: None  # raises on a bad config.json (data plane)
 
     def model_names_on_disk(self) -> list[str]:
         if not self.root.is_dir():
@@ -102,9 +103,18 @@ class ModelRepository:
             loaded = {}
             start = time.perf_counter()
             signature = _signature(self.root / name)
-            model_config = _read_config(self.root / name)
             with self._lock:
                 previous = self._models.get(name)
+            try:
+                model_config = _read_config(self.root / name)
+                self.config_check(name, model_config)
+            except InvalidArgument as exc:
+                with self._lock:
+                    if previous is None or not previous.versions:
+                        self._models[name] = ModelEntry(name, UNAVAILABLE, exc.message, failed_signature=signature)
+                    else:
+                        previous.failed_signature = signature
+                raise
             for version, path in sorted(versions.items()):
                 if (
                     previous is not None
@@ -121,7 +131,7 @@ class ModelRepository:
                     with self._lock:
                         entry = self._models.get(name)
                         if entry is None or not entry.versions:
-                            self._models[name] = ModelEntry(name, UNAVAILABLE, msg)
+                            self._models[name] = ModelEntry(name, UNAVAILABLE, msg, failed_signature=signature)
                     raise InvalidArgument(msg) from exc
             entry = ModelEntry(name, READY, "", loaded, signature)
             with self._lock:
@@ -172,7 +182,7 @@ class ModelRepository:
                 entry = self._models.get(name)
                 if entry is None or entry.state != READY:
                     raise NotFound(f"model '{name}' is not loaded")
-                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded")
+                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", signature=entry.signature)
             self.on_retire(list(entry.versions.values()))
             log.info("unloaded model %s", name)
             self.on_change(name, False)

@@ -28,6 +28,8 @@ class SequenceState:
     last_used: float
     busy: bool = False
     chunks: int = 0
+    pending_start: bool = False  # started by the chunk in flight: undone if that chunk fails
+    previous: SequenceState | None = None  # what a restart replaced (restored if the chunk fails)
 
 
 def parse_sequence(parameters) -> tuple[object, bool, bool] | None:
@@ -88,7 +90,7 @@ class SequenceStore:
                         f"{len(self._live)} live sequences: the limit ({self.max_sequences}) is reached; "
                         "end sequences with sequence_end or wait for idle ones to be freed"
                     )
-                state = SequenceState(model, version, h0, c0, now)
+                state = SequenceState(model, version, h0, c0, now, pending_start=True, previous=state)
                 self._live[key] = state
                 self._evicted.pop(key, None)
             elif state is None:
@@ -106,6 +108,19 @@ class SequenceStore:
             self.on_change(len(self._live), 0)
             return state
 
+    def version_of(self, model: str, seq_id) -> int | None:
+        """The model version a live sequence started on (None if unknown)."""
+        with self._lock:
+            state = self._live.get((model, seq_id))
+            return None if state is None else state.version
+
+    def drop(self, model: str, seq_id) -> None:
+        with self._lock:
+            state = self._live.get((model, seq_id))
+            if state is not None and not state.busy:
+                del self._live[(model, seq_id)]
+                self.on_change(len(self._live), 0)
+
     def release(self, model: str, seq_id, h: np.ndarray | None, c: np.ndarray | None, end: bool) -> None:
         """After a chunk: store the new state (None: the chunk failed, keep the old), free on end."""
         key = (model, seq_id)
@@ -113,9 +128,15 @@ class SequenceStore:
             state = self._live.get(key)
             if state is None:
                 return
-            if end and h is not None:
+            if h is None and state.pending_start:  # the start chunk failed: as if it never came
+                if state.previous is not None:
+                    self._live[key] = state.previous
+                else:
+                    del self._live[key]
+            elif end and h is not None:
                 del self._live[key]
             else:
+                state.pending_start, state.previous = False, None
                 if h is not None:  # copies: do not keep a whole batch's output alive
                     state.h, state.c = np.array(h, np.float32), np.array(c, np.float32)
                     state.chunks += 1

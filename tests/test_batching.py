@@ -250,3 +250,55 @@ def test_streams_and_unary_batched_exactly_bad_requests_fail_alone(slow_batch_se
         unary = [pool.submit(unary_worker, k) for k in range(18)]
         assert sum(f.result(60) for f in unary) == 18
         assert sum(len(f.result(60)) for f in streams) == 36
+
+
+def test_far_apart_lengths_and_oversized_merges_are_not_merged(runtime):
+    infos: list = []
+    policy = BatchPolicy(max_batch=64, max_cells=4 * 30 * 6)
+    batcher, gate = _blocked_batcher(policy, runtime, infos)
+    rng = np.random.default_rng(5)
+    first = _submit_in_thread(batcher, *ragged(rng, 1, 3, 6), ["h_n"])
+    time.sleep(0.1)
+    # T=5 and T=30 are more than 4x apart: never merged; three T=30 of 2 rows exceed max_cells together
+    reqs = [ragged(rng, 2, 5, 6, full=True), ragged(rng, 2, 30, 6), ragged(rng, 2, 30, 6), ragged(rng, 2, 30, 6)]
+    futures = [batcher.submit(x, lengths, ["h_n"]) for x, lengths in reqs]
+    gate.set()
+    first.result(10)
+    for f in futures:
+        f.result(10)
+    batcher.close()
+    shapes = sorted((i.padded_steps, i.sequences) for i in infos[1:])
+    assert shapes == [(5, 2), (30, 2), (30, 4)], shapes  # 6 rows x 30 x 6 > max_cells: split
+
+
+def test_closed_batcher_runs_late_requests_directly(runtime, encoders):
+    batcher = Batcher("bi:1", runtime.run, BatchPolicy())
+    batcher.close()
+    x, lengths = ragged(np.random.default_rng(6), 2, 7, 6)
+    got, _, _ = batcher.submit(x, lengths, ["h_n"]).result(10)
+    assert np.abs(got["h_n"] - reference(encoders["bi"], x, lengths)["h_n"]).max() <= TOL
+
+
+def test_bad_batching_config_fails_the_load(repo, tmp_path):
+    import shutil
+
+    from server.app import InferenceServer
+    from server.client import LSTMClient
+    from server.config import Settings
+
+    root = tmp_path / "models"
+    (root / "m" / "1").mkdir(parents=True)
+    shutil.copy(repo / "uni" / "1" / "model.onnx", root / "m" / "1" / "model.onnx")
+    (root / "m" / "config.json").write_text('{"batching": {"instances": 0}}')
+    srv = InferenceServer(Settings(port=0, model_repository=root, device="cpu", metrics_port=-1, log_level="CRITICAL"))
+    srv.start()
+    try:
+        with LSTMClient(f"127.0.0.1:{srv.port}", timeout=10) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.infer_batch("m", np.zeros((1, 2, 5), np.float32))
+        assert (
+            err.value.code() == grpc.StatusCode.UNAVAILABLE
+            and "'instances' must be an integer >= 1" in err.value.details()
+        )
+    finally:
+        srv.stop(1)

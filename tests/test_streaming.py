@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from server.client import LSTMClient
-from server.errors import FailedPrecondition, ResourceExhausted
+from server.errors import FailedPrecondition, NotFound, ResourceExhausted
 from server.sequences import SequenceStore
 from tests.conftest import STATEFUL, TOL, ragged, reference
 
@@ -272,3 +272,19 @@ def test_chunks_of_different_sequences_are_batched_together(repo, stateful_encod
         assert max(b.batch_size for b in ms.batch_stats) >= 4
     finally:
         srv.stop(1)
+
+
+def test_failed_chunks_leave_state_as_it_was():
+    store = SequenceStore(max_sequences=4, idle_s=60)
+    z, one = np.zeros((1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32)
+    store.acquire("m", 1, "a", True, z, z)
+    store.release("m", "a", None, None, False)  # the start chunk failed
+    assert len(store) == 0  # as if it never came: a later chunk gets NOT_FOUND, not a zero state
+    with pytest.raises(NotFound):
+        store.acquire("m", 1, "a", False, z, z)
+    store.acquire("m", 1, "b", True, z, z)
+    store.release("m", "b", one, one, False)
+    store.acquire("m", 1, "b", True, z, z)  # a restart ...
+    store.release("m", "b", None, None, False)  # ... that failed keeps the old state
+    state = store.acquire("m", 1, "b", False, z, z)
+    assert np.array_equal(state.h, one)

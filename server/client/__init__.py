@@ -97,7 +97,8 @@ class LSTMClient:
         (`tls_ca`: PEM roots, None = system roots); `tls_cert`/`tls_key`: client certificate.
         `round_robin`: spread calls over every address of a multi-address target
         (`ipv4:127.0.0.1:P1,127.0.0.1:P2`), skip replicas whose health check fails, and retry
-        UNAVAILABLE on another one (not for sequence chunks, which are not idempotent)."""
+        UNAVAILABLE on another one. Not for stateful sequences: their state lives in one replica
+        (unary chunks would land on different replicas; a ModelStreamInfer stream stays on one)."""
         size = max_message_mb * 1024 * 1024
         options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
         if round_robin:

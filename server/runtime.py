@@ -8,6 +8,7 @@ reports it in `get_providers()`.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import logging
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from server.codec import ONNX_TO_OIP
@@ -49,14 +49,14 @@ class Providers:
     kind: str  # "CPUExecutionProvider" or "CUDAExecutionProvider"
 
 
+# A one-node model (b = a + a, float[1], opset 17, IR 8) used to check that a CUDA session can
+# really be created. Stored serialized so that the server needs no `onnx` package at run time;
+# tests/test_server.py rebuilds it with onnx.helper and compares.
+PROBE_MODEL_B64 = "CAg6OQoOCgFhCgFhEgFiIgNBZGQSBXByb2JlWg8KAWESCgoICAESBAoCCAFiDwoBYhIKCggIARIECgIIAUIECgAQEQ=="
+
+
 def _probe_model_bytes() -> bytes:
-    """A one-node model (Add) used to check that a CUDA session can really be created."""
-    x = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])
-    y = onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "a"], ["b"])], "probe", [x], [y])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    model.ir_version = 8  # onnx 1.23 writes IR 14 by default; ORT 1.31 reads up to 13
-    return model.SerializeToString()
+    return base64.b64decode(PROBE_MODEL_B64)
 
 
 def _cuda_driver_loads() -> bool:

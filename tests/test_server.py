@@ -482,3 +482,22 @@ def test_settings_from_env_and_flags(tmp_path):
         load_settings([], {"LSTM_SERVE_GRPC_WORKERS": "many"})
     with pytest.raises(ValueError, match="graph_optimization"):
         load_settings(["--graph-optimization", "max"], {})
+
+
+def test_server_needs_no_onnx_or_torch_and_probe_model_is_right():
+    import base64
+
+    import onnx
+
+    from server.runtime import PROBE_MODEL_B64
+
+    x = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "a"], ["b"])], "probe", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert base64.b64decode(PROBE_MODEL_B64) == model.SerializeToString()
+    code = "import sys, server.app, server.__main__; bad = {'onnx', 'torch'} & set(sys.modules); assert not bad, bad"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert res.returncode == 0, res.stderr  # the container image installs requirements-server.txt only

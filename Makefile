@@ -4,12 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TRITON_VENV := .venv-triton
+RAY_VENV := .venv-ray
 MODELS ?= models
 PROTO_OUT := server/proto
 SERVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check export serve serve-envoy test bench soak train lint clean triton-venv
+.PHONY: help venv proto proto-check export serve serve-envoy serve-ray ray-venv test bench soak train lint clean triton-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,6 +30,16 @@ $(TRITON_VENV)/.installed: requirements-triton.txt
 	touch $@
 
 triton-venv: $(TRITON_VENV)/.installed ## separate venv with tritonclient (it needs protobuf < 7)
+
+$(RAY_VENV)/.installed: requirements-ray.txt requirements-server.txt
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install -q -r requirements-ray.txt
+	touch $@
+
+ray-venv: $(RAY_VENV)/.installed ## separate venv with ray[serve] (~500 MB; optional extra)
+
+serve-ray: $(RAY_VENV)/.installed $(DEFAULT_MODELS) ## the data plane on Ray Serve: 2 local nodes, 2 replicas, gRPC proxy on :9000
+	PYTHONPATH=. $(RAY_VENV)/bin/python -m scale.ray_serve --models $(MODELS)
 
 proto: $(VENV)/.installed ## regenerate the gRPC stubs in server/proto from protos/*.proto
 	$(PY) -m server.proto.generate $(PROTO_OUT)
@@ -59,9 +70,9 @@ bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift
 	$(PY) -m bench.soak --models $(MODELS) --out docs/soak.json
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient)
+test: $(VENV)/.installed $(TRITON_VENV)/.installed $(RAY_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient)
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check
-	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q
+	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python $(PY) -m pytest -q
 
 lint: $(VENV)/.installed ## ruff check and format check
 	$(PY) -m ruff check export server bench scale tests

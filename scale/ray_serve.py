@@ -1,0 +1,165 @@
+"""The server's data plane as a Ray Serve deployment, reached through Ray Serve's gRPC proxy.
+
+Optional (`make serve-ray`; `ray[serve]` lives in its own venv, .venv-ray, from
+requirements-ray.txt: it is ~500 MB and never enters the default install). Unchanged OIP clients
+(tritonclient, server.client) call the proxy with the project's own `inference` stubs: the proxy
+hands each request proto to a replica method of the same name as the RPC.
+
+Facts this relies on (ray 2.60): Serve pickles request protos to ship them to replicas, and
+protobuf names the message classes after the generated module (`grpc_service_pb2`), so that module
+must import by its own name on every node: server/proto goes on PYTHONPATH (`ray_pythonpath()`).
+Proxies prefer replicas on their own node unless RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0.
+With more than one Serve application, clients must send an `application` metadata header.
+
+`python -m scale.ray_serve --nodes 2 --replicas 2` starts a local Ray cluster of N nodes on this
+machine (ray.cluster_utils.Cluster, one raylet per node) and the application; it prints the
+proxy's address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICER = "server.proto.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+
+
+def ray_pythonpath() -> str:
+    return os.pathsep.join([str(ROOT), str(ROOT / "server" / "proto")])
+
+
+def build_app(models: str, replicas: int, cpus_per_replica: float):
+    from ray import serve
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
+    class LSTMDeployment:
+        """One replica: a model repository and data plane, as in the plain server."""
+
+        def __init__(self, model_repository: str) -> None:
+            import ray
+
+            from server.batcher import BatchPolicy
+            from server.codec import Limits
+            from server.dataplane import DataPlane
+            from server.repository import ModelRepository
+            from server.runtime import RuntimeOptions, select_providers
+            from server.stats import Statistics
+
+            options = RuntimeOptions(device=os.environ.get("LSTM_SERVE_DEVICE", "auto"), intra_op_threads=1)
+            repository = ModelRepository(Path(model_repository), select_providers(options), options)
+            repository.load_all()
+            self.plane = DataPlane(repository, Statistics(), Limits(), BatchPolicy())
+            self.node_id = ray.get_runtime_context().get_node_id()
+
+        def _fail(self, exc: Exception, grpc_context) -> None:
+            from server.servicer import _to_status
+
+            code, message = _to_status(exc)
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+
+        def _answer(self, request, grpc_context):
+            from server.proto import grpc_service_pb2 as pb
+
+            try:
+                response = self.plane.infer(request)
+            except Exception as exc:  # noqa: BLE001 - mapped to its gRPC status
+                self._fail(exc, grpc_context)
+                return pb.ModelInferResponse()
+            response.parameters["ray_node_id"].string_param = self.node_id  # which node answered
+            return response
+
+        def ModelInfer(self, request, grpc_context):  # noqa: N802 - RPC names
+            return self._answer(request, grpc_context)
+
+        async def ModelStreamInfer(self, request_iterator, grpc_context):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+
+            async for request in request_iterator:
+                try:
+                    yield pb.ModelStreamInferResponse(infer_response=self.plane.infer(request))
+                except Exception as exc:  # noqa: BLE001
+                    from server.servicer import _to_status
+
+                    code, message = _to_status(exc)
+                    yield pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+
+        def ServerLive(self, request):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+
+            return pb.ServerLiveResponse(live=True)
+
+        def ServerReady(self, request):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+
+            return pb.ServerReadyResponse(ready=True)
+
+        def ModelReady(self, request):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+
+            try:
+                self.plane.repository.get(request.name, request.version)
+                return pb.ModelReadyResponse(ready=True)
+            except Exception:  # noqa: BLE001
+                return pb.ModelReadyResponse(ready=False)
+
+        def ServerMetadata(self, request):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+            from server.servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+        def ModelMetadata(self, request, grpc_context):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+
+            try:
+                response, _headers = self.plane.model_metadata(request.name, request.version)
+                return response
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, grpc_context)
+                return pb.ModelMetadataResponse()
+
+    return LSTMDeployment.bind(models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scale.ray_serve", description=__doc__)
+    parser.add_argument("--models", default=str(ROOT / "models"))
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--cpus-per-node", type=float, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=1)
+    parser.add_argument("--grpc-port", type=int, default=9000)
+    args = parser.parse_args(argv)
+    os.environ["PYTHONPATH"] = ray_pythonpath()
+    os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
+    sys.path[:0] = ray_pythonpath().split(os.pathsep)
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+    from ray.serve.config import gRPCOptions
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus_per_node})
+    for _ in range(args.nodes - 1):
+        cluster.add_node(num_cpus=args.cpus_per_node)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ray_pythonpath()}})
+    serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER]))
+    serve.run(build_app(args.models, args.replicas, args.cpus_per_replica), name="lstm")
+    print(f"ray serve gRPC proxy on 127.0.0.1:{args.grpc_port} ({args.nodes} nodes, {args.replicas} replicas)",
+          flush=True)  # fmt: skip
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())

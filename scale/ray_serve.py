@@ -32,10 +32,14 @@ def ray_pythonpath() -> str:
     return os.pathsep.join([str(ROOT), str(ROOT / "server" / "proto")])
 
 
-def build_app(models: str, replicas: int, cpus_per_replica: float):
+def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: dict | None = None):
+    """`autoscaling`: Ray Serve's autoscaling_config (min_replicas, max_replicas,
+    target_ongoing_requests, ...); when given it replaces the fixed replica count."""
     from ray import serve
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
+    scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+
+    @serve.deployment(ray_actor_options={"num_cpus": cpus_per_replica}, **scaling)
     class LSTMDeployment:
         """One replica: a model repository and data plane, as in the plain server."""
 
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-node", type=float, default=1)
     parser.add_argument("--cpus-per-replica", type=float, default=1)
     parser.add_argument("--grpc-port", type=int, default=9000)
+    parser.add_argument(
+        "--autoscale", default="", help="min:max[:target_ongoing_requests], e.g. 1:4:8 (replaces --replicas)"
+    )
     args = parser.parse_args(argv)
     os.environ["PYTHONPATH"] = ray_pythonpath()
     os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
@@ -148,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         cluster.add_node(num_cpus=args.cpus_per_node)
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ray_pythonpath()}})
     serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER]))
-    serve.run(build_app(args.models, args.replicas, args.cpus_per_replica), name="lstm")
+    autoscaling = None
+    if args.autoscale:
+        parts = [float(p) for p in args.autoscale.split(":")]
+        autoscaling = {"min_replicas": int(parts[0]), "max_replicas": int(parts[1])}
+        if len(parts) > 2:
+            autoscaling["target_ongoing_requests"] = parts[2]
+    serve.run(build_app(args.models, args.replicas, args.cpus_per_replica, autoscaling), name="lstm")
     print(f"ray serve gRPC proxy on 127.0.0.1:{args.grpc_port} ({args.nodes} nodes, {args.replicas} replicas)",
           flush=True)  # fmt: skip
     try:

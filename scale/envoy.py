@@ -35,7 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config(listen_port: int, admin_port: int, upstreams: list[tuple[str, int]], retries: int = 3) -> str:
+AFFINITY_HEADER = "x-sequence-id"  # sent by server.client.SequenceStream on every chunk
+
+
+def config(
+    listen_port: int, admin_port: int, upstreams: list[tuple[str, int]], retries: int = 3, affinity: bool = False
+) -> str:
+    """`affinity`: consistent hashing (ring hash) on the x-sequence-id header, so every chunk of a
+    stateful sequence reaches the replica that holds its state; calls without it spread at random."""
+    lb_policy = "RING_HASH" if affinity else "ROUND_ROBIN"
+    hash_policy = (
+        f"""
+                  hash_policy:
+                  - header: {{ header_name: {AFFINITY_HEADER} }}"""
+        if affinity
+        else ""
+    )
     endpoints = "\n".join(
         f"        - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}"
         for host, port in upstreams
@@ -66,7 +81,7 @@ static_resources:
               - match: {{ prefix: "/" }}
                 route:
                   cluster: lstm_replicas
-                  timeout: 0s
+                  timeout: 0s{hash_policy}
                   retry_policy:
                     retry_on: "unavailable,reset,connect-failure,refused-stream"
                     num_retries: {retries}
@@ -83,7 +98,7 @@ static_resources:
   - name: lstm_replicas
     type: STATIC
     connect_timeout: 1s
-    lb_policy: ROUND_ROBIN
+    lb_policy: {lb_policy}
     circuit_breakers:
       thresholds:
       - priority: DEFAULT
@@ -118,11 +133,11 @@ static_resources:
 
 
 class Envoy:
-    def __init__(self, upstreams: list[tuple[str, int]], workdir: Path | None = None) -> None:
+    def __init__(self, upstreams: list[tuple[str, int]], workdir: Path | None = None, affinity: bool = False) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="envoy-"))
         self.config_path = self.dir / "envoy.yaml"
-        self.config_path.write_text(config(self.port, self.admin_port, upstreams))
+        self.config_path.write_text(config(self.port, self.admin_port, upstreams, affinity=affinity))
         check = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(self.config_path), "-l", "error"],
                                capture_output=True, text=True)  # fmt: skip
         if check.returncode != 0:
@@ -175,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--server-args", default="")
+    parser.add_argument("--affinity", action="store_true", help="hash on x-sequence-id (stateful sequences)")
     args = parser.parse_args(argv)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     replicas = start_replicas(args.models, args.replicas, args.server_args.split())
-    envoy = Envoy([("127.0.0.1", r.port) for r in replicas])
+    envoy = Envoy([("127.0.0.1", r.port) for r in replicas], affinity=args.affinity)
     try:
         envoy.wait_healthy(len(replicas))
         print(f"envoy on {envoy.address} (admin {envoy.admin_port}) -> {[r.address for r in replicas]}", flush=True)

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(parts) > 2:
             autoscaling["target_ongoing_requests"] = parts[2]
     serve.run(build_app(args.models, args.replicas, args.cpus_per_replica, autoscaling), name="lstm")
-    print(f"ray serve gRPC proxy on 127.0.0.1:{args.grpc_port} ({args.nodes} nodes, {args.replicas} replicas)",
-          flush=True)  # fmt: skip
+    scaling = f"autoscaling {autoscaling}" if autoscaling else f"{args.replicas} replicas"
+    print(f"ray serve gRPC proxy on 127.0.0.1:{args.grpc_port} ({args.nodes} nodes, {scaling})", flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

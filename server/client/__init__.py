@@ -246,7 +246,8 @@ class SequenceStream:
             sentinel = object()
             self._sentinel = sentinel
             requests = iter(self._queue.get, sentinel)
-            self._replies = client.stub.ModelStreamInfer(requests, metadata=client.call_metadata)
+            metadata = (*(client.call_metadata or ()), ("x-sequence-id", str(self.sequence_id)))
+            self._replies = client.stub.ModelStreamInfer(requests, metadata=metadata)
 
     def _request(self, chunk: np.ndarray | None, end: bool, outputs) -> pb.ModelInferRequest:
         req = pb.ModelInferRequest(model_name=self.model)
@@ -273,7 +274,9 @@ class SequenceStream:
 
     def _call(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self._queue is None:
-            return self.client.stub.ModelInfer(req, timeout=self.client.timeout, metadata=self.client.call_metadata)
+            # x-sequence-id lets a balancer keep every chunk on the replica holding the state
+            metadata = (*(self.client.call_metadata or ()), ("x-sequence-id", str(self.sequence_id)))
+            return self.client.stub.ModelInfer(req, timeout=self.client.timeout, metadata=metadata)
         self._queue.put(req)
         reply = next(self._replies)
         if reply.error_message:

@@ -18,11 +18,8 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -73,26 +70,12 @@ class ServerProcess:
     """`python -m server` on a free port, as a separate process (like a real deployment)."""
 
     def __init__(self, repo: Path, args: list[str], cpus: set[int] | None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "server", "--model-repository", str(repo), "--port", "0",
-               "--metrics-port", "-1", "--log-level", "WARNING", *args]  # fmt: skip
-        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, preexec_fn=preexec)  # fmt: skip
-        deadline = time.monotonic() + 600
-        lines = []
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("server exited: " + "".join(lines))
-            lines.append(line)
-            m = re.match(r"listening on ([\d.]+):(\d+)", line)
-            if m:
-                self.target = f"{m.group(1)}:{m.group(2)}"
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
-                time.sleep(1.0)  # let every worker process finish loading
-                return
-        raise RuntimeError("server did not start: " + "".join(lines))
+        from scale.replicas import start_replica
+
+        self.replica = start_replica(repo, args, cpus)
+        self.proc = self.replica.proc
+        self.target = self.replica.address
+        time.sleep(1.0)  # let every worker process finish loading
 
     def batch_counts(self, model: str) -> tuple[int, int]:
         """(sequences inferred, ORT runs) so far, from ModelStatistics."""
@@ -106,8 +89,7 @@ class ServerProcess:
         return (sum(s.inference_count for s in stats.model_stats), sum(s.execution_count for s in stats.model_stats))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        self.replica.stop()
 
 
 def batch_throughput(call, features: int, batch: int, steps: int, seconds: float) -> tuple[float, float]:

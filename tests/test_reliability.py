@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scale.replicas import start_replica
 from server.client import LSTMClient
 from server.codec import DATATYPES
 from server.proto import grpc_service_pb2 as pb
@@ -137,28 +137,8 @@ def test_huge_shape_refused_cheaply(stub):
 
 
 def _spawn(repo: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model-repository", str(repo), "--port", "0", "--metrics-port", "-1", *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.match(r"listening on [\d.]+:(\d+)", line)
-        if m:
-
-            def drain(out=proc.stdout):
-                with out:
-                    out.read()
-
-            threading.Thread(target=drain, daemon=True).start()
-            return proc, int(m.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    proc.stdout.close()
-    raise RuntimeError("server did not start")
+    replica = start_replica(repo, list(args))
+    return replica.proc, replica.port
 
 
 def test_graceful_drain_on_sigterm(repo):

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from scale.replicas import start_replica
 from server.client import LSTMClient
 from server.errors import FailedPrecondition, NotFound, ResourceExhausted
 from server.sequences import SequenceStore
@@ -200,18 +197,9 @@ def test_idle_eviction_and_limit_over_grpc(repo):
 
 
 def test_restart_loses_sequences_cleanly(repo):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
     def spawn(port: int):
-        proc = subprocess.Popen([sys.executable, "-m", "server", "--model-repository", str(repo), "--port", str(port),
-                                 "--metrics-port", "-1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for line in proc.stdout:
-            m = re.match(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                threading.Thread(target=lambda: (proc.stdout.read(), proc.stdout.close()), daemon=True).start()
-                return proc, int(m.group(1))
-        raise RuntimeError("server did not start")
+        replica = start_replica(repo, ["--port", str(port)])  # the last --port wins
+        return replica.proc, replica.port
 
     proc, port = spawn(0)
     x = np.ones((1, 4, 5), np.float32)

@@ -128,6 +128,28 @@ def _export(
         )
 
 
+def _write(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    axes: dict,
+    source: torch.nn.Module,
+    config: LSTMConfig,
+    steps: int | None,
+    extra: dict[str, str] | None,
+    input_names: list[str] = INPUT_NAMES,
+    output_names: list[str] = OUTPUT_NAMES,
+) -> ExportResult:
+    """Export `module` to `path` atomically, with the metadata of `source` (whose weights it runs);
+    the seconds cover the export, the checks and the metadata."""
+    mode = "dynamic" if steps is None else "static"
+    start = time.perf_counter()
+    with _atomic_path(path) as tmp, torch.no_grad():
+        _export(module, args, tmp, axes, output_names, input_names)
+        _finish(tmp, build_metadata(source, config, mode, steps, extra))
+    return ExportResult(path, time.perf_counter() - start, mode, steps)
+
+
 def export_dynamic(
     encoder: LSTMEncoder,
     path: Path,
@@ -160,11 +182,7 @@ def export_dynamic(
         axes.update({"h0": {1: BATCH}, "c0": {1: BATCH}})
         input_names = INPUT_NAMES + STATE_NAMES
     extra = {"lstm.initial_state": "h0,c0" if initial_state else "", **(extra_metadata or {})}
-    start = time.perf_counter()
-    with _atomic_path(path) as tmp, torch.no_grad():
-        _export(module, args, tmp, axes, input_names=input_names)
-        _finish(tmp, build_metadata(encoder, cfg, "dynamic", None, extra))
-    return ExportResult(path, time.perf_counter() - start, "dynamic", None)
+    return _write(module, args, path, axes, encoder, cfg, None, extra, input_names=input_names)
 
 
 def export_static(
@@ -176,11 +194,7 @@ def export_static(
     x = torch.zeros(2, steps, cfg.input_size)
     lengths = torch.tensor([steps, 1], dtype=torch.int64)
     axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "y": {0: BATCH}, "h_n": {1: BATCH}, "c_n": {1: BATCH}}
-    start = time.perf_counter()
-    with _atomic_path(path) as tmp, torch.no_grad():
-        _export(static, (x, lengths), tmp, axes)
-        _finish(tmp, build_metadata(encoder, cfg, "static", steps, extra_metadata))
-    return ExportResult(path, time.perf_counter() - start, "static", steps)
+    return _write(static, (x, lengths), path, axes, encoder, cfg, steps, extra_metadata)
 
 
 CLASSIFIER_OUTPUTS = ["logits", "probs"]
@@ -207,17 +221,12 @@ def export_classifier(
         x = torch.zeros(2, steps, cfg.input_size)
         lengths = torch.tensor([steps, 1], dtype=torch.int64)
         axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "logits": {0: BATCH}, "probs": {0: BATCH}}
-    mode = "dynamic" if steps is None else "static"
     extra = {
         "classifier.num_classes": str(classifier.num_classes),
         "classifier.normalisation": "inside the graph: (x - mean) / std of the training set",
         **(extra_metadata or {}),
     }
-    start = time.perf_counter()
-    with _atomic_path(path) as tmp, torch.no_grad():
-        _export(module, (x, lengths), tmp, axes, CLASSIFIER_OUTPUTS)
-        _finish(tmp, build_metadata(classifier, cfg, mode, steps, extra))
-    return ExportResult(path, time.perf_counter() - start, mode, steps)
+    return _write(module, (x, lengths), path, axes, classifier, cfg, steps, extra, output_names=CLASSIFIER_OUTPUTS)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -220,7 +219,3 @@ def load_model(
         state_shape=state_shape,
         bidirectional=bidirectional,
     )
-
-
-def metadata_json(rt: ModelRuntime) -> str:
-    return json.dumps(rt.export_metadata, sort_keys=True)

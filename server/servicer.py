@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import platform
 import threading
 import time
 
@@ -177,7 +176,3 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(self, request, context):
         self.plane.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-
-def server_description() -> str:
-    return f"{SERVER_NAME} {SERVER_VERSION} (Python {platform.python_version()})"

@@ -10,16 +10,17 @@ PROTO_OUT := server/proto
 SERVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check export serve serve-envoy serve-ray ray-venv test bench soak train lint clean triton-venv
+.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test bench soak train lint clean triton-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-kserve-schema.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --require-hashes -r requirements-kserve-schema.txt -d .cache/kserve
 	touch $@
 
 venv: $(VENV)/.installed ## create the virtual environment (.venv) with the pinned dependencies
@@ -40,6 +41,9 @@ ray-venv: $(RAY_VENV)/.installed ## separate venv with ray[serve] (~500 MB; opti
 
 serve-ray: $(RAY_VENV)/.installed $(DEFAULT_MODELS) ## the data plane on Ray Serve: 2 local nodes, 2 replicas, gRPC proxy on :9000
 	PYTHONPATH=. $(RAY_VENV)/bin/python -m scale.ray_serve --models $(MODELS)
+
+validate-deploy: $(VENV)/.installed ## validate deploy/ manifests offline (Kubernetes schemas; KServe schema from its SDK)
+	$(PY) -m deploy.validate
 
 proto: $(VENV)/.installed ## regenerate the gRPC stubs in server/proto from protos/*.proto
 	$(PY) -m server.proto.generate $(PROTO_OUT)
@@ -75,8 +79,8 @@ test: $(VENV)/.installed $(TRITON_VENV)/.installed $(RAY_VENV)/.installed ## run
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python $(PY) -m pytest -q
 
 lint: $(VENV)/.installed ## ruff check and format check
-	$(PY) -m ruff check export server bench scale tests
-	$(PY) -m ruff format --check export server bench scale tests
+	$(PY) -m ruff check export server bench scale deploy tests
+	$(PY) -m ruff format --check export server bench scale deploy tests
 
 clean: ## remove generated models and caches (keeps the venvs)
 	rm -rf $(MODELS)/*/ .pytest_cache .ruff_cache .hypothesis

@@ -130,6 +130,30 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
     return LSTMDeployment.bind(models)
 
 
+def parse_autoscale(spec: str, delay_s: float | None = None) -> dict | None:
+    """'min:max[:target_ongoing_requests]' -> Ray Serve autoscaling_config (None for '')."""
+    if not spec:
+        if delay_s is not None:
+            raise ValueError("--autoscale-delay needs --autoscale")
+        return None
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        lo, hi = int(parts[0]), int(parts[1])
+        target = float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise ValueError(f"--autoscale {spec!r}: expected min:max[:target_ongoing_requests], e.g. 1:4:8") from None
+    if not 0 <= lo <= hi or hi < 1 or (target is not None and target <= 0):
+        raise ValueError(f"--autoscale {spec!r}: need 0 <= min <= max, max >= 1, target > 0")
+    config: dict = {"min_replicas": lo, "max_replicas": hi}
+    if target is not None:
+        config["target_ongoing_requests"] = target
+    if delay_s is not None:
+        config["upscale_delay_s"] = config["downscale_delay_s"] = delay_s
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scale.ray_serve", description=__doc__)
     parser.add_argument("--models", default=str(ROOT / "models"))
@@ -141,7 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--autoscale", default="", help="min:max[:target_ongoing_requests], e.g. 1:4:8 (replaces --replicas)"
     )
+    parser.add_argument(
+        "--autoscale-delay",
+        type=float,
+        default=None,
+        help="seconds of sustained load (or idleness) before scaling up (or down); Ray's defaults: 30 / 600",
+    )
     args = parser.parse_args(argv)
+    try:
+        autoscaling = parse_autoscale(args.autoscale, args.autoscale_delay)
+    except ValueError as exc:
+        parser.error(str(exc))
     os.environ["PYTHONPATH"] = ray_pythonpath()
     os.environ.setdefault("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")
     sys.path[:0] = ray_pythonpath().split(os.pathsep)
@@ -155,12 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         cluster.add_node(num_cpus=args.cpus_per_node)
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ray_pythonpath()}})
     serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER]))
-    autoscaling = None
-    if args.autoscale:
-        parts = [float(p) for p in args.autoscale.split(":")]
-        autoscaling = {"min_replicas": int(parts[0]), "max_replicas": int(parts[1])}
-        if len(parts) > 2:
-            autoscaling["target_ongoing_requests"] = parts[2]
     serve.run(build_app(args.models, args.replicas, args.cpus_per_replica, autoscaling), name="lstm")
     scaling = f"autoscaling {autoscaling}" if autoscaling else f"{args.replicas} replicas"
     print(f"ray serve gRPC proxy on 127.0.0.1:{args.grpc_port} ({args.nodes} nodes, {scaling})", flush=True)

@@ -127,6 +127,15 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
                 self._fail(exc, grpc_context)
                 return pb.ModelMetadataResponse()
 
+        def ModelConfig(self, request, grpc_context):  # noqa: N802
+            from server.proto import grpc_service_pb2 as pb
+
+            try:
+                return self.plane.model_config(request.name, request.version)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, grpc_context)
+                return pb.ModelConfigResponse()
+
     return LSTMDeployment.bind(models)
 
 

@@ -106,6 +106,15 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
     )
 
 
+# OIP datatype names -> Triton's model_config DataType values.
+_TRITON_TYPES = {
+    "BOOL": pb.TYPE_BOOL, "UINT8": pb.TYPE_UINT8, "UINT16": pb.TYPE_UINT16, "UINT32": pb.TYPE_UINT32,
+    "UINT64": pb.TYPE_UINT64, "INT8": pb.TYPE_INT8, "INT16": pb.TYPE_INT16, "INT32": pb.TYPE_INT32,
+    "INT64": pb.TYPE_INT64, "FP16": pb.TYPE_FP16, "FP32": pb.TYPE_FP32, "FP64": pb.TYPE_FP64,
+    "BYTES": pb.TYPE_STRING, "BF16": pb.TYPE_BF16,
+}  # fmt: skip
+
+
 class DataPlane:
     def __init__(
         self,
@@ -321,6 +330,52 @@ class DataPlane:
         response.parameters["sequence_id"].CopyFrom(request.parameters["sequence_id"])
         response.parameters["sequence_end"].bool_param = last
         return response
+
+    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
+        """Triton's ModelConfig view of a model version (what tritonclient's get_model_config reads).
+
+        max_batch_size is 0: the dims below are whole shapes, batch included, because the batch axis
+        is not first in every tensor (h0/c0/h_n/c_n are [layers*directions, batch, hidden]). The
+        server still merges concurrent requests along each tensor's batch axis: dynamic_batching
+        says so when it is on (for models with h0/c0 inputs, sequence_batching takes its place, as
+        upstream allows only one). Everything else this server knows (export metadata, execution
+        provider, static length, the full batching policy) is in `parameters`, as strings.
+        """
+        rt = self.repository.get(name, version)
+        policy = self.policy_for(rt)
+        optional = {"lengths", "h0", "c0"}  # validate(): lengths default to full, states to zeros
+        config = pb.ModelConfig(
+            name=rt.name,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=0,
+            version_policy=pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All()),
+        )
+        for t in rt.inputs:
+            config.input.add(
+                name=t.name, data_type=_TRITON_TYPES[t.datatype], dims=t.shape, optional=t.name in optional
+            )
+        for t in rt.outputs:
+            config.output.add(name=t.name, data_type=_TRITON_TYPES[t.datatype], dims=t.shape)
+        gpu = rt.provider == "CUDAExecutionProvider"
+        config.instance_group.add(
+            name=f"{rt.name}_0",
+            count=policy.instances if policy.enabled else 1,
+            kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU,
+        )
+        if rt.state_shape is not None:  # one of the two (a oneof upstream); batching stays in `parameters`
+            config.sequence_batching.max_sequence_idle_microseconds = int(self.sequences.idle_s * 1e6)
+        elif policy.enabled:
+            config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+        params = {f"export.{k}": str(v) for k, v in rt.export_metadata.items()}
+        params["execution_provider"] = rt.provider
+        if rt.static_length is not None:
+            params["static_length"] = str(rt.static_length)
+        params["model_version"] = str(rt.version)
+        params.update({f"batching.{k}": json.dumps(v) for k, v in dataclasses.asdict(policy).items()})
+        for key, value in sorted(params.items()):
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
 
     def model_metadata(self, name: str, version: str) -> tuple[pb.ModelMetadataResponse, dict[str, str]]:
         rt = self.repository.get(name, version)

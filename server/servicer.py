@@ -113,6 +113,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @_unary
+    def ModelConfig(self, request, context):
+        return self.plane.model_config(request.name, request.version)
+
+    @_unary
     def ModelInfer(self, request, context):
         with self.admission.call():
             return self.plane.infer(request, _deadline(context))

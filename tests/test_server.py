@@ -78,6 +78,38 @@ def test_model_metadata(client):
     assert static["export"]["lstm.static_length"] == str(STATIC_T)
 
 
+def test_model_config(client, server):
+    cfg = client.config("bi")
+    assert cfg["name"] == "bi" and cfg["platform"] == "onnxruntime_onnx" and cfg["backend"] == "onnxruntime"
+    assert cfg.get("max_batch_size", 0) == 0  # dims are whole shapes (h_n's batch axis is not first)
+    assert cfg["input"] == [
+        {"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "-1", "6"]},
+        {"name": "lengths", "data_type": "TYPE_INT64", "dims": ["-1"], "optional": True},
+    ]
+    assert [(o["name"], o["dims"]) for o in cfg["output"]] == [
+        ("y", ["-1", "-1", "16"]), ("h_n", ["4", "-1", "8"]), ("c_n", ["4", "-1", "8"])
+    ]  # fmt: skip
+    assert cfg["instance_group"] == [{"name": "bi_0", "count": 2, "kind": "KIND_CPU"}]  # Settings(instances=2)
+    assert "dynamic_batching" in cfg and "sequence_batching" not in cfg
+    assert cfg["version_policy"] == {"all": {}}
+    params = {k: v.get("string_value", "") for k, v in cfg["parameters"].items()}
+    assert params["execution_provider"] == "CPUExecutionProvider" and params["export.lstm.export_mode"] == "dynamic"
+    assert params["batching.instances"] == "2" and "static_length" not in params
+    static = client.config(f"bi_static_t{STATIC_T}")
+    assert static["input"][0]["dims"] == ["-1", str(STATIC_T), "6"]
+    assert static["parameters"]["static_length"]["string_value"] == str(STATIC_T)
+    stateful = client.config("suni")
+    assert [i["name"] for i in stateful["input"] if i.get("optional")] == ["lengths", "h0", "c0"]
+    idle_us = int(stateful["sequence_batching"]["max_sequence_idle_microseconds"])
+    assert idle_us == int(server.settings.sequence_idle_s * 1e6)
+    with pytest.raises(grpc.RpcError) as err:
+        client.config("nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model 'nope'" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.config("bi", version="7")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no version '7'" in err.value.details()
+
+
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_infer_parity(client, encoders, name, raw):

@@ -42,8 +42,53 @@ def test_tritonclient_live_metadata_infer(target, encoders, tmp_path):
     assert meta["platform"] == "onnxruntime_onnx"
     assert [i["name"] for i in meta["inputs"]] == ["x", "lengths"]
     assert meta["inputs"][0]["shape"] == ["-1", "-1", "6"]  # int64 in JSON form are strings
+    config = report["config"]["config"]  # get_model_config: ModelConfigResponse as JSON
+    assert config["name"] == "bi" and config["platform"] == "onnxruntime_onnx"
+    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
+        ("x", "TYPE_FP32", ["-1", "-1", "6"]), ("lengths", "TYPE_INT64", ["-1"])
+    ]  # fmt: skip
+    assert [o["name"] for o in config["output"]] == ["y", "h_n", "c_n"]
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert config["parameters"]["execution_provider"]["string_value"] == "CPUExecutionProvider"
     assert "INVALID_ARGUMENT" in report["error"] or "feature size" in report["error"], report["error"]
     got = np.load(tmp_path / "out.npz")
     want = reference(encoders["bi"], x, lengths)
     for name in ("y", "h_n", "c_n"):
         assert np.abs(got[name] - want[name]).max() <= TOL, name
+
+
+def test_proto_matches_tritonclient_descriptors():
+    """Every message, field, enum value and method of protos/grpc_service.proto has the same number,
+    type, label, type name and oneof as in tritonclient's own descriptors: the wire-compatibility
+    claim in the proto's header, checked for the whole file."""
+    if not Path(TRITON_PYTHON).exists():
+        pytest.fail(f"tritonclient venv missing at {TRITON_PYTHON}: run `make triton-venv` (make test does)")
+    from server.proto import grpc_service_pb2 as pb
+    from tests.triton_descriptors import describe
+
+    res = subprocess.run(
+        [TRITON_PYTHON, str(HERE / "triton_descriptors.py")],
+        capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    theirs = json.loads(res.stdout)
+    ours = describe([pb.DESCRIPTOR], pb.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+    problems = []
+    for name, fields in ours["messages"].items():
+        if name not in theirs["messages"]:
+            problems.append(f"message {name}: not in tritonclient")
+            continue
+        for field, spec in fields.items():
+            other = theirs["messages"][name].get(field)
+            if other != spec:
+                problems.append(f"{name}.{field}: ours {spec}, tritonclient {other}")
+    for name, values in ours["enums"].items():
+        other = theirs["enums"].get(name, {})
+        problems += [
+            f"enum {name}.{v}: ours {n}, tritonclient {other.get(v)}" for v, n in values.items() if other.get(v) != n
+        ]
+    for name, spec in ours["methods"].items():
+        if theirs["methods"].get(name) != spec:
+            problems.append(f"rpc {name}: ours {spec}, tritonclient {theirs['methods'].get(name)}")
+    assert not problems, "\n".join(problems)
+    assert len(ours["messages"]) >= 40 and "ModelConfig" in ours["methods"]  # the comparison covered the file

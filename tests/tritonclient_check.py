@@ -1,7 +1,7 @@
 """Run by tests/test_tritonclient.py inside .venv-triton (tritonclient needs protobuf < 7).
 
 Usage: python tritonclient_check.py HOST:PORT MODEL IN.npz OUT.npz
-Calls ServerLive, ServerMetadata, ModelMetadata and ModelInfer with tritonclient's own gRPC
+Calls ServerLive, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer with tritonclient's own gRPC
 client (nothing of this project is imported) and saves what came back for the test to compare.
 """
 
@@ -20,6 +20,7 @@ def main() -> None:
     assert client.is_model_ready(model), "model not ready"
     server = client.get_server_metadata(as_json=True)
     meta = client.get_model_metadata(model, as_json=True)
+    config = client.get_model_config(model, as_json=True)
     data = np.load(in_path)
     x, lengths = data["x"], data["lengths"]
     inputs = [
@@ -39,7 +40,7 @@ def main() -> None:
         error = ""
     except Exception as exc:  # tritonclient raises InferenceServerException
         error = str(exc)
-    print(json.dumps({"server": server, "metadata": meta, "error": error}))
+    print(json.dumps({"server": server, "metadata": meta, "config": config, "error": error}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ def main() -> None:
     x, lengths = data["x"], data["lengths"]
     client = grpcclient.InferenceServerClient(url=url)
     assert client.is_server_live()
+    config = client.get_model_config(model, as_json=True)["config"]  # ModelConfig RPC on this path too
+    assert config["name"] == model and config["platform"] == "onnxruntime_onnx", config
 
     def inputs():
         ins = [

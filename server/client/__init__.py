@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from server.codec import decode_outputs, encode_input
 from server.proto import grpc_service_pb2 as pb
@@ -151,6 +152,13 @@ class LSTMClient:
             "provider": headers.get("lstm-provider", ""),
             "static_length": int(headers["lstm-static-length"]) if headers.get("lstm-static-length") else None,
         }
+
+    def config(self, model: str, version: str = "") -> dict:
+        """The model's configuration in Triton's ModelConfig form, as a dict (protobuf JSON names)."""
+        response = self.stub.ModelConfig(
+            pb.ModelConfigRequest(name=model, version=version), timeout=self.timeout, metadata=self.call_metadata
+        )
+        return json_format.MessageToDict(response.config, preserving_proto_field_name=True)
 
     def request(
         self,

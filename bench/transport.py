@@ -1,0 +1,210 @@
+"""Transport experiment: what the Python gRPC layer costs per call, and whether grpc.aio would cut it.
+
+    python -m bench.transport --models models [--seconds 5] [--out docs/transport.json]
+
+Each server runs alone, pinned to CPU 0 with one ONNX Runtime thread and batching off, so every
+call is one ORT run of its own; the load comes from CPU 1 (bench.loadgen, closed loop):
+
+- ``product``: the real server (``python -m server --batching false``): admission, statistics,
+  metrics, health, reflection, the sync ``grpc.server`` with a thread pool.
+- ``sync``: a minimal sync ``grpc.server`` calling the same DataPlane (no admission or health):
+  the same transport as ``product`` with our layers peeled off.
+- ``aio``: a minimal ``grpc.aio`` server calling the DataPlane inline on the event loop (one call
+  at a time: on one pinned core that loses nothing to a thread hop).
+- ``aio-thread``: ``grpc.aio`` with ``await asyncio.to_thread(plane.infer, ...)``.
+
+Per server: ServerLive at concurrency 1 (calls/s: the bare transport), ModelInfer of one T=50
+sequence of the encoder at concurrency 1 (p50 ms) and 16 (sequences/s). An experiment to inform a
+frontend choice, not part of `make bench`; the ratios within one run are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("product", "sync", "aio", "aio-thread")
+
+
+def _plane(models: Path):
+    from server.batcher import BatchPolicy
+    from server.codec import Limits
+    from server.dataplane import DataPlane
+    from server.repository import ModelRepository
+    from server.runtime import RuntimeOptions, select_providers
+    from server.stats import Statistics
+
+    options = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)
+    repository = ModelRepository(models, select_providers(options), options)
+    repository.load_all()
+    return DataPlane(repository, Statistics(), Limits(), BatchPolicy(enabled=False))
+
+
+def _serve(mode: str, models: Path) -> None:
+    """Run one minimal server (sync | aio | aio-thread); print its port; serve until killed."""
+    import grpc
+
+    from server.proto import grpc_service_pb2 as pb
+    from server.proto import grpc_service_pb2_grpc as pb_grpc
+    from server.servicer import _to_status
+
+    plane = _plane(models)
+    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+
+    if mode == "sync":
+
+        class Sync(pb_grpc.GRPCInferenceServiceServicer):
+            def ServerLive(self, request, context):  # noqa: N802
+                return pb.ServerLiveResponse(live=True)
+
+            def ModelInfer(self, request, context):  # noqa: N802
+                try:
+                    return plane.infer(request)
+                except Exception as exc:  # noqa: BLE001
+                    context.abort(*_to_status(exc))
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Sync(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        print(f"listening on 127.0.0.1:{port}", flush=True)
+        server.wait_for_termination()
+        return
+
+    threaded = mode == "aio-thread"
+
+    class Aio(pb_grpc.GRPCInferenceServiceServicer):
+        async def ServerLive(self, request, context):  # noqa: N802
+            return pb.ServerLiveResponse(live=True)
+
+        async def ModelInfer(self, request, context):  # noqa: N802
+            try:
+                if threaded:
+                    return await asyncio.to_thread(plane.infer, request)
+                return plane.infer(request)
+            except Exception as exc:  # noqa: BLE001
+                await context.abort(*_to_status(exc))
+
+    async def main() -> None:
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Aio(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"listening on 127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _start(mode: str, models: Path):
+    from scale.replicas import Replica, start_replica
+
+    if mode == "product":
+        return start_replica(models, ["--batching", "false", "--intra-op-threads", "1", "--inter-op-threads", "1"], {0})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.transport", "--serve", mode, "--models", str(models)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {0}),
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("listening on "):
+            return Replica(proc, int(line.rsplit(":", 1)[1]), lines)
+    raise RuntimeError(f"{mode} server did not start: {''.join(lines)}")
+
+
+def _live_rate(target: str, seconds: float) -> float:
+    import grpc
+
+    from server.proto import grpc_service_pb2 as pb
+    from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ServerLiveRequest()
+        for _ in range(200):
+            stub.ServerLive(request, timeout=10)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            stub.ServerLive(request, timeout=10)
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+
+def _measure(mode: str, models: Path, features: int, seconds: float) -> dict:
+    from bench.loadgen import run_grpc_load
+
+    os.sched_setaffinity(0, {1})
+    replica = _start(mode, models)
+    try:
+        target = replica.address
+        row = {"mode": mode, "live_calls_per_s": _live_rate(target, seconds)}
+        c1 = run_grpc_load(target, "encoder", "single50", features, 1, 1.0, seconds, processes=1, cpus={1})
+        c16 = run_grpc_load(target, "encoder", "single50", features, 16, 1.0, seconds, processes=2, cpus={1})
+        s1, s16 = c1.summary(), c16.summary()
+        row.update(
+            c1_p50_ms=s1["p50_ms"],
+            c1_seq_per_s=c1.sequences / c1.window_s,
+            c16_seq_per_s=c16.sequences / c16.window_s,
+            c16_p50_ms=s16["p50_ms"],
+            errors=c1.errors + c16.errors,
+        )
+        return row
+    finally:
+        replica.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--serve", choices=MODES[1:], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        _serve(args.serve, args.models)
+        return 0
+    if len(os.sched_getaffinity(0)) < 2:
+        print("needs 2 CPUs (server on CPU 0, load on CPU 1)", file=sys.stderr)
+        return 2
+    import grpc
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(args.models / "encoder" / "1" / "model.onnx"))
+    features = int(session.get_inputs()[0].shape[2])
+    rows = [_measure(m, args.models, features, args.seconds) for m in args.modes.split(",")]
+    base = rows[0]
+    print(f"{'server':<11} {'live/s':>8} {'c=1 p50 ms':>11} {'c=16 seq/s':>11} {'vs ' + base['mode']:>12}")
+    for r in rows:
+        ratio = r["c16_seq_per_s"] / base["c16_seq_per_s"]
+        print(
+            f"{r['mode']:<11} {r['live_calls_per_s']:>8.0f} {r['c1_p50_ms']:>11.2f} {r['c16_seq_per_s']:>11.0f} "
+            f"{ratio:>11.2f}x  errors {r['errors']}"
+        )
+    if args.out:
+        report = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "versions": {"python": platform.python_version(), "grpcio": grpc.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "seconds": args.seconds,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "rows": rows,
+        }  # fmt: skip
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,7 +142,7 @@ def _live_rate(target: str, seconds: float) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def _measure(mode: str, models: Path, features: int, seconds: float) -> dict:
+def _measure(mode: str, models: Path, model: str, features: int, seconds: float) -> dict:
     from bench.loadgen import run_grpc_load
 
     os.sched_setaffinity(0, {1})
@@ -150,8 +150,8 @@ def _measure(mode: str, models: Path, features: int, seconds: float) -> dict:
     try:
         target = replica.address
         row = {"mode": mode, "live_calls_per_s": _live_rate(target, seconds)}
-        c1 = run_grpc_load(target, "encoder", "single50", features, 1, 1.0, seconds, processes=1, cpus={1})
-        c16 = run_grpc_load(target, "encoder", "single50", features, 16, 1.0, seconds, processes=2, cpus={1})
+        c1 = run_grpc_load(target, model, "single50", features, 1, 1.0, seconds, processes=1, cpus={1})
+        c16 = run_grpc_load(target, model, "single50", features, 16, 1.0, seconds, processes=2, cpus={1})
         s1, s16 = c1.summary(), c16.summary()
         row.update(
             c1_p50_ms=s1["p50_ms"],
@@ -168,6 +168,7 @@ def _measure(mode: str, models: Path, features: int, seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transport", description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="encoder", help="a dynamic model of the repository")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=None)
@@ -182,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(args.models / "encoder" / "1" / "model.onnx"))
+    session = onnxruntime.InferenceSession(str(args.models / args.model / "1" / "model.onnx"))
     features = int(session.get_inputs()[0].shape[2])
-    rows = [_measure(m, args.models, features, args.seconds) for m in args.modes.split(",")]
+    rows = [_measure(m, args.models, args.model, features, args.seconds) for m in args.modes.split(",")]
     base = rows[0]
     print(f"{'server':<11} {'live/s':>8} {'c=1 p50 ms':>11} {'c=16 seq/s':>11} {'vs ' + base['mode']:>12}")
     for r in rows:
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
             "versions": {"python": platform.python_version(), "grpcio": grpc.__version__,
                          "onnxruntime": onnxruntime.__version__},
+            "model": args.model,
             "seconds": args.seconds,
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rows": rows,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository
+from server.rest import RestServer, tls_context
 from server.runtime import RuntimeOptions, select_providers
 from server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from server.sequences import SequenceStore
@@ -81,6 +83,8 @@ class InferenceServer:
         self.admission = Admission()
         self._server: grpc.Server | None = None
         self.port: int | None = None
+        self.rest: RestServer | None = None
+        self.http_port: int | None = None
 
     @property
     def provider(self) -> str:
@@ -143,6 +147,17 @@ class InferenceServer:
         if port == 0:
             raise StartupError(f"cannot bind {s.host}:{s.port}")
         server.start()
+        if s.http_port >= 0:
+            self.rest = RestServer(
+                self.plane, lambda: not self._draining.is_set(), self.admission, tokens, s.max_message_mb << 20
+            )
+            try:
+                tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+                self.http_port = self.rest.start(s.host, s.http_port, tls)
+            except (OSError, ssl.SSLError) as exc:
+                server.stop(0)
+                raise StartupError(f"HTTP/REST port {s.host}:{s.http_port}: {exc}") from None
+            log.info("HTTP/REST (OIP v2) on %s://%s:%d/v2", "https" if tls else "http", s.host, self.http_port)
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             log.info("Prometheus metrics on http://%s:%d/metrics", s.host, self.metrics_port)
@@ -197,6 +212,9 @@ class InferenceServer:
             log.warning("%d call(s) still running after the %.1f s grace period: cancelled", left, grace)
         self._server.stop(max(0.0, grace - (time.monotonic() - start))).wait()
         self._server = None
+        if self.rest is not None:
+            self.rest.stop()
+            self.rest = None
 
     def wait(self) -> None:
         if self._server is not None:

@@ -18,6 +18,9 @@ ENV_PREFIX = "LSTM_SERVE_"
 class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 to listen on all)"})
     port: int = field(default=8001, metadata={"help": "gRPC port; 0 picks a free one (printed at start)"})
+    http_port: int = field(
+        default=-1, metadata={"help": "HTTP/REST (OIP v2) port, e.g. 8000; 0 picks a free one; -1 = off"}
+    )
     model_repository: Path = field(default=Path("models"), metadata={"help": "folder of <model>/<version>/model.onnx"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     cuda_tf32: bool = field(default=False, metadata={"help": "allow TF32 in CUDA kernels (moves results by ~3e-4)"})
@@ -63,6 +66,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be -1 (off) or in 0..65535, got {self.http_port}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

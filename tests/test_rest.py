@@ -1,0 +1,289 @@
+"""HTTP/REST (Open Inference Protocol v2) beside gRPC: the same data plane, over a real socket.
+
+Plain HTTP with urllib (the JSON and binary forms built by hand), tritonclient's HTTP client in
+its own venv, TLS, mutual TLS and bearer tokens, and the error statuses.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import STATIC_T, TOL, ragged, reference
+from tests.test_security import pki  # noqa: F401 - the certificate fixture
+
+HERE = Path(__file__).resolve().parent
+TRITON_PYTHON = os.environ.get("TRITON_PYTHON") or str(HERE.parent / ".venv-triton" / "bin" / "python")
+
+
+def _start(repo, **kw):
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(
+        Settings(port=0, http_port=0, model_repository=repo, device="cpu", metrics_port=-1, log_level="WARNING", **kw)
+    )
+    srv.start()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def rest(repo):
+    srv = _start(repo, instances=2)
+    yield srv
+    srv.stop(1)
+
+
+def _call(port, method, path, body=None, headers=None, context=None, scheme="http"):
+    """(status, headers, body bytes) without raising on 4xx/5xx."""
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}", data=data, method=method,
+                                 headers=headers or {})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _json(port, method, path, body=None, **kw):
+    status, _, raw = _call(port, method, path, body, **kw)
+    return status, json.loads(raw) if raw else None
+
+
+def _infer_body(x, lengths, outputs=None, binary=False):
+    body = {
+        "id": "req-7",
+        "inputs": [
+            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()},
+            {"name": "lengths", "shape": list(lengths.shape), "datatype": "INT64", "data": lengths.tolist()},
+        ],
+    }
+    if outputs:
+        body["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
+    return body
+
+
+def _arrays(reply: dict) -> dict[str, np.ndarray]:
+    return {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in reply["outputs"]}
+
+
+def test_health_and_metadata(rest):
+    port = rest.http_port
+    assert _json(port, "GET", "/v2/health/live") == (200, {"live": True})
+    assert _json(port, "GET", "/v2/health/ready") == (200, {"ready": True})
+    status, server = _json(port, "GET", "/v2")
+    assert status == 200 and server["name"] == "lstm-serve" and "binary_tensor_data" in server["extensions"]
+    status, meta = _json(port, "GET", "/v2/models/bi")
+    assert status == 200 and meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [-1, -1, 6]},
+        {"name": "lengths", "datatype": "INT64", "shape": [-1]},
+    ]
+    assert _json(port, "GET", "/v2/models/bi/versions/1")[1] == meta
+    assert _json(port, "GET", "/v2/models/bi/ready") == (200, {"name": "bi", "ready": True})
+    status, config = _json(port, "GET", f"/v2/models/bi_static_t{STATIC_T}/config")
+    assert status == 200 and config["input"][0]["dims"] == [-1, STATIC_T, 6]
+    assert config["parameters"]["static_length"]["string_value"] == str(STATIC_T)
+
+
+def test_json_infer_parity(rest, encoders):
+    x, lengths = ragged(np.random.default_rng(31), 5, 13, 6)
+    want = reference(encoders["bi"], x, lengths)
+    status, reply = _json(rest.http_port, "POST", "/v2/models/bi/infer", _infer_body(x, lengths))
+    assert status == 200, reply
+    assert reply["model_name"] == "bi" and reply["model_version"] == "1" and reply["id"] == "req-7"
+    got = _arrays(reply)
+    assert set(got) == {"y", "h_n", "c_n"}
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= TOL, name
+    # flat data (row-major), one output asked for, version in the path, lengths left out (full)
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+            "outputs": [{"name": "h_n"}]}  # fmt: skip
+    status, reply = _json(rest.http_port, "POST", "/v2/models/bi/versions/1/infer", body)
+    assert status == 200 and [o["name"] for o in reply["outputs"]] == ["h_n"]
+    full = reference(encoders["bi"], x, np.full(len(x), x.shape[1], np.int64))
+    assert np.abs(_arrays(reply)["h_n"] - full["h_n"]).max() <= TOL
+
+
+def test_binary_extension(rest, encoders):
+    """Triton's binary tensor extension, built by hand: JSON header + raw bytes, both ways."""
+    x, lengths = ragged(np.random.default_rng(32), 3, 9, 6)
+    want = reference(encoders["bi"], x, lengths)
+    header = {
+        "inputs": [
+            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}},
+            {"name": "lengths", "shape": [3], "datatype": "INT64", "parameters": {"binary_data_size": lengths.nbytes}},
+        ],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "h_n"}],
+    }
+    head = json.dumps(header).encode()
+    body = head + x.tobytes() + lengths.tobytes()
+    conn = http.client.HTTPConnection("127.0.0.1", rest.http_port, timeout=30)
+    conn.request("POST", "/v2/models/bi/infer", body, {"Inference-Header-Content-Length": str(len(head))})
+    resp = conn.getresponse()
+    raw = resp.read()
+    assert resp.status == 200, raw
+    n = int(resp.getheader("Inference-Header-Content-Length"))
+    reply = json.loads(raw[:n])
+    y_meta, h_meta = reply["outputs"]
+    assert y_meta["parameters"]["binary_data_size"] == len(raw) - n and "data" not in y_meta
+    y = np.frombuffer(raw[n:], np.float32).reshape(y_meta["shape"])
+    assert np.abs(y - want["y"]).max() <= TOL
+    assert np.abs(np.asarray(h_meta["data"], np.float32).reshape(h_meta["shape"]) - want["h_n"]).max() <= TOL
+    # the same connection serves the next request (HTTP/1.1 keep-alive)
+    conn.request("GET", "/v2/health/ready")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+BAD = [
+    # (method, path, body, headers, status, fragment of the error)
+    ("GET", "/v2/models/nope", None, {}, 404, "unknown model 'nope'"),
+    ("GET", "/v2/models/bi/versions/9", None, {}, 404, "no version '9'"),
+    ("GET", "/v2/models/nope/ready", None, {}, 404, "unknown model 'nope'"),
+    ("POST", "/v2/models/bi/infer", b"{not json", {}, 400, "not valid JSON"),
+    ("POST", "/v2/models/bi/infer", {"inputs": []}, {}, 400, "'inputs' must be a non-empty list"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 2, 6], "datatype": "FP32",
+                                                 "data": [1.0]}]}, {}, 400, "holds 12 elements, 'data' has 1"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 5], "datatype": "FP32",
+                                                 "data": [0.0] * 5}]}, {}, 400, "input 'x': feature size must be 6"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP99",
+                                                 "data": [0.0] * 6}]}, {}, 400, "datatype 'FP99' unknown"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
+                                                 "data": ["a"] * 6}]}, {}, 400, "not a (nested) list of FP32"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
+                                                 "data": [0.0] * 6}], "outputs": [{"name": "zz"}]}, {}, 400,
+     "requested output(s) ['zz'] unknown"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
+                                                 "parameters": {"binary_data_size": 24}}]},
+     {"Inference-Header-Content-Length": "999"}, 400, "Inference-Header-Content-Length 999 must be in"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
+                                                 "data": [0.0] * 6}], "extra": 1}, {}, 400, "unknown request field"),
+    ("GET", "/v2/models/bi/infer", None, {}, 405, "GET not allowed here; use POST"),
+    ("POST", "/v2/models/bi", {}, {}, 405, "POST not allowed here; use GET"),
+    ("GET", "/v1/models/bi", None, {}, 404, "the API is under /v2"),
+    ("GET", "/v2/models/bi/bogus", None, {}, 404, "no such endpoint under model 'bi'"),
+    ("POST", "/v2/models/bi/infer", b"{}", {"Content-Encoding": "gzip"}, 415, "Content-Encoding 'gzip'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,path,body,headers,status,fragment", BAD, ids=[f"{b[4]}-{b[5][:28]}" for b in BAD])
+def test_errors(rest, method, path, body, headers, status, fragment):
+    got, _, raw = _call(rest.http_port, method, path, body, {"Content-Type": "application/json", **headers})
+    assert got == status, raw
+    assert fragment in json.loads(raw)["error"], raw
+    assert _json(rest.http_port, "GET", "/v2/health/ready")[0] == 200  # still serving
+
+
+def test_oversize_body_refused_before_reading(repo):
+    srv = _start(repo, max_message_mb=1)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
+        conn.putrequest("POST", "/v2/models/bi/infer")
+        conn.putheader("Content-Length", str(2 << 20))
+        conn.endheaders()  # no body sent: the server must answer from the header alone
+        resp = conn.getresponse()
+        assert resp.status == 413 and "exceeds the limit of 1048576 bytes" in json.loads(resp.read())["error"]
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
+        conn.putrequest("POST", "/v2/models/bi/infer")
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 411 and "Content-Length header required" in json.loads(resp.read())["error"]
+        conn.close()
+    finally:
+        srv.stop(1)
+
+
+def test_same_statistics_as_grpc(rest):
+    """A REST inference is counted by the data plane like a gRPC one (ModelStatistics over gRPC)."""
+    from server.client import LSTMClient
+    from server.proto import grpc_service_pb2 as pb
+
+    x = np.ones((2, 4, 6), np.float32)
+    with LSTMClient(f"127.0.0.1:{rest.port}") as c:
+        before = c.stub.ModelStatistics(pb.ModelStatisticsRequest(name="bi")).model_stats[0].inference_count
+        body = {"inputs": [{"name": "x", "shape": [2, 4, 6], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+        assert _json(rest.http_port, "POST", "/v2/models/bi/infer", body)[0] == 200
+        after = c.stub.ModelStatistics(pb.ModelStatisticsRequest(name="bi")).model_stats[0].inference_count
+    assert after == before + 2  # two sequences
+
+
+def test_tritonclient_http(rest, encoders, tmp_path):
+    if not Path(TRITON_PYTHON).exists():
+        pytest.fail(f"tritonclient venv missing at {TRITON_PYTHON}: run `make triton-venv` (make test does)")
+    x, lengths = ragged(np.random.default_rng(33), 4, 10, 6)
+    np.savez(tmp_path / "in.npz", x=x, lengths=lengths)
+    res = subprocess.run(
+        [TRITON_PYTHON, str(HERE / "tritonclient_http_check.py"), f"127.0.0.1:{rest.http_port}", "bi",
+         str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["server"]["name"] == "lstm-serve" and report["id"] == "r1"
+    assert report["metadata"]["inputs"][0]["shape"] == [-1, -1, 6]
+    assert report["config"]["input"][1] == {
+        "name": "lengths",
+        "data_type": "TYPE_INT64",
+        "dims": [-1],
+        "optional": True,
+    }
+    assert "feature size must be 6" in report["error"], report["error"]
+    want = reference(encoders["bi"], x, lengths)
+    got = np.load(tmp_path / "out.npz")
+    for form in ("bin", "json"):
+        for name in ("y", "h_n", "c_n"):
+            assert np.abs(got[f"{form}_{name}"] - want[name]).max() <= TOL, (form, name)
+
+
+def test_rest_tls_and_tokens(repo, pki):  # noqa: F811
+    srv = _start(repo, tls_cert=str(pki["server_path"]), tls_key=str(pki["server_key_path"]),
+                 tls_client_ca=str(pki["ca_path"]), auth_tokens="rest-token")  # fmt: skip
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki["ca_path"]))
+        ctx.load_cert_chain(str(pki["client_path"]), str(pki["client_key_path"]))
+        port = srv.http_port
+        assert _json(port, "GET", "/v2/health/ready", context=ctx, scheme="https") == (200, {"ready": True})
+        status, body = _json(port, "GET", "/v2/models/bi", context=ctx, scheme="https")
+        assert status == 401 and "missing 'Authorization: Bearer <token>'" in body["error"]
+        bad = {"Authorization": "Bearer nope"}
+        assert _json(port, "GET", "/v2/models/bi", headers=bad, context=ctx, scheme="https")[0] == 401
+        good = {"Authorization": "Bearer rest-token"}
+        assert _json(port, "GET", "/v2/models/bi", headers=good, context=ctx, scheme="https")[0] == 200
+        anonymous = ssl.create_default_context(cafile=str(pki["ca_path"]))  # no client certificate
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            _call(port, "GET", "/v2/health/ready", context=anonymous, scheme="https")
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            _call(port, "GET", "/v2/health/ready")  # plaintext to the TLS port
+        assert _json(port, "GET", "/v2/health/live", context=ctx, scheme="https")[0] == 200  # still serving
+    finally:
+        srv.stop(1)
+
+
+def test_drain_refuses_rest_inference(repo):
+    srv = _start(repo)
+    port = srv.http_port
+    x = np.ones((1, 3, 6), np.float32)
+    body = {"inputs": [{"name": "x", "shape": [1, 3, 6], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    assert _json(port, "POST", "/v2/models/bi/infer", body)[0] == 200
+    srv._draining.set()
+    srv.admission.refuse_and_wait(1)
+    try:
+        assert _json(port, "GET", "/v2/health/ready") == (503, {"ready": False})
+        status, reply = _json(port, "POST", "/v2/models/bi/infer", body)
+        assert status == 503 and "shutting down" in reply["error"]
+    finally:
+        srv.stop(1)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        _call(port, "GET", "/v2/health/live")  # the port is closed after stop

@@ -8,6 +8,7 @@ RAY_VENV := .venv-ray
 MODELS ?= models
 PROTO_OUT := server/proto
 SERVE_ARGS ?=
+HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
 .PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test bench soak train lint clean triton-venv
@@ -59,8 +60,8 @@ DEFAULT_MODELS := $(MODELS)/encoder/1/model.onnx $(MODELS)/speaker_id/1/model.on
 $(DEFAULT_MODELS) &: | $(VENV)/.installed
 	$(PY) -m export --out $(MODELS) --no-report
 
-serve: $(VENV)/.installed $(DEFAULT_MODELS) ## start the gRPC server on 127.0.0.1:8001 (exports models if missing)
-	$(PY) -m server --model-repository $(MODELS) $(SERVE_ARGS)
+serve: $(VENV)/.installed $(DEFAULT_MODELS) ## serve gRPC on 127.0.0.1:8001 and HTTP/REST on :8000 (exports models if missing)
+	$(PY) -m server --model-repository $(MODELS) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 serve-envoy: $(VENV)/.installed $(DEFAULT_MODELS) ## 2 server replicas behind Envoy (health checks, retries); prints the address
 	$(PY) -m scale.envoy --replicas 2 --models $(MODELS)

@@ -42,6 +42,11 @@ def test_kubernetes_manifests_validate(path):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     _server_args(container["args"])
     assert container["readinessProbe"]["grpc"]["port"] == 8001
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    args = container["args"]
+    assert ports["http"] == int(args[args.index("--http-port") + 1]) and ports["h2c"] == int(
+        args[args.index("--port") + 1]
+    )
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -176,15 +181,27 @@ def test_kserve_serving_runtime():
     assert "/mnt/models" in args  # where KServe mounts storageUri
 
 
-def test_kserve_inference_service():
-    (isvc,) = _docs(DEPLOY / "kserve" / "inferenceservice.yaml")
+def _runtime_flag(flag: str) -> str:
+    (runtime,) = _docs(DEPLOY / "kserve" / "clusterservingruntime.yaml")
+    (value,) = [a.split("=", 1)[1] for a in runtime["spec"]["containers"][0]["args"] if a.startswith(flag + "=")]
+    return value
+
+
+@pytest.mark.parametrize("name,protocol", [("inferenceservice.yaml", "grpc-v2"), ("inferenceservice-rest.yaml", "v2")])
+def test_kserve_inference_service(name, protocol):
+    (isvc,) = _docs(DEPLOY / "kserve" / name)
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
     predictor = isvc["spec"]["predictor"]
     assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] > 0
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     model = predictor["model"]
     assert model["runtime"] == "lstm-serve" and model["modelFormat"]["name"] == "onnx"
-    assert model["protocolVersion"] == "grpc-v2"
+    assert model["protocolVersion"] == protocol
+    if protocol == "v2":  # REST: the HTTP port the runtime's server listens on, probed over HTTP
+        (port,) = model["ports"]
+        assert port["name"] == "http1" and port["containerPort"] == int(_runtime_flag("--http-port"))
+        probe = model["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/v2/health/ready" and probe["port"] == port["containerPort"]
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])

@@ -67,6 +67,8 @@ def _param(value) -> pb.InferParameter:
     if isinstance(value, bool):
         return pb.InferParameter(bool_param=value)
     if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidArgument(f"parameter value {value}: integers must fit in 64 bits")
         return pb.InferParameter(int64_param=value)
     if isinstance(value, float):
         return pb.InferParameter(double_param=value)
@@ -86,7 +88,10 @@ def _json_params(target, params, where: str) -> None:
     if not isinstance(params, dict):
         raise InvalidArgument(f"{where} 'parameters' must be an object, got {type(params).__name__}")
     for key, value in params.items():
-        target[key].CopyFrom(_param(value))
+        try:
+            target[key].CopyFrom(_param(value))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where} parameter '{key}': {exc.message}") from None
 
 
 def build_request(
@@ -117,7 +122,7 @@ def build_request(
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"inputs[{i}]: 'name' must be a non-empty string")
         datatype, shape = tensor.get("datatype"), tensor.get("shape")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise InvalidArgument(f"input '{name}': datatype {datatype!r} unknown; expected one of {sorted(DATATYPES)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")

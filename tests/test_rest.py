@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import STATIC_T, TOL, ragged, reference
 from tests.test_security import pki  # noqa: F401 - the certificate fixture
@@ -169,6 +171,9 @@ BAD = [
      {"Inference-Header-Content-Length": "999"}, 400, "Inference-Header-Content-Length 999 must be in"),
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
                                                  "data": [0.0] * 6}], "extra": 1}, {}, 400, "unknown request field"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
+                                                 "data": [0.0] * 6}], "parameters": {"sequence_id": 2**70}}, {}, 400,
+     "request parameter 'sequence_id': parameter value 1180591620717411303424: integers must fit in 64 bits"),
     ("GET", "/v2/models/bi/infer", None, {}, 405, "GET not allowed here; use POST"),
     ("POST", "/v2/models/bi", {}, {}, 405, "POST not allowed here; use GET"),
     ("GET", "/v1/models/bi", None, {}, 404, "the API is under /v2"),
@@ -287,3 +292,75 @@ def test_drain_refuses_rest_inference(repo):
         srv.stop(1)
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         _call(port, "GET", "/v2/health/live")  # the port is closed after stop
+
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+_dims = st.one_of(st.integers(-2, 7), st.sampled_from([0, 10**6, 2**31, 2**62]), _json_values)
+
+
+@st.composite
+def _bodies(draw):
+    """Near-valid infer bodies (right keys, wrong values) and arbitrary JSON."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(_json_values)
+    tensors = []
+    for _ in range(draw(st.integers(0, 3))):
+        t = {
+            "name": draw(st.sampled_from(["x", "lengths", "h0", "", "zz"]) | _json_values),
+            "shape": draw(st.lists(_dims, max_size=4) | _json_values),
+            "datatype": draw(st.sampled_from(["FP32", "INT64", "FP64", "BOOL", "BYTES", "fp32"]) | _json_values),
+        }
+        if draw(st.booleans()):
+            t["data"] = draw(st.lists(st.floats(allow_nan=True, width=32) | _json_values, max_size=40))
+        else:
+            t["parameters"] = {"binary_data_size": draw(st.integers(-4, 64) | _json_values)}
+        tensors.append(t)
+    body = {"inputs": tensors}
+    if draw(st.booleans()):
+        body["outputs"] = draw(
+            st.lists(st.fixed_dictionaries({"name": st.sampled_from(["y", "h_n", "q"])}), max_size=2)
+        )
+    if draw(st.booleans()):
+        body["parameters"] = draw(st.dictionaries(st.sampled_from(["sequence_id", "binary_data_output", "k"]),
+                                                  _json_values, max_size=2))  # fmt: skip
+    return body
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=_bodies(), model=st.sampled_from(["bi", "uni", "suni", "nope"]), tail=st.binary(max_size=64))
+def test_fuzzed_rest_bodies_get_a_clear_status(rest, body, model, tail):
+    head = json.dumps(body).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head))} if tail else {}
+    status, _, raw = _call(rest.http_port, "POST", f"/v2/models/{model}/infer", head + tail, headers)
+    assert status in (200, 400, 404, 413, 429, 503), (status, raw)
+    reply = json.loads(raw)
+    assert status == 200 or (isinstance(reply.get("error"), str) and reply["error"]), reply
+
+
+def test_stateful_sequence_over_rest(rest, stateful_encoders):
+    """sequence_id/start/end as request parameters: chunks sent over REST equal the whole run."""
+    enc = stateful_encoders["suni"]
+    rng = np.random.default_rng(41)
+    signal_ = rng.standard_normal((23, 5)).astype(np.float32)
+    want = reference(enc, signal_[None], np.array([23]))
+    ys = []
+    for a, b, start, end in [(0, 9, True, False), (9, 17, False, False), (17, 23, False, True)]:
+        chunk = signal_[None, a:b]
+        body = {
+            "inputs": [{"name": "x", "shape": list(chunk.shape), "datatype": "FP32", "data": chunk.tolist()}],
+            "parameters": {"sequence_id": 4242, "sequence_start": start, "sequence_end": end},
+        }
+        status, reply = _json(rest.http_port, "POST", "/v2/models/suni/infer", body)
+        assert status == 200, reply
+        ys.append(_arrays(reply)["y"][0])
+    got = _arrays(reply)
+    assert np.abs(np.concatenate(ys) - want["y"][0]).max() <= TOL
+    assert np.abs(got["h_n"] - want["h_n"]).max() <= TOL and np.abs(got["c_n"] - want["c_n"]).max() <= TOL
+    body["parameters"] = {"sequence_id": 4242}  # ended: the id is gone
+    status, reply = _json(rest.http_port, "POST", "/v2/models/suni/infer", body)
+    assert status in (400, 404) and "4242" in reply["error"], reply

@@ -13,8 +13,12 @@ call is one ORT run of its own; the load comes from CPU 1 (bench.loadgen, closed
   at a time: on one pinned core that loses nothing to a thread hop).
 - ``aio-thread``: ``grpc.aio`` with ``await asyncio.to_thread(plane.infer, ...)``.
 
-Per server: ServerLive at concurrency 1 (calls/s: the bare transport), ModelInfer of one T=50
-sequence of the encoder at concurrency 1 (p50 ms) and 16 (sequences/s). An experiment to inform a
+- ``rest-binary`` / ``rest-json``: the product server's HTTP/REST port (``--http-port``), the
+  tensors in Triton's binary extension or as JSON lists; one keep-alive connection per client.
+
+Per server: ServerLive (REST: GET /v2/health/live) at concurrency 1 (calls/s: the bare
+transport), ModelInfer of one T=50 sequence of the encoder at concurrency 1 (p50 ms) and 16
+(sequences/s). An experiment to inform a
 frontend choice, not part of `make bench`; the ratios within one run are what to read.
 """
 
@@ -27,12 +31,14 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("product", "sync", "aio", "aio-thread")
+MODES = ("product", "sync", "aio", "aio-thread", "rest-binary", "rest-json")
+REST_MODES = ("rest-binary", "rest-json")
 
 
 def _plane(models: Path):
@@ -105,11 +111,20 @@ def _serve(mode: str, models: Path) -> None:
     asyncio.run(main())
 
 
-def _start(mode: str, models: Path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(mode: str, models: Path, http_port: int = -1):
     from scale.replicas import Replica, start_replica
 
-    if mode == "product":
-        return start_replica(models, ["--batching", "false", "--intra-op-threads", "1", "--inter-op-threads", "1"], {0})
+    if mode == "product" or mode in REST_MODES:
+        args = ["--batching", "false", "--intra-op-threads", "1", "--inter-op-threads", "1"]
+        return start_replica(models, [*args, "--http-port", str(http_port)], {0})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.transport", "--serve", mode, "--models", str(models)],
@@ -142,16 +157,105 @@ def _live_rate(target: str, seconds: float) -> float:
         return n / (time.perf_counter() - t0)
 
 
+def _rest_worker(port, model, features, threads, warmup_s, duration_s, seed, binary, queue) -> None:
+    import http.client
+
+    from bench.loadgen import closed_loop, make_requests
+
+    os.sched_setaffinity(0, {1})
+    requests = make_requests("single50", features, 64, seed)
+    bodies = {}
+    for r in requests:
+        inputs = [("x", r.x, "FP32"), ("lengths", r.lengths, "INT64")]
+        if binary:
+            head = {
+                "inputs": [{"name": n, "shape": list(a.shape), "datatype": d,
+                            "parameters": {"binary_data_size": a.nbytes}} for n, a, d in inputs],
+                "parameters": {"binary_data_output": True},
+            }  # fmt: skip
+            text = json.dumps(head).encode()
+            bodies[id(r)] = (
+                text + r.x.tobytes() + r.lengths.tobytes(),
+                {"Inference-Header-Content-Length": str(len(text))},
+            )
+        else:
+            head = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": d, "data": a.reshape(-1).tolist()}
+                               for n, a, d in inputs]}  # fmt: skip
+            bodies[id(r)] = (json.dumps(head).encode(), {})
+    local = threading.local()
+
+    def call(r) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body, headers = bodies[id(r)]
+        conn.request("POST", f"/v2/models/{model}/infer", body, headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(payload[:200])
+        if not binary:
+            json.loads(payload)  # a JSON client parses what it gets
+
+    queue.put(closed_loop(call, requests, threads, warmup_s, duration_s, offset=seed))
+
+
+def run_rest_load(port, model, features, concurrency, warmup_s, duration_s, binary, processes=2):
+    import multiprocessing
+
+    from bench.loadgen import LoadResult
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    nproc = max(1, min(processes, concurrency))
+    procs = []
+    for p in range(nproc):
+        threads = concurrency // nproc + (1 if p < concurrency % nproc else 0)
+        args = (port, model, features, threads, warmup_s + 1.0, duration_s, p, binary, queue)
+        procs.append(ctx.Process(target=_rest_worker, args=args))
+    for proc in procs:
+        proc.start()
+    total = LoadResult()
+    for _ in procs:
+        total.merge(queue.get(timeout=warmup_s + duration_s + 300))
+    for proc in procs:
+        proc.join()
+    total.window_s = duration_s
+    return total
+
+
+def _rest_live_rate(port: int, seconds: float) -> float:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            conn.request("GET", "/v2/health/live")
+            conn.getresponse().read()
+            n += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        conn.close()
+
+
 def _measure(mode: str, models: Path, model: str, features: int, seconds: float) -> dict:
     from bench.loadgen import run_grpc_load
 
     os.sched_setaffinity(0, {1})
-    replica = _start(mode, models)
+    http_port = _free_port() if mode in REST_MODES else -1
+    replica = _start(mode, models, http_port)
     try:
         target = replica.address
-        row = {"mode": mode, "live_calls_per_s": _live_rate(target, seconds)}
-        c1 = run_grpc_load(target, model, "single50", features, 1, 1.0, seconds, processes=1, cpus={1})
-        c16 = run_grpc_load(target, model, "single50", features, 16, 1.0, seconds, processes=2, cpus={1})
+        if mode in REST_MODES:
+            binary = mode == "rest-binary"
+            row = {"mode": mode, "live_calls_per_s": _rest_live_rate(http_port, seconds)}
+            c1 = run_rest_load(http_port, model, features, 1, 1.0, seconds, binary, processes=1)
+            c16 = run_rest_load(http_port, model, features, 16, 1.0, seconds, binary, processes=2)
+        else:
+            row = {"mode": mode, "live_calls_per_s": _live_rate(target, seconds)}
+            c1 = run_grpc_load(target, model, "single50", features, 1, 1.0, seconds, processes=1, cpus={1})
+            c16 = run_grpc_load(target, model, "single50", features, 16, 1.0, seconds, processes=2, cpus={1})
         s1, s16 = c1.summary(), c16.summary()
         row.update(
             c1_p50_ms=s1["p50_ms"],
@@ -172,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--serve", choices=MODES[1:], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("sync", "aio", "aio-thread"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         _serve(args.serve, args.models)

@@ -41,6 +41,25 @@ def _oip(dtype: np.dtype) -> str:
     return next((name for name, (dt, _) in DATATYPES.items() if dt == dtype), str(dtype))
 
 
+def _check_finite(name: str, array: np.ndarray, lengths: np.ndarray | None = None) -> None:
+    """NaN/Inf values are refused: ONNX Runtime's CPU LSTM turns a NaN input into finite outputs
+    (measured) where PyTorch gives NaN, so passing them on would answer with plausible numbers
+    that agree with nothing. For `x` only the valid steps count (padding is never read)."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    bad = ~finite
+    if lengths is not None:
+        bad &= (np.arange(array.shape[1])[None, :] < lengths[:, None])[..., None]
+        if not bad.any():
+            return
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    raise InvalidArgument(
+        f"input '{name}': values must be finite; {name}{where} = {array[tuple(where)]} "
+        f"({int(bad.sum())} non-finite value(s){' within the valid lengths' if lengths is not None else ''})"
+    )
+
+
 def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
     """Check names, dtypes, ranks, sizes and lengths; messages name the input and the expectation."""
     known = [i.name for i in rt.inputs]
@@ -77,6 +96,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
             )
     else:
         lengths = np.full((batch,), steps, np.int64)
+    _check_finite("x", x, lengths)
     states = {}
     for name in ("h0", "c0"):
         if name in arrays:
@@ -89,6 +109,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
                     f"input '{name}': expected shape {list(expected)} (layers*directions, batch, hidden), "
                     f"got {list(value.shape)}"
                 )
+            _check_finite(name, value)
             states[name] = np.ascontiguousarray(value)
     if states and "h0" not in states:
         states["h0"] = np.zeros_like(states["c0"])

@@ -192,18 +192,27 @@ def response_body(response: pb.ModelInferResponse, binary_outputs: set[str], bin
         head["id"] = response.id
     if response.parameters:
         head["parameters"] = {k: _param_value(v) for k, v in response.parameters.items()}
-    blobs = []
-    for tensor in response.outputs:
+    blobs, fast = [], {}
+    for i, tensor in enumerate(response.outputs):
         array = arrays[tensor.name]
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": [int(d) for d in tensor.shape]}
         if binary_all or tensor.name in binary_outputs:
             blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif array.dtype in (np.float32, np.float16) and array.size and np.isfinite(array).all():
+            # "%.9g" round-trips every float32 exactly, 2.8x faster and 40 % shorter than
+            # json.dumps' 17-digit repr of the float64 it would see (measured: 25,600 values)
+            token = f"\x00data{i}\x00"
+            fast[json.dumps(token)] = "[" + ",".join(["%.9g"] * array.size) % tuple(array.reshape(-1).tolist()) + "]"
+            entry["data"] = token
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = array.reshape(-1).tolist()  # json.dumps: NaN/Infinity as Python writes them
         head["outputs"].append(entry)
-    text = json.dumps(head, separators=(",", ":")).encode()
+    out = json.dumps(head, separators=(",", ":"))
+    for token, data in fast.items():
+        out = out.replace(token, data, 1)
+    text = out.encode()
     if not blobs:
         return text, -1
     return b"".join([text, *blobs]), len(text)
@@ -227,6 +236,9 @@ def _numbers(obj):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
     timeout = 120  # seconds a connection may sit idle (or mid-request) before it is closed
+    # headers and body go out as two writes: with Nagle on, a small body waits for the client's
+    # delayed ACK (40 ms per call on Linux, measured here: 23 health calls/s)
+    disable_nagle_algorithm = True
     server_version = "lstm-serve"
     sys_version = ""
 

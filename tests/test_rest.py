@@ -117,6 +117,24 @@ def test_json_infer_parity(rest, encoders):
     assert np.abs(_arrays(reply)["h_n"] - full["h_n"]).max() <= TOL
 
 
+def test_json_non_finite_outputs():
+    """Non-finite output values leave the fast float32 formatting for json.dumps' NaN/Infinity,
+    which Python's json and rapidjson (tritonclient) read. (ONNX Runtime's CPU LSTM was seen to
+    turn a NaN input into finite outputs, so this is built from a response directly.)"""
+    from server.codec import encode_output
+    from server.proto import grpc_service_pb2 as pb
+    from server.rest import response_body
+
+    response = pb.ModelInferResponse(model_name="m", model_version="1")
+    encode_output(response, "y", np.array([[1.5, np.nan], [np.inf, -2.25]], np.float32))
+    encode_output(response, "h_n", np.array([0.1, 1e-30, -3.4e38], np.float32))
+    body, header_len = response_body(response, set(), False)
+    assert header_len == -1
+    out = {o["name"]: np.asarray(o["data"], np.float32) for o in json.loads(body)["outputs"]}
+    assert b"NaN" in body and b"Infinity" in body and np.isnan(out["y"][1]) and out["y"][2] == np.inf
+    assert np.array_equal(out["h_n"], np.array([0.1, 1e-30, -3.4e38], np.float32))  # exact float32
+
+
 def test_binary_extension(rest, encoders):
     """Triton's binary tensor extension, built by hand: JSON header + raw bytes, both ways."""
     x, lengths = ragged(np.random.default_rng(32), 3, 9, 6)
@@ -250,6 +268,8 @@ def test_tritonclient_http(rest, encoders, tmp_path):
     for form in ("bin", "json"):
         for name in ("y", "h_n", "c_n"):
             assert np.abs(got[f"{form}_{name}"] - want[name]).max() <= TOL, (form, name)
+    for name in ("y", "h_n", "c_n"):  # JSON numbers carry float32 exactly
+        assert np.array_equal(got[f"bin_{name}"], got[f"json_{name}"]), name
 
 
 def test_rest_tls_and_tokens(repo, pki):  # noqa: F811

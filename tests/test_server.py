@@ -308,7 +308,24 @@ ERROR_CASES = {
         grpc.StatusCode.INVALID_ARGUMENT,
         ">= 1",
     ),
+    "NaN within the lengths": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [1, 2, 6])], raw_input_contents=[np.full((1, 2, 6), np.nan, "f").tobytes()]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'x': values must be finite; x[0, 0, 0] = nan (12 non-finite value(s) within the valid lengths)",
+    ),
 }
+
+
+def test_non_finite_padding_is_ignored(client, encoders):
+    """NaN past a sequence's length is never read, so it is allowed (and changes nothing)."""
+    x, lengths = ragged(np.random.default_rng(3), 3, 7, 6)
+    lengths[:] = [7, 4, 2]
+    padded = x.copy()
+    padded[1, 4:] = np.nan
+    padded[2, 2:] = np.inf
+    _close(client.infer_batch("bi", padded, lengths), reference(encoders["bi"], x, lengths))
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))

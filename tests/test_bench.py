@@ -35,14 +35,14 @@ def test_bench_quick(repo, tmp_path):
 
 
 def test_transport_experiment_quick(repo, tmp_path):
-    """bench.transport runs its servers (product and asyncio) and answers every call."""
+    """bench.transport runs its servers (product, asyncio, REST binary and JSON) and answers every call."""
     out = tmp_path / "transport.json"
     res = subprocess.run(
         [sys.executable, "-m", "bench.transport", "--models", str(repo), "--model", "bi", "--seconds", "0.3",
-         "--modes", "product,aio-thread", "--out", str(out)],
+         "--modes", "product,aio-thread,rest-binary,rest-json", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["product", "aio-thread"]
+    assert [r["mode"] for r in rows] == ["product", "aio-thread", "rest-binary", "rest-json"]
     assert all(r["errors"] == 0 and r["c16_seq_per_s"] > 0 and r["live_calls_per_s"] > 0 for r in rows)

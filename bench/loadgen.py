@@ -143,8 +143,8 @@ def _grpc_worker(
     warmup_s: float,
     duration_s: float,
     seed: int,
+    cpus: set[int] | None,
     queue,
-    cpus: set[int] | None = None,
 ) -> None:
     import os
 
@@ -181,6 +181,26 @@ def _grpc_worker(
     queue.put(closed_loop(call, requests, threads, warmup_s, duration_s, offset=seed))
 
 
+def run_in_processes(worker, args_for, concurrency: int, processes: int, timeout_s: float) -> LoadResult:
+    """Start `processes` spawned processes running `worker(*args_for(p, threads), queue)`, the
+    `concurrency` client threads split among them; merge the LoadResults they put on the queue."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    nproc = max(1, min(processes, concurrency))
+    procs = []
+    for p in range(nproc):
+        threads = concurrency // nproc + (1 if p < concurrency % nproc else 0)
+        procs.append(ctx.Process(target=worker, args=(*args_for(p, threads), queue)))
+    for proc in procs:
+        proc.start()
+    total = LoadResult()
+    for _ in procs:
+        total.merge(queue.get(timeout=timeout_s))
+    for proc in procs:
+        proc.join()
+    return total
+
+
 def run_grpc_load(
     target: str,
     model: str,
@@ -194,24 +214,12 @@ def run_grpc_load(
     cpus: set[int] | None = None,
 ) -> LoadResult:
     """Closed-loop load from `processes` client processes (threads split among them)."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = []
-    nproc = max(1, min(processes, concurrency))
-    for p in range(nproc):
-        threads = concurrency // nproc + (1 if p < concurrency % nproc else 0)
-        procs.append(
-            ctx.Process(
-                target=_grpc_worker,
-                args=(target, model, payload, features, threads, warmup_s + 1.0, duration_s, seed + p, queue, cpus),
-            )
-        )
-    for proc in procs:
-        proc.start()
-    total = LoadResult()
-    for _ in procs:
-        total.merge(queue.get(timeout=warmup_s + duration_s + 300))
-    for proc in procs:
-        proc.join()
+    total = run_in_processes(
+        _grpc_worker,
+        lambda p, threads: (target, model, payload, features, threads, warmup_s + 1.0, duration_s, seed + p, cpus),
+        concurrency,
+        processes,
+        warmup_s + duration_s + 300,
+    )
     total.window_s = duration_s
     return total

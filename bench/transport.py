@@ -201,25 +201,15 @@ def _rest_worker(port, model, features, threads, warmup_s, duration_s, seed, bin
 
 
 def run_rest_load(port, model, features, concurrency, warmup_s, duration_s, binary, processes=2):
-    import multiprocessing
+    from bench.loadgen import run_in_processes
 
-    from bench.loadgen import LoadResult
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    nproc = max(1, min(processes, concurrency))
-    procs = []
-    for p in range(nproc):
-        threads = concurrency // nproc + (1 if p < concurrency % nproc else 0)
-        args = (port, model, features, threads, warmup_s + 1.0, duration_s, p, binary, queue)
-        procs.append(ctx.Process(target=_rest_worker, args=args))
-    for proc in procs:
-        proc.start()
-    total = LoadResult()
-    for _ in procs:
-        total.merge(queue.get(timeout=warmup_s + duration_s + 300))
-    for proc in procs:
-        proc.join()
+    total = run_in_processes(
+        _rest_worker,
+        lambda p, threads: (port, model, features, threads, warmup_s + 1.0, duration_s, p, binary),
+        concurrency,
+        processes,
+        warmup_s + duration_s + 300,
+    )
     total.window_s = duration_s
     return total
 

@@ -149,7 +149,12 @@ class InferenceServer:
         server.start()
         if s.http_port >= 0:
             self.rest = RestServer(
-                self.plane, lambda: not self._draining.is_set(), self.admission, tokens, s.max_message_mb << 20
+                self.plane,
+                lambda: not self._draining.is_set(),
+                self.admission,
+                tokens,
+                max_body=s.max_message_mb << 20,
+                max_concurrent=s.grpc_workers + s.max_queue,
             )
             try:
                 tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None

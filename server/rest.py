@@ -26,9 +26,11 @@ back the same way: JSON header, then their bytes, with the header's length in
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
+import math
 import ssl
 import threading
 import time
@@ -37,11 +39,11 @@ from urllib.parse import unquote
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 
 from server.codec import DATATYPES, decode_outputs
 from server.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from server.proto import grpc_service_pb2 as pb
+from server.servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION, repository_index, statistics_response
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -58,9 +60,9 @@ HTTP_OF = {
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 def _param(value) -> pb.InferParameter:
@@ -94,10 +96,13 @@ def _json_params(target, params, where: str) -> None:
             raise InvalidArgument(f"{where} parameter '{key}': {exc.message}") from None
 
 
+_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # numpy kind of the target -> JSON kinds accepted
+
+
 def build_request(
     header: dict, binary: memoryview, model: str, version: str
-) -> tuple[pb.ModelInferRequest, set[str], bool]:
-    """JSON header (+ binary section) -> (ModelInferRequest, outputs wanted binary, all binary)."""
+) -> tuple[pb.ModelInferRequest, dict[str, bool], bool]:
+    """JSON header (+ binary section) -> (ModelInferRequest, per-output binary choice, default)."""
     if not isinstance(header, dict):
         raise InvalidArgument("request body must be a JSON object with 'inputs'")
     unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs"})
@@ -105,7 +110,9 @@ def build_request(
         raise InvalidArgument(f"unknown request field(s) {unknown}; expected id, parameters, inputs, outputs")
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=str(header.get("id", "")))
     params = header.get("parameters") or {}
-    binary_all = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    binary_all = params.get("binary_data_output", False) if isinstance(params, dict) else False
+    if not isinstance(binary_all, bool):
+        raise InvalidArgument(f"request parameter 'binary_data_output' must be true or false, got {binary_all!r}")
     _json_params(
         request.parameters,
         {k: v for k, v in params.items() if k != "binary_data_output"} if isinstance(params, dict) else params,
@@ -126,8 +133,8 @@ def build_request(
             raise InvalidArgument(f"input '{name}': datatype {datatype!r} unknown; expected one of {sorted(DATATYPES)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"input '{name}': shape {shape} has a negative dimension")
+        if any(not 0 <= d < 2**63 for d in shape):
+            raise InvalidArgument(f"input '{name}': every dimension of shape {shape} must be in 0..2^63-1")
         dtype = DATATYPES[datatype][0]
         count = int(np.prod(shape, dtype=object)) if shape else 1
         tparams = tensor.get("parameters") or {}
@@ -154,7 +161,12 @@ def build_request(
             if "data" not in tensor:
                 raise InvalidArgument(f"input '{name}': 'data' missing (or binary_data_size for binary data)")
             try:
-                array = np.asarray(tensor["data"], dtype=dtype)
+                parsed = np.asarray(tensor["data"])
+                if (
+                    parsed.size and parsed.dtype.kind not in _KINDS[dtype.kind]
+                ):  # e.g. 1.9 for INT64: refused, not truncated
+                    raise TypeError(f"got {parsed.dtype.kind!r}-kind values")
+                array = parsed.astype(dtype)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise InvalidArgument(
                     f"input '{name}': 'data' is not a (nested) list of {datatype} values: {exc}"
@@ -167,16 +179,22 @@ def build_request(
         request.raw_input_contents.append(raw)
     if offset != len(binary):
         raise InvalidArgument(f"{len(binary) - offset} binary byte(s) after the last binary input")
-    binary_outputs = set()
+    binary_outputs: dict[str, bool] = {}
     outputs = header.get("outputs") or []
     if not isinstance(outputs, list):
         raise InvalidArgument("'outputs' must be a list of {name, parameters}")
     for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidArgument(f"outputs[{i}] must be an object with a string 'name'")
-        oparams = dict(out.get("parameters") or {})
-        if oparams.pop("binary_data", False):
-            binary_outputs.add(out["name"])
+        oparams = out.get("parameters") or {}
+        if not isinstance(oparams, dict):
+            raise InvalidArgument(f"output '{out['name']}': 'parameters' must be an object")
+        oparams = dict(oparams)
+        if "binary_data" in oparams:  # an explicit choice wins over binary_data_output
+            choice = oparams.pop("binary_data")
+            if not isinstance(choice, bool):
+                raise InvalidArgument(f"output '{out['name']}': binary_data must be true or false, got {choice!r}")
+            binary_outputs[out["name"]] = choice
         if "classification" in oparams:
             raise InvalidArgument(f"output '{out['name']}': the classification extension is not supported")
         request.outputs.add(name=out["name"])
@@ -184,7 +202,9 @@ def build_request(
     return request, binary_outputs, binary_all
 
 
-def response_body(response: pb.ModelInferResponse, binary_outputs: set[str], binary_all: bool) -> tuple[bytes, int]:
+def response_body(
+    response: pb.ModelInferResponse, binary_outputs: dict[str, bool], binary_all: bool
+) -> tuple[bytes, int]:
     """ModelInferResponse -> (body, JSON header length or -1 when the body is plain JSON)."""
     arrays = decode_outputs(response)
     head = {"model_name": response.model_name, "model_version": response.model_version, "outputs": []}
@@ -196,7 +216,7 @@ def response_body(response: pb.ModelInferResponse, binary_outputs: set[str], bin
     for i, tensor in enumerate(response.outputs):
         array = arrays[tensor.name]
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": [int(d) for d in tensor.shape]}
-        if binary_all or tensor.name in binary_outputs:
+        if binary_outputs.get(tensor.name, binary_all):
             blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -218,24 +238,34 @@ def response_body(response: pb.ModelInferResponse, binary_outputs: set[str], bin
     return b"".join([text, *blobs]), len(text)
 
 
-_INT64_KEYS = {"dims", "max_sequence_idle_microseconds", "max_queue_delay_microseconds", "versions"}
+def _to_json(msg) -> dict:
+    """A protobuf message as Triton's REST API writes it: every field, default values included,
+    64-bit integers as numbers (protobuf's JSON would make them strings), enums by name."""
+    out = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {
+                k: _to_json(v) if value_field.message_type else _scalar(value_field, v) for k, v in value.items()
+            }
+        elif field.is_repeated:
+            out[field.name] = [_to_json(v) if field.message_type else _scalar(field, v) for v in value]
+        elif field.message_type is not None:
+            if msg.HasField(field.name):
+                out[field.name] = _to_json(value)
+        elif field.containing_oneof is None or msg.HasField(field.name):
+            out[field.name] = _scalar(field, value)
+    return out
 
 
-def _numbers(obj):
-    """Protobuf JSON writes 64-bit integers as strings; the REST API (like Triton's) wants numbers."""
-    if isinstance(obj, dict):
-        return {
-            k: ([int(x) for x in v] if isinstance(v, list) else int(v)) if k in _INT64_KEYS else _numbers(v)
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list):
-        return [_numbers(x) for x in obj]
-    return obj
+def _scalar(field, value):
+    return field.enum_type.values_by_number[value].name if field.enum_type is not None else value
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
-    timeout = 120  # seconds a connection may sit idle (or mid-request) before it is closed
+    timeout = 60  # seconds a connection may sit idle (or stall mid-request) before it is closed
     # headers and body go out as two writes: with Nagle on, a small body waits for the client's
     # delayed ACK (40 ms per call on Linux, measured here: 23 health calls/s)
     disable_nagle_algorithm = True
@@ -256,75 +286,109 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args) -> None:  # route to logging, quietly
         log.debug("%s - %s", self.address_string(), fmt % args)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unknown method, ...) as JSON too; the
+        connection is closed, since what follows on it cannot be trusted."""
+        self.close_connection = True
+        try:
+            short, _ = self.responses.get(code, ("error", ""))
+        except AttributeError:
+            short = "error"
+        self._error(code, message or short, {"Connection": "close"})
+
     # -- plumbing ----------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json", header_len: int = -1):
+    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json", header_len: int = -1,
+              headers: dict[str, str] | None = None) -> None:  # fmt: skip
         self.send_response(status)
         if body or status != 200:
             self.send_header("Content-Type", content_type)
         if header_len >= 0:
             self.send_header(HEADER_LENGTH, str(header_len))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if body and self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, obj) -> None:
-        self._send(status, json.dumps(obj, separators=(",", ":")).encode())
+    def _json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj, separators=(",", ":")).encode(), headers=headers)
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self._json(status, {"error": message}, headers)
 
     def _authorized(self) -> bool:
         tokens = self.frontend.tokens
         if not tokens or self.path.startswith("/v2/health/"):
             return True
         value = self.headers.get("Authorization", "")
+        challenge = {"WWW-Authenticate": "Bearer"}
         if not value.startswith("Bearer "):
-            self._error(401, "missing 'Authorization: Bearer <token>' header")
+            self._error(401, "missing 'Authorization: Bearer <token>' header", challenge)
             return False
         presented = value[len("Bearer ") :].encode()
         if not any([hmac.compare_digest(presented, t) for t in tokens]):
-            self._error(401, "invalid bearer token")
+            self._error(401, "invalid bearer token", challenge)
             return False
         return True
 
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise HttpError(411, "chunked request bodies are not supported; send Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise HttpError(411, "Content-Length header required")
-        try:
-            n = int(length)
-        except ValueError:
-            raise HttpError(400, f"Content-Length {length!r} is not an integer") from None
+    def _framing(self) -> int:
+        """The body's length from the headers, refusing any framing two parsers could read
+        differently (request smuggling): Transfer-Encoding, repeated or non-digit Content-Length."""
+        if self.headers.get_all("Transfer-Encoding"):
+            raise HttpError(400, "Transfer-Encoding is not supported; send the body with a Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            raise HttpError(400, f"{len(lengths)} Content-Length headers; send one")
+        if not lengths:
+            return -1
+        if not lengths[0].isascii() or not lengths[0].strip().isdigit():
+            raise HttpError(400, f"Content-Length {lengths[0]!r} must be a non-negative integer")
+        return int(lengths[0])
+
+    def _body(self, limit: int, what: str = "request body") -> bytes:
+        n = self._length
         if n < 0:
-            raise HttpError(400, f"Content-Length {n} is negative")
-        if n > self.frontend.max_body:
-            raise HttpError(413, f"request body of {n} bytes exceeds the limit of {self.frontend.max_body} bytes")
+            raise HttpError(411, "Content-Length header required")
+        if n > limit:
+            hint = (
+                "; send the tensors in binary (Inference-Header-Content-Length)"
+                if limit < self.frontend.max_body
+                else ""
+            )
+            raise HttpError(413, f"{what} of {n} bytes exceeds the limit of {limit} bytes{hint}")
         encoding = self.headers.get("Content-Encoding", "identity").lower()
         if encoding != "identity":
             raise HttpError(415, f"Content-Encoding {encoding!r} not supported; send the body uncompressed")
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        self._consumed = True
+        return body
 
     def _route(self, method: str) -> None:
+        self._consumed = False
+        self._length = -1
         try:
+            self._length = self._framing()
             if not self._authorized():
                 return
             path = self.path.split("?", 1)[0].rstrip("/")
             parts = [unquote(p) for p in path.split("/")[1:]]
             if parts[:1] != ["v2"]:
                 raise HttpError(404, f"no such endpoint {path!r}; the API is under /v2")
-            self._dispatch(method, parts[1:])
+            with self.frontend.slot():
+                self._dispatch(method, parts[1:])
         except HttpError as exc:
-            if exc.status == 413:
-                self.close_connection = True  # the unread body would be taken for the next request
-            self._error(exc.status, exc.message)
+            self._error(exc.status, exc.message, exc.headers)
         except ServingError as exc:
             self._error(HTTP_OF.get(exc.code, 500), exc.message)
         except Exception as exc:  # noqa: BLE001
             log.exception("unexpected error on %s %s", method, self.path)
             self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            # a body left unread (error before reading it, or one sent with a GET) would be parsed
+            # as the next request on this connection: close it instead
+            if not self._consumed and self._length != 0:
+                self.close_connection = True
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         plane, ready = self.frontend.plane, self.frontend.is_ready
@@ -334,9 +398,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200 if ok else 503, {parts[1]: ok})
         if not parts:
             self._need(method, "GET")
-            from server.servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION
-
             return self._json(200, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+        if parts[0] == "repository":
+            return self._repository(method, parts[1:])
+        if parts == ["models", "stats"]:
+            self._need(method, "GET")
+            return self._json(200, _to_json(statistics_response(plane)))
         if parts[0] != "models" or len(parts) < 2:
             raise HttpError(404, f"no such endpoint /v2/{'/'.join(parts)}")
         model, rest, version = parts[1], parts[2:], ""
@@ -371,49 +438,82 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200 if ready() else 503, {"name": model, "ready": ready()})
         if rest == ["config"]:
             self._need(method, "GET")
-            config = plane.model_config(model, version).config
-            return self._json(200, _numbers(json_format.MessageToDict(config, preserving_proto_field_name=True)))
+            return self._json(200, _to_json(plane.model_config(model, version).config))
+        if rest == ["stats"]:
+            self._need(method, "GET")
+            return self._json(200, _to_json(statistics_response(plane, model, version)))
         if rest == ["infer"]:
             self._need(method, "POST")
             return self._infer(model, version)
         raise HttpError(404, f"no such endpoint under model '{model}': {'/'.join(rest)}")
 
+    def _repository(self, method: str, parts: list[str]) -> None:
+        """Triton's model repository extension: index, load, unload (bodies: optional JSON)."""
+        self._need(method, "POST")
+        raw = self._body(self.frontend.max_json)
+        try:
+            options = json.loads(raw) if raw.strip() else {}
+        except (ValueError, RecursionError) as exc:
+            raise HttpError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise HttpError(400, "request body must be a JSON object")
+        plane = self.frontend.plane
+        if parts == ["index"]:
+            ready_only = options.get("ready", False)
+            if not isinstance(ready_only, bool):
+                raise HttpError(400, f"'ready' must be true or false, got {ready_only!r}")
+            return self._json(200, _to_json(repository_index(plane, ready_only))["models"])
+        if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
+            getattr(plane.repository, parts[2])(parts[1])
+            return self._json(200, {})
+        raise HttpError(404, f"no such endpoint /v2/repository/{'/'.join(parts)}")
+
     def _need(self, method: str, allowed: str) -> None:
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
-            raise HttpError(405, f"{method} not allowed here; use {allowed}")
+            allow = "GET, HEAD" if allowed == "GET" else allowed
+            raise HttpError(405, f"{method} not allowed here; use {allowed}", {"Allow": allow})
 
     def _infer(self, model: str, version: str) -> None:
-        body = self._body()
+        frontend = self.frontend
         header_len = self.headers.get(HEADER_LENGTH)
+        body = self._body(frontend.max_body if header_len is not None else frontend.max_json)
         if header_len is not None:
-            try:
-                n = int(header_len)
-            except ValueError:
-                raise HttpError(400, f"{HEADER_LENGTH} {header_len!r} is not an integer") from None
+            if not header_len.isascii() or not header_len.strip().isdigit():
+                raise HttpError(400, f"{HEADER_LENGTH} {header_len!r} must be a non-negative integer")
+            n = int(header_len)
             if not 0 < n <= len(body):
                 raise HttpError(400, f"{HEADER_LENGTH} {n} must be in 1..{len(body)} (the body length)")
+            if n > frontend.max_json:
+                raise HttpError(413, f"JSON header of {n} bytes exceeds the limit of {frontend.max_json} bytes")
             head_bytes, binary = body[:n], memoryview(body)[n:]
         else:
             head_bytes, binary = body, memoryview(b"")
         try:
             header = json.loads(head_bytes)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise HttpError(400, f"request body is not valid JSON: {exc}") from None
-        request, binary_outputs, binary_all = build_request(header, binary, model, version)
+        try:
+            request, binary_outputs, binary_all = build_request(header, binary, model, version)
+        except (ValueError, UnicodeError, RecursionError) as exc:  # protobuf refusing a value
+            raise HttpError(400, f"request not valid: {exc}") from None
         timeout = self.headers.get("Inference-Timeout-Ms")  # optional, like a gRPC deadline
         deadline = None
         if timeout is not None:
             try:
-                deadline = time.monotonic() + float(timeout) / 1000
+                ms = float(timeout)
             except ValueError:
-                raise HttpError(400, f"Inference-Timeout-Ms {timeout!r} is not a number") from None
-        with self.frontend.admission.call():
-            response = self.frontend.plane.infer(request, deadline)
-        payload, json_len = response_body(response, binary_outputs, binary_all)
-        if json_len < 0:
-            self._send(200, payload)
-        else:
-            self._send(200, payload, "application/octet-stream", json_len)
+                ms = math.nan
+            if not math.isfinite(ms) or ms <= 0:
+                raise HttpError(400, f"Inference-Timeout-Ms {timeout!r} must be a positive number of milliseconds")
+            deadline = time.monotonic() + ms / 1000
+        # admitted until the reply is written: a drain waits for it, so no reply is cut short
+        with frontend.admission.call():
+            response = frontend.plane.infer(request, deadline)
+            payload, json_len = response_body(response, binary_outputs, binary_all)
+            if json_len < 0:
+                self._send(200, payload)
+            else:
+                self._send(200, payload, "application/octet-stream", json_len)
 
     def do_GET(self) -> None:  # noqa: N802
         self._route("GET")
@@ -442,14 +542,32 @@ class _Server(ThreadingHTTPServer):
 
 
 class RestServer:
-    """The HTTP/REST frontend: its own listening socket and threads, the shared data plane."""
+    """The HTTP/REST frontend: its own listening socket and threads, the shared data plane.
 
-    def __init__(self, plane, is_ready, admission, tokens: list[str], max_body: int) -> None:
+    `max_body` bounds a request body (binary tensors included); `max_json` the JSON part, which
+    costs far more memory once parsed (a JSON float becomes a ~32-byte Python object: a 16 MB
+    body was seen to raise the server's peak RSS by ~430 MB); `max_concurrent` requests are
+    handled at once, more get 429 (the gRPC port's `maximum_concurrent_rpcs` counterpart)."""
+
+    def __init__(self, plane, is_ready, admission, tokens: list[str], max_body: int, max_json: int = 32 << 20,
+                 max_concurrent: int = 1056) -> None:  # fmt: skip
         self.plane, self.is_ready, self.admission = plane, is_ready, admission
         self.tokens = [t.encode() for t in tokens]
         self.max_body = max_body
+        self.max_json = min(max_json, max_body)
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self.max_concurrent = max_concurrent
         self._httpd: _Server | None = None
         self.port: int | None = None
+
+    @contextlib.contextmanager
+    def slot(self):
+        if not self._slots.acquire(blocking=False):
+            raise HttpError(429, f"{self.max_concurrent} HTTP requests in progress: the limit; retry later")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         handler = type("Handler", (_Handler,), {"frontend": self})

@@ -80,6 +80,42 @@ class Admission:
             return self._in_flight
 
 
+def statistics_response(plane: DataPlane, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+    """Triton's ModelStatistics for one model (version) or all; NOT_FOUND for an unknown model."""
+    snap = plane.stats.snapshot()
+    response = pb.ModelStatisticsResponse()
+    if name:
+        plane.repository.get(name, version)  # NOT_FOUND if unknown
+    for (model, ver), s in sorted(snap.items()):
+        if name and model != name:
+            continue
+        if version and str(ver) != version:
+            continue
+        ms = response.model_stats.add(
+            name=model,
+            version=str(ver),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
+        for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            d = getattr(s, field)
+            getattr(ms.inference_stats, field).CopyFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
+        for size, d in sorted(s.batches.items()):
+            ms.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns))
+    return response
+
+
+def repository_index(plane: DataPlane, ready_only: bool = False) -> pb.RepositoryIndexResponse:
+    """Every model on disk or known, with its state, like Triton's repository index."""
+    response = pb.RepositoryIndexResponse()
+    for model, version, state, reason in plane.repository.index():
+        if ready_only and state != "READY":
+            continue
+        response.models.add(name=model, version=version, state=state, reason=reason)
+    return response
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None) -> None:
         self.plane = plane
@@ -139,37 +175,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     def ModelStatistics(self, request, context):
-        snap = self.plane.stats.snapshot()
-        response = pb.ModelStatisticsResponse()
-        if request.name:
-            self.plane.repository.get(request.name, request.version)  # NOT_FOUND if unknown
-        for (name, version), s in sorted(snap.items()):
-            if request.name and name != request.name:
-                continue
-            if request.version and str(version) != request.version:
-                continue
-            ms = response.model_stats.add(
-                name=name,
-                version=str(version),
-                last_inference=s.last_inference_ms,
-                inference_count=s.inference_count,
-                execution_count=s.execution_count,
-            )
-            for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-                d = getattr(s, field)
-                getattr(ms.inference_stats, field).CopyFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
-            for size, d in sorted(s.batches.items()):
-                ms.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns))
-        return response
+        return statistics_response(self.plane, request.name, request.version)
 
     @_unary
     def RepositoryIndex(self, request, context):
-        response = pb.RepositoryIndexResponse()
-        for name, version, state, reason in self.plane.repository.index():
-            if request.ready and state != "READY":
-                continue
-            response.models.add(name=name, version=version, state=state, reason=reason)
-        return response
+        return repository_index(self.plane, request.ready)
 
     @_unary
     def RepositoryModelLoad(self, request, context):

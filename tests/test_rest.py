@@ -11,6 +11,7 @@ import json
 import os
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_json_non_finite_outputs():
     response = pb.ModelInferResponse(model_name="m", model_version="1")
     encode_output(response, "y", np.array([[1.5, np.nan], [np.inf, -2.25]], np.float32))
     encode_output(response, "h_n", np.array([0.1, 1e-30, -3.4e38], np.float32))
-    body, header_len = response_body(response, set(), False)
+    body, header_len = response_body(response, {}, False)
     assert header_len == -1
     out = {o["name"]: np.asarray(o["data"], np.float32) for o in json.loads(body)["outputs"]}
     assert b"NaN" in body and b"Infinity" in body and np.isnan(out["y"][1]) and out["y"][2] == np.inf
@@ -166,6 +167,7 @@ def test_binary_extension(rest, encoders):
     conn.close()
 
 
+X6 = {"name": "x", "shape": [1, 1, 6], "datatype": "FP32", "data": [0.0] * 6}  # a valid input
 BAD = [
     # (method, path, body, headers, status, fragment of the error)
     ("GET", "/v2/models/nope", None, {}, 404, "unknown model 'nope'"),
@@ -192,6 +194,23 @@ BAD = [
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
                                                  "data": [0.0] * 6}], "parameters": {"sequence_id": 2**70}}, {}, 400,
      "request parameter 'sequence_id': parameter value 1180591620717411303424: integers must fit in 64 bits"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [X6,
+                                                {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [1.9]}]},
+     {}, 400, "input 'lengths': 'data' is not a (nested) list of INT64 values"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [2**64, 0], "datatype": "FP32", "data": []}]},
+     {}, 400, "must be in 0..2^63-1"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [X6], "outputs": [{"name": "y", "parameters": [1]}]}, {}, 400,
+     "'parameters' must be an object"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [X6],
+                                     "parameters": {"binary_data_output": "false"}}, {}, 400, "must be true or false"),
+    ("POST", "/v2/models/bi/infer", b'{"id": "\\ud800", "inputs": [' + json.dumps(X6).encode() + b"]}", {}, 400,
+     "request not valid"),
+    ("POST", "/v2/models/bi/infer", b"[" * 100000 + b"]" * 100000, {}, 400, "not valid JSON"),
+    ("POST", "/v2/models/bi/infer", {"inputs": [X6]},
+     {"Inference-Timeout-Ms": "nan"}, 400, "Inference-Timeout-Ms 'nan' must be a positive number"),
+    ("POST", "/v2/models/bi/infer", b"{}", {"Transfer-Encoding": "identity, chunked"}, 400, "Transfer-Encoding is not"),
+    ("POST", "/v2/repository/models/nope/load", b"", {}, 404, "nope"),
+    ("POST", "/v2/repository/index", b"[]", {}, 400, "must be a JSON object"),
     ("GET", "/v2/models/bi/infer", None, {}, 405, "GET not allowed here; use POST"),
     ("POST", "/v2/models/bi", {}, {}, 405, "POST not allowed here; use GET"),
     ("GET", "/v1/models/bi", None, {}, 404, "the API is under /v2"),
@@ -206,6 +225,104 @@ def test_errors(rest, method, path, body, headers, status, fragment):
     assert got == status, raw
     assert fragment in json.loads(raw)["error"], raw
     assert _json(rest.http_port, "GET", "/v2/health/ready")[0] == 200  # still serving
+
+
+def _raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes on one connection; everything the server answers until it closes (or 3 s)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            chunks.append(b"<timeout>")
+    return b"".join(chunks)
+
+
+def test_unread_body_does_not_become_the_next_request(rest):
+    """An error answered before the body is read closes the connection: the body is never parsed
+    as a request of its own (it was, before: a 405 then a second 200 from the smuggled GET)."""
+    smuggled = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (b"POST /v2/health/live HTTP/1.1", b"POST /v2/nowhere HTTP/1.1", b"GET /v2/health/live HTTP/1.1"):
+        request = head + b"\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
+        reply = _raw_exchange(rest.http_port, request)
+        assert reply.count(b"HTTP/1.1 ") == 1 and b"<timeout>" not in reply, reply
+    # ambiguous framing: refused, one answer, connection closed
+    for headers in (b"Content-Length: 2\r\nContent-Length: 40", b"Content-Length: +2", b"Transfer-Encoding: chunked"):
+        request = b"POST /v2/models/bi/infer HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n\r\n{}" + smuggled
+        reply = _raw_exchange(rest.http_port, request)
+        assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1 ") == 1, reply
+    # http.server's own errors come back as JSON too
+    reply = _raw_exchange(rest.http_port, b"PATCH /v2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 501") and b'{"error":' in reply, reply
+
+
+def test_rest_headers_405_401(repo):
+    srv = _start(repo, auth_tokens="t0k")
+    try:
+        status, headers, _ = _call(srv.http_port, "DELETE", "/v2/health/live")
+        assert status == 405 and headers["Allow"] == "GET, HEAD"
+        status, headers, _ = _call(srv.http_port, "GET", "/v2/models/bi")
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    finally:
+        srv.stop(1)
+
+
+def test_repository_over_rest(repo):
+    srv = _start(repo)
+    port = srv.http_port
+    try:
+        assert _json(port, "POST", "/v2/repository/models/uni/unload", b"") == (200, {})
+        assert _json(port, "GET", "/v2/models/uni/ready")[0] == 503
+        status, index = _json(port, "POST", "/v2/repository/index", {"ready": True})
+        assert status == 200 and "uni" not in {m["name"] for m in index} and "bi" in {m["name"] for m in index}
+        assert _json(port, "POST", "/v2/repository/models/uni/load", b"") == (200, {})
+        assert _json(port, "GET", "/v2/models/uni/ready") == (200, {"name": "uni", "ready": True})
+        body = {"inputs": [X6]}
+        assert _json(port, "POST", "/v2/models/bi/infer", body)[0] == 200
+        status, stats = _json(port, "GET", "/v2/models/stats")
+        assert status == 200 and "bi" in {m["name"] for m in stats["model_stats"]}
+        status, stats = _json(port, "GET", "/v2/models/bi/versions/1/stats")
+        assert status == 200 and stats["model_stats"][0]["inference_stats"]["success"]["count"] == 1
+        assert isinstance(stats["model_stats"][0]["inference_stats"]["success"]["ns"], int)  # a number, not "0"
+    finally:
+        srv.stop(1)
+
+
+def test_drain_waits_for_rest_replies_being_written(repo):
+    """A reply still being serialized/written when the drain starts is finished, not cut short."""
+    import threading
+
+    srv = _start(repo)
+    port = srv.http_port
+    x = np.zeros((1, 120_000, 6), np.float32)
+    head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    result = {}
+
+    def call():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request(
+            "POST", "/v2/models/bi/infer", head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+        )
+        resp = conn.getresponse()
+        result["status"], result["body"] = resp.status, resp.read()  # JSON outputs: ~2M floats to print
+        conn.close()
+
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 30
+    while srv.admission._in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert srv.admission._in_flight == 1, "the request never started"
+    srv.stop(30)
+    t.join(60)
+    assert result["status"] == 200
+    outputs = json.loads(result["body"])["outputs"]
+    assert [o["name"] for o in outputs] == ["y", "h_n", "c_n"] and len(outputs[0]["data"]) == 120_000 * 16
 
 
 def test_oversize_body_refused_before_reading(repo):
@@ -257,11 +374,11 @@ def test_tritonclient_http(rest, encoders, tmp_path):
     assert report["server"]["name"] == "lstm-serve" and report["id"] == "r1"
     assert report["metadata"]["inputs"][0]["shape"] == [-1, -1, 6]
     assert report["config"]["input"][1] == {
-        "name": "lengths",
-        "data_type": "TYPE_INT64",
-        "dims": [-1],
-        "optional": True,
-    }
+        "name": "lengths", "data_type": "TYPE_INT64", "format": "FORMAT_NONE", "dims": [-1], "optional": True
+    }  # fmt: skip
+    assert report["config"]["max_batch_size"] == 0  # defaults are written, as Triton does
+    assert report["stats"]["model_stats"][0]["inference_count"] >= 8  # 4 sequences, twice
+    assert {m["name"] for m in report["index"]} >= {"bi", "uni"}
     assert "feature size must be 6" in report["error"], report["error"]
     want = reference(encoders["bi"], x, lengths)
     got = np.load(tmp_path / "out.npz")

@@ -47,7 +47,9 @@ def main() -> None:
         error = ""
     except Exception as exc:  # InferenceServerException
         error = str(exc)
-    report = {"server": server, "metadata": meta, "config": config, "error": error}
+    stats = client.get_inference_statistics(model)
+    index = client.get_model_repository_index()
+    report = {"server": server, "metadata": meta, "config": config, "error": error, "stats": stats, "index": index}
     print(json.dumps({**report, "id": binary.get_response().get("id")}))
 
 

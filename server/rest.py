@@ -335,20 +335,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _framing(self) -> int:
         """The body's length from the headers, refusing any framing two parsers could read
         differently (request smuggling): Transfer-Encoding, repeated or non-digit Content-Length."""
-        if self.headers.get_all("Transfer-Encoding"):
-            raise HttpError(400, "Transfer-Encoding is not supported; send the body with a Content-Length")
         lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get_all("Transfer-Encoding"):
+            self.close_connection = True
+            raise HttpError(400, "Transfer-Encoding is not supported; send the body with a Content-Length")
         if len(lengths) > 1:
+            self.close_connection = True
             raise HttpError(400, f"{len(lengths)} Content-Length headers; send one")
         if not lengths:
-            return -1
+            return 0  # no body
         if not lengths[0].isascii() or not lengths[0].strip().isdigit():
+            self.close_connection = True
             raise HttpError(400, f"Content-Length {lengths[0]!r} must be a non-negative integer")
         return int(lengths[0])
 
     def _body(self, limit: int, what: str = "request body") -> bytes:
         n = self._length
-        if n < 0:
+        if n == 0 and not self.headers.get("Content-Length"):
             raise HttpError(411, "Content-Length header required")
         if n > limit:
             hint = (
@@ -366,7 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         self._consumed = False
-        self._length = -1
+        self._length = 0
         try:
             self._length = self._framing()
             if not self._authorized():
@@ -387,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             # a body left unread (error before reading it, or one sent with a GET) would be parsed
             # as the next request on this connection: close it instead
-            if not self._consumed and self._length != 0:
+            if not self._consumed and self._length > 0:
                 self.close_connection = True
 
     def _dispatch(self, method: str, parts: list[str]) -> None:

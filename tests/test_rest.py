@@ -161,8 +161,13 @@ def test_binary_extension(rest, encoders):
     y = np.frombuffer(raw[n:], np.float32).reshape(y_meta["shape"])
     assert np.abs(y - want["y"]).max() <= TOL
     assert np.abs(np.asarray(h_meta["data"], np.float32).reshape(h_meta["shape"]) - want["h_n"]).max() <= TOL
-    # the same connection serves the next request (HTTP/1.1 keep-alive)
-    conn.request("GET", "/v2/health/ready")
+    # the same connection serves the next requests (HTTP/1.1 keep-alive), GETs without a body too
+    for path in ("/v2/health/ready", "/v2/models/bi", "/v2/health/live", "/v2/models/nope"):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status in (200, 404) and not resp.will_close, path
+    conn.request("POST", "/v2/models/bi/infer", body, {"Inference-Header-Content-Length": str(len(head))})
     assert conn.getresponse().status == 200
     conn.close()
 

@@ -47,6 +47,9 @@ _CONTENT_FIELDS = (
 )
 
 
+MAX_RANK = 16  # numpy refuses more than 64 dimensions; these models take at most 3
+
+
 @dataclass(frozen=True)
 class Limits:
     max_elements: int = 64 * 1024 * 1024  # per input tensor
@@ -55,6 +58,8 @@ class Limits:
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor, limits: Limits) -> tuple[int, ...]:
     shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"input '{tensor.name}': {len(shape)} dimensions; at most {MAX_RANK} are accepted")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} has a negative dimension")
     count = 1

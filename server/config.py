@@ -66,6 +66,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not 0 < self.sequence_idle_s <= 10**9:  # NaN fails too
+            raise ValueError(f"sequence_idle_s must be a number of seconds in (0, 1e9], got {self.sequence_idle_s}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be -1 (off) or in 0..65535, got {self.http_port}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import ssl
 import threading
 import time
@@ -40,7 +41,7 @@ from urllib.parse import unquote
 import grpc
 import numpy as np
 
-from server.codec import DATATYPES, decode_outputs
+from server.codec import DATATYPES, MAX_RANK, decode_outputs
 from server.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from server.proto import grpc_service_pb2 as pb
 from server.servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION, repository_index, statistics_response
@@ -69,9 +70,11 @@ def _param(value) -> pb.InferParameter:
     if isinstance(value, bool):
         return pb.InferParameter(bool_param=value)
     if isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
-            raise InvalidArgument(f"parameter value {value}: integers must fit in 64 bits")
-        return pb.InferParameter(int64_param=value)
+        if -(2**63) <= value < 2**63:
+            return pb.InferParameter(int64_param=value)
+        if 2**63 <= value < 2**64:  # e.g. an unsigned 64-bit sequence_id, as gRPC's uint64_param
+            return pb.InferParameter(uint64_param=value)
+        raise InvalidArgument(f"parameter value {value}: integers must fit in 64 bits")
     if isinstance(value, float):
         return pb.InferParameter(double_param=value)
     if isinstance(value, str):
@@ -108,7 +111,10 @@ def build_request(
     unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs"})
     if unknown:
         raise InvalidArgument(f"unknown request field(s) {unknown}; expected id, parameters, inputs, outputs")
-    request = pb.ModelInferRequest(model_name=model, model_version=version, id=str(header.get("id", "")))
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument(f"'id' must be a string, got {request_id!r}")
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     params = header.get("parameters") or {}
     binary_all = params.get("binary_data_output", False) if isinstance(params, dict) else False
     if not isinstance(binary_all, bool):
@@ -133,6 +139,8 @@ def build_request(
             raise InvalidArgument(f"input '{name}': datatype {datatype!r} unknown; expected one of {sorted(DATATYPES)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
+        if len(shape) > MAX_RANK:
+            raise InvalidArgument(f"input '{name}': {len(shape)} dimensions; at most {MAX_RANK} are accepted")
         if any(not 0 <= d < 2**63 for d in shape):
             raise InvalidArgument(f"input '{name}': every dimension of shape {shape} must be in 0..2^63-1")
         dtype = DATATYPES[datatype][0]
@@ -162,11 +170,13 @@ def build_request(
                 raise InvalidArgument(f"input '{name}': 'data' missing (or binary_data_size for binary data)")
             try:
                 parsed = np.asarray(tensor["data"])
-                if (
-                    parsed.size and parsed.dtype.kind not in _KINDS[dtype.kind]
-                ):  # e.g. 1.9 for INT64: refused, not truncated
+                # e.g. 1.9 for INT64 is refused, not truncated
+                if parsed.size and parsed.dtype.kind not in _KINDS[dtype.kind]:
                     raise TypeError(f"got {parsed.dtype.kind!r}-kind values")
-                array = parsed.astype(dtype)
+                with np.errstate(over="ignore", invalid="ignore"):  # FP32 overflow: inf, refused later
+                    array = parsed.astype(dtype)
+                if dtype.kind in "iu" and parsed.size and not np.array_equal(array, parsed):
+                    raise OverflowError(f"values out of the {datatype} range")
             except (ValueError, TypeError, OverflowError) as exc:
                 raise InvalidArgument(
                     f"input '{name}': 'data' is not a (nested) list of {datatype} values: {exc}"
@@ -263,6 +273,9 @@ def _scalar(field, value):
     return field.enum_type.values_by_number[value].name if field.enum_type is not None else value
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
     timeout = 60  # seconds a connection may sit idle (or stall mid-request) before it is closed
@@ -296,16 +309,40 @@ class _Handler(BaseHTTPRequestHandler):
             short = "error"
         self._error(code, message or short, {"Connection": "close"})
 
+    def handle_expect_100(self) -> bool:
+        """Say "100 Continue" only to a request whose body will be read: a refusal (framing,
+        size, token) is answered at once and the connection closed, the body never sent."""
+        self._consumed, self._length = False, 0
+        try:
+            self._length = self._framing()
+            if self._length > self.frontend.max_body:
+                raise HttpError(
+                    413, f"request body of {self._length} bytes exceeds the limit of {self.frontend.max_body}"
+                )
+        except HttpError as exc:
+            self.close_connection = True
+            self._error(exc.status, exc.message, exc.headers)
+            return False
+        if not self._authorized():
+            self.close_connection = True
+            return False
+        return super().handle_expect_100()
+
     # -- plumbing ----------------------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json", header_len: int = -1,
               headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        if not getattr(self, "_consumed", True) and getattr(self, "_length", 0) > 0:
+            self.close_connection = True  # the body was not read: it must not become the next request
         self.send_response(status)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         if body or status != 200:
             self.send_header("Content-Type", content_type)
         if header_len >= 0:
             self.send_header(HEADER_LENGTH, str(header_len))
         for key, value in (headers or {}).items():
-            self.send_header(key, value)
+            if key != "Connection":
+                self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if body and self.command != "HEAD":
@@ -321,12 +358,12 @@ class _Handler(BaseHTTPRequestHandler):
         tokens = self.frontend.tokens
         if not tokens or self.path.startswith("/v2/health/"):
             return True
-        value = self.headers.get("Authorization", "")
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}
-        if not value.startswith("Bearer "):
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
             self._error(401, "missing 'Authorization: Bearer <token>' header", challenge)
             return False
-        presented = value[len("Bearer ") :].encode()
+        presented = credentials.strip().encode()
         if not any([hmac.compare_digest(presented, t) for t in tokens]):
             self._error(401, "invalid bearer token", challenge)
             return False
@@ -335,6 +372,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _framing(self) -> int:
         """The body's length from the headers, refusing any framing two parsers could read
         differently (request smuggling): Transfer-Encoding, repeated or non-digit Content-Length."""
+        names_ok = all(_TOKEN.fullmatch(k) for k in self.headers.keys())
+        values_ok = not any("\r" in v or "\n" in v for v in self.headers.values())
+        if self.headers.defects or not names_ok or not values_ok:
+            # "Content-Length : 5", a line without a colon (Python then drops the headers after it),
+            # obsolete line folding: parsers disagree on these, so they are refused (RFC 9112)
+            self.close_connection = True
+            raise HttpError(400, "malformed header line(s); send 'Name: value' lines only")
         lengths = self.headers.get_all("Content-Length") or []
         if self.headers.get_all("Transfer-Encoding"):
             self.close_connection = True
@@ -349,9 +393,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(400, f"Content-Length {lengths[0]!r} must be a non-negative integer")
         return int(lengths[0])
 
-    def _body(self, limit: int, what: str = "request body") -> bytes:
+    def _body(self, limit: int, what: str = "request body", required: bool = True) -> bytes:
         n = self._length
         if n == 0 and not self.headers.get("Content-Length"):
+            if not required:
+                return b""
             raise HttpError(411, "Content-Length header required")
         if n > limit:
             hint = (
@@ -365,6 +411,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(415, f"Content-Encoding {encoding!r} not supported; send the body uncompressed")
         body = self.rfile.read(n)
         self._consumed = True
+        if len(body) != n:  # the peer closed early: never run a truncated request
+            self.close_connection = True
+            raise HttpError(400, f"request body ended after {len(body)} of {n} bytes (Content-Length)")
         return body
 
     def _route(self, method: str) -> None:
@@ -378,8 +427,14 @@ class _Handler(BaseHTTPRequestHandler):
             parts = [unquote(p) for p in path.split("/")[1:]]
             if parts[:1] != ["v2"]:
                 raise HttpError(404, f"no such endpoint {path!r}; the API is under /v2")
-            with self.frontend.slot():
-                self._dispatch(method, parts[1:])
+            self._dispatch(method, parts[1:])
+        except (TimeoutError, ConnectionError, ssl.SSLError) as exc:
+            # a stalled upload (read timeout) or a peer gone mid-request: its problem, not ours
+            self.close_connection = True
+            log.debug("HTTP %s %s from %s: %s", method, self.path, self.address_string(), exc)
+            if isinstance(exc, TimeoutError):
+                with contextlib.suppress(OSError):
+                    self._error(408, f"request not received within {self.timeout} s")
         except HttpError as exc:
             self._error(exc.status, exc.message, exc.headers)
         except ServingError as exc:
@@ -453,7 +508,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _repository(self, method: str, parts: list[str]) -> None:
         """Triton's model repository extension: index, load, unload (bodies: optional JSON)."""
         self._need(method, "POST")
-        raw = self._body(self.frontend.max_json)
+        raw = self._body(self.frontend.max_json, required=False)  # Triton's curl examples send none
         try:
             options = json.loads(raw) if raw.strip() else {}
         except (ValueError, RecursionError) as exc:
@@ -467,7 +522,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, f"'ready' must be true or false, got {ready_only!r}")
             return self._json(200, _to_json(repository_index(plane, ready_only))["models"])
         if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
-            getattr(plane.repository, parts[2])(parts[1])
+            if options.get("parameters"):
+                raise HttpError(400, "load/unload parameters (config override, files) are not supported")
+            with self.frontend.slot(), self.frontend.admission.call():
+                getattr(plane.repository, parts[2])(parts[1])
             return self._json(200, {})
         raise HttpError(404, f"no such endpoint /v2/repository/{'/'.join(parts)}")
 
@@ -491,6 +549,11 @@ class _Handler(BaseHTTPRequestHandler):
             head_bytes, binary = body[:n], memoryview(body)[n:]
         else:
             head_bytes, binary = body, memoryview(b"")
+        with frontend.slot():  # taken once the body is in: a slow upload holds no slot
+            self._infer_body(model, version, head_bytes, binary)
+
+    def _infer_body(self, model: str, version: str, head_bytes: bytes, binary: memoryview) -> None:
+        frontend = self.frontend
         try:
             header = json.loads(head_bytes)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -509,6 +572,12 @@ class _Handler(BaseHTTPRequestHandler):
             if not math.isfinite(ms) or ms <= 0:
                 raise HttpError(400, f"Inference-Timeout-Ms {timeout!r} must be a positive number of milliseconds")
             deadline = time.monotonic() + ms / 1000
+        timeout_us = request.parameters.get("timeout")  # Triton's request parameter (µs; tritonclient sends it)
+        if timeout_us is not None and timeout_us.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):
+            value = getattr(timeout_us, timeout_us.WhichOneof("parameter_choice"))
+            if value > 0:
+                at = time.monotonic() + value / 1e6
+                deadline = at if deadline is None else min(deadline, at)
         # admitted until the reply is written: a drain waits for it, so no reply is cut short
         with frontend.admission.call():
             response = frontend.plane.infer(request, deadline)

@@ -14,6 +14,7 @@ from server.dataplane import DataPlane
 from server.errors import ServingError, Unavailable
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
+from server.stats import VersionStats
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "lstm-serve"
@@ -86,6 +87,10 @@ def statistics_response(plane: DataPlane, name: str = "", version: str = "") -> 
     response = pb.ModelStatisticsResponse()
     if name:
         plane.repository.get(name, version)  # NOT_FOUND if unknown
+    for model in plane.repository.ready_models():  # loaded versions that never ran: zeros, as Triton
+        entry = plane.repository.entry(model)
+        for ver in entry.versions if entry is not None else ():
+            snap.setdefault((model, ver), VersionStats())
     for (model, ver), s in sorted(snap.items()):
         if name and model != name:
             continue

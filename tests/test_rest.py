@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -506,3 +507,109 @@ def test_stateful_sequence_over_rest(rest, stateful_encoders):
     body["parameters"] = {"sequence_id": 4242}  # ended: the id is gone
     status, reply = _json(rest.http_port, "POST", "/v2/models/suni/infer", body)
     assert status in (400, 404) and "4242" in reply["error"], reply
+
+
+def test_header_syntax_cannot_smuggle(rest):
+    """Header lines parsers disagree on are refused, one answer, connection closed."""
+    smuggled = b"GET /v2/models/stats HTTP/1.1\r\nHost: x\r\n\r\n"
+    for bad in (b"Content-Length : %d" % len(smuggled), b"bogus\r\nContent-Length: %d" % len(smuggled),
+                b"Transfer-Encoding : chunked", b"X-A: 1\r\n folded"):  # fmt: skip
+        reply = _raw_exchange(
+            rest.http_port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n\r\n" + smuggled
+        )
+        assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1 ") == 1, reply
+        assert b"Connection: close" in reply
+
+
+def _recv_all(sock) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_truncated_and_stalled_bodies(repo, monkeypatch):
+    from server import rest as rest_module
+
+    monkeypatch.setattr(rest_module._Handler, "timeout", 1)
+    srv = _start(repo, grpc_workers=1, max_queue=1)  # 2 request slots
+    port = srv.http_port
+    try:
+        body = json.dumps({"inputs": [X6]}).encode()
+        # the peer half-closes after fewer bytes than announced: refused, never run
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /v2/models/bi/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + body)
+            sock.shutdown(socket.SHUT_WR)
+            reply = _recv_all(sock)
+        assert reply.startswith(b"HTTP/1.1 400") and b"ended after" in reply, reply
+        # two stalled uploads hold no request slot: health and inference still answer
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        for sock in stalled:
+            sock.sendall(b"POST /v2/models/bi/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert _json(port, "GET", "/v2/health/live") == (200, {"live": True})
+        assert _json(port, "POST", "/v2/models/bi/infer", {"inputs": [X6]})[0] == 200
+        for sock in stalled:  # after the read timeout: 408, connection closed
+            reply = _recv_all(sock)
+            assert reply.startswith(b"HTTP/1.1 408") and b"Connection: close" in reply, reply
+            sock.close()
+    finally:
+        srv.stop(1)
+
+
+def test_expect_100_refused_early(repo):
+    srv = _start(repo, auth_tokens="t0k")
+    try:
+        reply = _raw_exchange(
+            srv.http_port,
+            b"POST /v2/models/bi/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        )
+        assert reply.startswith(b"HTTP/1.1 401") and b"100 Continue" not in reply, reply
+        headers = {"Authorization": "bearer t0k"}  # the scheme is case-insensitive
+        assert _json(srv.http_port, "GET", "/v2/models/bi", headers=headers)[0] == 200
+    finally:
+        srv.stop(1)
+
+
+def test_rest_odds_and_ends(repo):
+    """Review findings: unsigned 64-bit sequence ids, bodyless repository POSTs, load overrides,
+    zero statistics for models that never ran, rank limit (gRPC too), non-string ids."""
+    srv = _start(repo)
+    port = srv.http_port
+    try:
+        x = np.ones((1, 2, 5), np.float32).tolist()
+        body = {"inputs": [{"name": "x", "shape": [1, 2, 5], "datatype": "FP32", "data": x}],
+                "parameters": {"sequence_id": 2**64 - 1, "sequence_start": True, "sequence_end": True}}  # fmt: skip
+        assert _json(port, "POST", "/v2/models/suni/infer", body)[0] == 200
+        status, _, raw = _call(port, "POST", "/v2/repository/index")  # no body, no Content-Length
+        assert status == 200 and {"bi", "uni"} <= {m["name"] for m in json.loads(raw)}
+        status, reply = _json(port, "POST", "/v2/repository/models/bi/load", {"parameters": {"config": "{}"}})
+        assert status == 400 and "not supported" in reply["error"]
+        status, stats = _json(port, "GET", "/v2/models/uni/stats")
+        assert status == 200 and stats["model_stats"][0]["name"] == "uni"
+        assert stats["model_stats"][0]["inference_count"] == 0
+        status, reply = _json(port, "POST", "/v2/models/bi/infer", {"id": 7, "inputs": [X6]})
+        assert status == 400 and "'id' must be a string" in reply["error"]
+        deep = {"inputs": [{"name": "x", "shape": [1] * 70, "datatype": "FP32", "data": [1.0]}]}
+        status, reply = _json(port, "POST", "/v2/models/bi/infer", deep)
+        assert status == 400 and "70 dimensions; at most 16" in reply["error"]
+        from server.client import LSTMClient
+
+        with LSTMClient(f"127.0.0.1:{srv.port}") as client:
+            request = client.request("bi", np.ones((1, 1, 6), np.float32))
+            request.inputs[0].ClearField("shape")
+            request.inputs[0].shape.extend([1] * 70)
+            with pytest.raises(grpc.RpcError) as err:
+                client.stub.ModelInfer(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 16" in err.value.details()
+    finally:
+        srv.stop(1)
+
+
+def test_sequence_idle_must_be_finite():
+    from server.config import Settings
+
+    for bad in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="sequence_idle_s"):
+            Settings(sequence_idle_s=bad)

@@ -198,7 +198,7 @@ class ModelRepository:
             )
         if not version:
             return entry.latest()
-        if not version.isdigit() or int(version) not in entry.versions:
+        if not (version.isascii() and version.isdigit()) or int(version) not in entry.versions:
             raise NotFound(f"model '{name}' has no version {version!r}; loaded: {sorted(entry.versions)}")
         return entry.versions[int(version)]
 

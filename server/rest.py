@@ -536,6 +536,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _infer(self, model: str, version: str) -> None:
         frontend = self.frontend
+        if len(self.headers.get_all(HEADER_LENGTH) or []) > 1:
+            raise HttpError(400, f"more than one {HEADER_LENGTH} header")
         header_len = self.headers.get(HEADER_LENGTH)
         body = self._body(frontend.max_body if header_len is not None else frontend.max_json)
         if header_len is not None:

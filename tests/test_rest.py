@@ -178,6 +178,7 @@ BAD = [
     # (method, path, body, headers, status, fragment of the error)
     ("GET", "/v2/models/nope", None, {}, 404, "unknown model 'nope'"),
     ("GET", "/v2/models/bi/versions/9", None, {}, 404, "no version '9'"),
+    ("GET", "/v2/models/bi/versions/%D9%A1", None, {}, 404, "no version"),  # an Arabic-Indic 1 is not 1
     ("GET", "/v2/models/nope/ready", None, {}, 404, "unknown model 'nope'"),
     ("POST", "/v2/models/bi/infer", b"{not json", {}, 400, "not valid JSON"),
     ("POST", "/v2/models/bi/infer", {"inputs": []}, {}, 400, "'inputs' must be a non-empty list"),

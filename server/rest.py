@@ -609,6 +609,36 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    max_connections = 2048  # open connections (one thread each) at most; RestServer sets it
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._open = 0
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request, client_address) -> None:
+        with self._open_lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+        if full:  # refuse before a thread is spent on it
+            if not isinstance(request, ssl.SSLSocket):
+                body = json.dumps({"error": f"{self.max_connections} connections open: the limit; retry"}).encode()
+                with contextlib.suppress(OSError):
+                    request.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: application/json"
+                        b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
     def handle_error(self, request, client_address) -> None:
         # failed TLS handshakes, peers that vanish mid-request: the client's problem, not ours
@@ -646,6 +676,7 @@ class RestServer:
     def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         handler = type("Handler", (_Handler,), {"frontend": self})
         httpd = _Server((host, port), handler)
+        httpd.max_connections = max(64, 2 * self.max_concurrent)
         if tls is not None:
             httpd.socket = tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
         self._httpd, self.port = httpd, httpd.server_address[1]

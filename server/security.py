@@ -30,8 +30,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
     def _allowed(self, metadata) -> bool:
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                presented = value[len("Bearer ") :].encode()
+            scheme, _, credentials = value.partition(" ") if isinstance(value, str) else ("", "", "")
+            if key == "authorization" and scheme.lower() == "bearer":  # case-insensitive (RFC 9110)
+                presented = credentials.strip().encode()
                 # compare against every token, in constant time for each
                 return any([hmac.compare_digest(presented, t) for t in self._tokens])
         return False

@@ -614,3 +614,24 @@ def test_sequence_idle_must_be_finite():
     for bad in (float("inf"), float("nan"), 0.0, -1.0):
         with pytest.raises(ValueError, match="sequence_idle_s"):
             Settings(sequence_idle_s=bad)
+
+
+def test_connection_cap(repo):
+    import socket
+
+    srv = _start(repo)
+    srv.rest._httpd.max_connections = 2
+    try:
+        idle = [socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) for _ in range(2)]
+        time.sleep(0.2)  # both accepted
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as third:
+            reply = _recv_all(third)
+        assert reply.startswith(b"HTTP/1.1 503") and b"2 connections open" in reply, reply
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while srv.rest._httpd._open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _json(srv.http_port, "GET", "/v2/health/live") == (200, {"live": True})
+    finally:
+        srv.stop(1)

@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -111,32 +110,13 @@ def _serve(mode: str, models: Path) -> None:
     asyncio.run(main())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(mode: str, models: Path, http_port: int = -1):
-    from scale.replicas import Replica, start_replica
+    from scale.replicas import start_process, start_replica
 
     if mode == "product" or mode in REST_MODES:
         args = ["--batching", "false", "--intra-op-threads", "1", "--inter-op-threads", "1"]
         return start_replica(models, [*args, "--http-port", str(http_port)], {0})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.transport", "--serve", mode, "--models", str(models)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {0}),
-    )  # fmt: skip
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("listening on "):
-            return Replica(proc, int(line.rsplit(":", 1)[1]), lines)
-    raise RuntimeError(f"{mode} server did not start: {''.join(lines)}")
+    return start_process(["-m", "bench.transport", "--serve", mode, "--models", str(models)], {0})
 
 
 def _live_rate(target: str, seconds: float) -> float:
@@ -233,7 +213,9 @@ def _measure(mode: str, models: Path, model: str, features: int, seconds: float)
     from bench.loadgen import run_grpc_load
 
     os.sched_setaffinity(0, {1})
-    http_port = _free_port() if mode in REST_MODES else -1
+    from scale.replicas import free_port
+
+    http_port = free_port() if mode in REST_MODES else -1
     replica = _start(mode, models, http_port)
     try:
         target = replica.address

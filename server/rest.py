@@ -27,7 +27,6 @@ back the same way: JSON header, then their bytes, with the header's length in
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ import numpy as np
 from server.codec import DATATYPES, MAX_RANK, decode_outputs
 from server.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from server.proto import grpc_service_pb2 as pb
+from server.security import bearer_matches
 from server.servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION, repository_index, statistics_response
 
 log = logging.getLogger(__name__)
@@ -303,11 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, unknown method, ...) as JSON too; the
         connection is closed, since what follows on it cannot be trusted."""
         self.close_connection = True
-        try:
-            short, _ = self.responses.get(code, ("error", ""))
-        except AttributeError:
-            short = "error"
-        self._error(code, message or short, {"Connection": "close"})
+        self._error(code, message or self.responses.get(code, ("error",))[0])
 
     def handle_expect_100(self) -> bool:
         """Say "100 Continue" only to a request whose body will be read: a refusal (framing,
@@ -332,7 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json", header_len: int = -1,
               headers: dict[str, str] | None = None) -> None:  # fmt: skip
         if not getattr(self, "_consumed", True) and getattr(self, "_length", 0) > 0:
-            self.close_connection = True  # the body was not read: it must not become the next request
+            # a body left unread (an error before reading it, or one sent with a GET) would be
+            # parsed as the next request on this connection: close it instead
+            self.close_connection = True
         self.send_response(status)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -341,8 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
         if header_len >= 0:
             self.send_header(HEADER_LENGTH, str(header_len))
         for key, value in (headers or {}).items():
-            if key != "Connection":
-                self.send_header(key, value)
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if body and self.command != "HEAD":
@@ -358,14 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
         tokens = self.frontend.tokens
         if not tokens or self.path.startswith("/v2/health/"):
             return True
-        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
-            self._error(401, "missing 'Authorization: Bearer <token>' header", challenge)
-            return False
-        presented = credentials.strip().encode()
-        if not any([hmac.compare_digest(presented, t) for t in tokens]):
-            self._error(401, "invalid bearer token", challenge)
+        match = bearer_matches(self.headers.get("Authorization", ""), tokens)
+        if not match:
+            message = "invalid bearer token" if match is False else "missing 'Authorization: Bearer <token>' header"
+            self._error(401, message, {"WWW-Authenticate": "Bearer"})
             return False
         return True
 
@@ -442,11 +435,6 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001
             log.exception("unexpected error on %s %s", method, self.path)
             self._error(500, f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            # a body left unread (error before reading it, or one sent with a GET) would be parsed
-            # as the next request on this connection: close it instead
-            if not self._consumed and self._length > 0:
-                self.close_connection = True
 
     def _dispatch(self, method: str, parts: list[str]) -> None:
         plane, ready = self.frontend.plane, self.frontend.is_ready
@@ -574,12 +562,11 @@ class _Handler(BaseHTTPRequestHandler):
             if not math.isfinite(ms) or ms <= 0:
                 raise HttpError(400, f"Inference-Timeout-Ms {timeout!r} must be a positive number of milliseconds")
             deadline = time.monotonic() + ms / 1000
-        timeout_us = request.parameters.get("timeout")  # Triton's request parameter (µs; tritonclient sends it)
-        if timeout_us is not None and timeout_us.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):
-            value = getattr(timeout_us, timeout_us.WhichOneof("parameter_choice"))
-            if value > 0:
-                at = time.monotonic() + value / 1e6
-                deadline = at if deadline is None else min(deadline, at)
+        # Triton's `timeout` request parameter (µs; tritonclient sends it)
+        timeout_us = _param_value(request.parameters["timeout"]) if "timeout" in request.parameters else None
+        if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
+            at = time.monotonic() + timeout_us / 1e6
+            deadline = at if deadline is None else min(deadline, at)
         # admitted until the reply is written: a drain waits for it, so no reply is cut short
         with frontend.admission.call():
             response = frontend.plane.infer(request, deadline)
@@ -688,14 +675,3 @@ class RestServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
-
-
-def tls_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
-    """Server-side TLS for the REST port, from the same files as the gRPC port."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    if client_ca:
-        context.load_verify_locations(client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ssl
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,16 @@ def load_tokens(tokens: str, tokens_file: Path | None) -> list[str]:
     return found
 
 
+def bearer_matches(value: str, tokens: list[bytes]) -> bool | None:
+    """For an authorization value `Bearer <token>` (the scheme case-insensitive, RFC 9110): whether
+    the token is one of `tokens`, compared in constant time against each; None for another scheme."""
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    presented = credentials.strip().encode()
+    return any([hmac.compare_digest(presented, t) for t in tokens])
+
+
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Every call but health must carry `authorization: Bearer <token>` with a known token."""
 
@@ -30,11 +41,10 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
     def _allowed(self, metadata) -> bool:
         for key, value in metadata or ():
-            scheme, _, credentials = value.partition(" ") if isinstance(value, str) else ("", "", "")
-            if key == "authorization" and scheme.lower() == "bearer":  # case-insensitive (RFC 9110)
-                presented = credentials.strip().encode()
-                # compare against every token, in constant time for each
-                return any([hmac.compare_digest(presented, t) for t in self._tokens])
+            if key == "authorization" and isinstance(value, str):
+                match = bearer_matches(value, self._tokens)
+                if match is not None:
+                    return match
         return False
 
     def intercept_service(self, continuation, handler_call_details):
@@ -71,3 +81,14 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def tls_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
+    """Server-side TLS for the HTTP/REST port (ssl), from the same files as `server_credentials`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

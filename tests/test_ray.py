@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scale.replicas import free_port
 from server.client import LSTMClient
 from server.codec import decode_outputs
 from tests.conftest import TOL, ragged, reference
@@ -29,18 +29,12 @@ RAY_PYTHON = os.environ.get("RAY_PYTHON") or str(ROOT / ".venv-ray" / "bin" / "p
 TRITON_PYTHON = os.environ.get("TRITON_PYTHON") or str(ROOT / ".venv-triton" / "bin" / "python")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _ray_serve(repo, *args: str):
     """Start scale.ray_serve on a free port; yield (target, output lines); SIGINT it at the end."""
     if not Path(RAY_PYTHON).exists():
         pytest.fail(f"Ray venv missing at {RAY_PYTHON}: run `make ray-venv` (make test does)")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
         [RAY_PYTHON, "-m", "scale.ray_serve", "--models", str(repo), "--nodes", "2", "--grpc-port", str(port), *args],

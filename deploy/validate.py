@@ -164,29 +164,25 @@ class _Builder:
         self.classes = classes
         self.k8s = _k8s_defs()
         self.defs: dict[str, dict] = {}
-        self.k8s_used: set[str] = set()
-        self.unresolved: set[str] = set()
 
-    def type_schema(self, sdk_type: str, where: str) -> dict:
+    def type_schema(self, sdk_type: str) -> dict:
         sdk_type = sdk_type.strip()
         if sdk_type in _SCALARS:
             return dict(_SCALARS[sdk_type])
         m = re.fullmatch(r"list\[(.+)\]", sdk_type)
         if m:
-            return {"type": "array", "items": self.type_schema(m.group(1), where)}
+            return {"type": "array", "items": self.type_schema(m.group(1))}
         m = re.fullmatch(r"dict\(str,\s*(.+)\)", sdk_type)
         if m:
-            return {"type": "object", "additionalProperties": self.type_schema(m.group(1), where)}
+            return {"type": "object", "additionalProperties": self.type_schema(m.group(1))}
         if sdk_type in self.classes:
             self.class_schema(sdk_type)
             return {"$ref": f"#/$defs/{sdk_type}"}
         k8s = _k8s_name(sdk_type, self.k8s)
         if k8s:
-            self.k8s_used.add(k8s)
             return {"$ref": f"{K8S_DEFS_URI}#/$defs/{k8s}"}
         # The SDK names a type it does not define (0.21.0: V1alpha1WorkerSpec). Such a field cannot be
         # checked offline, so using it fails with that reason rather than passing unchecked.
-        self.unresolved.add(sdk_type)
         return {"not": {}, UNRESOLVED: sdk_type}
 
     def class_schema(self, name: str, *, omit: tuple[str, ...] = ()) -> dict:
@@ -199,7 +195,7 @@ class _Builder:
             key = info["json"][attr]
             if key in omit:
                 continue
-            schema["properties"][key] = self.type_schema(sdk_type, f"{name}.{key}")
+            schema["properties"][key] = self.type_schema(sdk_type)
         required = sorted(info["json"][a] for a in info["required"] if info["json"][a] not in omit)
         if required:
             schema["required"] = required

@@ -1,8 +1,10 @@
-"""Reference PyTorch LSTM encoder (packed-sequence semantics) and its statically unrolled twin.
+"""Reference PyTorch recurrent encoders (packed-sequence semantics) and their statically unrolled twins.
 
-`LSTMEncoder` is the source of truth: everything exported or served is checked against it.
-`StaticUnrolledLSTM` runs the same parameters as one explicit cell per time step (TensorFlow's
+`RecurrentEncoder` (an `nn.LSTM`, `nn.GRU` or `nn.RNN` over padded batches with per-sequence
+lengths) is the source of truth: everything exported or served is checked against it.
+`StaticUnrolledRNN` runs the same parameters as one explicit cell per time step (TensorFlow's
 `static_rnn`), masking by `lengths` so that a short sequence padded to T gives the same result.
+`LSTMConfig`/`LSTMEncoder`/`StaticUnrolledLSTM` are the same classes under their first names.
 """
 
 from __future__ import annotations
@@ -15,69 +17,112 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+# cell -> (PyTorch module, gates per hidden unit)
+CELLS: dict[str, tuple[type[nn.RNNBase], int]] = {"lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3), "rnn": (nn.RNN, 1)}
+NONLINEARITIES = ("tanh", "relu")  # nn.RNN only
+
 
 @dataclass(frozen=True)
-class LSTMConfig:
-    """Shape of an LSTM encoder. Axes everywhere: (batch, time, features)."""
+class RecurrentConfig:
+    """Shape of a recurrent encoder. Axes everywhere: (batch, time, features)."""
 
     input_size: int = 80  # features per time step (e.g. 80 log-mel bins)
     hidden_size: int = 256  # units per direction
-    num_layers: int = 2  # stacked LSTM layers
+    num_layers: int = 2  # stacked layers
     bidirectional: bool = True  # add a backward direction that starts at each sequence's end
+    cell: str = "lstm"  # lstm | gru | rnn (PyTorch's nn.LSTM, nn.GRU, nn.RNN)
+    bias: bool = True  # PyTorch's `bias`: bias_ih/bias_hh vectors present
+    nonlinearity: str = "tanh"  # nn.RNN's activation (tanh | relu); ignored by LSTM and GRU
 
     def __post_init__(self) -> None:
         for name in ("input_size", "hidden_size", "num_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.bidirectional, bool):
-            raise ValueError(f"bidirectional must be true or false, got {self.bidirectional!r}")
+        for name in ("bidirectional", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be tanh or relu, got {self.nonlinearity!r}")
 
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    @property
+    def gates(self) -> int:
+        return CELLS[self.cell][1]
+
+    @property
+    def state_names(self) -> list[str]:
+        """Initial-state inputs of a stateful export: LSTM has two states, GRU and RNN one."""
+        return ["h0", "c0"] if self.cell == "lstm" else ["h0"]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["y", "h_n", "c_n"] if self.cell == "lstm" else ["y", "h_n"]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> LSTMConfig:
+    def from_json(cls, text: str) -> RecurrentConfig:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown LSTM config option(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown recurrent config option(s): {', '.join(unknown)}")
         return cls(**data)
 
     def param_count(self) -> int:
-        """Parameters of torch.nn.LSTM with this shape (PyTorch keeps two bias vectors)."""
+        """Parameters of the PyTorch layer with this shape (PyTorch keeps two bias vectors)."""
         total = 0
+        g, h = self.gates, self.hidden_size
         for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else self.hidden_size * self.num_directions
-            per_dir = 4 * self.hidden_size * (in_size + self.hidden_size) + 2 * 4 * self.hidden_size
+            in_size = self.input_size if layer == 0 else h * self.num_directions
+            per_dir = g * h * (in_size + h) + (2 * g * h if self.bias else 0)
             total += per_dir * self.num_directions
         return total
 
+    def make_layer(self) -> nn.RNNBase:
+        """The PyTorch module of this shape, batch_first (our axes: batch, time, features)."""
+        kwargs = dict(
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            bias=self.bias,
+            batch_first=True,
+        )
+        if self.cell == "rnn":
+            kwargs["nonlinearity"] = self.nonlinearity
+        return CELLS[self.cell][0](**kwargs)
 
-class LSTMEncoder(nn.Module):
-    """`nn.LSTM` over padded batches with per-sequence lengths.
+
+LSTMConfig = RecurrentConfig
+
+
+class RecurrentEncoder(nn.Module):
+    """`nn.LSTM`/`nn.GRU`/`nn.RNN` over padded batches with per-sequence lengths.
 
     forward(x (B, T, F) float32, lengths (B,) int64) ->
         y (B, T, D*H): zero past each length,
-        h_n, c_n (L*D, B, H): state at each sequence's last valid step
-    Lengths may come in any order; each must be in 1..T.
+        h_n (and c_n for LSTM) (L*D, B, H): state at each sequence's last valid step
+    Lengths may come in any order; each must be in 1..T. The layer is the attribute `lstm`,
+    `gru` or `rnn` (so an LSTM's parameters are named `lstm.weight_ih_l0`, ...).
     """
 
-    def __init__(self, config: LSTMConfig) -> None:
+    def __init__(self, config: RecurrentConfig) -> None:
         super().__init__()
         self.config = config
-        self.lstm = nn.LSTM(
-            input_size=config.input_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_layers,
-            bidirectional=config.bidirectional,
-            batch_first=True,
-        )
+        self.layer_name = config.cell
+        self.add_module(config.cell, config.make_layer())
+
+    @property
+    def layer(self) -> nn.RNNBase:
+        return getattr(self, self.layer_name)
 
     def forward(
         self,
@@ -85,8 +130,8 @@ class LSTMEncoder(nn.Module):
         lengths: torch.Tensor,
         h0: torch.Tensor | None = None,
         c0: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Optional initial states h0, c0 (L*D, B, H), in the batch's own order (zeros if None)."""
+    ) -> tuple[torch.Tensor, ...]:
+        """Optional initial states h0 (and c0 for LSTM) (L*D, B, H), in the batch's own order (zeros if None)."""
         return self.run(x, lengths, lengths_sorted=False, h0=h0, c0=c0)
 
     def run(
@@ -96,70 +141,98 @@ class LSTMEncoder(nn.Module):
         lengths_sorted: bool,
         h0: torch.Tensor | None = None,
         c0: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         """`lengths_sorted=True` skips the sort/unsort; only the ONNX export uses it (see below)."""
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=lengths_sorted)
-        # nn.LSTM permutes hx by the packed sequence's sort order itself
-        hx = None if h0 is None else (h0, c0 if c0 is not None else torch.zeros_like(h0))
-        out, (h_n, c_n) = self.lstm(packed, hx)
+        # the layer permutes hx by the packed sequence's sort order itself
+        if self.config.cell == "lstm":
+            hx = None if h0 is None else (h0, c0 if c0 is not None else torch.zeros_like(h0))
+        else:
+            hx = h0
+        out, state = self.layer(packed, hx)
         y, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, T, D*H)
-        return y, h_n, c_n
+        if self.config.cell == "lstm":
+            return y, state[0], state[1]
+        return y, state
+
+
+LSTMEncoder = RecurrentEncoder
 
 
 class ExportView(nn.Module):
     """The encoder as the dynamic export traces it.
 
-    ONNX's LSTM takes `sequence_lens` in any order, so the exported graph needs no sort/unsort
-    and feeds `lengths` straight into every LSTM node. Eager PyTorch needs the sort, which
-    `LSTMEncoder.forward` keeps. A separate view (not a global "exporting" flag) keeps the
-    reference model's behaviour independent of exports running in other threads.
+    ONNX's recurrent ops take `sequence_lens` in any order, so the exported graph needs no
+    sort/unsort and feeds `lengths` straight into every LSTM/GRU/RNN node. Eager PyTorch needs the
+    sort, which `RecurrentEncoder.forward` keeps. A separate view (not a global "exporting" flag)
+    keeps the reference model's behaviour independent of exports running in other threads.
     """
 
-    def __init__(self, encoder: LSTMEncoder) -> None:
+    def __init__(self, encoder: RecurrentEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.encoder.run(x, lengths, lengths_sorted=True)
 
 
 class StatefulExportView(nn.Module):
-    """ExportView with initial-state inputs h0, c0 (L*D, B, H), fed to every layer's LSTM node."""
+    """ExportView with initial-state inputs h0 (and c0 for LSTM) (L*D, B, H), fed to every layer's node."""
 
-    def __init__(self, encoder: LSTMEncoder) -> None:
+    def __init__(self, encoder: RecurrentEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encoder.run(x, lengths, lengths_sorted=True, h0=h0, c0=c0)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.encoder.run(x, lengths, lengths_sorted=True, h0=states[0], c0=states[1] if len(states) > 1 else None)
 
 
-class StaticUnrolledLSTM(nn.Module):
-    """The same weights as an `LSTMEncoder`, unrolled over a fixed number of steps.
+class StaticUnrolledRNN(nn.Module):
+    """The same weights as a `RecurrentEncoder`, unrolled over a fixed number of steps.
 
     One cell per step per layer per direction, like TensorFlow's `static_rnn`. The state of a
     sequence is frozen once its length is reached (forward), and the backward direction stays at
     zero until it reaches the sequence's last valid step, so results equal the dynamic model.
     """
 
-    def __init__(self, encoder: LSTMEncoder, steps: int) -> None:
+    def __init__(self, encoder: RecurrentEncoder, steps: int) -> None:
         super().__init__()
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"static length T must be an integer >= 1, got {steps!r}")
         self.config = encoder.config
         self.steps = steps
-        self.lstm = encoder.lstm  # shared parameters, not a copy
+        self.add_module(encoder.layer_name, encoder.layer)  # shared parameters, not a copy
+        self.layer_name = encoder.layer_name
 
     def _weights(self, layer: int, reverse: bool) -> tuple[torch.Tensor, ...]:
+        rnn = getattr(self, self.layer_name)
         sfx = f"_l{layer}" + ("_reverse" if reverse else "")
-        w_ih = getattr(self.lstm, "weight_ih" + sfx)  # (4H, in)
-        w_hh = getattr(self.lstm, "weight_hh" + sfx)  # (4H, H)
-        bias = getattr(self.lstm, "bias_ih" + sfx) + getattr(self.lstm, "bias_hh" + sfx)  # (4H,)
-        return w_ih.t(), w_hh.t(), bias
+        w_ih = getattr(rnn, "weight_ih" + sfx)  # (G*H, in)
+        w_hh = getattr(rnn, "weight_hh" + sfx)  # (G*H, H)
+        if self.config.bias:
+            b_ih, b_hh = getattr(rnn, "bias_ih" + sfx), getattr(rnn, "bias_hh" + sfx)  # (G*H,)
+        else:
+            b_ih = b_hh = w_ih.new_zeros(w_ih.shape[0])
+        return w_ih.t(), w_hh.t(), b_ih, b_hh
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _cell(self, x_t, h, c, weights):
+        """One step: PyTorch's equations for the cell (gate order i,f,g,o for LSTM; r,z,n for GRU)."""
+        w_ih, w_hh, b_ih, b_hh = weights
+        cell = self.config.cell
+        if cell == "lstm":
+            i, f, g, o = (x_t @ w_ih + h @ w_hh + b_ih + b_hh).chunk(4, dim=1)  # (B, H) each
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c_new), c_new
+        if cell == "gru":
+            ir, iz, inn = (x_t @ w_ih + b_ih).chunk(3, dim=1)
+            hr, hz, hn = (h @ w_hh + b_hh).chunk(3, dim=1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            n = torch.tanh(inn + r * hn)  # PyTorch applies r after the hidden matmul (ONNX linear_before_reset=1)
+            return (1 - z) * n + z * h, c
+        pre = x_t @ w_ih + b_ih + h @ w_hh + b_hh
+        return (torch.relu(pre) if self.config.nonlinearity == "relu" else torch.tanh(pre)), c
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg = self.config
         batch = x.shape[0]
         hidden = cfg.hidden_size
@@ -172,16 +245,13 @@ class StaticUnrolledLSTM(nn.Module):
         for layer in range(cfg.num_layers):
             dir_outs: list[list[torch.Tensor]] = []
             for reverse in [False, True][: cfg.num_directions]:
-                w_ih, w_hh, bias = self._weights(layer, reverse)
+                weights = self._weights(layer, reverse)
                 h = x.new_zeros(batch, hidden)  # (B, H)
                 c = x.new_zeros(batch, hidden)
                 outs: list[torch.Tensor] = [h] * steps
                 order = range(steps - 1, -1, -1) if reverse else range(steps)
                 for t in order:
-                    gates = layer_in[t] @ w_ih + h @ w_hh + bias  # (B, 4H)
-                    i, f, g, o = gates.chunk(4, dim=1)
-                    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                    h_new, c_new = self._cell(layer_in[t], h, c, weights)
                     h = torch.where(valid[t], h_new, h)
                     c = torch.where(valid[t], c_new, c)
                     outs[t] = torch.where(valid[t], h_new, torch.zeros_like(h_new))
@@ -190,4 +260,9 @@ class StaticUnrolledLSTM(nn.Module):
                 dir_outs.append(outs)
             layer_in = [torch.cat([d[t] for d in dir_outs], dim=1) for t in range(steps)]
         y = torch.stack(layer_in, dim=1)  # (B, T, D*H)
-        return y, torch.stack(h_all, dim=0), torch.stack(c_all, dim=0)  # (L*D, B, H)
+        if cfg.cell == "lstm":
+            return y, torch.stack(h_all, dim=0), torch.stack(c_all, dim=0)  # (L*D, B, H)
+        return y, torch.stack(h_all, dim=0)
+
+
+StaticUnrolledLSTM = StaticUnrolledRNN

@@ -1,9 +1,11 @@
-"""Export an `LSTMEncoder` to ONNX, dynamically (native LSTM nodes) or statically (unrolled).
+"""Export a `RecurrentEncoder` (LSTM, GRU or RNN) to ONNX, dynamically (native nodes) or statically (unrolled).
 
 Both paths go through `torch.onnx.export` with the TorchScript exporter (`dynamo=False`): it is
 the one exporter in torch 2.13 that turns pack_padded_sequence -> nn.LSTM -> pad_packed_sequence
-into native ONNX `LSTM` nodes fed by `sequence_lens` (see README, "Why this exporter").
-Files are written atomically: a temporary file in the target folder, then `os.replace`.
+into native ONNX `LSTM` nodes fed by `sequence_lens` (see README, "Why this exporter"); the same
+holds for nn.GRU (ONNX `GRU`, linear_before_reset=1) and nn.RNN (ONNX `RNN`, Tanh or Relu).
+Files are written atomically: a temporary file in the target folder, checked (`export.verify`:
+native recurrent nodes with sequence_lens, parity with eager PyTorch), then `os.replace`.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
-from export.model import ExportView, LSTMConfig, LSTMEncoder, StatefulExportView, StaticUnrolledLSTM
+from export.model import ExportView, RecurrentConfig, RecurrentEncoder, StatefulExportView, StaticUnrolledRNN
+from export.verify import ExportError, Parity, check_native_recurrence, check_parity
 
 OPSET = 17  # ORT's CUDA LSTM kernel covers LSTM-14..21; 17 is widely supported
 IR_VERSION = 8  # what opset 17 needs; onnxruntime 1.31 loads up to IR 13
 INPUT_NAMES = ["x", "lengths"]
-OUTPUT_NAMES = ["y", "h_n", "c_n"]
-STATE_NAMES = ["h0", "c0"]  # optional initial-state inputs (export_dynamic(initial_state=True))
+OUTPUT_NAMES = ["y", "h_n", "c_n"]  # LSTM; GRU and RNN have no c_n (RecurrentConfig.output_names)
+STATE_NAMES = ["h0", "c0"]  # LSTM's initial-state inputs; GRU/RNN take h0 only (RecurrentConfig.state_names)
 # Named dims, the same names in code comments, ONNX files and server metadata.
 BATCH, TIME = "batch", "time"
 
@@ -38,6 +43,7 @@ class ExportResult:
     seconds: float  # wall time of torch.onnx.export (+ checks and metadata)
     mode: str  # "dynamic" or "static"
     steps: int | None  # static T, None for dynamic
+    parity: Parity | None = None  # what the pre-write check measured
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -52,7 +58,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def build_metadata(
     module: torch.nn.Module,
-    config: LSTMConfig,
+    config: RecurrentConfig,
     mode: str,
     steps: int | None,
     extra: dict[str, str] | None = None,
@@ -87,7 +93,20 @@ def _atomic_path(final: Path):
         tmp_path.unlink(missing_ok=True)
 
 
-def _finish(tmp: Path, metadata: dict[str, str]) -> None:
+def axes_of(dynamic_axes: dict, time_axes: dict[str, int] | None = None) -> dict:
+    """{tensor: {"batch": axis, "time": axis}} from torch's dynamic_axes, plus a static model's fixed
+    time axes. Stored as `lstm.axes` so the server knows which axis to merge and trim even where a
+    dim has a fixed size (the named symbolic dims say the same for dynamic files)."""
+    axes: dict[str, dict[str, int]] = {}
+    for tensor, dims in dynamic_axes.items():
+        for axis, name in sorted(dims.items()):
+            axes.setdefault(tensor, {}).setdefault(name, axis)
+    for tensor, axis in (time_axes or {}).items():
+        axes.setdefault(tensor, {})[TIME] = axis
+    return axes
+
+
+def _finish(tmp: Path, metadata: dict[str, str]) -> onnx.ModelProto:
     model = onnx.load(str(tmp))
     del model.metadata_props[:]
     for key, value in metadata.items():
@@ -97,6 +116,7 @@ def _finish(tmp: Path, metadata: dict[str, str]) -> None:
     model.producer_name = "lstm-serve"
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(tmp))
+    return model
 
 
 def _export(
@@ -134,67 +154,106 @@ def _write(
     path: Path,
     axes: dict,
     source: torch.nn.Module,
-    config: LSTMConfig,
+    config: RecurrentConfig,
     steps: int | None,
     extra: dict[str, str] | None,
     input_names: list[str] = INPUT_NAMES,
     output_names: list[str] = OUTPUT_NAMES,
+    verify: Callable[[Path], Parity] | None = None,
+    time_axes: dict[str, int] | None = None,
 ) -> ExportResult:
     """Export `module` to `path` atomically, with the metadata of `source` (whose weights it runs);
-    the seconds cover the export, the checks and the metadata."""
+    `verify(tmp_path)` runs before the file is moved into place (ExportError: nothing written).
+    The seconds cover the export, the checks and the metadata."""
     mode = "dynamic" if steps is None else "static"
     start = time.perf_counter()
+    parity = None
+    meta = build_metadata(source, config, mode, steps, extra)
+    if steps is not None and time_axes is None:  # the encoders' layout: x and y are (batch, time, ...)
+        time_axes = {n: 1 for n in ("x", "y") if n in input_names + output_names}
+    meta["lstm.axes"] = json.dumps(axes_of(axes, time_axes), sort_keys=True)
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(module, args, tmp, axes, output_names, input_names)
-        _finish(tmp, build_metadata(source, config, mode, steps, extra))
-    return ExportResult(path, time.perf_counter() - start, mode, steps)
+        model = _finish(tmp, meta)
+        if mode == "dynamic":
+            check_native_recurrence(model)
+        if verify is not None:
+            parity = verify(tmp)
+    return ExportResult(path, time.perf_counter() - start, mode, steps, parity)
+
+
+def encoder_reference(encoder: RecurrentEncoder) -> Callable[..., dict[str, np.ndarray]]:
+    """Eager PyTorch as a function of numpy feeds (x, lengths[, h0[, c0]]) -> {output: array}."""
+    names = encoder.config.output_names
+
+    def run(x, lengths, h0=None, c0=None):
+        with torch.no_grad():
+            t = (lambda a: None if a is None else torch.from_numpy(a))
+            out = encoder(t(x), t(lengths), t(h0), t(c0))
+        return {n: o.numpy() for n, o in zip(names, out)}
+
+    return run
 
 
 def export_dynamic(
-    encoder: LSTMEncoder,
+    encoder: RecurrentEncoder,
     path: Path,
     extra_metadata: dict[str, str] | None = None,
     initial_state: bool = False,
+    verify: bool = True,
 ) -> ExportResult:
-    """One native ONNX LSTM node per layer; symbolic batch and time; lengths -> sequence_lens.
+    """One native ONNX LSTM/GRU/RNN node per layer; symbolic batch and time; lengths -> sequence_lens.
 
-    `initial_state`: add inputs h0, c0 (L*D, batch, H) wired to every LSTM node's initial_h and
-    initial_c (the server feeds zeros when a client sends none)."""
+    `initial_state`: add inputs h0 (and c0 for LSTM) (L*D, batch, H) wired to every node's
+    initial_h (initial_c) (the server feeds zeros when a client sends none). `verify`: check parity
+    with the eager encoder before the file is written."""
     cfg = encoder.config
     encoder = encoder.eval()
     batch, steps = 3, 5
     x = torch.zeros(batch, steps, cfg.input_size)
     lengths = torch.tensor([5, 4, 2], dtype=torch.int64)  # sorted: see ExportView
-    axes = {
-        "x": {0: BATCH, 1: TIME},
-        "lengths": {0: BATCH},
-        "y": {0: BATCH, 1: TIME},
-        "h_n": {1: BATCH},
-        "c_n": {1: BATCH},
-    }
+    outputs = cfg.output_names
+    axes = {"x": {0: BATCH, 1: TIME}, "lengths": {0: BATCH}, "y": {0: BATCH, 1: TIME}}
+    axes.update({name: {1: BATCH} for name in outputs[1:]})
     args: tuple = (x, lengths)
     module: torch.nn.Module = ExportView(encoder)
     input_names = INPUT_NAMES
+    states: dict[str, tuple[int, int]] = {}
     if initial_state:
-        state = torch.zeros(cfg.num_layers * cfg.num_directions, batch, cfg.hidden_size)
-        args = (x, lengths, state, state.clone())
+        ld = cfg.num_layers * cfg.num_directions
+        states = {name: (ld, cfg.hidden_size) for name in cfg.state_names}
+        args = (x, lengths, *(torch.zeros(ld, batch, cfg.hidden_size) for _ in states))
         module = StatefulExportView(encoder)
-        axes.update({"h0": {1: BATCH}, "c0": {1: BATCH}})
-        input_names = INPUT_NAMES + STATE_NAMES
-    extra = {"lstm.initial_state": "h0,c0" if initial_state else "", **(extra_metadata or {})}
-    return _write(module, args, path, axes, encoder, cfg, None, extra, input_names=input_names)
+        axes.update({name: {1: BATCH} for name in states})
+        input_names = INPUT_NAMES + list(states)
+    extra = {"lstm.initial_state": ",".join(states), **(extra_metadata or {})}
+    check = (lambda tmp: check_parity(tmp, encoder_reference(encoder), cfg.input_size, None, states)) if verify else None
+    return _write(module, args, path, axes, encoder, cfg, None, extra, input_names, outputs, check)
 
 
 def export_static(
-    encoder: LSTMEncoder, steps: int, path: Path, extra_metadata: dict[str, str] | None = None
+    encoder: RecurrentEncoder,
+    steps: int,
+    path: Path,
+    extra_metadata: dict[str, str] | None = None,
+    verify: bool = True,
 ) -> ExportResult:
     """One cell per step per layer per direction over a fixed time axis of `steps`."""
     cfg = encoder.config
-    static = StaticUnrolledLSTM(encoder.eval(), steps).eval()
+    static = StaticUnrolledRNN(encoder.eval(), steps).eval()
     x = torch.zeros(2, steps, cfg.input_size)
     lengths = torch.tensor([steps, 1], dtype=torch.int64)
-    axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "y": {0: BATCH}, "h_n": {1: BATCH}, "c_n": {1: BATCH}}
-    return _write(static, (x, lengths), path, axes, encoder, cfg, steps, extra_metadata)
+    outputs = cfg.output_names
+    axes = {"x": {0: BATCH}, "lengths": {0: BATCH}, "y": {0: BATCH}}
+    axes.update({name: {1: BATCH} for name in outputs[1:]})
+    # ORT's graph optimisation of an unrolled graph is what makes it slow to load; the check
+    # compares the arithmetic, so it loads the file unoptimised.
+    check = (
+        (lambda tmp: check_parity(tmp, encoder_reference(encoder), cfg.input_size, steps, optimization="disable"))
+        if verify
+        else None
+    )
+    return _write(static, (x, lengths), path, axes, encoder, cfg, steps, extra_metadata, INPUT_NAMES, outputs, check)
 
 
 CLASSIFIER_OUTPUTS = ["logits", "probs"]
@@ -226,7 +285,15 @@ def export_classifier(
         "classifier.normalisation": "inside the graph: (x - mean) / std of the training set",
         **(extra_metadata or {}),
     }
-    return _write(module, (x, lengths), path, axes, classifier, cfg, steps, extra, output_names=CLASSIFIER_OUTPUTS)
+
+    def reference(x, lengths):
+        with torch.no_grad():
+            out = classifier(torch.from_numpy(x), torch.from_numpy(lengths))
+        return {n: o.numpy() for n, o in zip(CLASSIFIER_OUTPUTS, out)}
+
+    opt = "all" if steps is None else "disable"
+    check = lambda tmp: check_parity(tmp, reference, cfg.input_size, steps, optimization=opt)  # noqa: E731
+    return _write(module, (x, lengths), path, axes, classifier, cfg, steps, extra, INPUT_NAMES, CLASSIFIER_OUTPUTS, check)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -234,8 +301,8 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def config_from_metadata(meta: dict[str, str]) -> LSTMConfig:
-    return LSTMConfig.from_json(meta["lstm.config"])
+def config_from_metadata(meta: dict[str, str]) -> RecurrentConfig:
+    return RecurrentConfig.from_json(meta["lstm.config"])
 
 
 def describe(path: Path) -> dict[str, object]:

@@ -172,6 +172,16 @@ def test_metadata(repo, encoders):
         "hidden_size": 8,
         "num_layers": 2,
         "bidirectional": True,
+        "cell": "lstm",
+        "bias": True,
+        "nonlinearity": "tanh",
+    }
+    assert json.loads(meta["lstm.axes"]) == {
+        "x": {"batch": 0, "time": 1},
+        "lengths": {"batch": 0},
+        "y": {"batch": 0, "time": 1},
+        "h_n": {"batch": 1},
+        "c_n": {"batch": 1},
     }
     assert meta["lstm.export_mode"] == "static" and meta["lstm.static_length"] == str(STATIC_T)
     assert meta["lstm.param_count"] == str(SMALL["bi"].param_count())

@@ -1,0 +1,442 @@
+"""Export other people's models: a checkpoint of a bare nn.LSTM/nn.GRU/nn.RNN, a state dict with one
+such layer under a prefix, or the user's own module around one.
+
+Every export goes through the same gate as the built-in family (`export.verify`): the graph must
+loop natively (ONNX LSTM/GRU/RNN nodes fed by `sequence_lens`) and agree with eager PyTorch on
+seeded ragged batches before its file is written. Errors are `ExportError`s: one line naming the
+problem and what was expected; the CLI turns them into exit code 2 and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.model import CELLS, RecurrentConfig, RecurrentEncoder, StaticUnrolledRNN
+from export.onnx_export import (
+    BATCH,
+    INPUT_NAMES,
+    TIME,
+    ExportResult,
+    _write,
+    export_dynamic,
+    export_static,
+)
+from export.verify import ExportError, check_parity
+
+_KEY = re.compile(r"^(?P<prefix>.*?)(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
+_NESTED = ("state_dict", "model_state_dict", "model")  # where trainers (Lightning, scripts) nest the weights
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from `torch.save(module.state_dict())` (or a dict nesting one under
+    'state_dict'/'model_state_dict'/'model'). Loaded with weights_only=True: no code runs."""
+    if not path.is_file():
+        raise ExportError(f"--weights {path}: no such file")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"--weights {path}: not a PyTorch checkpoint of tensors (torch.load: {first[:160]}); "
+            "expected the file torch.save(layer.state_dict()) writes"
+        ) from None
+    if isinstance(data, dict):
+        for key in _NESTED:
+            if isinstance(data.get(key), dict) and not any(isinstance(v, torch.Tensor) for v in data.values()):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        kind = type(data).__name__
+        raise ExportError(
+            f"--weights {path}: holds a {kind}, not a state dict of tensors; expected torch.save(layer.state_dict())"
+        )
+    return data
+
+
+def find_layers(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{prefix: keys} of every recurrent layer in a state dict (prefix '' for a bare layer)."""
+    layers: dict[str, list[str]] = {}
+    for key in state:
+        m = _KEY.match(key)
+        if m:
+            layers.setdefault(m.group("prefix"), []).append(key)
+    return {p: keys for p, keys in layers.items() if any(k.endswith("weight_ih_l0") for k in keys)}
+
+
+def _pick_prefix(state: dict[str, torch.Tensor], prefix: str | None) -> str:
+    layers = find_layers(state)
+    if prefix is not None:
+        wanted = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        if wanted not in layers:
+            found = ", ".join(repr(p.rstrip(".")) for p in layers) or "none"
+            raise ExportError(f"--prefix {prefix!r}: no recurrent layer there; layers found under: {found}")
+        return wanted
+    if not layers:
+        keys = list(state)
+        shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+        raise ExportError(
+            f"no nn.LSTM, nn.GRU or nn.RNN weights in the state dict (keys: {shown}); expected keys such as "
+            "weight_ih_l0, weight_hh_l0 (optionally under a prefix like encoder.rnn.)"
+        )
+    if len(layers) > 1:
+        names = ", ".join(repr(p.rstrip(".")) for p in sorted(layers))
+        raise ExportError(f"{len(layers)} recurrent layers in the state dict ({names}): choose one with --prefix")
+    return next(iter(layers))
+
+
+def config_from_state_dict(
+    state: dict[str, torch.Tensor], prefix: str | None = None, nonlinearity: str = "tanh", cell: str | None = None
+) -> tuple[RecurrentConfig, dict[str, torch.Tensor]]:
+    """Read the layer's config from its tensor names and shapes; return it with the layer's own
+    state dict (keys without the prefix). `cell` forces lstm/gru/rnn (else read from the shapes)."""
+    prefix = _pick_prefix(state, prefix)
+    where = f"layer '{prefix.rstrip('.')}'" if prefix else "the layer"
+    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and _KEY.match(k[len(prefix) :])}
+    if any(k.startswith("weight_hr_l") for k in own):
+        raise ExportError(
+            f"{where} is an LSTM with proj_size (weight_hr_l* present): LSTM with proj_size has no ONNX LSTM "
+            "equivalent; export a model without projections"
+        )
+    w_ih, w_hh = own["weight_ih_l0"], own.get("weight_hh_l0")
+    if w_hh is None or w_ih.dim() != 2 or w_hh.dim() != 2 or w_hh.shape[1] < 1:
+        raise ExportError(f"{where}: weight_ih_l0/weight_hh_l0 must be 2-D matrices; got shapes that form no layer")
+    hidden = int(w_hh.shape[1])
+    gates, rem = divmod(int(w_hh.shape[0]), hidden)
+    by_gates = {g: c for c, (_, g) in CELLS.items()}
+    if rem or gates not in by_gates:
+        raise ExportError(
+            f"{where}: weight_hh_l0 has shape {list(w_hh.shape)}; expected (G*H, H) with G = 4 (LSTM), 3 (GRU) or 1 (RNN)"
+        )
+    detected = by_gates[gates]
+    if cell is not None and cell != detected:
+        raise ExportError(f"{where}: --cell {cell} given, but the weight shapes are those of {detected.upper()}")
+    layers = 1 + max(int(_KEY.match(k).group("layer")) for k in own)
+    config = RecurrentConfig(
+        input_size=int(w_ih.shape[1]),
+        hidden_size=hidden,
+        num_layers=layers,
+        bidirectional=any(k.endswith("_reverse") for k in own),
+        cell=detected,
+        bias="bias_ih_l0" in own,
+        nonlinearity=nonlinearity,
+    )
+    expected = config.make_layer().state_dict()
+    missing = sorted(set(expected) - set(own))
+    extra = sorted(set(own) - set(expected))
+    if missing or extra:
+        raise ExportError(
+            f"{where}: the tensors do not form a {detected.upper()} of {layers} layer(s)"
+            f"{', bidirectional' if config.bidirectional else ''}: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for key, tensor in expected.items():
+        if tuple(own[key].shape) != tuple(tensor.shape):
+            raise ExportError(
+                f"{where}: {key} has shape {list(own[key].shape)}; a {detected.upper()} with input_size "
+                f"{config.input_size} and hidden_size {hidden} needs {list(tensor.shape)}"
+            )
+        if not own[key].is_floating_point():
+            raise ExportError(f"{where}: {key} is {own[key].dtype}; expected floating-point weights")
+    return config, own
+
+
+def encoder_from_state_dict(
+    state: dict[str, torch.Tensor], prefix: str | None = None, nonlinearity: str = "tanh", cell: str | None = None
+) -> RecurrentEncoder:
+    config, own = config_from_state_dict(state, prefix, nonlinearity, cell)
+    encoder = RecurrentEncoder(config)
+    encoder.layer.load_state_dict({k: v.float() for k, v in own.items()})
+    return encoder.eval()
+
+
+def export_state_dict(
+    path_in: Path,
+    out: Path,
+    name: str,
+    version: int = 1,
+    static: tuple[int, ...] = (),
+    initial_state: bool = False,
+    prefix: str | None = None,
+    nonlinearity: str = "tanh",
+) -> list[ExportResult]:
+    """`torch.save(layer.state_dict())` -> <out>/<name>/<version>/model.onnx (+ <name>_static_tN)."""
+    encoder = encoder_from_state_dict(load_state_dict(path_in), prefix, nonlinearity)
+    extra = {"export.source": f"state dict {path_in.name}" + (f", prefix {prefix}" if prefix else "")}
+    results = [export_dynamic(encoder, model_file(out, name, version), extra, initial_state=initial_state)]
+    for steps in static:
+        results.append(export_static(encoder, steps, model_file(out, f"{name}_static_t{steps}", version), extra))
+    return results
+
+
+def model_file(out: Path, name: str, version: int) -> Path:
+    return out / name / str(version) / "model.onnx"
+
+
+# -- the user's own module -----------------------------------------------------------------------
+def load_module(spec: str, weights: Path | None = None) -> nn.Module:
+    """'package.module:factory' -> factory() (an nn.Module), weights loaded strictly if given."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ExportError(f"--module {spec!r}: expected package.module:factory (a function or class returning an nn.Module)")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the working directory import
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, errors raised at import
+        raise ExportError(f"--module {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc})") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ExportError(f"--module {spec!r}: {mod_name!r} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"--module {spec!r}: {attr}() failed ({type(exc).__name__}: {exc})") from None
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"--module {spec!r}: {attr}() returned a {type(model).__name__}, expected an nn.Module")
+    if weights is not None:
+        state = load_state_dict(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())
+            raise ExportError(f"--weights {weights}: does not fit {attr}() ({detail[:300]})") from None
+    return model.eval()
+
+
+def _check_signature(module: nn.Module) -> None:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    required = [p for p in positional if p.default is p.empty]
+    if (len(positional) < 2 and not varargs) or len(required) > 2:
+        names = ", ".join(p.name for p in params) or "nothing"
+        raise ExportError(
+            f"{type(module).__name__}.forward takes ({names}); expected forward(x, lengths) with x (batch, time, "
+            "features) float32 and lengths (batch,) int64"
+        )
+
+
+def _as_tuple(out: object, where: str) -> tuple[torch.Tensor, ...]:
+    outs = out if isinstance(out, tuple | list) else (out,)
+    bad = [type(o).__name__ for o in outs if not isinstance(o, torch.Tensor)]
+    if bad or not outs:
+        raise ExportError(f"{where} returned {type(out).__name__} {bad}; expected a tensor or a tuple of tensors")
+    return tuple(outs)
+
+
+def probe_axes(module: nn.Module, feature_size: int, names: list[str] | None = None) -> tuple[list[str], dict]:
+    """Run the module eagerly at two (batch, time) sizes; an output axis that follows the batch
+    size is `batch`, one that follows the time size is `time`, one that stays put is fixed."""
+    runs = []
+    gen = torch.Generator().manual_seed(0)
+    for batch, steps in ((3, 7), (5, 11)):
+        x = torch.randn(batch, steps, feature_size, generator=gen)
+        lengths = torch.full((batch,), steps, dtype=torch.int64)
+        try:
+            with torch.no_grad():
+                runs.append(_as_tuple(module(x, lengths), f"{type(module).__name__}.forward"))
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(
+                f"{type(module).__name__}.forward(x[{batch}, {steps}, {feature_size}], lengths) failed "
+                f"({type(exc).__name__}: {str(exc)[:200]}); expected forward(x, lengths) with {feature_size} features"
+            ) from None
+    count = len(runs[0])
+    if names is None:
+        names = [f"output_{i}" for i in range(count)]
+    if len(names) != count or len(set(names)) != count or set(names) & set(INPUT_NAMES):
+        raise ExportError(f"--output-names {','.join(names)}: the module returns {count} output(s); give {count} distinct names other than x, lengths")
+    axes: dict[str, dict[int, str]] = {"x": {0: BATCH, 1: TIME}, "lengths": {0: BATCH}}
+    for name, a, b in zip(names, *runs):
+        if a.dim() != b.dim() or a.dtype != b.dtype:
+            raise ExportError(f"output '{name}': its rank or dtype changes with the input size")
+        if not a.is_floating_point():
+            raise ExportError(f"output '{name}' is {a.dtype}; the server serves floating-point outputs only")
+        dims = {}
+        for axis, (da, db) in enumerate(zip(a.shape, b.shape)):
+            if (da, db) == (3, 5):
+                dims[axis] = BATCH
+            elif (da, db) == (7, 11):
+                dims[axis] = TIME
+            elif da != db:
+                raise ExportError(f"output '{name}': axis {axis} has size {da} then {db}; expected batch, time or a fixed size")
+        if BATCH not in dims.values():
+            raise ExportError(f"output '{name}' has no batch axis (shape {list(a.shape)} for batch 3); every output needs one")
+        axes[name] = dims
+    return names, axes
+
+
+class _Padded:
+    """Stands in for a PackedSequence while a user module is unrolled: the padded batch itself."""
+
+    def __init__(self, data: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.data, self.lengths = data, lengths  # (B, T, F), (B,)
+
+
+@contextlib.contextmanager
+def _unrolled(module: nn.Module, steps: int) -> Iterator[None]:
+    """Run `module` with every recurrent layer unrolled over `steps` (one cell per step):
+    pack_padded_sequence/pad_packed_sequence become pass-throughs of the padded batch, wherever
+    the user's code imported them from, and each layer runs `StaticUnrolledRNN` on it."""
+    import torch.nn.utils.rnn as rnn_utils
+
+    real_pack, real_pad = rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence
+
+    def pack(input, lengths, batch_first=False, enforce_sorted=True):  # noqa: A002, ARG001 - torch's names
+        data = input if batch_first else input.transpose(0, 1)
+        return _Padded(data, torch.as_tensor(lengths, device=data.device).to(torch.int64))
+
+    def pad(sequence, batch_first=False, padding_value=0.0, total_length=None):  # noqa: ARG001
+        if not isinstance(sequence, _Padded):
+            return real_pad(sequence, batch_first, padding_value, total_length)
+        data = sequence.data if total_length is None or total_length == steps else sequence.data[:, :total_length]
+        return (data if batch_first else data.transpose(0, 1)), sequence.lengths
+
+    patched: list[tuple[dict, str, object]] = []
+    namespaces = {id(vars(rnn_utils)): vars(rnn_utils)}
+    for sub in module.modules():
+        mod = sys.modules.get(type(sub).__module__)
+        if mod is not None:
+            namespaces[id(vars(mod))] = vars(mod)
+    for ns in namespaces.values():
+        for key, value in list(ns.items()):
+            if value is real_pack:
+                patched.append((ns, key, value))
+                ns[key] = pack
+            elif value is real_pad:
+                patched.append((ns, key, value))
+                ns[key] = pad
+    layers = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
+    for layer in layers:
+        layer.forward = _unrolled_forward(layer, steps)  # instance attribute: nn.Module.__call__ uses it
+    try:
+        yield
+    finally:
+        for ns, key, value in reversed(patched):
+            ns[key] = value
+        for layer in layers:
+            del layer.forward
+
+
+class _UnrolledView(nn.Module):
+    """The user's module, unrolled only while its forward runs (so the eager reference is untouched)."""
+
+    def __init__(self, module: nn.Module, steps: int) -> None:
+        super().__init__()
+        self.inner, self.steps = module, steps
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        with _unrolled(self.inner, self.steps):
+            return self.inner(x, lengths)
+
+
+def _unrolled_forward(layer: nn.RNNBase, steps: int):
+    config = layer_config(layer)
+    encoder = RecurrentEncoder(config)
+    encoder._modules[config.cell] = layer  # the user's own parameters
+    static = StaticUnrolledRNN(encoder, steps)
+
+    def forward(inp, hx=None):
+        if not isinstance(inp, _Padded) or hx is not None:
+            raise ExportError(
+                f"--static: the {config.cell.upper()} layer must be called as layer(pack_padded_sequence(...)) "
+                "with no initial state to be unrolled"
+            )
+        out = static(inp.data, inp.lengths)
+        state = (out[1], out[2]) if config.cell == "lstm" else out[1]
+        return _Padded(out[0], inp.lengths), state
+
+    return forward
+
+
+def layer_config(layer: nn.RNNBase) -> RecurrentConfig:
+    """The RecurrentConfig of a user's nn.LSTM/GRU/RNN, or ExportError for what ONNX cannot express."""
+    if isinstance(layer, nn.LSTM) and layer.proj_size:
+        raise ExportError("LSTM with proj_size has no ONNX LSTM equivalent; export a model without projections")
+    cell = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}.get(type(layer))
+    if cell is None:
+        raise ExportError(f"{type(layer).__name__} is not nn.LSTM, nn.GRU or nn.RNN")
+    if layer.dropout and layer.training:
+        raise ExportError(f"{type(layer).__name__} is in training mode with dropout; call model.eval() first")
+    return RecurrentConfig(
+        input_size=layer.input_size,
+        hidden_size=layer.hidden_size,
+        num_layers=layer.num_layers,
+        bidirectional=layer.bidirectional,
+        cell=cell,
+        bias=layer.bias,
+        nonlinearity=getattr(layer, "nonlinearity", "tanh") if cell == "rnn" else "tanh",
+    )
+
+
+def export_module(
+    module: nn.Module,
+    path: Path,
+    feature_size: int,
+    static: tuple[int, ...] = (),
+    output_names: list[str] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> list[ExportResult]:
+    """Export the user's own module: forward(x (batch, time, features), lengths (batch,)) -> a tensor
+    or a tuple of tensors, with pack_padded_sequence -> nn.LSTM/GRU/RNN inside.
+
+    Writes `path` (dynamic: native recurrent nodes, symbolic `batch`/`time` dims on every input and
+    output) and, for each T in `static`, `<path's model folder>_static_t<T>/<version>/model.onnx`
+    (every recurrent layer unrolled over T). Returns one ExportResult per file, each with its
+    measured parity; raises ExportError (nothing written) when a check fails."""
+    if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1:
+        raise ExportError(f"feature_size must be an integer >= 1, got {feature_size!r}")
+    module = module.eval()
+    _check_signature(module)
+    layers = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
+    if not layers:
+        raise ExportError(f"{type(module).__name__} contains no nn.LSTM, nn.GRU or nn.RNN")
+    configs = [layer_config(layer) for layer in layers]
+    names, axes = probe_axes(module, feature_size, output_names)
+
+    def reference(x, lengths):
+        with torch.no_grad():
+            out = _as_tuple(module(torch.from_numpy(x), torch.from_numpy(lengths)), "forward")
+        return {n: o.detach().float().numpy() for n, o in zip(names, out)}
+
+    extra = {
+        "export.source": f"module {type(module).__module__}.{type(module).__qualname__}",
+        "export.recurrent_layers": json.dumps([json.loads(c.to_json()) for c in configs]),
+        "export.outputs": ",".join(names),
+        **(extra_metadata or {}),
+    }
+    x = torch.zeros(3, 5, feature_size)
+    lengths = torch.tensor([5, 2, 4], dtype=torch.int64)
+    check = lambda tmp: check_parity(tmp, reference, feature_size)  # noqa: E731
+    results = [_write(module, (x, lengths), path, axes, module, configs[0], None, extra, INPUT_NAMES, names, check)]
+    for steps in static:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ExportError(f"static length T must be an integer >= 1, got {steps!r}")
+        version_dir = path.parent
+        static_path = version_dir.parent.parent / f"{version_dir.parent.name}_static_t{steps}" / version_dir.name / path.name
+        static_axes = {k: {a: n for a, n in d.items() if n != TIME} for k, d in axes.items()}
+        xs = torch.zeros(2, steps, feature_size)
+        ls = torch.tensor([steps, 1], dtype=torch.int64)
+        time_axes = {n: a for n, d in axes.items() for a, v in d.items() if v == TIME}
+        check_s = lambda tmp, s=steps: check_parity(tmp, reference, feature_size, s, optimization="disable")  # noqa: E731
+        view = _UnrolledView(module, steps)
+        results.append(
+            _write(view, (xs, ls), static_path, static_axes, module, configs[0], steps, extra, INPUT_NAMES, names,
+                   check_s, time_axes)
+        )  # fmt: skip
+    return results
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 from export import family
 from export.model import LSTMConfig, LSTMEncoder
 from export.onnx_export import export_dynamic, export_static
+from export.verify import ExportError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,43 +87,163 @@ def _export_speaker_id(out: Path) -> None:
     print(f"speaker_id: static T={SPEAKER_ID_STATIC_T} -> {res.path} ({res.seconds:.2f} s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m export", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("models"), help="model repository folder")
-    parser.add_argument("--name", help="export one model with this name instead of the family")
-    parser.add_argument("--input-size", type=int, default=80)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--unidirectional", action="store_true")
-    parser.add_argument("--initial-state", action="store_true", help="add h0/c0 inputs (stateful streaming)")
-    parser.add_argument("--static", type=_lengths, default=[], help="comma-separated static T values")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--no-report", action="store_true", help="family only: skip the comparison")
-    parser.add_argument("--report-lengths", type=_lengths, default=list(family.REPORT_STATIC_LENGTHS))
-    args = parser.parse_args(argv)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
-    if args.name is None:
-        _export_family(args.out, not args.no_report, args.report_lengths)
-        return 0
+
+def _name(text: str) -> str:
+    if not _NAME.fullmatch(text) or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"model name {text!r}: expected letters, digits, '_', '-', '.' (1-100 characters, no '..', no '/')"
+        )
+    return text
+
+
+def _names(text: str) -> list[str]:
+    return [_name(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m export",
+        description="Export PyTorch recurrent models to ONNX (dynamic: native LSTM/GRU/RNN nodes; static: "
+        "unrolled). With no --name: the default family and the static-vs-dynamic report.",
+        epilog="Your own model: --weights FILE (a state dict of an nn.LSTM/GRU/RNN, or of a model holding one) "
+        "or --module package.module:factory [--weights FILE] --feature-size N. See README, 'Export your own model'.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("models"), help="model repository folder (default: models)")
+    parser.add_argument("--name", type=_name, help="export one model with this name instead of the family")
+    parser.add_argument("--version", type=int, default=1, help="version folder to write (default: 1)")
+    own = parser.add_argument_group("your own model")
+    own.add_argument("--weights", type=Path, help="checkpoint: torch.save(layer.state_dict()) or a model's state dict")
+    own.add_argument("--prefix", help="with --weights: the key prefix of the layer to export (e.g. encoder.rnn)")
+    own.add_argument(
+        "--nonlinearity", choices=("tanh", "relu"), default="tanh", help="nn.RNN's activation (default tanh)"
+    )
+    own.add_argument("--module", help="package.module:factory returning your nn.Module with forward(x, lengths)")
+    own.add_argument("--feature-size", type=int, help="with --module: features per time step of x")
+    own.add_argument("--output-names", type=_names, help="with --module: comma-separated output names")
+    own.add_argument("--report", action="store_true", help="also measure static vs dynamic into <out>/report/<name>")
+    demo = parser.add_argument_group("random-weight LSTM (no --weights/--module)")
+    demo.add_argument("--input-size", type=int, default=80, help="features per step (default 80)")
+    demo.add_argument("--hidden-size", type=int, default=256, help="units per direction (default 256)")
+    demo.add_argument("--layers", type=int, default=2, help="stacked layers (default 2)")
+    demo.add_argument("--unidirectional", action="store_true", help="forward direction only")
+    demo.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument(
+        "--initial-state", action="store_true", help="add h0 (and c0 for LSTM) inputs: stateful streaming"
+    )
+    parser.add_argument("--static", type=_lengths, default=[], help="comma-separated static T values, e.g. 20,50")
+    parser.add_argument("--no-report", action="store_true", help="family only: skip the comparison")
+    parser.add_argument(
+        "--report-lengths",
+        type=_lengths,
+        default=list(family.REPORT_STATIC_LENGTHS),
+        help="static T values of the report",
+    )
+    return parser
+
+
+class _Written:
+    """What one invocation wrote, so that a failure leaves nothing behind (files and new folders)."""
+
+    def __init__(self, out: Path, names: list[str], version: int) -> None:
+        self.dirs = [out, *(d for n in names for d in (out / n, out / n / str(version)))]
+        self.existed = {d: d.exists() for d in self.dirs}
+        self.files: list[Path] = []
+
+    def undo(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        for d in reversed(self.dirs):
+            if not self.existed[d]:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def _own_model(args) -> list:
+    from export.user import export_module, export_state_dict, load_module
+
+    if args.module:
+        if args.feature_size is None:
+            raise ExportError("--module needs --feature-size N (features per time step of x)")
+        if args.initial_state:
+            raise ExportError(
+                "--initial-state works with --weights of a bare layer; a module's forward takes (x, lengths)"
+            )
+        module = load_module(args.module, args.weights)
+        path = family.model_path(args.out, args.name, args.version)
+        return export_module(module, path, args.feature_size, tuple(args.static), args.output_names)
+    for flag in ("feature_size", "output_names"):
+        if getattr(args, flag) is not None:
+            raise ExportError(f"--{flag.replace('_', '-')} applies to --module exports only")
+    return export_state_dict(
+        args.weights, args.out, args.name, args.version, tuple(args.static), args.initial_state, args.prefix,
+        args.nonlinearity,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        config = LSTMConfig(args.input_size, args.hidden_size, args.layers, not args.unidirectional)
-    except ValueError as exc:
+        return _main(args)
+    except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.version < 1:
-        print(f"error: version must be >= 1, got {args.version}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    encoder = LSTMEncoder(config).eval()
-    res = export_dynamic(
-        encoder, family.model_path(args.out, args.name, args.version), initial_state=args.initial_state
-    )
-    print(f"{args.name}: dynamic -> {res.path} ({res.seconds:.2f} s)")
-    for steps in args.static:
-        path = family.model_path(args.out, family.static_name(args.name, steps), args.version)
-        sres = export_static(encoder, steps, path)
-        print(f"{args.name}: static T={steps} -> {sres.path} ({sres.seconds:.2f} s)")
+
+
+def _main(args) -> int:
+    if args.name is None:
+        if args.weights or args.module:
+            raise ExportError("--weights/--module need --name NAME (the model's folder in the repository)")
+        _export_family(args.out, not args.no_report, args.report_lengths)
+        return 0
+    if args.version < 1:
+        raise ExportError(f"--version must be >= 1, got {args.version}")
+    if args.report and args.initial_state:
+        raise ExportError("--report measures models without state inputs; drop --initial-state")
+    names = [args.name] + [family.static_name(args.name, t) for t in args.static]
+    written = _Written(args.out, names, args.version)
+    try:
+        if args.weights or args.module:
+            results = _own_model(args)
+        else:
+            if args.prefix or args.feature_size or args.output_names:
+                raise ExportError("--prefix/--feature-size/--output-names need --weights or --module")
+            try:
+                config = LSTMConfig(args.input_size, args.hidden_size, args.layers, not args.unidirectional)
+            except ValueError as exc:
+                raise ExportError(str(exc)) from None
+            torch.manual_seed(args.seed)
+            encoder = LSTMEncoder(config).eval()
+            results = [
+                export_dynamic(
+                    encoder, family.model_path(args.out, args.name, args.version), initial_state=args.initial_state
+                )
+            ]
+            written.files.append(results[0].path)
+            for steps in args.static:
+                path = family.model_path(args.out, family.static_name(args.name, steps), args.version)
+                results.append(export_static(encoder, steps, path))
+                written.files.append(path)
+        written.files = [r.path for r in results]
+        for res in results:
+            what = "dynamic" if res.steps is None else f"static T={res.steps}"
+            print(f"{args.name}: {what} -> {res.path} ({res.seconds:.2f} s; {res.path.stat().st_size:,} bytes)")
+            if res.parity is not None:
+                print(f"  {res.parity.line()}")
+        if args.report:
+            from export.report import build_report
+
+            report_dir = args.out / "report" / args.name
+            print(f"report: measuring load time, memory and latency of {len(results)} file(s) ...", flush=True)
+            build_report(results[0], results[1:], report_dir)
+            print((report_dir / "report.md").read_text())
+    except BaseException:
+        written.undo()
+        raise
     return 0
 
 

@@ -184,7 +184,9 @@ class StatefulExportView(nn.Module):
         self.encoder = encoder
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.encoder.run(x, lengths, lengths_sorted=True, h0=states[0], c0=states[1] if len(states) > 1 else None)
+        return self.encoder.run(
+            x, lengths, lengths_sorted=True, h0=states[0], c0=states[1] if len(states) > 1 else None
+        )
 
 
 class StaticUnrolledRNN(nn.Module):

@@ -30,6 +30,7 @@ from export.verify import ExportError, Parity, check_native_recurrence, check_pa
 
 OPSET = 17  # ORT's CUDA LSTM kernel covers LSTM-14..21; 17 is widely supported
 IR_VERSION = 8  # what opset 17 needs; onnxruntime 1.31 loads up to IR 13
+__all__ = ["ExportError", "ExportResult", "export_dynamic", "export_static", "export_classifier"]
 INPUT_NAMES = ["x", "lengths"]
 OUTPUT_NAMES = ["y", "h_n", "c_n"]  # LSTM; GRU and RNN have no c_n (RecurrentConfig.output_names)
 STATE_NAMES = ["h0", "c0"]  # LSTM's initial-state inputs; GRU/RNN take h0 only (RecurrentConfig.state_names)
@@ -131,7 +132,7 @@ def _export(
         # Known, harmless for this model: the deprecation of the TorchScript exporter (we pin
         # torch), and the hint about h0/c0 (our initial states are built from the batch dim).
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*variable length with LSTM.*")
+        warnings.filterwarnings("ignore", message=".*variable length with (LSTM|GRU|RNN).*")
         # pad_packed_sequence checks `total_length < max_seq_length` in Python; the tracer
         # freezes it as False, which holds for every valid input (lengths <= T).
         warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
@@ -187,9 +188,9 @@ def encoder_reference(encoder: RecurrentEncoder) -> Callable[..., dict[str, np.n
     names = encoder.config.output_names
 
     def run(x, lengths, h0=None, c0=None):
+        tensors = [None if a is None else torch.from_numpy(a) for a in (x, lengths, h0, c0)]
         with torch.no_grad():
-            t = (lambda a: None if a is None else torch.from_numpy(a))
-            out = encoder(t(x), t(lengths), t(h0), t(c0))
+            out = encoder(*tensors)
         return {n: o.numpy() for n, o in zip(names, out)}
 
     return run
@@ -227,8 +228,10 @@ def export_dynamic(
         axes.update({name: {1: BATCH} for name in states})
         input_names = INPUT_NAMES + list(states)
     extra = {"lstm.initial_state": ",".join(states), **(extra_metadata or {})}
-    check = (lambda tmp: check_parity(tmp, encoder_reference(encoder), cfg.input_size, None, states)) if verify else None
-    return _write(module, args, path, axes, encoder, cfg, None, extra, input_names, outputs, check)
+    check = (
+        (lambda tmp: check_parity(tmp, encoder_reference(encoder), cfg.input_size, None, states)) if verify else None
+    )
+    return _write(module, args, path, axes, encoder, cfg, None, extra, input_names, outputs, check if verify else None)
 
 
 def export_static(
@@ -293,7 +296,9 @@ def export_classifier(
 
     opt = "all" if steps is None else "disable"
     check = lambda tmp: check_parity(tmp, reference, cfg.input_size, steps, optimization=opt)  # noqa: E731
-    return _write(module, (x, lengths), path, axes, classifier, cfg, steps, extra, INPUT_NAMES, CLASSIFIER_OUTPUTS, check)
+    return _write(
+        module, (x, lengths), path, axes, classifier, cfg, steps, extra, INPUT_NAMES, CLASSIFIER_OUTPUTS, check
+    )
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -146,6 +146,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axhline(dyn[key] * scale, color="C1", linestyle="--", label="dynamic (any T)")
         ax.set_xlabel("T (steps)")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)  # from zero: a 1.3x size growth must not look like 10x
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
     fig.suptitle("Static vs dynamic ONNX export of the same LSTM weights")

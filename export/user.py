@@ -33,7 +33,9 @@ from export.onnx_export import (
 )
 from export.verify import ExportError, check_parity
 
-_KEY = re.compile(r"^(?P<prefix>.*?)(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
+_KEY = re.compile(
+    r"^(?P<prefix>.*?)(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(?P<layer>\d+)(?P<rev>_reverse)?$"
+)
 _NESTED = ("state_dict", "model_state_dict", "model")  # where trainers (Lightning, scripts) nest the weights
 
 
@@ -46,9 +48,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = " ".join(str(exc).split())[:160]
+        detail = f"{type(exc).__name__}: {detail}" if len(detail) > 12 else type(exc).__name__
         raise ExportError(
-            f"--weights {path}: not a PyTorch checkpoint of tensors (torch.load: {first[:160]}); "
+            f"--weights {path}: not a PyTorch checkpoint of tensors (torch.load failed: {detail}); "
             "expected the file torch.save(layer.state_dict()) writes"
         ) from None
     if isinstance(data, dict):
@@ -116,7 +119,8 @@ def config_from_state_dict(
     by_gates = {g: c for c, (_, g) in CELLS.items()}
     if rem or gates not in by_gates:
         raise ExportError(
-            f"{where}: weight_hh_l0 has shape {list(w_hh.shape)}; expected (G*H, H) with G = 4 (LSTM), 3 (GRU) or 1 (RNN)"
+            f"{where}: weight_hh_l0 has shape {list(w_hh.shape)}; "
+            "expected (G*H, H) with G = 4 (LSTM), 3 (GRU) or 1 (RNN)"
         )
     detected = by_gates[gates]
     if cell is not None and cell != detected:
@@ -187,7 +191,9 @@ def load_module(spec: str, weights: Path | None = None) -> nn.Module:
     """'package.module:factory' -> factory() (an nn.Module), weights loaded strictly if given."""
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
-        raise ExportError(f"--module {spec!r}: expected package.module:factory (a function or class returning an nn.Module)")
+        raise ExportError(
+            f"--module {spec!r}: expected package.module:factory (a function or class returning an nn.Module)"
+        )
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # like `python -m`: modules in the working directory import
     try:
@@ -259,7 +265,10 @@ def probe_axes(module: nn.Module, feature_size: int, names: list[str] | None = N
     if names is None:
         names = [f"output_{i}" for i in range(count)]
     if len(names) != count or len(set(names)) != count or set(names) & set(INPUT_NAMES):
-        raise ExportError(f"--output-names {','.join(names)}: the module returns {count} output(s); give {count} distinct names other than x, lengths")
+        raise ExportError(
+            f"--output-names {','.join(names)}: the module returns {count} output(s); "
+            f"give {count} distinct names other than x, lengths"
+        )
     axes: dict[str, dict[int, str]] = {"x": {0: BATCH, 1: TIME}, "lengths": {0: BATCH}}
     for name, a, b in zip(names, *runs):
         if a.dim() != b.dim() or a.dtype != b.dtype:
@@ -273,9 +282,13 @@ def probe_axes(module: nn.Module, feature_size: int, names: list[str] | None = N
             elif (da, db) == (7, 11):
                 dims[axis] = TIME
             elif da != db:
-                raise ExportError(f"output '{name}': axis {axis} has size {da} then {db}; expected batch, time or a fixed size")
+                raise ExportError(
+                    f"output '{name}': axis {axis} has size {da} then {db}; expected batch, time or a fixed size"
+                )
         if BATCH not in dims.values():
-            raise ExportError(f"output '{name}' has no batch axis (shape {list(a.shape)} for batch 3); every output needs one")
+            raise ExportError(
+                f"output '{name}' has no batch axis (shape {list(a.shape)} for batch 3); every output needs one"
+            )
         axes[name] = dims
     return names, axes
 
@@ -292,6 +305,8 @@ def _unrolled(module: nn.Module, steps: int) -> Iterator[None]:
     """Run `module` with every recurrent layer unrolled over `steps` (one cell per step):
     pack_padded_sequence/pad_packed_sequence become pass-throughs of the padded batch, wherever
     the user's code imported them from, and each layer runs `StaticUnrolledRNN` on it."""
+    import warnings
+
     import torch.nn.utils.rnn as rnn_utils
 
     real_pack, real_pad = rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence
@@ -324,7 +339,9 @@ def _unrolled(module: nn.Module, steps: int) -> Iterator[None]:
     for layer in layers:
         layer.forward = _unrolled_forward(layer, steps)  # instance attribute: nn.Module.__call__ uses it
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # lengths become a tensor
+            yield
     finally:
         for ns, key, value in reversed(patched):
             ns[key] = value
@@ -427,7 +444,9 @@ def export_module(
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ExportError(f"static length T must be an integer >= 1, got {steps!r}")
         version_dir = path.parent
-        static_path = version_dir.parent.parent / f"{version_dir.parent.name}_static_t{steps}" / version_dir.name / path.name
+        static_path = (
+            version_dir.parent.parent / f"{version_dir.parent.name}_static_t{steps}" / version_dir.name / path.name
+        )
         static_axes = {k: {a: n for a, n in d.items() if n != TIME} for k, d in axes.items()}
         xs = torch.zeros(2, steps, feature_size)
         ls = torch.tensor([steps, 1], dtype=torch.int64)
@@ -439,4 +458,3 @@ def export_module(
                    check_s, time_axes)
         )  # fmt: skip
     return results
-

@@ -70,7 +70,11 @@ def ragged_batches(input_size: int, steps: int | None, seed: int = 1234) -> list
         shapes = [(4, 9, [3, 9, 1, 6]), (1, 1, [1]), (1, 6, [6]), (3, 13, [13, 2, 7]), (2, 8, [5, 3])]
     else:
         t = steps
-        shapes = [(4, t, [max(1, t // 3), t, 1, max(1, t - 1)]), (1, t, [1]), (3, t, [t, max(1, t // 2), 2 if t > 1 else 1])]
+        shapes = [
+            (4, t, [max(1, t // 3), t, 1, max(1, t - 1)]),
+            (1, t, [1]),
+            (3, t, [t, max(1, t // 2), 2 if t > 1 else 1]),
+        ]
     out = []
     for batch, time, lengths in shapes:
         x = rng.standard_normal((batch, time, input_size)).astype(np.float32)

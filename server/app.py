@@ -1,174 +1,183 @@
-"""The server object: gRPC server with the inference, health and reflection services.
+"""The server object: gRPC (grpc.aio) and HTTP/REST (uvicorn) frontends over one data plane, on one
+asyncio event loop that runs in a thread the server owns.
 
-`InferenceServer(settings).start()` returns the bound port; `stop(grace)` drains in-flight calls.
+`InferenceServer(settings).start()` binds the ports, loads the models and returns the gRPC port;
+`stop(grace)` drains (no accepted call is cancelled); `wait()` blocks until stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import resource
 import signal
-import ssl
+import socket
 import sys
 import threading
-import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.batcher import BatchPolicy
-from server.codec import Limits
 from server.config import Settings
-from server.dataplane import DataPlane
 from server.errors import StartupError
+from server.factory import build_plane
+from server.handlers import Admission
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
-from server.proto import grpc_service_pb2_grpc as pb_grpc
-from server.repository import ModelRepository
-from server.rest import RestServer
-from server.runtime import RuntimeOptions, select_providers
-from server.security import TokenAuthInterceptor, load_tokens, server_credentials, tls_context
-from server.sequences import SequenceStore
-from server.servicer import Admission, InferenceServicer
-from server.stats import Statistics
+from server.rest import RestApp, RestServer
+from server.security import TokenAuthInterceptor, load_tokens, tls_context
+from server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _read(flag: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """A clear one-line error before gRPC tries (its own error is a log line of the C core)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError as exc:
+        raise StartupError(f"{what} {port}: cannot use host {host!r}: {exc.strerror or exc}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"port {port} busy ({what} on {host})") from None
+            raise StartupError(f"{what} {port} on {host}: {exc.strerror or exc}") from None
 
 
 class InferenceServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.options = RuntimeOptions(
-            device=settings.device,
-            cuda_tf32=settings.cuda_tf32,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            graph_optimization=settings.graph_optimization,
-        )
-        self.providers = select_providers(self.options)  # StartupError if cuda asked and unusable
-        log.info("execution provider in use: %s", self.providers.kind)
-        self.repository = ModelRepository(settings.model_repository, self.providers, self.options)
-        self.stats = Statistics()
         self.metrics = Metrics()
-        self.metrics.provider.labels(self.providers.kind).set(1)
-        policy = BatchPolicy(
-            enabled=settings.batching,
-            max_batch=settings.max_batch,
-            max_queue_delay_us=settings.max_queue_delay_us,
-            max_cells=settings.max_elements,
-            max_queue=settings.max_queue,
-            instances=settings.instances,
-        )
-
-        def _sequences_changed(live: int, evicted: int) -> None:
-            self.metrics.live_sequences.set(live)
-            if evicted:
-                self.metrics.sequence_evictions.inc(evicted)
-
-        self.sequences = SequenceStore(settings.max_sequences, settings.sequence_idle_s, _sequences_changed)
-        self.plane = DataPlane(
-            self.repository,
-            self.stats,
-            Limits(settings.max_elements, settings.max_request_batch),
-            policy,
-            self.metrics,
-            self.sequences,
-        )
-        self.metrics_port: int | None = None
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.plane = build_plane(settings, self.metrics)  # StartupError if cuda asked and unusable
+        self.repository = self.plane.repository
+        self.stats = self.plane.stats
+        self.sequences = self.plane.sequences
+        self.providers = self.repository.providers
+        # inference calls in progress over both frontends (RESOURCE_EXHAUSTED beyond; idle or
+        # half-open connections and calls waiting for their request are not counted)
+        self.admission = Admission(limit=settings.grpc_workers + settings.max_queue)
         self._draining = threading.Event()
-        self.admission = Admission()
-        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
         self.port: int | None = None
         self.rest: RestServer | None = None
         self.http_port: int | None = None
+        self.metrics_port: int | None = None
+        self._serving = False
 
     @property
     def provider(self) -> str:
         return self.providers.kind
 
-    def _set_model_health(self, name: str, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set(f"{SERVICE_NAME}/{name}", status)
+    def is_ready(self) -> bool:
+        return not self._draining.is_set()
 
-    def start(self) -> int:
-        s = self.settings
-        if not s.model_repository.is_dir():
-            raise StartupError(f"model repository {s.model_repository} is not a folder (run `make export`)")
-        self.repository.on_change = self._set_model_health
-        self.repository.load_all()
-        size = s.max_message_mb * 1024 * 1024
-        interceptors = []
-        try:
-            tokens = load_tokens(s.auth_tokens, Path(s.auth_tokens_file) if s.auth_tokens_file else None)
-        except OSError as exc:
-            raise StartupError(f"--auth-tokens-file: {exc}") from None
-        if tokens:
-            interceptors.append(TokenAuthInterceptor(tokens))
-            log.info("bearer-token authentication on (%d token(s)); health stays open", len(tokens))
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
-            interceptors=interceptors,
-            # beyond this many calls at once gRPC answers RESOURCE_EXHAUSTED instead of queueing
-            maximum_concurrent_rpcs=s.grpc_workers + s.max_queue,
-            options=[
-                ("grpc.max_send_message_length", size),
-                ("grpc.max_receive_message_length", size),
-                ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
-            ],
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.plane, lambda: not self._draining.is_set(), self.admission), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        address = f"{s.host}:{s.port}"
-        if s.tls_cert:
-            try:
-                creds = server_credentials(
-                    Path(s.tls_cert), Path(s.tls_key), Path(s.tls_client_ca) if s.tls_client_ca else None
-                )
-            except OSError as exc:
-                raise StartupError(f"TLS: {exc}") from None
-            port = server.add_secure_port(address, creds)
-            log.info("TLS on%s", " with client-certificate verification" if s.tls_client_ca else "")
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise StartupError(f"cannot bind {s.host}:{s.port}")
-        server.start()
-        if s.http_port >= 0:
-            self.rest = RestServer(
-                self.plane,
-                lambda: not self._draining.is_set(),
-                self.admission,
-                tokens,
-                max_body=s.max_message_mb << 20,
-                max_concurrent=s.grpc_workers + s.max_queue,
-            )
-            try:
-                tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
-                self.http_port = self.rest.start(s.host, s.http_port, tls)
-            except (OSError, ssl.SSLError) as exc:
-                server.stop(0)
-                raise StartupError(f"HTTP/REST port {s.host}:{s.http_port}: {exc}") from None
-            log.info("HTTP/REST (OIP v2) on %s://%s:%d/v2", "https" if tls else "http", s.host, self.http_port)
-        if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
-            log.info("Prometheus metrics on http://%s:%d/metrics", s.host, self.metrics_port)
+    # -- the event loop ---------------------------------------------------------------------
+    def _run(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop from another thread; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _soon(self, coro_fn, *args) -> None:
+        """Schedule a coroutine on the loop from any thread (fire and forget)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(coro_fn(*args)))
+
+    def _start_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.call_soon(ready.set)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="serving-loop", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def _stop_loop(self) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    # -- health -----------------------------------------------------------------------------
+    async def _health_set(self, service: str, status) -> None:
+        await self.health.set(service, status)
+
+    async def _server_health(self) -> None:
+        status = SERVING if self.repository.is_ready() else NOT_SERVING  # False while a model failed to load
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._server, self.port = server, port
+            await self.health.set(name, status)
+
+    def _set_model_health(self, name: str, ready: bool) -> None:  # repository.on_change, any thread
+        self._soon(self._health_set, f"{SERVICE_NAME}/{name}", SERVING if ready else NOT_SERVING)
+        if self._serving:  # the server's own status follows the repository's readiness
+            self._soon(self._server_health)
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Check the files, bind every port, then load the models, then serve: a busy port or a
+        missing file is a StartupError (one line) before any model loads."""
+        s = self.settings
+        if not Path(s.model_repository).is_dir():
+            raise StartupError(f"--model-repository {s.model_repository}: not a folder (run `make export`)")
+        tokens = load_tokens(s.auth_tokens, s.auth_tokens_file or None)  # StartupError if unreadable or empty
+        creds = tls = None
+        if s.tls_cert:
+            cert, key = _read("--tls-cert", s.tls_cert), _read("--tls-key", s.tls_key)
+            ca = _read("--tls-client-ca", s.tls_client_ca) if s.tls_client_ca else None
+            try:
+                tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise StartupError(f"--tls-cert/--tls-key: not a usable certificate and key: {exc}") from None
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        self._start_loop()
+        try:
+            self.port = self._run(self._bind_grpc(tokens, creds))
+            if s.http_port >= 0:
+                app = RestApp(self.plane, self.is_ready, self.admission, tokens, max_body=s.max_message_mb << 20,
+                              max_concurrent=s.grpc_workers + s.max_queue)  # fmt: skip
+                self.rest = RestServer(app)
+                self.http_port = self.rest.bind(s.host, s.http_port, reuse_port=s.workers > 1)
+            if s.metrics_port >= 0:
+                try:
+                    self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise StartupError(f"port {s.metrics_port} busy (--metrics-port on {s.host})") from None
+                    raise StartupError(f"--metrics-port {s.metrics_port}: {exc.strerror or exc}") from None
+            self.repository.on_change = self._set_model_health
+            self.repository.load_all()  # StartupError on a failed model with --exit-on-error
+            self._run(self._serve(tls))
+        except BaseException:
+            self._abort()
+            raise
+        if s.metrics_port >= 0:
+            log.info("Prometheus metrics on http://%s:%d/metrics", s.host, self.metrics_port)
+        if self.rest is not None:
+            log.info("HTTP/REST (OIP v2) on %s://%s:%d/v2", "https" if tls else "http", s.host, self.http_port)
         if s.poll_s > 0:
             threading.Thread(target=self._poll, name="repository-poll", daemon=True).start()
         threading.Thread(target=self._sweep_sequences, name="sequence-sweep", daemon=True).start()
@@ -177,11 +186,73 @@ class InferenceServer:
             len(self.repository.ready_models()),
             self.repository.ready_models(),
             s.host,
-            port,
+            self.port,
             self.providers.kind,
         )
+        return self.port
+
+    async def _bind_grpc(self, tokens: list[str], creds) -> int:
+        s = self.settings
+        self.health = health.aio.HealthServicer()
+        interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+        if tokens:
+            log.info("bearer-token authentication on (%d token(s)); health stays open", len(tokens))
+        size = s.max_message_mb << 20
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+            ],
+        )
+        add_to_server(InferenceServicer(self.plane, self.is_ready, self.admission), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        if s.port and s.workers == 1:
+            _check_port_free(s.host, s.port, "gRPC --port")
+        address = f"{s.host}:{s.port}"
+        try:
+            port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise StartupError(f"gRPC --port {s.port}: cannot bind {address}")
+        if creds:
+            log.info("TLS on%s", " with client-certificate verification" if s.tls_client_ca else "")
+        self._grpc = server
         return port
 
+    async def _serve(self, tls) -> None:
+        await self._grpc.start()
+        if self.rest is not None:
+            await self.rest.start(tls)
+        for name in self.repository.ready_models():
+            await self.health.set(f"{SERVICE_NAME}/{name}", SERVING)
+        await self._server_health()
+        self._serving = True
+
+    def _abort(self) -> None:
+        """Undo a failed start: ports closed, loop stopped."""
+        if self._loop is not None and self._loop.is_running():
+
+            async def close() -> None:
+                if self.rest is not None:
+                    await self.rest.shutdown(0)
+                if self._grpc is not None:
+                    await self._grpc.stop(0)
+
+            try:
+                self._run(close(), timeout=10)
+            except Exception:  # noqa: BLE001 - already failing; report the first error
+                log.debug("cleanup after a failed start", exc_info=True)
+            self._stop_loop()
+        self.plane.executor.shutdown(wait=False)
+
+    # -- background work --------------------------------------------------------------------
     def _sweep_sequences(self) -> None:
         """Free sequences idle longer than sequence_idle_s (also checked on every access)."""
         period = min(1.0, max(0.05, self.settings.sequence_idle_s / 4))
@@ -196,34 +267,72 @@ class InferenceServer:
             except Exception:  # noqa: BLE001 - the poller must go on
                 log.exception("repository poll failed")
 
-    def stop(self, grace: float | None = None) -> None:
-        """Drain: health NOT_SERVING and ServerReady false first (calls still served for
-        `drain_delay_s`, so balancers notice); then new inference calls get UNAVAILABLE while the
-        running ones finish (up to `grace` s); then the gRPC server stops."""
-        if self._server is None:
-            return
-        grace = self.settings.grace_s if grace is None else grace
+    # -- stop -------------------------------------------------------------------------------
+    def refuse_new_calls(self) -> None:
+        """Readiness false and new inference calls refused (UNAVAILABLE / 503), as a drain does
+        after its delay; the calls in progress go on. `stop` does this and more."""
         self._draining.set()
-        self.health.enter_graceful_shutdown()
+        self._run(self._refuse())
+
+    async def _refuse(self) -> None:
+        self.admission.refuse()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING and readiness false first (calls still served for
+        `drain_delay_s`, so balancers notice); then new calls get UNAVAILABLE (REST: 503 with
+        `Connection: close`) while the running ones finish (up to `grace` s); then both ports
+        close. A call that reached a handler is never cancelled within the grace period."""
+        with self._stop_lock:
+            if self._loop is None or self._stopped.is_set():
+                return
+            grace = self.settings.grace_s if grace is None else grace
+            self._draining.set()
+            try:
+                self._run(self._drain(grace))
+            finally:
+                self._stop_loop()
+                self.plane.executor.shutdown(wait=False)
+                self._stopped.set()
+
+    async def _drain(self, grace: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._grpc is None:
+            return
+        await self.health.enter_graceful_shutdown()
         if self.settings.drain_delay_s > 0:
-            time.sleep(self.settings.drain_delay_s)
-        start = time.monotonic()
-        left = self.admission.refuse_and_wait(grace)
-        # Calls the transport already took in but no handler has started yet would be cancelled by
-        # the core's stop: let them reach our handler first (they get a clean UNAVAILABLE).
-        time.sleep(min(0.5, max(0.0, grace - (time.monotonic() - start))))
-        left = self.admission.refuse_and_wait(max(0.0, grace - (time.monotonic() - start)))
-        if left:
-            log.warning("%d call(s) still running after the %.1f s grace period: cancelled", left, grace)
-        self._server.stop(max(0.0, grace - (time.monotonic() - start))).wait()
-        self._server = None
+            await asyncio.sleep(self.settings.drain_delay_s)
+        start = loop.time()
+
+        def left() -> float:
+            return max(0.0, grace - (loop.time() - start))
+
+        self.admission.refuse()  # streams waiting for a request end UNAVAILABLE too
+        await self.admission.wait_idle(left())
+        # calls already on their way reach a handler and get a clean UNAVAILABLE; REST clients
+        # get `Connection: close` on their next answer and leave their connections
+        await asyncio.sleep(min(0.5, left()))
+        running = await self.admission.wait_idle(left())
+        if running:
+            log.warning("%d call(s) still running after the %.1f s grace period: cancelled", running, grace)
+        jobs = [self._grpc.stop(left())]
         if self.rest is not None:
-            self.rest.stop()
-            self.rest = None
+            jobs.append(self.rest.shutdown(left()))
+        await asyncio.gather(*jobs, return_exceptions=True)
 
     def wait(self) -> None:
-        if self._server is not None:
-            self._server.wait_for_termination()
+        """Block until `stop` has finished (at once if the server never started)."""
+        if self._loop is not None:
+            self._stopped.wait()
+
+
+def _raise_open_files_limit() -> None:
+    """Idle connections cost a file descriptor each: use the hard limit, not the (often 1024) soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError):
+            log.debug("could not raise RLIMIT_NOFILE", exc_info=True)
 
 
 def serve(settings: Settings, announce: bool) -> int:
@@ -231,6 +340,7 @@ def serve(settings: Settings, announce: bool) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
     )
+    _raise_open_files_limit()
     try:
         server = InferenceServer(settings)
         port = server.start()

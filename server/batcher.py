@@ -12,8 +12,11 @@ Policy (per model version):
   and requests that arrive while a run is in progress are merged into the next run;
 - a request larger than `max_batch` runs alone (never refused for its size);
 - the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
-- a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED).
-`instances` worker threads run batches concurrently (Triton's instance count).
+- a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED), nor one whose
+  caller cancelled its future while queued (an asyncio frontend whose client went away).
+`instances` worker threads run batches concurrently (Triton's instance count). Callers on an event
+loop submit with `inline=False`: the request is always handed to those threads (the loop never runs
+ONNX Runtime) and the caller awaits the future.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,10 +93,28 @@ class BatchInfo:
     infer_ns: int
 
 
+# {output: (batch axis, time axis or None)}: how the model's file lays out each output
+Axes = dict[str, tuple[int | None, int | None]]
+LEGACY_AXES: Axes = {"y": (0, 1), "h_n": (1, None), "c_n": (1, None)}
+
+
+def _take_rows(value: np.ndarray, axis: int, rows: slice, time_axis: int | None, steps: int) -> np.ndarray:
+    index = [slice(None)] * value.ndim
+    index[axis] = rows
+    if time_axis is not None:
+        index[time_axis] = slice(0, steps)  # back to this request's own T
+    return value[tuple(index)]
+
+
 def merge_and_run(
-    items: list[_Item], run: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, np.ndarray]]
+    items: list[_Item],
+    run: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, np.ndarray]],
+    axes: Axes | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], BatchInfo]:
-    """Pad to the longest, run once with the union of requested outputs, split and trim."""
+    """Pad to the longest, run once with the union of requested outputs, split each output along
+    its batch axis and cut its time axis (if any) back to each request's T. `axes` comes from the
+    model file (ModelRuntime.output_axes); outputs without a known batch axis are split on axis 0."""
+    axes = LEGACY_AXES if axes is None else axes
     steps = max(i.steps for i in items)
     features = items[0].x.shape[2]
     total = sum(i.rows for i in items)
@@ -109,15 +130,15 @@ def merge_and_run(
     with_state = [i for i in items if i.h0 is not None]
     if with_state:  # each row starts from its own state; rows without one from zeros
         ld, _, hidden = with_state[0].h0.shape
-        h0 = np.zeros((ld, total, hidden), np.float32)
-        c0 = np.zeros((ld, total, hidden), np.float32)
+        names = ["h0", "c0"] if with_state[0].c0 is not None else ["h0"]  # GRU/RNN: h0 only
+        merged = {n: np.zeros((ld, total, hidden), np.float32) for n in names}  # (L*D, B, H)
         row = 0
         for item in items:
             if item.h0 is not None:
-                h0[:, row : row + item.rows] = item.h0
-                c0[:, row : row + item.rows] = item.c0
+                for n in names:
+                    merged[n][:, row : row + item.rows] = getattr(item, n)
             row += item.rows
-        state = {"h0": h0, "c0": c0}
+        state = merged
     t0 = time.perf_counter_ns()
     out = run(x, lengths, wanted, **state)
     infer_ns = time.perf_counter_ns() - t0
@@ -127,13 +148,8 @@ def merge_and_run(
         rows = slice(row, row + item.rows)
         mine = {}
         for name in item.outputs:
-            value = out[name]
-            if name == "y":
-                mine[name] = value[rows, : item.steps]  # (b, t, D*H)
-            elif name in ("h_n", "c_n"):
-                mine[name] = value[:, rows]  # (L*D, b, H)
-            else:
-                mine[name] = value[rows]
+            batch_axis, time_axis = axes.get(name, (0, None))
+            mine[name] = _take_rows(out[name], 0 if batch_axis is None else batch_axis, rows, time_axis, item.steps)
         results.append(mine)
         row += item.rows
     valid = int(lengths.sum())
@@ -150,11 +166,17 @@ class Batcher:
         run: Callable,
         policy: BatchPolicy,
         on_batch: Callable[[BatchInfo], None] = lambda info: None,
+        executor: Executor | None = None,
+        axes: Axes | None = None,
     ) -> None:
+        """`executor`: where a request submitted with inline=False runs once this batcher is closed
+        (a retired version's late request); None: in the caller's thread."""
         self.name = name
         self.run = run
         self.policy = policy
         self.on_batch = on_batch
+        self.executor = executor
+        self.axes = axes  # the model's output axes (see merge_and_run)
         self._queue: list[_Item] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -174,7 +196,10 @@ class Batcher:
         deadline: float | None = None,
         h0: np.ndarray | None = None,
         c0: np.ndarray | None = None,
+        inline: bool = True,
     ) -> Future:
+        """Queue a request; its future gives (outputs, queue_ns, BatchInfo). `inline`: an idle eager
+        batcher may run it in the calling thread (False from an event loop: never)."""
         item = _Item(x, lengths, outputs, deadline, h0, c0)
         with self._cond:
             closed = self._closed
@@ -183,16 +208,19 @@ class Batcher:
                     f"model '{self.name}': queue full ({self.policy.max_queue} requests waiting); retry later"
                 )
             # Idle and eager (no delay asked for): run in the caller's thread, no hand-off, no wait.
-            inline = not closed and not self._queue and self.policy.max_queue_delay_us == 0
-            inline = inline and self._slots.acquire(blocking=False)
-            if not inline and not closed:
+            here = inline and not closed and not self._queue and self.policy.max_queue_delay_us == 0
+            here = here and self._slots.acquire(blocking=False)
+            if not here and not closed:
                 self._queue.append(item)
                 self._cond.notify()
         if closed:
             # This version was replaced or unloaded after the request found it: the session
             # still works, so the request runs alone rather than failing.
-            self._run_safely([item])
-        elif inline:
+            if self.executor is not None and not inline:
+                self.executor.submit(self._run_safely, [item])
+            else:
+                self._run_safely([item])
+        elif here:
             try:
                 self._run_safely([item])
             finally:
@@ -276,16 +304,18 @@ class Batcher:
         now = time.monotonic()
         live = []
         for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued: its caller is gone
             if item.deadline is not None and now > item.deadline:
                 item.future.set_exception(
                     DeadlineExceeded(f"model '{self.name}': deadline passed while queued; not run")
                 )
-            elif item.future.set_running_or_notify_cancel():
+            else:
                 live.append(item)
         if not live:
             return
         try:
-            results, info = merge_and_run(live, self.run)
+            results, info = merge_and_run(live, self.run, self.axes)
         except Exception as exc:  # noqa: BLE001 - reported to every request in the batch
             for item in live:
                 item.future.set_exception(exc)

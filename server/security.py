@@ -1,4 +1,4 @@
-"""Transport security: TLS credentials and bearer-token authentication (a server interceptor)."""
+"""Transport security: TLS credentials and bearer-token authentication (an asyncio server interceptor)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,40 @@ from pathlib import Path
 
 import grpc
 
+from server.errors import StartupError, clip
+
 # Open without a token, so that load balancers and orchestrators can probe health.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+ENV_TOKENS = "LSTM_SERVE_AUTH_TOKENS"
 
 
-def load_tokens(tokens: str, tokens_file: Path | None) -> list[str]:
-    """Tokens from a comma-separated string (env/flag) and/or a file with one token per line."""
-    found = [t.strip() for t in tokens.split(",") if t.strip()]
+def load_tokens(tokens: str | None, tokens_file: Path | str | None) -> list[str]:
+    """Tokens from a comma-separated string (env/flag) and/or a file with one token per line
+    (blank lines and lines starting with '#' skipped). A source that is given but holds no token
+    (only commas or blanks; a file of comments) is a StartupError: it would otherwise start the
+    server with authentication silently off (`--auth-tokens ""`, or the variable set to nothing,
+    as `--auth-tokens "$UNSET"` gives). `tokens` None and `tokens_file` None or "" mean "not given";
+    an unreadable file is a StartupError too."""
+    found = []
+    if tokens is not None:
+        found = [t.strip() for t in tokens.split(",") if t.strip()]
+        if not found:
+            raise StartupError(
+                f"--auth-tokens / {ENV_TOKENS} is set but holds no token (got {clip(tokens)}); give "
+                "comma-separated tokens, or unset it to run without authentication"
+            )
     if tokens_file is not None and str(tokens_file):
-        lines = Path(tokens_file).read_text().splitlines()
-        found += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        try:
+            lines = Path(tokens_file).read_text().splitlines()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"--auth-tokens-file {tokens_file}: cannot be read: {exc}") from None
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not from_file:
+            raise StartupError(
+                f"--auth-tokens-file {tokens_file} holds no token (only blank lines or '#' comments); put one "
+                "token per line, or drop the flag to run without authentication"
+            )
+        found += from_file
     return found
 
 
@@ -31,8 +55,12 @@ def bearer_matches(value: str, tokens: list[bytes]) -> bool | None:
     return any([hmac.compare_digest(presented, t) for t in tokens])
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Every call but health must carry `authorization: Bearer <token>` with a known token."""
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health must carry `authorization: Bearer <token>` with a known token.
+
+    A refused call is answered UNAUTHENTICATED as soon as its headers arrive: the refusal is
+    served as a request-streaming handler, so the server never waits for the request message (a
+    client that opens calls and never sends them holds nothing)."""
 
     def __init__(self, tokens: list[str]) -> None:
         if not tokens:
@@ -47,8 +75,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                     return match
         return False
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in OPEN_METHODS:
             return handler
         if self._allowed(handler_call_details.invocation_metadata):
@@ -56,20 +84,16 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         has_header = any(k == "authorization" for k, _ in handler_call_details.invocation_metadata or ())
         message = "invalid bearer token" if has_header else "missing 'authorization: Bearer <token>' metadata"
 
-        def deny(request_or_iterator, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        async def deny(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+            return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

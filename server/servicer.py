@@ -1,33 +1,103 @@
-"""GRPCInferenceService: converts protobuf <-> data-plane calls; errors map in one place."""
+"""GRPCInferenceService on grpc.aio: protobuf <-> the data plane's numpy requests; errors map in one
+place (`server.handlers.error_status`).
+
+Every handler is a coroutine on the server's event loop: an idle, slow or half-open call costs a
+coroutine, not a thread; ONNX Runtime runs on the data plane's threads while the call awaits it.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import functools
 import logging
-import threading
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from server.dataplane import DataPlane
-from server.errors import ServingError, Unavailable
+from server import handlers
+from server.codec import decode_inputs, encode_output
+from server.dataplane import DataPlane, InferRequest, InferResponse, to_parameter
+from server.handlers import Admission, error_status
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
-from server.stats import VersionStats
 
 log = logging.getLogger(__name__)
-SERVER_NAME = "lstm-serve"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-def _to_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The single mapping from exceptions to gRPC status; unexpected errors are INTERNAL and logged."""
-    if isinstance(exc, ServingError):
-        return exc.code, exc.message
-    log.exception("unexpected error")
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+class Malformed:
+    """What the request deserializer hands a handler for bytes that are not the request message:
+    answered INVALID_ARGUMENT (in a stream: an error_message) instead of grpcio's bare UNKNOWN."""
+
+    def __init__(self, cls, exc: Exception) -> None:
+        self.message = f"request is not a valid {cls.DESCRIPTOR.full_name} message: {exc}"
+
+
+def _deserializer(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Malformed(cls, exc)
+
+    return parse
+
+
+def add_to_server(servicer: InferenceServicer, server) -> None:
+    """`add_GRPCInferenceServiceServicer_to_server`, with request deserializers that let a handler
+    answer malformed bytes itself."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    methods = {}
+    for method in SERVICE.methods:
+        make = kinds[(method.client_streaming, method.server_streaming)]
+        methods[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, methods),))
+    server.add_registered_method_handlers(SERVICE.full_name, methods)
+
+
+def parameter_value(p: pb.InferParameter):
+    """An InferParameter as a plain value (None when no field of its oneof is set)."""
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: float | None) -> InferRequest:
+    """A ModelInferRequest as the data plane's request: tensors decoded (sizes checked before
+    anything is allocated), parameters as plain values."""
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        inputs=decode_inputs(request, plane.limits),
+        outputs=[o.name for o in request.outputs],
+        parameters={k: parameter_value(v) for k, v in request.parameters.items()},
+        deadline=deadline,
+    )
+
+
+def to_infer_response(response: InferResponse, request: pb.ModelInferRequest | None = None) -> pb.ModelInferResponse:
+    """The data plane's answer as a ModelInferResponse: outputs raw (tritonclient decodes only raw);
+    a parameter the request also carried (sequence_id) is echoed with the request's own type."""
+    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    for name, array in response.outputs.items():
+        encode_output(out, name, array)
+    for key, value in response.parameters.items():
+        sent = request.parameters.get(key) if request is not None else None
+        if sent is not None and parameter_value(sent) == value:
+            out.parameters[key].CopyFrom(sent)
+        else:
+            out.parameters[key].CopyFrom(to_parameter(key, value))
+    return out
 
 
 def _deadline(context) -> float | None:
@@ -38,87 +108,16 @@ def _deadline(context) -> float | None:
 
 def _unary(method):
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
-            return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001
-            code, message = _to_status(exc)
-            context.abort(code, message)
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to its status, in one place
+            code, _, message = error_status(exc)
+        await context.abort(code, message)
 
     return wrapper
-
-
-class Admission:
-    """Counts inference calls in progress; on shutdown refuses new ones (UNAVAILABLE, with a
-    message) and waits for those in progress, before the gRPC server itself is stopped."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self._refusing = False
-
-    @contextlib.contextmanager
-    def call(self):
-        with self._cond:
-            if self._refusing:
-                raise Unavailable("server is shutting down and takes no new requests; retry (another replica)")
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._cond.notify_all()
-
-    def refuse_and_wait(self, timeout: float) -> int:
-        """Refuse new calls; wait up to `timeout` s for the running ones; returns how many still run."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._refusing = True
-            while self._in_flight and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            return self._in_flight
-
-
-def statistics_response(plane: DataPlane, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
-    """Triton's ModelStatistics for one model (version) or all; NOT_FOUND for an unknown model."""
-    snap = plane.stats.snapshot()
-    response = pb.ModelStatisticsResponse()
-    if name:
-        plane.repository.get(name, version)  # NOT_FOUND if unknown
-    for model in plane.repository.ready_models():  # loaded versions that never ran: zeros, as Triton
-        entry = plane.repository.entry(model)
-        for ver in entry.versions if entry is not None else ():
-            snap.setdefault((model, ver), VersionStats())
-    for (model, ver), s in sorted(snap.items()):
-        if name and model != name:
-            continue
-        if version and str(ver) != version:
-            continue
-        ms = response.model_stats.add(
-            name=model,
-            version=str(ver),
-            last_inference=s.last_inference_ms,
-            inference_count=s.inference_count,
-            execution_count=s.execution_count,
-        )
-        for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-            d = getattr(s, field)
-            getattr(ms.inference_stats, field).CopyFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
-        for size, d in sorted(s.batches.items()):
-            ms.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns))
-    return response
-
-
-def repository_index(plane: DataPlane, ready_only: bool = False) -> pb.RepositoryIndexResponse:
-    """Every model on disk or known, with its state, like Triton's repository index."""
-    response = pb.RepositoryIndexResponse()
-    for model, version, state, reason in plane.repository.index():
-        if ready_only and state != "READY":
-            continue
-        response.models.add(name=model, version=version, state=state, reason=reason)
-    return response
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -128,70 +127,96 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.admission = admission or Admission()
 
     @_unary
-    def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     @_unary
-    def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.is_ready())
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.is_ready() and self.plane.repository.is_ready())
 
     @_unary
-    def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):
         try:
-            self.plane.repository.get(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.is_ready())
-        except ServingError:
+            return pb.ModelReadyResponse(
+                ready=handlers.model_ready(self.plane, request.name, request.version, self.is_ready())
+            )
+        except Exception:  # noqa: BLE001 - unknown or not loaded: not ready
             return pb.ModelReadyResponse(ready=False)
 
     @_unary
-    def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+    async def ServerMetadata(self, request, context):
+        return handlers.server_metadata()
 
     @_unary
-    def ModelMetadata(self, request, context):
-        response, headers = self.plane.model_metadata(request.name, request.version)
-        context.send_initial_metadata(tuple(headers.items()))
+    async def ModelMetadata(self, request, context):
+        response, headers = handlers.model_metadata(self.plane, request.name, request.version)
+        await context.send_initial_metadata(tuple(headers.items()))
         return response
 
     @_unary
-    def ModelConfig(self, request, context):
-        return self.plane.model_config(request.name, request.version)
+    async def ModelConfig(self, request, context):
+        return handlers.model_config(self.plane, request.name, request.version)
 
-    @_unary
-    def ModelInfer(self, request, context):
+    async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         with self.admission.call():
-            return self.plane.infer(request, _deadline(context))
-
-    def ModelStreamInfer(self, request_iterator, context):
-        # Like Triton: a bad request gets an error_message in the stream; the stream goes on.
-        for request in request_iterator:
-            try:
-                with self.admission.call():
-                    response = self.plane.infer(request, _deadline(context))
-                yield pb.ModelStreamInferResponse(infer_response=response)
-            except Exception as exc:  # noqa: BLE001
-                code, message = _to_status(exc)
-                yield pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
-                )
+            result = await self.plane.infer_async(to_infer_request(request, self.plane, _deadline(context)))
+        return to_infer_response(result, request)
 
     @_unary
-    def ModelStatistics(self, request, context):
-        return statistics_response(self.plane, request.name, request.version)
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Answers each request in order; a bad one gets an `error_message` and the stream goes on
+        (as Triton). Once a drain starts, a stream waiting for its next request ends UNAVAILABLE."""
+        refused = asyncio.ensure_future(self.admission.refused_event().wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(context.read())
+                done, _ = await asyncio.wait({read, refused}, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream (another replica)"
+                    )
+                request = read.result()
+                if request is grpc.aio.EOF:
+                    return
+                if isinstance(request, Malformed):
+                    await context.write(
+                        pb.ModelStreamInferResponse(error_message=f"INVALID_ARGUMENT: {request.message}")
+                    )
+                    continue
+                try:
+                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+                except Exception as exc:  # noqa: BLE001 - reported in the stream, which goes on
+                    code, _, message = error_status(exc)
+                    response = pb.ModelStreamInferResponse(
+                        error_message=f"{code.name}: {message}",
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name, model_version=request.model_version, id=request.id
+                        ),
+                    )
+                await context.write(response)
+        finally:
+            refused.cancel()
 
     @_unary
-    def RepositoryIndex(self, request, context):
-        return repository_index(self.plane, request.ready)
+    async def ModelStatistics(self, request, context):
+        return handlers.statistics(self.plane, request.name, request.version)
 
     @_unary
-    def RepositoryModelLoad(self, request, context):
-        self.plane.repository.load(request.model_name)
+    async def RepositoryIndex(self, request, context):
+        return handlers.repository_index(self.plane, request.ready)
+
+    @_unary
+    async def RepositoryModelLoad(self, request, context):
+        with self.admission.call():
+            await handlers.load_model(self.plane, request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @_unary
-    def RepositoryModelUnload(self, request, context):
-        self.plane.repository.unload(request.model_name)
+    async def RepositoryModelUnload(self, request, context):
+        with self.admission.call():
+            await handlers.unload_model(self.plane, request.model_name)
         return pb.RepositoryModelUnloadResponse()

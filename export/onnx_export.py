@@ -107,8 +107,28 @@ def axes_of(dynamic_axes: dict, time_axes: dict[str, int] | None = None) -> dict
     return axes
 
 
-def _finish(tmp: Path, metadata: dict[str, str]) -> onnx.ModelProto:
+def _prune(model: onnx.ModelProto, keep: list[str]) -> None:
+    """Keep only the graph outputs `keep` and the nodes they need (drop export-only outputs)."""
+    outputs = [o for o in model.graph.output if o.name in keep]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    needed = set(keep)
+    kept = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    inits = [t for t in model.graph.initializer if t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+
+
+def _finish(tmp: Path, metadata: dict[str, str], keep_outputs: list[str] | None = None) -> onnx.ModelProto:
     model = onnx.load(str(tmp))
+    if keep_outputs is not None:
+        _prune(model, keep_outputs)
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -136,6 +156,10 @@ def _export(
         # pad_packed_sequence checks `total_length < max_seq_length` in Python; the tracer
         # freezes it as False, which holds for every valid input (lengths <= T).
         warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean")
+        # nn.GRU/nn.RNN read the first batch size as a Python int (the hidden-state check); the
+        # tracer records a constant that is never used by the ONNX graph. Whatever the tracer
+        # freezes, the parity gate (export.verify) runs the file on other shapes before it is kept.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             args,
@@ -162,6 +186,7 @@ def _write(
     output_names: list[str] = OUTPUT_NAMES,
     verify: Callable[[Path], Parity] | None = None,
     time_axes: dict[str, int] | None = None,
+    keep_outputs: list[str] | None = None,
 ) -> ExportResult:
     """Export `module` to `path` atomically, with the metadata of `source` (whose weights it runs);
     `verify(tmp_path)` runs before the file is moved into place (ExportError: nothing written).
@@ -175,7 +200,7 @@ def _write(
     meta["lstm.axes"] = json.dumps(axes_of(axes, time_axes), sort_keys=True)
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(module, args, tmp, axes, output_names, input_names)
-        model = _finish(tmp, meta)
+        model = _finish(tmp, meta, keep_outputs)
         if mode == "dynamic":
             check_native_recurrence(model)
         if verify is not None:

@@ -349,6 +349,45 @@ def _unrolled(module: nn.Module, steps: int) -> Iterator[None]:
             del layer.forward
 
 
+class _PaddedOutputsView(nn.Module):
+    """The user's module with every recurrent layer's packed output also unpacked and returned."""
+
+    def __init__(self, module: nn.Module, layers: list[nn.RNNBase]) -> None:
+        super().__init__()
+        self.inner, self.layers = module, layers
+
+    def _run(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+        padded: list[torch.Tensor] = []
+
+        def wrap(layer):
+            def forward(inp, hx=None):
+                out, state = type(layer).forward(layer, inp, hx)
+                if isinstance(out, PackedSequence):
+                    padded.append(pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0])
+                return out, state
+
+            return forward
+
+        for layer in self.layers:
+            layer.forward = wrap(layer)
+        try:
+            out = _as_tuple(self.inner(x, lengths), "forward")
+        finally:
+            for layer in self.layers:
+                del layer.forward
+        return out, padded
+
+    def count(self, x: torch.Tensor, lengths: torch.Tensor) -> int:
+        with torch.no_grad():
+            return len(self._run(x, lengths)[1])
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        out, padded = self._run(x, lengths)
+        return (*out, *padded)
+
+
 class _UnrolledView(nn.Module):
     """The user's module, unrolled only while its forward runs (so the eager reference is untouched)."""
 
@@ -439,7 +478,21 @@ def export_module(
     x = torch.zeros(3, 5, feature_size)
     lengths = torch.tensor([5, 2, 4], dtype=torch.int64)
     check = lambda tmp: check_parity(tmp, reference, feature_size)  # noqa: E731
-    results = [_write(module, (x, lengths), path, axes, module, configs[0], None, extra, INPUT_NAMES, names, check)]
+    try:
+        results = [_write(module, (x, lengths), path, axes, module, configs[0], None, extra, INPUT_NAMES, names, check)]
+    except RuntimeError as exc:
+        if "_M_range_check" not in str(exc):
+            raise ExportError(f"torch.onnx.export failed: {' '.join(str(exc).split())[:300]}") from None
+        # torch 2.13's TorchScript exporter fails when a layer's packed output is never passed to
+        # pad_packed_sequence (a module that uses only the final state). Export with that output
+        # unpacked as extra graph outputs, then drop them and the nodes only they needed.
+        view = _PaddedOutputsView(module, layers)
+        extras = [f"_packed_output_{i}" for i in range(view.count(x, lengths))]
+        extra_axes = {**axes, **{e: {0: BATCH, 1: TIME} for e in extras}}
+        results = [
+            _write(view, (x, lengths), path, extra_axes, module, configs[0], None, extra, INPUT_NAMES, names + extras,
+                   check, keep_outputs=names)
+        ]  # fmt: skip
     for steps in static:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ExportError(f"static length T must be an integer >= 1, got {steps!r}")

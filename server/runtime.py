@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -106,6 +107,19 @@ class TensorInfo:
     name: str
     datatype: str  # OIP datatype
     shape: list[int]  # -1 for symbolic dims
+    batch_axis: int | None = None  # the axis named `batch` in the file (or in its lstm.axes metadata)
+    time_axis: int | None = None  # the axis named `time`: cut back to each request's T
+
+
+def _axes_from(shape: list, name: str, recorded: dict) -> tuple[int | None, int | None]:
+    """Batch and time axes of one tensor: named symbolic dims first, then the export's `lstm.axes`
+    metadata (a static model's time axis has a fixed size, so only the metadata can say)."""
+    named = {d: i for i, d in reversed(list(enumerate(shape))) if isinstance(d, str)}
+    mine = recorded.get(name, {}) if isinstance(recorded.get(name), dict) else {}
+    batch = named.get("batch", mine.get("batch"))
+    time = named.get("time", mine.get("time"))
+    ok = lambda a: a if isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(shape) else None  # noqa: E731
+    return ok(batch), ok(time)
 
 
 @dataclass
@@ -123,13 +137,29 @@ class ModelRuntime:
     features: int
     provider: str
     model_config: dict  # <model>/config.json (e.g. per-model batching), {} when absent
-    state_shape: tuple[int, int] | None = None  # (L*D, H) when the model takes h0/c0 inputs
+    state_shape: tuple[int, int] | None = None  # (L*D, H) when the model takes initial-state inputs
     bidirectional: bool = False
     batcher: object | None = None  # set by the data plane when batching is on
+    state_names: tuple[str, ...] = ()  # ("h0", "c0") for an LSTM, ("h0",) for GRU/RNN, () without state
 
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
+
+    @property
+    def output_axes(self) -> dict[str, tuple[int | None, int | None]]:
+        """{output: (batch axis, time axis)}, as the file names them."""
+        return {o.name: (o.batch_axis, o.time_axis) for o in self.outputs}
+
+    @property
+    def batchable(self) -> bool:
+        """Requests can be merged only where every tensor says which axis is the batch."""
+        return all(t.batch_axis is not None for t in self.inputs + self.outputs)
+
+    @property
+    def state_outputs(self) -> list[str]:
+        """The final-state outputs matching the initial-state inputs (h0 -> h_n, c0 -> c_n)."""
+        return [n[0] + "_n" for n in self.state_names]
 
     def run(
         self,
@@ -139,8 +169,9 @@ class ModelRuntime:
         h0: np.ndarray | None = None,
         c0: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run on a padded batch. Static models get x padded to their T; y is cut back to x's T.
-        Models with initial-state inputs get h0/c0 (L*D, B, H), zeros where not given."""
+        """Run on a padded batch. Static models get x padded to their T; outputs with a time axis
+        are cut back to x's T. Models with initial-state inputs get h0 (and c0) (L*D, B, H), zeros
+        where not given."""
         steps = x.shape[1]
         if self.static_length is not None and steps != self.static_length:
             pad = np.zeros((x.shape[0], self.static_length - steps, x.shape[2]), np.float32)
@@ -148,12 +179,16 @@ class ModelRuntime:
         feeds = {"x": x, "lengths": lengths}
         if self.state_shape is not None:
             zeros = np.zeros((self.state_shape[0], x.shape[0], self.state_shape[1]), np.float32)
-            feeds["h0"] = zeros if h0 is None else h0
-            feeds["c0"] = zeros if c0 is None else c0
+            given = {"h0": h0, "c0": c0}
+            for name in self.state_names:
+                feeds[name] = zeros if given[name] is None else given[name]
         results = self.session.run(outputs, feeds)
         out = dict(zip(outputs, results))
-        if "y" in out and out["y"].shape[1] != steps:
-            out["y"] = out["y"][:, :steps]
+        axes = self.output_axes
+        for name, value in out.items():
+            t = axes[name][1]
+            if t is not None and value.shape[t] != steps:
+                out[name] = value[(slice(None),) * t + (slice(0, steps),)]
         return out
 
     def check_lengths(self, steps: int) -> None:
@@ -184,11 +219,36 @@ def load_model(
     so.log_severity_level = 3
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    inputs = [TensorInfo(i.name, ONNX_TO_OIP.get(i.type, i.type), _dims(i.shape)) for i in session.get_inputs()]
-    outputs = [TensorInfo(o.name, ONNX_TO_OIP.get(o.type, o.type), _dims(o.shape)) for o in session.get_outputs()]
+    try:
+        recorded = json.loads(meta.get("lstm.axes") or "{}")
+    except ValueError:
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+
+    def info(t) -> TensorInfo:
+        return TensorInfo(
+            t.name, ONNX_TO_OIP.get(t.type, t.type), _dims(t.shape), *_axes_from(t.shape, t.name, recorded)
+        )
+
+    inputs = [info(i) for i in session.get_inputs()]
+    outputs = [info(o) for o in session.get_outputs()]
+    if "lstm.axes" not in meta:  # files exported before lstm.axes existed: y is (batch, time, D*H)
+        for t in outputs:
+            if t.name == "y" and len(t.shape) == 3 and t.time_axis is None:
+                t.time_axis = 1
+    if (
+        not any(isinstance(d, str) for t in session.get_inputs() + session.get_outputs() for d in t.shape)
+        and not recorded
+    ):
+        # no named dims at all: batch = axis 0 of x and lengths only, so the model is served unbatched
+        inputs[0].batch_axis = 0
     names = [i.name for i in inputs]
     if names[:2] != ["x", "lengths"] or inputs[0].datatype != "FP32" or len(inputs[0].shape) != 3:
         raise ValueError(f"{path}: expected inputs x (FP32, rank 3) and lengths (INT64), got {names}")
+    if inputs[1].datatype != "INT64" or len(inputs[1].shape) != 1:
+        raise ValueError(
+            f"{path}: input lengths must be INT64 of shape [batch], got {inputs[1].datatype} {inputs[1].shape}"
+        )
     features = inputs[0].shape[2]
     if features < 1:
         raise ValueError(f"{path}: the feature dim of x must be fixed, got {inputs[0].shape}")
@@ -196,14 +256,24 @@ def load_model(
     static_length = int(static) if static else (inputs[0].shape[1] if inputs[0].shape[1] > 0 else None)
     in_use = session.get_providers()[0]
     state_shape = None
-    if names[2:4] == ["h0", "c0"]:
+    state_names: tuple[str, ...] = ()
+    if names[2:] in (["h0", "c0"], ["h0"]):
+        state_names = tuple(names[2:])
         dims = inputs[2].shape
-        if len(dims) != 3 or dims[0] < 1 or dims[2] < 1 or inputs[3].shape != dims:
-            raise ValueError(f"{path}: h0/c0 must be (L*D, batch, H) with fixed L*D and H, got {dims}")
+        if len(dims) != 3 or dims[0] < 1 or dims[2] < 1 or any(i.shape != dims for i in inputs[2:]):
+            raise ValueError(
+                f"{path}: {'/'.join(state_names)} must be (L*D, batch, H) with fixed L*D and H, got {dims}"
+            )
+        missing = [n[0] + "_n" for n in state_names if n[0] + "_n" not in [o.name for o in outputs]]
+        if missing:
+            raise ValueError(f"{path}: a model with inputs {list(state_names)} must output {missing} (the final state)")
         state_shape = (dims[0], dims[2])
-    elif len(names) > 2 and not meta.get("classifier.num_classes"):
-        raise ValueError(f"{path}: unexpected inputs {names[2:]} (only h0, c0 may follow x, lengths)")
-    bidirectional = '"bidirectional": true' in meta.get("lstm.config", "")
+    elif len(names) > 2:
+        raise ValueError(f"{path}: unexpected inputs {names[2:]} (only h0, or h0 and c0, may follow x, lengths)")
+    try:
+        bidirectional = bool(json.loads(meta.get("lstm.config") or "{}").get("bidirectional", False))
+    except (ValueError, AttributeError):
+        bidirectional = False
     return ModelRuntime(
         name=name,
         version=version,
@@ -218,4 +288,5 @@ def load_model(
         model_config=model_config or {},
         state_shape=state_shape,
         bidirectional=bidirectional,
+        state_names=state_names,
     )

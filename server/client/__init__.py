@@ -44,18 +44,29 @@ def pad_sequences(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return x, lengths
 
 
-def split_outputs(outputs: dict[str, np.ndarray], lengths: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """Batch outputs -> one dict per sequence: y cut to its length, states (L*D, H), others by row."""
+# The layout of the project's own encoders, used when the server sends no `lstm-axes`.
+DEFAULT_AXES = {"y": {"batch": 0, "time": 1}, "h_n": {"batch": 1}, "c_n": {"batch": 1}}
+
+
+def split_outputs(
+    outputs: dict[str, np.ndarray], lengths: np.ndarray, axes: dict[str, dict[str, int]] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Batch outputs -> one dict per sequence: each output indexed on its batch axis, and its time
+    axis (if it has one) cut to the sequence's length. `axes` {output: {"batch": i, "time": j}}
+    comes from the model's metadata (`LSTMClient.axes`); outputs it does not name use axis 0.
+    With the default encoders: y (T_i, D*H), h_n/c_n (L*D, H)."""
+    axes = DEFAULT_AXES if axes is None else axes
     per_seq = []
     for i, n in enumerate(lengths.tolist()):
         item = {}
         for name, value in outputs.items():
-            if name == "y":
-                item[name] = value[i, :n]  # (T_i, D*H)
-            elif name in ("h_n", "c_n"):
-                item[name] = value[:, i]  # (L*D, H)
-            else:
-                item[name] = value[i]
+            dims = axes.get(name, {})
+            batch, time = dims.get("batch", 0), dims.get("time")
+            index: list = [slice(None)] * value.ndim
+            if time is not None and time < value.ndim:
+                index[time] = slice(0, n)
+            index[batch] = i
+            item[name] = value[tuple(index)]
         per_seq.append(item)
     return per_seq
 
@@ -114,6 +125,7 @@ class LSTMClient:
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
         self.call_metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._axes: dict[tuple[str, str], dict] = {}
 
     def __enter__(self) -> LSTMClient:
         return self
@@ -151,7 +163,15 @@ class LSTMClient:
             "export": json.loads(headers.get("lstm-export-metadata", "{}")),
             "provider": headers.get("lstm-provider", ""),
             "static_length": int(headers["lstm-static-length"]) if headers.get("lstm-static-length") else None,
+            "axes": json.loads(headers["lstm-axes"]) if headers.get("lstm-axes") else None,
         }
+
+    def axes(self, model: str, version: str = "") -> dict[str, dict[str, int]] | None:
+        """{tensor: {"batch": i, "time": j}} of a model, read once from its metadata and cached."""
+        key = (model, version)
+        if key not in self._axes:
+            self._axes[key] = self.metadata(model, version)["axes"]
+        return self._axes[key]
 
     def config(self, model: str, version: str = "") -> dict:
         """The model's configuration in Triton's ModelConfig form, as a dict (protobuf JSON names)."""
@@ -201,12 +221,14 @@ class LSTMClient:
     ) -> list[dict[str, np.ndarray]]:
         """Variable-length sequences (T_i, F) in; one dict of outputs per sequence, trimmed."""
         x, lengths = pad_sequences(sequences)
-        return split_outputs(self.infer_batch(model, x, lengths, outputs, raw, version), lengths)
+        out = self.infer_batch(model, x, lengths, outputs, raw, version)
+        return split_outputs(out, lengths, self.axes(model, version))
 
     def sequence(self, model: str, sequence_id: int | str | None = None, use_stream: bool = False,
                  h0: np.ndarray | None = None, c0: np.ndarray | None = None) -> SequenceStream:  # fmt: skip
         """A server-side stateful sequence: send a long signal in chunks (unidirectional models
-        exported with h0/c0). `h0`/`c0` (L*D, H): the state to start from (zeros by default)."""
+        exported with --initial-state: LSTM h0/c0, GRU/RNN h0). `h0`/`c0` (L*D, H): the state to start
+        from (zeros by default)."""
         return SequenceStream(self, model, sequence_id, use_stream, h0, c0)
 
     def stream(self, requests: Iterable[pb.ModelInferRequest]) -> Iterator[dict[str, np.ndarray] | Exception]:
@@ -223,8 +245,8 @@ class SequenceStream:
 
         stream = client.sequence("stream_encoder")
         for chunk in chunks:                  # (T_i, F) arrays
-            out = stream.send(chunk)          # y (T_i, H), h_n / c_n (L*D, H) after this chunk
-        final = stream.close()                # final h_n, c_n; the server frees the state
+            out = stream.send(chunk)          # y (T_i, H), h_n (and c_n for LSTM) (L*D, H) after this chunk
+        final = stream.close()                # final h_n (c_n); the server frees the state
 
     With `use_stream=True` the chunks go over one ModelStreamInfer call instead of unary calls.
     """
@@ -300,7 +322,7 @@ class SequenceStream:
         self._ended = end
         if end:
             self._finish()
-        return split_outputs(out, np.array([np.asarray(chunk).shape[0]]))[0]
+        return split_outputs(out, np.array([np.asarray(chunk).shape[0]]), self.client.axes(self.model))[0]
 
     def close(self) -> dict[str, np.ndarray]:
         """End the sequence; returns its final h_n, c_n (L*D, H) and frees it on the server."""

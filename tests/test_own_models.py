@@ -1,0 +1,424 @@
+"""Bring your own model: a user's trained nn.LSTM / nn.GRU / nn.RNN (a bare layer's state dict, a
+bigger model's state dict with a prefix, or their own module around one) exported with
+`python -m export` and served, compared with the user's own layer run eagerly with
+pack_padded_sequence. Tolerance: 1e-5 (float32 through two implementations; observed ~1e-7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from export.__main__ import main as export_main
+from tests.conftest import TOL
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FEATURES, HIDDEN = 5, 6
+LAYER = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+# (cell, bidirectional, layers, bias, batch_first, nonlinearity, prefix): every cell uni and bi,
+# 1-3 layers, with and without bias, time-major and batch-major, bare and under a prefix.
+CASES = [
+    ("lstm", False, 1, True, True, "tanh", ""),
+    ("lstm", True, 2, False, False, "tanh", "encoder.rnn"),
+    ("lstm", True, 3, True, True, "tanh", ""),
+    ("gru", False, 1, True, False, "tanh", ""),
+    ("gru", True, 2, False, True, "tanh", ""),
+    ("gru", False, 3, False, True, "tanh", "encoder.rnn"),
+    ("gru", True, 3, True, False, "tanh", ""),
+    ("rnn", False, 1, True, True, "relu", ""),
+    ("rnn", True, 2, False, False, "tanh", "encoder.rnn"),
+    ("rnn", True, 3, True, True, "relu", ""),
+    ("rnn", False, 2, False, True, "tanh", ""),
+]
+
+
+def case_name(case) -> str:
+    cell, bi, layers, bias, batch_first, nl, prefix = case
+    return f"{cell}_{'bi' if bi else 'uni'}_l{layers}_{'bias' if bias else 'nobias'}_{nl}{'_pre' if prefix else ''}"
+
+
+def make_layer(case, seed: int) -> nn.RNNBase:
+    cell, bi, layers, bias, batch_first, nl, _ = case
+    torch.manual_seed(seed)
+    kwargs = {"nonlinearity": nl} if cell == "rnn" else {}
+    return LAYER[cell](FEATURES, HIDDEN, layers, bias=bias, batch_first=batch_first, bidirectional=bi, **kwargs).eval()
+
+
+def save_checkpoint(layer: nn.RNNBase, prefix: str, path: Path) -> None:
+    if not prefix:
+        torch.save(layer.state_dict(), path)
+        return
+    # a bigger model: an embedding and a head around the layer, which sits at `prefix`
+    model = nn.Module()
+    model.embed = nn.Linear(3, FEATURES)
+    model.encoder = nn.Module()
+    model.encoder.rnn = layer
+    model.head = nn.Linear(HIDDEN, 2)
+    torch.save(model.state_dict(), path)
+
+
+def eager(layer: nn.RNNBase, x: np.ndarray, lengths: np.ndarray, h0=None) -> dict[str, np.ndarray]:
+    """The user's own layer, packed: y (B, T, D*H), h_n (and c_n) (L*D, B, H)."""
+    xt = torch.from_numpy(x)
+    inp = xt if layer.batch_first else xt.transpose(0, 1)
+    packed = pack_padded_sequence(inp, torch.from_numpy(lengths), batch_first=layer.batch_first, enforce_sorted=False)
+    with torch.no_grad():
+        out, state = layer(packed, h0)
+        y, _ = pad_packed_sequence(out, batch_first=layer.batch_first, total_length=x.shape[1])
+    y = y if layer.batch_first else y.transpose(0, 1)
+    if isinstance(layer, nn.LSTM):
+        return {"y": y.numpy(), "h_n": state[0].numpy(), "c_n": state[1].numpy()}
+    return {"y": y.numpy(), "h_n": state.numpy()}
+
+
+def run_export(*args: str) -> int:
+    try:
+        return export_main(list(args))
+    except SystemExit as exc:  # argparse errors
+        return int(exc.code)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """Every case exported from its checkpoint (+ streaming, static and module exports) into one repository."""
+    root = tmp_path_factory.mktemp("own")
+    repo = root / "models"
+    layers = {}
+    for i, case in enumerate(CASES):
+        name = case_name(case)
+        layers[name] = make_layer(case, seed=i)
+        ckpt = root / f"{name}.pt"
+        save_checkpoint(layers[name], case[6], ckpt)
+        args = ["--weights", str(ckpt), "--name", name, "--out", str(repo)]
+        if case[6]:
+            args += ["--prefix", case[6]]
+        if case[0] == "rnn":
+            args += ["--nonlinearity", case[5]]
+        assert run_export(*args) == 0, name
+    for cell in ("gru", "rnn", "lstm"):  # stateful streaming: one state (GRU, RNN) or two (LSTM)
+        case = (cell, False, 2, True, True, "tanh", "")
+        layers[f"{cell}_state"] = make_layer(case, seed=40)
+        torch.save(layers[f"{cell}_state"].state_dict(), root / f"{cell}_state.pt")
+        assert run_export("--weights", str(root / f"{cell}_state.pt"), "--name", f"{cell}_state", "--out", str(repo),
+                          "--initial-state") == 0  # fmt: skip
+    for name in ("gru_bi_l2_nobias_tanh", "rnn_bi_l3_bias_relu"):  # static twins of two cases
+        case = next(c for c in CASES if case_name(c) == name)
+        args = ["--weights", str(root / f"{name}.pt"), "--name", name, "--out", str(root / "static"), "--static", "7"]
+        assert run_export(*args, *(["--nonlinearity", case[5]] if case[0] == "rnn" else [])) == 0
+        (repo / f"{name}_static_t7").mkdir()
+        (root / "static" / f"{name}_static_t7" / "1").rename(repo / f"{name}_static_t7" / "1")
+    assert run_export("--module", "tests.own_modules:gru_classifier", "--name", "tagger", "--out", str(repo),
+                      "--feature-size", "6", "--output-names", "logits,tags", "--static", "8") == 0  # fmt: skip
+    assert run_export("--module", "tests.own_modules:relu_last_state", "--name", "last", "--out", str(repo),
+                      "--feature-size", "6") == 0  # fmt: skip
+    return repo, layers
+
+
+@pytest.fixture(scope="module")
+def own_server(own):
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(Settings(port=0, model_repository=own[0], device="cpu", log_level="WARNING", instances=2))
+    srv.start()
+    yield srv
+    srv.stop(grace=1)
+
+
+@pytest.fixture()
+def own_client(own_server):
+    from server.client import LSTMClient
+
+    with LSTMClient(f"127.0.0.1:{own_server.port}") as c:
+        yield c
+
+
+def _ragged(seed: int, features: int = FEATURES) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, features)).astype(np.float32) for n in (4, 11, 1, 7)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_name)
+def test_graph_has_one_native_node_per_layer(own, case):
+    model = onnx.load(str(own[0] / case_name(case) / "1" / "model.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN")]
+    assert [n.op_type for n in nodes] == [case[0].upper()] * case[2]
+    assert all(len(n.input) > 4 and n.input[4] for n in nodes)  # sequence_lens wired
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    if case[0] == "gru":  # PyTorch applies the reset gate after the hidden matmul
+        assert all(a["linear_before_reset"] == 1 for a in attrs)
+    if case[0] == "rnn":
+        assert all(a["activations"][0] == case[5].capitalize().encode() for a in attrs)
+    outputs = [o.name for o in model.graph.output]
+    assert outputs == (["y", "h_n", "c_n"] if case[0] == "lstm" else ["y", "h_n"])
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert dims["y"] == ["batch", "time", HIDDEN * (2 if case[1] else 1)]
+    assert dims["h_n"] == [case[2] * (2 if case[1] else 1), "batch", HIDDEN]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_name)
+def test_served_equals_users_layer(own, own_client, case):
+    name = case_name(case)
+    seqs = _ragged(len(name))
+    results = own_client.infer(name, seqs)
+    from server.client import pad_sequences
+
+    x, lengths = pad_sequences(seqs)
+    want = eager(own[1][name], x, lengths)
+    assert set(results[0]) == set(want)
+    for i, n in enumerate(lengths):
+        assert results[i]["y"].shape == (n, HIDDEN * (2 if case[1] else 1))
+        assert np.abs(results[i]["y"] - want["y"][i, :n]).max() <= TOL
+        for state in set(want) - {"y"}:
+            assert np.abs(results[i][state] - want[state][:, i]).max() <= TOL, state
+
+
+def test_concurrent_ragged_requests_are_batched_exactly(own, own_client):
+    """GRU outputs (no c_n) split correctly when requests of different T share one run."""
+    import concurrent.futures
+
+    name = "gru_bi_l3_bias_tanh"
+    layer = own[1][name]
+    seqs = [np.random.default_rng(i).standard_normal((1 + 3 * i, FEATURES)).astype(np.float32) for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda s: own_client.infer(name, [s])[0], seqs))
+    for seq, got in zip(seqs, results):
+        want = eager(layer, seq[None], np.array([len(seq)], np.int64))
+        assert np.abs(got["y"] - want["y"][0]).max() <= TOL
+        assert np.abs(got["h_n"] - want["h_n"][:, 0]).max() <= TOL
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn", "lstm"])
+def test_stateful_stream_equals_whole_sequence(own, own_client, cell):
+    layer = own[1][f"{cell}_state"]
+    seq = np.random.default_rng(3).standard_normal((17, FEATURES)).astype(np.float32)
+    want = eager(layer, seq[None], np.array([17], np.int64))
+    ys = []
+    with own_client.sequence(f"{cell}_state") as stream:
+        for chunk in (seq[:5], seq[5:6], seq[6:]):
+            out = stream.send(chunk)
+            ys.append(out["y"])
+        final = stream.close()
+    assert np.abs(np.concatenate(ys) - want["y"][0]).max() <= TOL
+    assert set(final) == ({"h_n", "c_n"} if cell == "lstm" else {"h_n"})
+    for state in final:
+        assert np.abs(final[state] - want[state][:, 0]).max() <= TOL
+
+
+def test_gru_initial_state_input(own, own_client):
+    layer = own[1]["gru_state"]
+    seqs = _ragged(8)
+    from server.client import pad_sequences
+
+    x, lengths = pad_sequences(seqs)
+    h0 = np.random.default_rng(1).standard_normal((2, len(seqs), HIDDEN)).astype(np.float32)
+    req = own_client.request("gru_state", x, lengths)
+    from server.codec import decode_outputs, encode_input
+
+    encode_input(req, "h0", h0)
+    out = decode_outputs(own_client.stub.ModelInfer(req, timeout=30))
+    want = eager(layer, x, lengths, torch.from_numpy(h0))
+    for name in ("y", "h_n"):
+        assert np.abs(out[name] - want[name]).max() <= TOL
+    bad = own_client.request("gru_state", x, lengths)
+    encode_input(bad, "c0", h0)
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        own_client.stub.ModelInfer(bad, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'c0'" in err.value.details()
+
+
+@pytest.mark.parametrize("name", ["gru_bi_l2_nobias_tanh", "rnn_bi_l3_bias_relu"])
+def test_static_twin_served_equals_users_layer(own, own_client, name):
+    seqs = _ragged(5)[:3]  # lengths 4, 11 (too long for T=7: refused), 1
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        own_client.infer(f"{name}_static_t7", seqs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 7" in err.value.details()
+    seqs = [seqs[0], seqs[2], seqs[1][:7]]
+    from server.client import pad_sequences
+
+    results = own_client.infer(f"{name}_static_t7", seqs)
+    x, lengths = pad_sequences(seqs)
+    want = eager(own[1][name], x, lengths)
+    for i, n in enumerate(lengths):
+        assert np.abs(results[i]["y"] - want["y"][i, :n]).max() <= TOL
+        assert np.abs(results[i]["h_n"] - want["h_n"][:, i]).max() <= TOL
+
+
+def test_user_module_served_with_its_own_output_names(own, own_client):
+    from tests.own_modules import gru_classifier, relu_last_state
+
+    meta = own_client.metadata("tagger")
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "tags"]
+    assert meta["axes"]["tags"] == {"batch": 0, "time": 1} and meta["axes"]["logits"] == {"batch": 0}
+    model = gru_classifier().eval()
+    seqs = _ragged(11, features=6)
+    for name in ("tagger", "tagger_static_t8"):
+        use = seqs if name == "tagger" else [s[:8] for s in seqs]
+        results = own_client.infer(name, use)
+        for seq, got in zip(use, results):
+            with torch.no_grad():
+                logits, tags = model(torch.from_numpy(seq[None]), torch.tensor([len(seq)]))
+            assert got["tags"].shape == (len(seq), 4) and got["logits"].shape == (3,)
+            assert np.abs(got["logits"] - logits[0].numpy()).max() <= TOL
+            assert np.abs(got["tags"] - tags[0].numpy()).max() <= TOL
+    model = relu_last_state().eval()
+    results = own_client.infer("last", seqs)
+    for seq, got in zip(seqs, results):
+        with torch.no_grad():
+            want = model(torch.from_numpy(seq[None]), torch.tensor([len(seq)]))[0].numpy()
+        assert got["output_0"].shape == (5,) and np.abs(got["output_0"] - want).max() <= TOL
+
+
+def test_tritonclient_serves_own_models(own, own_server, tmp_path):
+    """A client nobody here wrote (tritonclient, own venv) gets the same numbers for every case."""
+    from tests.test_tritonclient import TRITON_PYTHON
+
+    if not Path(TRITON_PYTHON).exists():
+        pytest.fail(f"tritonclient venv missing at {TRITON_PYTHON}: run `make triton-venv` (make test does)")
+    from server.client import pad_sequences
+
+    names = [case_name(c) for c in CASES] + ["tagger"]
+    feeds = {}
+    for name in names:
+        x, lengths = pad_sequences(_ragged(len(name), features=6 if name == "tagger" else FEATURES))
+        feeds[f"{name}::x"], feeds[f"{name}::lengths"] = x, lengths
+    np.savez(tmp_path / "in.npz", **feeds)
+    res = subprocess.run(
+        [TRITON_PYTHON, str(HERE / "tritonclient_models_check.py"), f"127.0.0.1:{own_server.port}",
+         str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), *names],
+        capture_output=True, text=True, timeout=180, env={"PATH": os.environ.get("PATH", "")},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = np.load(tmp_path / "out.npz")
+    for case in CASES:
+        name = case_name(case)
+        want = eager(own[1][name], feeds[f"{name}::x"], feeds[f"{name}::lengths"])
+        for out, value in want.items():
+            assert np.abs(got[f"{name}::{out}"] - value).max() <= TOL, (name, out)
+    from tests.own_modules import gru_classifier
+
+    with torch.no_grad():
+        logits, tags = gru_classifier().eval()(
+            torch.from_numpy(feeds["tagger::x"]), torch.from_numpy(feeds["tagger::lengths"])
+        )
+    assert np.abs(got["tagger::logits"] - logits.numpy()).max() <= TOL
+    assert np.abs(got["tagger::tags"] - tags.numpy()).max() <= TOL
+
+
+# -- refused exports: exit code 2, one line, nothing written -----------------------------------
+def _bad_files(root: Path) -> dict[str, Path]:
+    files = {"junk": root / "junk.pt", "empty": root / "empty.pt", "norec": root / "norec.pt", "two": root / "two.pt",
+             "proj": root / "proj.pt", "shapes": root / "shapes.pt", "list": root / "list.pt"}  # fmt: skip
+    files["junk"].write_text("not a checkpoint")
+    torch.save({}, files["empty"])
+    torch.save({"linear.weight": torch.zeros(2, 3), "linear.bias": torch.zeros(2)}, files["norec"])
+    two = nn.Module()
+    two.enc = nn.GRU(4, 3)
+    two.dec = nn.LSTM(3, 3)
+    torch.save(two.state_dict(), files["two"])
+    torch.save(nn.LSTM(4, 8, proj_size=2).state_dict(), files["proj"])
+    state = nn.GRU(4, 3, num_layers=2).state_dict()
+    state["weight_hh_l1"] = torch.zeros(9, 4)  # not (3H, H)
+    torch.save(state, files["shapes"])
+    torch.save([torch.zeros(3)], files["list"])
+    return files
+
+
+BAD = [
+    (["--weights", "{junk}"], "not a PyTorch checkpoint"),
+    (["--weights", "{list}"], "not a state dict of tensors"),
+    (["--weights", "{empty}"], "not a state dict of tensors"),
+    (["--weights", "{norec}"], "no nn.LSTM, nn.GRU or nn.RNN weights in the state dict (keys: linear.weight, linear.bias)"),  # noqa: E501
+    (["--weights", "{two}"], "2 recurrent layers in the state dict ('dec', 'enc'): choose one with --prefix"),
+    (["--weights", "{two}", "--prefix", "nope"], "--prefix 'nope': no recurrent layer there; layers found under: 'enc', 'dec'"),  # noqa: E501
+    (["--weights", "{proj}"], "LSTM with proj_size has no ONNX LSTM equivalent"),
+    (["--weights", "{shapes}"], "weight_hh_l1 has shape [9, 4]"),
+    (["--weights", "{root}/missing.pt"], "no such file"),
+    (["--module", "no_such_package.mod:factory", "--feature-size", "6"], "cannot import 'no_such_package.mod'"),
+    (["--module", "tests.own_modules", "--feature-size", "6"], "expected package.module:factory"),
+    (["--module", "tests.own_modules:missing", "--feature-size", "6"], "has no callable 'missing'"),
+    (["--module", "tests.own_modules:not_a_module", "--feature-size", "6"], "returned a str, expected an nn.Module"),
+    (["--module", "tests.own_modules:wrong_signature", "--feature-size", "6"], "expected forward(x, lengths)"),
+    (["--module", "tests.own_modules:gru_classifier"], "--module needs --feature-size"),
+    (["--module", "tests.own_modules:gru_classifier", "--feature-size", "5"], "failed (RuntimeError"),
+    (["--module", "tests.own_modules:projected", "--feature-size", "6"], "LSTM with proj_size has no ONNX LSTM equivalent"),  # noqa: E501
+    (["--module", "tests.own_modules:unpacked", "--feature-size", "6"], "have no sequence_lens input"),
+    (["--module", "tests.own_modules:no_total_length", "--feature-size", "6"], "total_length=x.shape[1]"),
+    (["--module", "tests.own_modules:gru_classifier", "--weights", "{norec}", "--feature-size", "6"], "does not fit gru_classifier()"),  # noqa: E501
+    (["--module", "tests.own_modules:gru_classifier", "--feature-size", "6", "--output-names", "a"], "returns 2 output(s)"),  # noqa: E501
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return root, _bad_files(root)
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input_exit_2_one_line_nothing_written(bad_files, tmp_path, capsys, args, message):
+    root, files = bad_files
+    out = tmp_path / "repo"
+    fmt = {**{k: str(v) for k, v in files.items()}, "root": str(root)}
+    rc = run_export(*[a.format(**fmt) for a in args], "--name", "m", "--out", str(out), "--static", "4")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_bad_input_real_process(bad_files, tmp_path):
+    """The same through a real `python -m export` process: exit status 2 and one stderr line."""
+    res = subprocess.run(
+        [sys.executable, "-m", "export", "--weights", str(bad_files[1]["two"]), "--name", "m", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 2 recurrent layers")
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_parity_gate_refuses_a_file_that_differs(tmp_path, monkeypatch):
+    """The check can fail: a file that disagrees with eager PyTorch by more than 1e-5 is not written."""
+    from export import verify
+    from export.model import RecurrentConfig, RecurrentEncoder
+    from export.onnx_export import ExportError, export_dynamic
+
+    encoder = RecurrentEncoder(RecurrentConfig(4, 3, 1, False, "gru")).eval()
+    real = verify.check_parity
+
+    def off_by_a_bit(path, reference, *args, **kwargs):
+        return real(path, lambda **feeds: {k: v + 2e-5 for k, v in reference(**feeds).items()}, *args, **kwargs)
+
+    monkeypatch.setattr("export.onnx_export.check_parity", off_by_a_bit)
+    with pytest.raises(ExportError, match=r"differs from eager PyTorch by 2(\.\d+)?e-05 \(tolerance 1e-05\)"):
+        export_dynamic(encoder, tmp_path / "g" / "1" / "model.onnx")
+    assert not (tmp_path / "g" / "1" / "model.onnx").exists()
+
+
+def test_state_dict_config_read_from_names_and_shapes():
+    from export.user import config_from_state_dict
+
+    layer = nn.GRU(7, 5, num_layers=3, bidirectional=True, bias=False)
+    config, own = config_from_state_dict({f"a.b.{k}": v for k, v in layer.state_dict().items()}, nonlinearity="tanh")
+    assert (config.cell, config.input_size, config.hidden_size, config.num_layers) == ("gru", 7, 5, 3)
+    assert config.bidirectional and not config.bias
+    assert set(own) == set(layer.state_dict())
+    meta = json.loads(config.to_json())
+    assert meta["cell"] == "gru"

@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     tc = {"c1": 1, "c16": 4 if args.quick else 16, "c64": 4 if args.quick else 64}
     served: dict[str, dict] = {}
     server_flags = {
-        "c": ["--batching", "false"],
-        "d": ["--batching", "true"],
-        "d2": ["--batching", "true", "--workers", "2"],
+        "c": ["--no-batching"],
+        "d": ["--batching"],
+        "d2": ["--batching", "--workers", "2"],
     }
     base = ["--device", args.device, "--intra-op-threads", str(threads), *args.server_args.split()]
     for line, flags in server_flags.items():

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 
-from server.app import serve
+from server.cli import fail
 from server.config import load_settings
 
 
@@ -31,12 +32,18 @@ def _reserve_port(host: str, port: int):
         sock.close()
 
 
+def _prog() -> str:
+    return "lstm-serve" if os.path.basename(sys.argv[0]) == "lstm-serve" else "python -m server"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
+        settings = load_settings(argv, prog=_prog())
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
+    # onnxruntime and grpc load only now: --help, --version and flag errors answer without them
+    from server.app import serve
+
     if settings.workers == 1:
         return serve(settings, announce=True)
     ctx = multiprocessing.get_context("spawn")

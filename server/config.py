@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from server.cli import Parser
 
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -61,33 +65,76 @@ class Settings:
         default=0.0, metadata={"help": "re-scan the model repository every N s (0 = off); loads new versions"}
     )
     workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT)"})
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)"})
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if not 0 < self.sequence_idle_s <= 10**9:  # NaN fails too
-            raise ValueError(f"sequence_idle_s must be a number of seconds in (0, 1e9], got {self.sequence_idle_s}")
-        if not -1 <= self.http_port <= 65535:
-            raise ValueError(f"http_port must be -1 (off) or in 0..65535, got {self.http_port}")
+        for f in dataclasses.fields(self):
+            problem = field_problem(f.name, getattr(self, f.name))
+            if problem:  # named as the caller wrote it; load_settings names the flag or variable
+                raise ValueError(f"{f.name} {problem}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        if self.graph_optimization not in ("disable", "basic", "extended", "all"):
-            raise ValueError(f"graph_optimization must be disable|basic|extended|all, got {self.graph_optimization!r}")
-        for name in (
-            "grpc_workers",
-            "max_message_mb",
-            "max_elements",
-            "max_request_batch",
-            "max_batch",
-            "max_queue",
-            "instances",
-            "workers",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# What each setting accepts. Integers and floats: (lowest, highest) inclusive, None = unbounded;
+# floats must also be finite. Strings: the allowed values (log levels in any case).
+_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "port": (0, 65535),
+    "http_port": (-1, 65535),
+    "metrics_port": (-1, 65535),
+    "intra_op_threads": (0, None),
+    "inter_op_threads": (0, None),
+    "grpc_workers": (1, None),
+    "max_message_mb": (1, 2047),  # gRPC takes the byte count as a 32-bit int
+    "grace_s": (0, None),
+    "max_elements": (1, None),
+    "max_request_batch": (1, None),
+    "max_batch": (1, None),
+    "max_queue_delay_us": (0, None),
+    "max_queue": (1, None),
+    "instances": (1, None),
+    "max_sequences": (0, None),
+    "drain_delay_s": (0, None),
+    "poll_s": (0, None),
+    "workers": (1, None),
+}
+_CHOICES = {
+    "graph_optimization": ("disable", "basic", "extended", "all"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_problem(name: str, value) -> str | None:
+    """Why `value` is not acceptable for setting `name` ("must be >= 0, got -5"), or None."""
+    if name == "sequence_idle_s":
+        if not 0 < value <= 10**9:  # NaN fails too
+            return f"must be a number of seconds in (0, 1e9], got {value:g}"
+        return None
+    if name == "device":
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value).strip().lower()):
+            return f"{value!r}: expected auto, cpu, cuda or cuda:N"
+        return None
+    if name in _CHOICES:
+        allowed = _CHOICES[name]
+        if (value.upper() if name == "log_level" else value) not in allowed:
+            return f"must be one of {', '.join(allowed)}, got {value!r}"
+        return None
+    if name in _BOUNDS:
+        lo, hi = _BOUNDS[name]
+        shown = f"{value:g}" if isinstance(value, float) else value
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {shown}"
+        if lo is not None and value < lo:
+            return f"must be >= {lo}, got {shown}"
+        if hi is not None and value > hi:
+            return f"must be <= {hi}, got {shown}"
+    return None
 
 
 def _parse_bool(text: str) -> bool:
@@ -99,41 +146,77 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def _caster(f: dataclasses.Field):
-    return {int: int, float: float, bool: _parse_bool, Path: Path}.get(
-        {"int": int, "float": float, "bool": bool, "Path": Path, "str": str}.get(str(f.type), str), str
-    )
+    return {"int": _parse_int, "float": _parse_float, "bool": _parse_bool, "Path": Path}.get(str(f.type), str)
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return repr(f.default) if f.default == "" else str(f.default)
 
 
 def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="LSTM inference server (Open Inference Protocol v2 over gRPC)"
+    parser = Parser(
+        prog=prog,
+        description="LSTM inference server: KServe Open Inference Protocol v2 over gRPC (and HTTP/REST) on "
+        "ONNX Runtime. Every flag can also be set with the environment variable named in its help "
+        "(flag > environment > default).",
     )
     for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=_caster(f),
-            default=None,
-            help=f"{f.metadata['help']} (env {env}; default {f.default})",
-        )
+        help_text = f"{f.metadata['help']} (env {env}; default {_shown_default(f)})"
+        if str(f.type) == "bool":  # a switch: --batching / --no-batching
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            metavar = {"int": "N", "float": "SECONDS", "Path": "DIR"}.get(str(f.type))
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, type=_caster(f), default=None, metavar=metavar, help=help_text
+            )
     return parser
 
 
-def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    argv: list[str] | None = None, environ: dict[str, str] | None = None, prog: str = "python -m server"
+) -> Settings:
+    """Flags > LSTM_SERVE_* variables > defaults. A malformed flag exits 2 (argparse, one line); a value
+    out of range raises ValueError naming the flag or variable ("--grace-s must be >= 0, got -5")."""
     environ = dict(os.environ if environ is None else environ)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     values = {}
     for f in dataclasses.fields(Settings):
         cli = getattr(args, f.name)
-        env = environ.get(ENV_PREFIX + f.name.upper())
+        env_name = ENV_PREFIX + f.name.upper()
+        env = environ.get(env_name)
         if cli is not None:
             values[f.name] = cli
+            problem = field_problem(f.name, cli)
+            if problem:
+                raise ValueError(f"{flag_name(f.name)} {problem}")
         elif env is not None:
             try:
                 values[f.name] = _caster(f)(env)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise ValueError(f"{ENV_PREFIX + f.name.upper()}={env!r}: {exc}") from None
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{env_name}={env!r}: {exc}") from None
+            problem = field_problem(f.name, values[f.name])
+            if problem:
+                raise ValueError(f"{env_name}={env!r}: {problem}")
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].upper()
     return Settings(**values)

@@ -6,19 +6,19 @@ Input files: .npy with one sequence (T, F) or a padded batch (B, T, F) (all full
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import sys
+import zipfile
 from pathlib import Path
 
-import grpc
-import numpy as np
-
-from server.client import LSTMClient
+from server.cli import Parser, fail
 
 
-def read_sequences(path: Path) -> list[np.ndarray]:
+def read_sequences(path: Path) -> list:
+    import numpy as np
+
     suffix = path.suffix.lower()
     if suffix == ".npy":
         array = np.load(path)
@@ -35,32 +35,69 @@ def read_sequences(path: Path) -> list[np.ndarray]:
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy, .npz or .json")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.client", description=__doc__)
-    parser.add_argument("input", type=Path, help=".npy, .npz or .json file of sequences")
-    parser.add_argument("--model", default="encoder")
-    parser.add_argument("--version", default="")
-    parser.add_argument("--target", default="127.0.0.1:8001")
-    parser.add_argument("--outputs", default="", help="comma-separated outputs to request (default all)")
-    parser.add_argument("--save", type=Path, help="write outputs to this .npz (keys seq<i>_<output>)")
-    parser.add_argument("--timeout", type=float, default=30.0)
+def build_parser(prog: str = "python -m server.client") -> Parser:
+    parser = Parser(prog=prog, description=__doc__)
+    parser.add_argument("input", type=Path, help=".npy, .npz or .json file of sequences (see above)")
+    parser.add_argument("--model", default="encoder", help="model name on the server (default encoder)")
+    parser.add_argument(
+        "--model-version", default="", metavar="N", help="model version (default: the latest loaded version)"
+    )
+    parser.add_argument("--target", default="127.0.0.1:8001", help="server address host:port (default %(default)s)")
+    parser.add_argument(
+        "--outputs", default="", metavar="NAMES", help="comma-separated outputs to request (default all)"
+    )
+    parser.add_argument("--save", type=Path, metavar="FILE", help="write outputs to this .npz (keys seq<i>_<output>)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of each call (default 30)"
+    )
     parser.add_argument(
         "--token", default=os.environ.get("LSTM_SERVE_TOKEN"), help="bearer token (env LSTM_SERVE_TOKEN)"
     )
-    parser.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate (turns TLS on)")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", type=Path, help="PEM client key (mutual TLS)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="CA that signed the server certificate (turns TLS on)"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mutual TLS)")
+    return parser
+
+
+def _problem(args) -> str | None:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        return f"--timeout must be a positive number of seconds, got {args.timeout:g}"
+    if args.model_version and not (args.model_version.isascii() and args.model_version.isdigit()):
+        return f"--model-version must be a version number, got {args.model_version!r}"
+    if not args.model:
+        return "--model must not be empty"
+    if not args.target:
+        return "--target must be host:port"
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if args.tls_cert and not args.tls_ca:
+        return "--tls-cert and --tls-key need --tls-ca (mutual TLS runs over TLS)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "lstm-client" if os.path.basename(sys.argv[0]) == "lstm-client" else "python -m server.client"
+    args = build_parser(prog).parse_args(argv)
+    problem = _problem(args)
+    if problem:
+        return fail(problem)
+    # grpc and numpy load only now: --help, --version and flag errors answer without them
+    import grpc
+    import numpy as np
+
+    from server.client import LSTMClient
+
     try:
         sequences = read_sequences(args.input)
         read = lambda p: p.read_bytes() if p else None  # noqa: E731
         tls = dict(tls_ca=read(args.tls_ca), tls_cert=read(args.tls_cert), tls_key=read(args.tls_key))
         with LSTMClient(args.target, timeout=args.timeout, token=args.token, **tls) as client:
             outputs = [o for o in args.outputs.split(",") if o] or None
-            results = client.infer(args.model, sequences, outputs=outputs, version=args.version)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            results = client.infer(args.model, sequences, outputs=outputs, version=args.model_version)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        return fail(str(exc))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -73,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"{name} shape={list(value.shape)} mean={value.mean():+.4f}")
         print(f"seq {i} (T={len(sequences[i])}): " + "; ".join(parts))
     if args.save:
-        np.savez(args.save, **{f"seq{i}_{k}": v for i, r in enumerate(results) for k, v in r.items()})
+        try:
+            np.savez(args.save, **{f"seq{i}_{k}": v for i, r in enumerate(results) for k, v in r.items()})
+        except OSError as exc:
+            return fail(f"--save: {exc}")
         print(f"saved {args.save}")
     return 0
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 _LAT = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -12,6 +21,10 @@ _FRAC = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # the standard process_* (RSS, CPU seconds, open fds, start time) and python_* metrics
+        ProcessCollector(registry=r)
+        r.register(PLATFORM_COLLECTOR)
+        r.register(GC_COLLECTOR)
         self.requests = Counter(
             "lstm_requests", "inference requests by model and gRPC status", ["model", "code"], registry=r
         )
@@ -43,10 +56,10 @@ class Metrics:
             "lstm_batch_requests", "requests merged into one run", ["model"], buckets=_BATCH, registry=r
         )
         self.padding = Histogram(
-            "lstm_padding_fraction", "padded cells / all cells of a run", ["model"], buckets=_FRAC, registry=r
+            "lstm_padding_ratio", "padded cells / all cells of a run", ["model"], buckets=_FRAC, registry=r
         )
         self.provider = Gauge(
-            "lstm_execution_provider", "1 for the ONNX Runtime provider in use", ["provider"], registry=r
+            "lstm_execution_provider_info", "1 for the ONNX Runtime provider in use", ["provider"], registry=r
         )
         self.live_sequences = Gauge("lstm_live_sequences", "stateful sequences held by the server", registry=r)
         self.sequence_evictions = Counter(

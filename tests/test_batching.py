@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.request
@@ -191,10 +192,16 @@ def test_prometheus_metrics(server, client):
         "lstm_queue_seconds_bucket",
         "lstm_inference_seconds_bucket",
         "lstm_batch_sequences_bucket",
-        "lstm_padding_fraction_bucket",
+        "lstm_padding_ratio_bucket",
     ):
         assert f'{name}{{le="' in body or f"{name}{{model=" in body, name
-    assert 'lstm_execution_provider{provider="CPUExecutionProvider"} 1.0' in body
+    assert 'lstm_execution_provider_info{provider="CPUExecutionProvider"} 1.0' in body
+    assert "lstm_padding_fraction" not in body and "lstm_execution_provider{" not in body  # the old names
+    # the process collector: this process's resident memory, in bytes, above 10 MiB
+    rss = re.search(r"^process_resident_memory_bytes (\S+)$", body, re.M)
+    assert rss and float(rss.group(1)) > 10 * 2**20, body[-2000:]
+    for name in ("process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds", "python_info"):
+        assert re.search(rf"^{name}[ {{]", body, re.M), name
 
 
 def test_streams_and_unary_batched_exactly_bad_requests_fail_alone(slow_batch_server, encoders):

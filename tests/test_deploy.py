@@ -34,6 +34,23 @@ def _server_args(args: list[str]) -> None:
     assert settings.host == "0.0.0.0", "a container must listen beyond loopback"
 
 
+# The server answers gRPC (health included) only after every model has loaded. ONNX Runtime needs ~7 s to load the default
+# family's static T=50 model on this 2-core machine and ~135 s for a static T=200 one (README's
+# export report): the startup probe must leave minutes before liveness may kill the pod.
+STARTUP_BUDGET_S = 120
+
+
+def _check_probes(container: dict) -> None:
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "h2c")
+    startup = container.get("startupProbe")
+    assert startup, "no startupProbe: the liveness probe could kill a pod that is still loading models"
+    assert startup["grpc"]["port"] == grpc_port
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert budget >= STARTUP_BUDGET_S, f"startup probe allows {budget} s to load the models"
+    for name in ("readinessProbe", "livenessProbe"):
+        assert container[name]["grpc"]["port"] == grpc_port, name
+
+
 @pytest.mark.parametrize("path", sorted((DEPLOY / "k8s").glob("*.yaml")), ids=lambda p: p.name)
 def test_kubernetes_manifests_validate(path):
     docs = _docs(path)
@@ -42,6 +59,7 @@ def test_kubernetes_manifests_validate(path):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     _server_args(container["args"])
     assert container["readinessProbe"]["grpc"]["port"] == 8001
+    _check_probes(container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     args = container["args"]
     assert ports["http"] == int(args[args.index("--http-port") + 1]) and ports["h2c"] == int(
@@ -155,6 +173,20 @@ def test_kubernetes_schema_rejects():
     (deployment, *_) = _docs(DEPLOY / "k8s" / "lstm-serve.yaml")
     deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
     assert dv.validate_doc(deployment)
+    (deployment, *_) = _docs(DEPLOY / "k8s" / "lstm-serve.yaml")
+    deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] = "60"
+    assert any("not of type 'integer'" in e for e in dv.validate_doc(deployment))
+
+
+def test_probe_check_catches_a_missing_or_short_startup_probe():
+    (deployment, *_) = _docs(DEPLOY / "k8s" / "lstm-serve.yaml")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["startupProbe"]["failureThreshold"] = 2
+    with pytest.raises(AssertionError, match="startup probe allows 10 s"):
+        _check_probes(container)
+    del container["startupProbe"]
+    with pytest.raises(AssertionError, match="no startupProbe"):
+        _check_probes(container)
 
 
 def test_sdk_wheel_is_pinned(tmp_path, monkeypatch):
@@ -176,6 +208,7 @@ def test_kserve_serving_runtime():
     ports = container["ports"]
     assert len(ports) == 1 and ports[0]["name"] == "h2c", "KServe wants exactly one port, named h2c for gRPC"
     assert container["readinessProbe"]["grpc"]["port"] == ports[0]["containerPort"]
+    _check_probes(container)
     args = [a for arg in container["args"] for a in arg.split("=", 1)]
     _server_args(args)
     assert "/mnt/models" in args  # where KServe mounts storageUri

@@ -5,10 +5,10 @@
 Each server runs alone, pinned to CPU 0 with one ONNX Runtime thread and batching off, so every
 call is one ORT run of its own; the load comes from CPU 1 (bench.loadgen, closed loop):
 
-- ``product``: the real server (``python -m server --batching false``): admission, statistics,
-  metrics, health, reflection, the sync ``grpc.server`` with a thread pool.
-- ``sync``: a minimal sync ``grpc.server`` calling the same DataPlane (no admission or health):
-  the same transport as ``product`` with our layers peeled off.
+- ``product``: the real server (``python -m server --no-batching``): admission, statistics,
+  metrics, health, reflection, ``grpc.aio`` with ONNX Runtime on executor threads.
+- ``sync``: a minimal sync ``grpc.server`` (thread pool) calling the same DataPlane (no admission
+  or health): the transport the product server used before it moved to asyncio.
 - ``aio``: a minimal ``grpc.aio`` server calling the DataPlane inline on the event loop (one call
   at a time: on one pinned core that loses nothing to a thread hop).
 - ``aio-thread``: ``grpc.aio`` with ``await asyncio.to_thread(plane.infer, ...)``.
@@ -40,29 +40,33 @@ MODES = ("product", "sync", "aio", "aio-thread", "rest-binary", "rest-json")
 REST_MODES = ("rest-binary", "rest-json")
 
 
-def _plane(models: Path):
-    from server.batcher import BatchPolicy
-    from server.codec import Limits
-    from server.dataplane import DataPlane
-    from server.repository import ModelRepository
-    from server.runtime import RuntimeOptions, select_providers
-    from server.stats import Statistics
+SERVER_ARGS = ["--device", "cpu", "--no-batching", "--intra-op-threads", "1", "--inter-op-threads", "1"]
 
-    options = RuntimeOptions(device="cpu", intra_op_threads=1, inter_op_threads=1)
-    repository = ModelRepository(models, select_providers(options), options)
-    repository.load_all()
-    return DataPlane(repository, Statistics(), Limits(), BatchPolicy(enabled=False))
+
+def _plane(models: Path):
+    """The product server's data plane, built by the same factory from the same flags."""
+    from server.config import load_settings
+    from server.factory import build_plane
+
+    plane = build_plane(load_settings(["--model-repository", str(models), *SERVER_ARGS], {}))
+    plane.repository.load_all()
+    return plane
 
 
 def _serve(mode: str, models: Path) -> None:
     """Run one minimal server (sync | aio | aio-thread); print its port; serve until killed."""
     import grpc
 
+    from server.handlers import error_status
     from server.proto import grpc_service_pb2 as pb
     from server.proto import grpc_service_pb2_grpc as pb_grpc
-    from server.servicer import _to_status
+    from server.servicer import to_infer_request, to_infer_response
 
     plane = _plane(models)
+
+    def infer(request):
+        return to_infer_response(plane.infer(to_infer_request(request, plane, None)), request)
+
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 
     if mode == "sync":
@@ -73,9 +77,10 @@ def _serve(mode: str, models: Path) -> None:
 
             def ModelInfer(self, request, context):  # noqa: N802
                 try:
-                    return plane.infer(request)
+                    return infer(request)
                 except Exception as exc:  # noqa: BLE001
-                    context.abort(*_to_status(exc))
+                    code, _, message = error_status(exc)
+                    context.abort(code, message)
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(Sync(), server)
@@ -94,10 +99,11 @@ def _serve(mode: str, models: Path) -> None:
         async def ModelInfer(self, request, context):  # noqa: N802
             try:
                 if threaded:
-                    return await asyncio.to_thread(plane.infer, request)
-                return plane.infer(request)
+                    return await asyncio.to_thread(infer, request)
+                return infer(request)
             except Exception as exc:  # noqa: BLE001
-                await context.abort(*_to_status(exc))
+                code, _, message = error_status(exc)
+            await context.abort(code, message)
 
     async def main() -> None:
         server = grpc.aio.server(options=options)
@@ -114,8 +120,7 @@ def _start(mode: str, models: Path, http_port: int = -1):
     from scale.replicas import start_process, start_replica
 
     if mode == "product" or mode in REST_MODES:
-        args = ["--batching", "false", "--intra-op-threads", "1", "--inter-op-threads", "1"]
-        return start_replica(models, [*args, "--http-port", str(http_port)], {0})
+        return start_replica(models, [*SERVER_ARGS, "--http-port", str(http_port)], {0})
     return start_process(["-m", "bench.transport", "--serve", mode, "--models", str(models)], {0})
 
 

@@ -46,50 +46,53 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
         def __init__(self, model_repository: str) -> None:
             import ray
 
-            from server.batcher import BatchPolicy
-            from server.codec import Limits
-            from server.dataplane import DataPlane
-            from server.repository import ModelRepository
-            from server.runtime import RuntimeOptions, select_providers
-            from server.stats import Statistics
+            from server.config import load_settings
+            from server.factory import build_plane
 
-            options = RuntimeOptions(device=os.environ.get("LSTM_SERVE_DEVICE", "auto"), intra_op_threads=1)
-            repository = ModelRepository(Path(model_repository), select_providers(options), options)
-            repository.load_all()
-            self.plane = DataPlane(repository, Statistics(), Limits(), BatchPolicy())
+            # the server's settings and defaults (LSTM_SERVE_* variables apply), one ONNX Runtime
+            # thread per replica unless LSTM_SERVE_INTRA_OP_THREADS says otherwise
+            environ = {"LSTM_SERVE_INTRA_OP_THREADS": "1", **os.environ}
+            settings = load_settings(["--model-repository", model_repository], environ)
+            self.plane = build_plane(settings)
+            self.plane.repository.load_all()
             self.node_id = ray.get_runtime_context().get_node_id()
 
         def _fail(self, exc: Exception, grpc_context) -> None:
-            from server.servicer import _to_status
+            from server.handlers import error_status
 
-            code, message = _to_status(exc)
+            code, _, message = error_status(exc)
             grpc_context.set_code(code)
             grpc_context.set_details(message)
 
-        def _answer(self, request, grpc_context):
+        def _response(self, response, request):
+            from server.servicer import to_infer_response
+
+            out = to_infer_response(response, request)
+            out.parameters["ray_node_id"].string_param = self.node_id  # which node answered
+            return out
+
+        def ModelInfer(self, request, grpc_context):  # noqa: N802 - RPC names
             from server.proto import grpc_service_pb2 as pb
+            from server.servicer import to_infer_request
 
             try:
-                response = self.plane.infer(request)
+                response = self.plane.infer(to_infer_request(request, self.plane, None))
             except Exception as exc:  # noqa: BLE001 - mapped to its gRPC status
                 self._fail(exc, grpc_context)
                 return pb.ModelInferResponse()
-            response.parameters["ray_node_id"].string_param = self.node_id  # which node answered
-            return response
-
-        def ModelInfer(self, request, grpc_context):  # noqa: N802 - RPC names
-            return self._answer(request, grpc_context)
+            return self._response(response, request)
 
         async def ModelStreamInfer(self, request_iterator, grpc_context):  # noqa: N802
+            from server.handlers import error_status
             from server.proto import grpc_service_pb2 as pb
+            from server.servicer import to_infer_request
 
             async for request in request_iterator:
                 try:
-                    yield pb.ModelStreamInferResponse(infer_response=self.plane.infer(request))
+                    response = await self.plane.infer_async(to_infer_request(request, self.plane, None))
+                    yield pb.ModelStreamInferResponse(infer_response=self._response(response, request))
                 except Exception as exc:  # noqa: BLE001
-                    from server.servicer import _to_status
-
-                    code, message = _to_status(exc)
+                    code, _, message = error_status(exc)
                     yield pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
 
         def ServerLive(self, request):  # noqa: N802
@@ -112,16 +115,17 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
                 return pb.ModelReadyResponse(ready=False)
 
         def ServerMetadata(self, request):  # noqa: N802
-            from server.proto import grpc_service_pb2 as pb
-            from server.servicer import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+            from server.handlers import server_metadata
 
-            return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+            return server_metadata()
 
         def ModelMetadata(self, request, grpc_context):  # noqa: N802
             from server.proto import grpc_service_pb2 as pb
 
             try:
-                response, _headers = self.plane.model_metadata(request.name, request.version)
+                from server.handlers import model_metadata
+
+                response, _headers = model_metadata(self.plane, request.name, request.version)
                 return response
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, grpc_context)
@@ -131,7 +135,9 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             from server.proto import grpc_service_pb2 as pb
 
             try:
-                return self.plane.model_config(request.name, request.version)
+                from server.handlers import model_config
+
+                return model_config(self.plane, request.name, request.version)
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, grpc_context)
                 return pb.ModelConfigResponse()

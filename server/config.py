@@ -56,13 +56,28 @@ class Settings:
     tls_cert: str = field(default="", metadata={"help": "PEM server certificate (chain): turns TLS on"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={"help": "PEM CA: require client certificates signed by it"})
-    auth_tokens: str = field(default="", metadata={"help": "comma-separated bearer tokens (prefer the env variable)"})
+    auth_tokens: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated bearer tokens (prefer the env variable); set but empty: refused at start"},
+    )
     auth_tokens_file: str = field(default="", metadata={"help": "file with one bearer token per line"})
     drain_delay_s: float = field(
         default=0.0, metadata={"help": "on SIGTERM: seconds of NOT_SERVING health before refusing calls"}
     )
     poll_s: float = field(
-        default=0.0, metadata={"help": "re-scan the model repository every N s (0 = off); loads new versions"}
+        default=0.0,
+        metadata={"help": "--model-control-mode poll: re-scan the model repository every N s (0 there = 15)"},
+    )
+    model_control_mode: str = field(
+        default="none",
+        metadata={
+            "help": "none: load every model at start, refuse load/unload requests | explicit: also load/unload "
+            "by request | poll: follow the disk every --poll-s s (as Triton)"
+        },
+    )
+    exit_on_error: bool = field(
+        default=True,
+        metadata={"help": "exit 2 at start if a model fails to load (--no-exit-on-error: start, not ready)"},
     )
     workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)"})
@@ -76,6 +91,13 @@ class Settings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.model_control_mode == "poll" and self.poll_s == 0:
+            self.poll_s = 15.0  # Triton's --repository-poll-secs default
+        if self.poll_s > 0 and self.model_control_mode != "poll":
+            raise ValueError(
+                f"--poll-s {self.poll_s:g} re-scans the model repository only with --model-control-mode poll "
+                f"(got {self.model_control_mode!r})"
+            )
 
 
 # What each setting accepts. Integers and floats: (lowest, highest) inclusive, None = unbounded;
@@ -102,6 +124,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
 }
 _CHOICES = {
     "graph_optimization": ("disable", "basic", "extended", "all"),
+    "model_control_mode": ("none", "explicit", "poll"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 

@@ -65,6 +65,13 @@ class Metrics:
         self.sequence_evictions = Counter(
             "lstm_sequence_evictions", "sequences freed after the idle timeout", registry=r
         )
+        self.send_failures = Counter(
+            "lstm_send_failures",
+            "responses counted OK in lstm_requests_total that could not be sent (client gone, deadline, "
+            "transport refusal), by the status the send failed with",
+            ["model", "code"],
+            registry=r,
+        )
         self.queue_depth = Gauge("lstm_queue_depth", "requests waiting in the batcher", ["model"], registry=r)
 
     def serve(self, host: str, port: int) -> int:

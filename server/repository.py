@@ -3,23 +3,51 @@
 Layout (Triton's): <root>/<model>/<version>/model.onnx with integer versions. Loading or
 unloading one model swaps its entry under a lock; requests already running keep the runtime
 object they started with, so they finish normally.
+
+Model control (Triton's --model-control-mode): `none` loads every model at start and refuses
+load/unload requests; `explicit` also serves them; `poll` follows the disk (the server's poller
+calls `sync`) and refuses them. Refusals are `ModelControlDisabled` (UNAVAILABLE, as Triton).
+
+Readiness: the server is ready while no model failed to load (a model unloaded on request does
+not count; a failed reload whose previous versions keep serving does not either: the index lists
+the refused version with its reason).
+
+Messages a client can see name the model, the version and the file relative to the repository;
+absolute paths and exception text go to the log only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.errors import InvalidArgument, NotFound, Unavailable
+import numpy as np
+
+from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
 
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+CONTROL_MODES = ("none", "explicit", "poll")
+MAX_NAME = 128
+# A model name is a folder name: ASCII letters, digits, '_', '-', '.'; not starting with '.' or '-'.
+NAME_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
+MAX_VERSION_DIGITS = 18  # versions are positive integers below 10**18 (int64)
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def valid_version(text: str) -> bool:
+    return 0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit()
 
 
 @dataclass
@@ -30,6 +58,8 @@ class ModelEntry:
     versions: dict[int, ModelRuntime] = field(default_factory=dict)
     signature: dict = field(default_factory=dict)  # what was on disk when loaded (for polling)
     failed_signature: dict | None = None
+    failed: bool = False  # the last load failed and no version serves: the server is not ready
+    failed_versions: dict[int, str] = field(default_factory=dict)  # refused on reload (old ones serve)
 
     def latest(self) -> ModelRuntime:
         return self.versions[max(self.versions)]
@@ -50,29 +80,156 @@ def _versions_on_disk(folder: Path) -> dict[int, Path]:
     found = {}
     if folder.is_dir():
         for sub in folder.iterdir():
-            if sub.is_dir() and sub.name.isdigit() and (sub / "model.onnx").is_file():
+            if sub.is_dir() and valid_version(sub.name) and (sub / "model.onnx").is_file():
                 found[int(sub.name)] = sub / "model.onnx"
     return found
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(name: str, folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InvalidArgument(f"{path}: not valid JSON: {exc}") from None
+        config = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(
+            f"model '{name}' config.json: not valid JSON (line {exc.lineno} column {exc.colno})"
+        ) from None
+    except (OSError, ValueError) as exc:
+        log.error("model %s: cannot read %s: %s", name, path, exc)
+        raise InvalidArgument(f"model '{name}' config.json: cannot be read as UTF-8 JSON") from None
     if not isinstance(config, dict):
-        raise InvalidArgument(f"{path}: expected a JSON object")
+        raise InvalidArgument(f"model '{name}' config.json: expected a JSON object")
     return config
 
 
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file, read from the protobuf wire format without the `onnx`
+    package (the server does not depend on it) and without parsing the graph (skipped by its
+    length): {} for anything that is not a well-formed ModelProto."""
+    found: dict[str, str] = {}
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos, end = 0, len(buf)
+            while pos < end:
+                key, pos = _varint(buf, pos)
+                number, wire = key >> 3, key & 7
+                if wire == 0:
+                    _, pos = _varint(buf, pos)
+                elif wire == 1:
+                    pos += 8
+                elif wire == 5:
+                    pos += 4
+                elif wire == 2:
+                    size, pos = _varint(buf, pos)
+                    if number == 14:  # ModelProto.metadata_props: StringStringEntryProto {1: key, 2: value}
+                        entry, sub, stop = {}, pos, pos + size
+                        while sub < stop:
+                            k, sub = _varint(buf, sub)
+                            n, sub = _varint(buf, sub)
+                            if k & 7 != 2:
+                                raise ValueError("bad metadata entry")
+                            entry[k >> 3] = bytes(buf[sub : sub + n]).decode()
+                            sub += n
+                        found[entry.get(1, "")] = entry.get(2, "")
+                    pos += size
+                else:
+                    raise ValueError("not a protobuf message")
+                if pos > end:
+                    raise ValueError("truncated")
+    except (OSError, ValueError, IndexError):
+        return {}
+    return found
+
+
+def describe_file(path: Path) -> str:
+    """'dynamic' | 'static T=N' | 'export mode unknown', and the size in MB, for the log."""
+    meta = onnx_metadata(path)
+    static = meta.get("lstm.static_length", "")
+    mode = meta.get("lstm.export_mode", "")
+    kind = f"static T={static}" if static else (mode if mode == "dynamic" else "export mode unknown")
+    try:
+        size = path.stat().st_size / 1e6
+    except OSError:
+        size = 0.0
+    return f"{kind}, {size:.1f} MB"
+
+
+_ORT_CODE = re.compile(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+)")
+
+
+def _load_failure(name: str, version: int, path: Path, exc: Exception) -> str:
+    """What a client is told when a version fails to load (the full error goes to the log)."""
+    where = f"{name}/{version}/model.onnx"
+    if isinstance(exc, ValueError) and str(exc).startswith(f"{path}: "):  # load_model's own checks
+        return f"model '{name}' version {version} failed to load: {where}: {str(exc)[len(str(path)) + 2 :]}"
+    match = _ORT_CODE.search(str(exc))
+    why = f" ({match.group(1)})" if match else ""
+    return (
+        f"model '{name}' version {version} failed to load: ONNX Runtime could not load {where}{why}; "
+        "the server log has the details"
+    )
+
+
+def output_axes(rt: ModelRuntime) -> dict[str, list[str | int]]:
+    """Each output's axes as 'batch', 'time' or a fixed size, learned by running the model version
+    on zeros of (batch, time) = (1, 1), (2, 1) and (1, 2): exact whatever the ONNX file declares (a
+    static model's unrolled graph leaves dims unnamed; its padded time axis is cut back by the
+    runtime). Computed once when the version loads and kept on the runtime; {} if the probe
+    fails (responses of that version are then not sized ahead)."""
+    axes = getattr(rt, "lstm_output_axes", None)
+    if axes is not None:
+        return axes
+    axes = {}
+    try:
+        probes = [(1, 1), (2, 1)] + ([(1, 2)] if rt.static_length is None or rt.static_length >= 2 else [])
+        shapes = {}
+        for batch, steps in probes:
+            x = np.zeros((batch, steps, rt.features), np.float32)
+            out = rt.run(x, np.full(batch, steps, np.int64), rt.output_names)
+            shapes[batch, steps] = {name: array.shape for name, array in out.items()}
+        for name, base in shapes[1, 1].items():
+            wide, long = shapes[2, 1][name], shapes.get((1, 2), shapes[1, 1])[name]
+            axes[name] = ["batch" if w != d else "time" if t != d else d for d, w, t in zip(base, wide, long)]
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run the probe still serves
+        log.warning("model %s version %d: output shapes not probed (%s); responses are not sized ahead",
+                    rt.name, rt.version, exc)  # fmt: skip
+        axes = {}
+    rt.lstm_output_axes = axes  # lives exactly as long as the runtime
+    return axes
+
+
 class ModelRepository:
-    def __init__(self, root: Path, providers: Providers, options: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        root: Path,
+        providers: Providers,
+        options: RuntimeOptions,
+        control_mode: str = "explicit",
+        exit_on_error: bool = False,
+    ) -> None:
+        """`control_mode`: none | explicit | poll (what load/unload requests may do); the server
+        passes --model-control-mode (default none) and --exit-on-error (default true, as Triton)."""
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"control_mode must be one of {CONTROL_MODES}, got {control_mode!r}")
         self.root = root
         self.providers = providers
         self.options = options
+        self.control_mode = control_mode
+        self.exit_on_error = exit_on_error
         self._lock = threading.Lock()  # guards _models
         self._load_lock = threading.Lock()  # one load/unload at a time
         self._models: dict[str, ModelEntry] = {}
@@ -83,38 +240,121 @@ class ModelRepository:
     def model_names_on_disk(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if _versions_on_disk(p))
+        names = []
+        for p in self.root.iterdir():
+            if not _versions_on_disk(p):
+                continue
+            if valid_name(p.name):
+                names.append(p.name)
+            else:
+                log.warning("model folder %s skipped: a model name is 1-%d ASCII letters, digits, '_', '-', '.'",
+                            clip(p.name), MAX_NAME)  # fmt: skip
+        return sorted(names)
 
-    def load_all(self) -> None:
-        for name in self.model_names_on_disk():
+    # -- readiness --------------------------------------------------------------------------
+    def failures(self) -> list[tuple[str, str]]:
+        """(model, reason) for every model whose last load failed and that has no serving version."""
+        with self._lock:
+            return sorted((n, e.reason) for n, e in self._models.items() if e.failed)
+
+    def is_ready(self) -> bool:
+        """Server readiness as far as models go: False while any model failed to load."""
+        with self._lock:
+            return not any(e.failed for e in self._models.values())
+
+    # -- loading ----------------------------------------------------------------------------
+    def load_all(self) -> list[tuple[str, str]]:
+        """Load every model on disk (at start); returns the failures. With exit_on_error the first
+        failure raises StartupError (one line: the model and why) and nothing more is loaded."""
+        names = self.model_names_on_disk()
+        if not names:
+            log.warning(
+                "model repository %s holds no model (<model>/<version>/model.onnx): run `make export` "
+                "to write the default models, or point --model-repository at a folder of models",
+                self.root,
+            )
+        for name in names:
             try:
-                self.load(name)
+                self._load(name)
             except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others
-                log.error("model %s failed to load: %s", name, exc)
+                message = exc.message if isinstance(exc, InvalidArgument | NotFound) else str(exc)
+                if self.exit_on_error:
+                    raise StartupError(
+                        f"{message} (--exit-on-error: the server does not start; --no-exit-on-error starts it "
+                        "without this model, not ready)"
+                    ) from None
+                log.error("%s; the server is not ready until it loads or is unloaded", message)
+        return self.failures()
+
+    def _check_control(self, action: str) -> None:
+        if self.control_mode == "explicit":
+            return
+        if self.control_mode == "poll":
+            raise ModelControlDisabled(
+                f"explicit model load / unload is not allowed while the server polls its model repository "
+                f"(--model-control-mode poll; {action} refused): change the files on disk, or start the server "
+                "with --model-control-mode explicit"
+            )
+        raise ModelControlDisabled(
+            f"explicit model load / unload is not allowed: the server runs with --model-control-mode none "
+            f"(models are loaded at start only; {action} refused); start it with --model-control-mode explicit "
+            "to load and unload models by request"
+        )
+
+    def _check_name(self, name: str) -> None:
+        if not valid_name(name):
+            raise InvalidArgument(
+                f"model name {clip(name)} is not a model folder name: 1-{MAX_NAME} ASCII letters, digits, "
+                "'_', '-' or '.', not starting with '.' or '-'"
+            )
 
     def load(self, name: str) -> ModelEntry:
+        """RepositoryModelLoad: allowed in explicit mode only (ModelControlDisabled otherwise)."""
+        self._check_control("load")
+        self._check_name(name)
+        return self._load(name)
+
+    def unload(self, name: str) -> None:
+        """RepositoryModelUnload: allowed in explicit mode only (ModelControlDisabled otherwise)."""
+        self._check_control("unload")
+        self._check_name(name)
+        self._unload(name)
+
+    def _fail(self, name: str, previous: ModelEntry | None, signature: dict, reason: str,
+              version: int | None = None) -> None:  # fmt: skip
+        """Record a failed load: a model with no serving version becomes failed (server not ready);
+        one whose previous versions still serve keeps them and lists the refused version."""
+        with self._lock:
+            current = self._models.get(name)
+            if current is None or not current.versions:
+                self._models[name] = ModelEntry(name, UNAVAILABLE, reason, failed_signature=signature, failed=True)
+                changed = True
+            else:
+                current.failed_signature = signature
+                if version is not None:
+                    current.failed_versions[version] = reason
+                changed = False
+        if changed:
+            self.on_change(name, False)
+
+    def _load(self, name: str) -> ModelEntry:
         """(Re)load every version of a model from disk; the old versions serve until the swap."""
-        if not name or "/" in name or name.startswith("."):
-            raise InvalidArgument(f"model name {name!r} is not a folder name in the repository")
         with self._load_lock:
-            versions = _versions_on_disk(self.root / name)
+            folder = self.root / name
+            versions = _versions_on_disk(folder)
             if not versions:
-                raise NotFound(f"model '{name}' has no <version>/model.onnx under {self.root}")
+                raise NotFound(f"model '{name}' has no <version>/model.onnx in the model repository")
             loaded = {}
-            start = time.perf_counter()
-            signature = _signature(self.root / name)
+            signature = _signature(folder)
             with self._lock:
                 previous = self._models.get(name)
             try:
-                model_config = _read_config(self.root / name)
+                model_config = _read_config(name, folder)
                 self.config_check(name, model_config)
             except InvalidArgument as exc:
-                with self._lock:
-                    if previous is None or not previous.versions:
-                        self._models[name] = ModelEntry(name, UNAVAILABLE, exc.message, failed_signature=signature)
-                    else:
-                        previous.failed_signature = signature
+                self._fail(name, previous, signature, exc.message)
                 raise
+            start = time.perf_counter()
             for version, path in sorted(versions.items()):
                 if (
                     previous is not None
@@ -124,15 +364,23 @@ class ModelRepository:
                 ):
                     loaded[version] = previous.versions[version]  # unchanged: keep the live session
                     continue
+                log.info("loading %s (version %d, %s)", name, version, describe_file(path))
+                t0 = time.perf_counter()
                 try:
                     loaded[version] = load_model(name, version, path, self.providers, self.options, model_config)
+                    output_axes(loaded[version])  # a first run: warms the session up, sizes responses
                 except Exception as exc:  # noqa: BLE001
-                    msg = f"model '{name}' version {version} ({path}) failed to load: {exc}"
-                    with self._lock:
-                        entry = self._models.get(name)
-                        if entry is None or not entry.versions:
-                            self._models[name] = ModelEntry(name, UNAVAILABLE, msg, failed_signature=signature)
-                    raise InvalidArgument(msg) from exc
+                    log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc)
+                    reason = _load_failure(name, version, path, exc)
+                    self._fail(name, previous, signature, reason, version)
+                    raise InvalidArgument(reason) from None
+                log.info(
+                    "loaded %s in %.2f s (version %d, %s)",
+                    name,
+                    time.perf_counter() - t0,
+                    version,
+                    loaded[version].provider,
+                )
             entry = ModelEntry(name, READY, "", loaded, signature)
             with self._lock:
                 old = self._models.get(name)
@@ -141,7 +389,7 @@ class ModelRepository:
                 kept = {id(rt) for rt in loaded.values()}
                 self.on_retire([rt for rt in old.versions.values() if id(rt) not in kept])
             log.info(
-                "loaded model %s versions %s on %s in %.2f s",
+                "model %s ready: versions %s on %s (%.2f s)",
                 name,
                 sorted(loaded),
                 entry.latest().provider,
@@ -162,44 +410,49 @@ class ModelRepository:
             if entry is not None and entry.failed_signature == signature:
                 continue  # already refused this exact content; do not retry in a loop
             try:
-                self.load(name)
+                self._load(name)
             except Exception as exc:  # noqa: BLE001
-                log.error("poll: %s", exc)
-                with self._lock:
-                    current = self._models.get(name)
-                    if current is not None:
-                        current.failed_signature = signature
+                log.error("poll: %s", exc.message if isinstance(exc, InvalidArgument | NotFound) else exc)
             changed.append(name)
         for name in self.ready_models():
             if name not in on_disk:
-                self.unload(name)
+                self._unload(name)
                 changed.append(name)
+        with self._lock:  # a failed model whose folder is gone no longer holds readiness back
+            gone = [n for n, e in self._models.items() if e.failed and n not in on_disk]
+            for name in gone:
+                del self._models[name]
+        for name in gone:
+            log.info("poll: failed model %s removed from disk", name)
+            self.on_change(name, False)
+            changed.append(name)
         return changed
 
-    def unload(self, name: str) -> None:
+    def _unload(self, name: str) -> None:
         with self._load_lock:
             with self._lock:
                 entry = self._models.get(name)
-                if entry is None or entry.state != READY:
+                if entry is None or (entry.state != READY and not entry.failed):
                     raise NotFound(f"model '{name}' is not loaded")
                 self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", signature=entry.signature)
             self.on_retire(list(entry.versions.values()))
             log.info("unloaded model %s", name)
             self.on_change(name, False)
 
+    # -- lookups ----------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelRuntime:
         with self._lock:
             entry = self._models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown model {clip(name)}")
         if entry.state != READY or not entry.versions:
             raise Unavailable(
                 f"model '{name}' is not ready ({entry.state}{': ' + entry.reason if entry.reason else ''})"
             )
         if not version:
             return entry.latest()
-        if not (version.isascii() and version.isdigit()) or int(version) not in entry.versions:
-            raise NotFound(f"model '{name}' has no version {version!r}; loaded: {sorted(entry.versions)}")
+        if not valid_version(version) or int(version) not in entry.versions:
+            raise NotFound(f"model '{name}' has no version {clip(version)}; loaded: {sorted(entry.versions)}")
         return entry.versions[int(version)]
 
     def entry(self, name: str) -> ModelEntry | None:
@@ -207,14 +460,17 @@ class ModelRepository:
             return self._models.get(name)
 
     def index(self) -> list[tuple[str, str, str, str]]:
-        """(name, version, state, reason) for every model on disk or known, like Triton's index."""
+        """(name, version, state, reason) for every model on disk or known, like Triton's index;
+        versions refused by a reload (the previous ones serving) are listed UNAVAILABLE with why."""
         with self._lock:
-            models = dict(self._models)
+            models = {n: (e, dict(e.versions), dict(e.failed_versions)) for n, e in self._models.items()}
         rows = []
         for name in sorted(set(models) | set(self.model_names_on_disk())):
-            entry = models.get(name)
-            if entry is not None and entry.versions:
-                rows += [(name, str(v), entry.state, entry.reason) for v in sorted(entry.versions)]
+            entry, versions, failed = models.get(name, (None, {}, {}))
+            if entry is not None and versions:
+                states = {v: (entry.state, entry.reason) for v in versions}
+                states.update({v: (UNAVAILABLE, why) for v, why in failed.items() if v not in versions})
+                rows += [(name, str(v), *states[v]) for v in sorted(states)]
             elif entry is not None:
                 rows.append((name, "", entry.state, entry.reason))
             else:

@@ -5,6 +5,10 @@ int64 or string), `sequence_start` and `sequence_end`. Between chunks the server
 sequence's (h, c); each chunk starts from it, so chunked equals whole exactly. One chunk of a
 sequence may be in flight at a time (a second is refused: chunks must be applied in order).
 Sequences idle longer than `idle_s` are freed; a later chunk is told so.
+
+Bounded memory whatever clients send: a string id is at most MAX_ID_BYTES (UTF-8), and the ids of
+freed sequences remembered for that message are capped by count and by bytes (the oldest are
+forgotten first; a forgotten one is then answered "unknown sequence").
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, clip
+
+MAX_ID_BYTES = 256  # longest string sequence_id (UTF-8 bytes); Triton's ids are uint64 or strings
+EVICTED_MAX_COUNT = 10_000  # freed sequence ids remembered (for "freed after N s idle" errors)
+EVICTED_MAX_BYTES = 1 << 20  # ... and the bytes of their keys, at most (4,096 ids of 256 bytes)
 
 
 @dataclass
@@ -44,6 +52,11 @@ def parse_sequence(parameters) -> tuple[object, bool, bool] | None:
     if kind in ("uint64_param", "int64_param"):
         seq_id: object = int(getattr(p, kind))
     elif kind == "string_param" and p.string_param:
+        size = len(p.string_param.encode("utf-8", "surrogatepass"))
+        if size > MAX_ID_BYTES:
+            raise InvalidArgument(
+                f"parameter 'sequence_id': a string id is at most {MAX_ID_BYTES} bytes (UTF-8), got {size} bytes"
+            )
         seq_id = p.string_param
     else:
         raise InvalidArgument("parameter 'sequence_id' must be a uint64, int64 or non-empty string")
@@ -64,7 +77,8 @@ class SequenceStore:
         self.idle_s = idle_s
         self._lock = threading.Lock()
         self._live: dict[tuple[str, object], SequenceState] = {}
-        self._evicted: OrderedDict[tuple[str, object], float] = OrderedDict()  # for clear errors
+        self._evicted: OrderedDict[tuple[str, object], int] = OrderedDict()  # key -> its bytes (clear errors)
+        self._evicted_bytes = 0
         self.evictions = 0
         self.on_change = on_change
 
@@ -81,7 +95,7 @@ class SequenceStore:
             state = self._live.get(key)
             if state is not None and state.busy:
                 raise FailedPrecondition(
-                    f"sequence {seq_id!r} of model '{model}' already has a chunk in flight; send its chunks "
+                    f"sequence {clip(seq_id)} of model '{model}' already has a chunk in flight; send its chunks "
                     "one at a time, in order (or over one ModelStreamInfer stream)"
                 )
             if start:
@@ -92,15 +106,15 @@ class SequenceStore:
                     )
                 state = SequenceState(model, version, h0, c0, now, pending_start=True, previous=state)
                 self._live[key] = state
-                self._evicted.pop(key, None)
+                self._forget_evicted(key)
             elif state is None:
                 if key in self._evicted:
                     raise NotFound(
-                        f"sequence {seq_id!r} of model '{model}' was freed after {self.idle_s:g} s idle; "
+                        f"sequence {clip(seq_id)} of model '{model}' was freed after {self.idle_s:g} s idle; "
                         "start it again with sequence_start"
                     )
                 raise NotFound(
-                    f"unknown sequence {seq_id!r} for model '{model}' (never started, already ended, or lost in a "
+                    f"unknown sequence {clip(seq_id)} for model '{model}' (never started, already ended, or lost in a "
                     "server restart); begin it with sequence_start=true"
                 )
             state.busy = True
@@ -148,13 +162,28 @@ class SequenceStore:
         with self._lock:
             return self._sweep_locked(time.monotonic())
 
+    def evicted_memory(self) -> tuple[int, int]:
+        """(ids remembered as freed, bytes of their keys): bounded by EVICTED_MAX_COUNT/BYTES."""
+        with self._lock:
+            return len(self._evicted), self._evicted_bytes
+
+    def _forget_evicted(self, key) -> None:
+        size = self._evicted.pop(key, None)
+        if size is not None:
+            self._evicted_bytes -= size
+
     def _sweep_locked(self, now: float) -> int:
         idle = [k for k, s in self._live.items() if not s.busy and now - s.last_used > self.idle_s]
         for key in idle:
             del self._live[key]
-            self._evicted[key] = now
-            while len(self._evicted) > 10_000:
-                self._evicted.popitem(last=False)
+            self._forget_evicted(key)
+            model, seq_id = key
+            size = len(model) + (len(seq_id.encode("utf-8", "surrogatepass")) if isinstance(seq_id, str) else 8)
+            self._evicted[key] = size
+            self._evicted_bytes += size
+            while self._evicted and (len(self._evicted) > EVICTED_MAX_COUNT or self._evicted_bytes > EVICTED_MAX_BYTES):
+                _, size = self._evicted.popitem(last=False)
+                self._evicted_bytes -= size
         if idle:
             self.evictions += len(idle)
             self.on_change(len(self._live), len(idle))

@@ -69,6 +69,19 @@ class Statistics:
         with self._lock:
             self._stats[(name, version)].fail.add(total_ns)
 
+    def record_send_failure(self, name: str, version: int, total_ns: int) -> None:
+        """A request counted as a success whose response then could not be sent (the client went
+        away, its deadline passed, the transport refused the message): it moves from success to
+        fail. `total_ns` is the frontend's receipt-to-failure time; the success time it had added
+        (shorter: it ended before the send) is taken back, up to that amount. Its compute stays
+        counted (inference_count, execution and batch statistics): the model did run."""
+        with self._lock:
+            s = self._stats[(name, version)]
+            if s.success.count > 0:
+                s.success.count -= 1
+                s.success.ns -= min(s.success.ns, total_ns)
+            s.fail.add(total_ns)
+
     def snapshot(self) -> dict[tuple[str, int], VersionStats]:
         with self._lock:
             return copy.deepcopy(dict(self._stats))

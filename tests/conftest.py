@@ -76,7 +76,15 @@ def server(repo):
     from server.config import Settings
 
     srv = InferenceServer(
-        Settings(port=0, model_repository=repo, device="cpu", log_level="WARNING", metrics_port=0, instances=2)
+        Settings(
+            port=0,
+            model_repository=repo,
+            device="cpu",
+            log_level="WARNING",
+            metrics_port=0,
+            instances=2,
+            model_control_mode="explicit",  # tests load and unload models by request
+        )
     )
     srv.start()
     yield srv

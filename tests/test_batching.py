@@ -297,10 +297,12 @@ def test_bad_batching_config_fails_the_load(repo, tmp_path):
     (root / "m" / "1").mkdir(parents=True)
     shutil.copy(repo / "uni" / "1" / "model.onnx", root / "m" / "1" / "model.onnx")
     (root / "m" / "config.json").write_text('{"batching": {"instances": 0}}')
-    srv = InferenceServer(Settings(port=0, model_repository=root, device="cpu", metrics_port=-1, log_level="CRITICAL"))
+    srv = InferenceServer(Settings(port=0, model_repository=root, device="cpu", metrics_port=-1, log_level="CRITICAL",
+                                   exit_on_error=False))  # fmt: skip
     srv.start()
     try:
         with LSTMClient(f"127.0.0.1:{srv.port}", timeout=10) as c:
+            assert not c.ready()  # a model failed to load: the server is not ready
             with pytest.raises(grpc.RpcError) as err:
                 c.infer_batch("m", np.zeros((1, 2, 5), np.float32))
         assert (

@@ -214,7 +214,15 @@ def test_hot_reload_under_load(tmp_path, repo):
     (root / "m" / "1").mkdir(parents=True)
     shutil.copy(repo / "uni" / "1" / "model.onnx", root / "m" / "1" / "model.onnx")
     srv = InferenceServer(
-        Settings(port=0, model_repository=root, device="cpu", metrics_port=-1, log_level="CRITICAL", poll_s=0.2)
+        Settings(
+            port=0,
+            model_repository=root,
+            device="cpu",
+            metrics_port=-1,
+            log_level="CRITICAL",
+            poll_s=0.2,
+            model_control_mode="poll",
+        )
     )
     srv.start()
     target = f"127.0.0.1:{srv.port}"

@@ -34,9 +34,10 @@ def _server_args(args: list[str]) -> None:
     assert settings.host == "0.0.0.0", "a container must listen beyond loopback"
 
 
-# The server answers gRPC (health included) only after every model has loaded. ONNX Runtime needs ~7 s to load the default
-# family's static T=50 model on this 2-core machine and ~135 s for a static T=200 one (README's
-# export report): the startup probe must leave minutes before liveness may kill the pod.
+# The server answers gRPC (health included) only after every model has loaded. ONNX Runtime needs
+# ~7 s to load the default family's static T=50 model on this 2-core machine and ~135 s for a static
+# T=200 one (README's export report): the startup probe must leave minutes before liveness may kill
+# the pod.
 STARTUP_BUDGET_S = 120
 
 

@@ -11,7 +11,7 @@ SERVE_ARGS ?=
 HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test bench soak train lint clean triton-venv
+.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-ray bench soak train lint clean triton-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,9 +75,12 @@ bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift
 	$(PY) -m bench.soak --models $(MODELS) --out docs/soak.json
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed $(RAY_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient)
+test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient); Ray: make test-ray
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check
-	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python $(PY) -m pytest -q
+	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q --durations=10 --ignore=tests/test_ray.py
+
+test-ray: $(VENV)/.installed $(TRITON_VENV)/.installed $(RAY_VENV)/.installed ## the Ray Serve tests (builds .venv-ray, ~800 MB)
+	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python $(PY) -m pytest -q tests/test_ray.py
 
 lint: $(VENV)/.installed ## ruff check and format check
 	$(PY) -m ruff check export server bench scale deploy tests

@@ -1,7 +1,7 @@
 """Ray Serve: the data plane as a 2-replica deployment on a 2-node local Ray cluster, behind Ray
 Serve's gRPC proxy; tritonclient (unary and streaming) and the project's client call it unchanged.
 
-Runs with .venv-ray (ray[serve], ~500 MB, `make ray-venv`; `make test` creates it) in its own
+Runs with .venv-ray (ray[serve], ~800 MB, `make ray-venv`; `make test-ray` creates it) in its own
 process, like tritonclient in .venv-triton.
 """
 
@@ -33,7 +33,7 @@ TRITON_PYTHON = os.environ.get("TRITON_PYTHON") or str(ROOT / ".venv-triton" / "
 def _ray_serve(repo, *args: str):
     """Start scale.ray_serve on a free port; yield (target, output lines); SIGINT it at the end."""
     if not Path(RAY_PYTHON).exists():
-        pytest.fail(f"Ray venv missing at {RAY_PYTHON}: run `make ray-venv` (make test does)")
+        pytest.fail(f"Ray venv missing at {RAY_PYTHON}: run `make test-ray` (it builds the venv)")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(

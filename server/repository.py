@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server import model_config as triton_config
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
 
@@ -73,6 +74,9 @@ def _signature(folder: Path) -> dict:
     cfg = folder / "config.json"
     if cfg.is_file():
         sig["config"] = cfg.stat().st_mtime_ns
+    pbtxt = folder / triton_config.FILENAME
+    if pbtxt.is_file():
+        sig["config"] = (sig.get("config"), pbtxt.stat().st_mtime_ns)
     return sig
 
 
@@ -85,8 +89,13 @@ def _versions_on_disk(folder: Path) -> dict[int, Path]:
     return found
 
 
-def _read_config(name: str, folder: Path) -> dict:
+def _read_config(name: str, folder: Path, provider: str = "") -> dict:
     path = folder / "config.json"
+    triton = triton_config.read(folder, name, provider)  # Triton's config.pbtxt, mapped onto the same
+    if triton is not None:
+        if path.is_file():
+            raise InvalidArgument(f"model '{name}' has both config.json and config.pbtxt: keep one")
+        return triton
     if not path.is_file():
         return {}
     try:
@@ -349,7 +358,7 @@ class ModelRepository:
             with self._lock:
                 previous = self._models.get(name)
             try:
-                model_config = _read_config(name, folder)
+                model_config = _read_config(name, folder, self.providers.kind)
                 self.config_check(name, model_config)
             except InvalidArgument as exc:
                 self._fail(name, previous, signature, exc.message)

@@ -9,7 +9,7 @@ LSTM FLOPs: 2 x 4H x (input + H) per valid step, per direction, per layer, per s
 
 Pinned by default on a machine with >= 2 CPUs (the fair setup for a shared 2-core machine): the
 server, the in-process lines and the ceiling run on CPU 0 with one thread; the load generator
-runs on the other CPUs. Then the targets of issue 4 are checked as ratios from this same run.
+runs on the other CPUs. Then the project's speed targets are checked as ratios from this same run.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the server's CUDA path, for a lent GPU machine (see DEVELOPERS.md / the device tool).
+# GPU check of the server's CUDA path, to run on a machine with a CUDA GPU.
 # Prepare here:  echo /.ort/ >> .git/info/exclude; bash ../shared/gpu/pack-onnxruntime-gpu.sh .ort
 # On the GPU machine (one call per part, named in `carry`, copied to /tmp/ort), then:
 #   bash scripts/gpu_check.sh /tmp/ort

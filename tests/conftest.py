@@ -13,7 +13,7 @@ from export.model import LSTMConfig, LSTMEncoder
 from export.onnx_export import export_dynamic, export_static
 
 # float32 through two different LSTM implementations (PyTorch's and ORT's): agreement to 1e-5
-# is the project's contract (DEVELOPERS.md); observed errors are ~1e-7.
+# is the project's contract; observed errors are ~1e-7.
 TOL = 1e-5
 STATIC_T = 12
 

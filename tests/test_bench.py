@@ -1,6 +1,6 @@
 """`make bench` harness in quick mode (seconds): keeps the load generator and report working.
 
-Speed is never asserted here (DEVELOPERS.md: speed lives in the benchmark); this checks that
+Speed is never asserted here (speed lives in the benchmark); this checks that
 every line ran without errors and the report files are written.
 """
 

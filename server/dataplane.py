@@ -477,10 +477,12 @@ class DataPlane:
                 "or fewer or shorter sequences per request"
             )
 
-    def record_send_failure(self, response: pb.ModelInferResponse, code, elapsed_ns: int) -> None:
-        """For frontends: the response `infer` returned (counted OK) could not be sent. Moves the
-        request from success to fail in ModelStatistics and counts it in lstm_send_failures_total
-        {model, code}. `code`: a grpc.StatusCode or its name; `elapsed_ns`: receipt to failure."""
+    def record_send_failure(self, response: InferResponse | pb.ModelInferResponse, code, elapsed_ns: int) -> None:
+        """For frontends: the response `infer`/`infer_async` returned (counted OK) could not be sent
+        (a gRPC write or REST socket write raised, the call was cancelled or its deadline passed
+        before the reply went out). Moves the request from success to fail in ModelStatistics and
+        counts it in lstm_send_failures_total{model, code}. `code`: a grpc.StatusCode or its name;
+        `elapsed_ns`: receipt to failure, as the frontend measured it."""
         try:
             version = int(response.model_version)
         except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import resource
 import signal
 import socket
@@ -277,24 +278,28 @@ class InferenceServer:
     async def _refuse(self) -> None:
         self.admission.refuse()
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None, close_grpc: bool = True) -> None:
         """Drain: health NOT_SERVING and readiness false first (calls still served for
         `drain_delay_s`, so balancers notice); then new calls get UNAVAILABLE (REST: 503 with
         `Connection: close`) while the running ones finish (up to `grace` s); then both ports
-        close. A call that reached a handler is never cancelled within the grace period."""
+        close. A call that reached a handler is never cancelled within the grace period.
+
+        `close_grpc=False` leaves the gRPC connections to the process's exit (`serve`): grpc's own
+        shutdown cancels (CANCELLED) calls that reach it while its GOAWAY is on the wire; a
+        connection closed by the exit makes them UNAVAILABLE, which clients retry elsewhere."""
         with self._stop_lock:
             if self._loop is None or self._stopped.is_set():
                 return
             grace = self.settings.grace_s if grace is None else grace
             self._draining.set()
             try:
-                self._run(self._drain(grace))
+                self._run(self._drain(grace, close_grpc))
             finally:
                 self._stop_loop()
                 self.plane.executor.shutdown(wait=False)
                 self._stopped.set()
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self, grace: float, close_grpc: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if self._grpc is None:
             return
@@ -314,7 +319,7 @@ class InferenceServer:
         running = await self.admission.wait_idle(left())
         if running:
             log.warning("%d call(s) still running after the %.1f s grace period: cancelled", running, grace)
-        jobs = [self._grpc.stop(left())]
+        jobs = [self._grpc.stop(left())] if close_grpc else []
         if self.rest is not None:
             jobs.append(self.rest.shutdown(left()))
         await asyncio.gather(*jobs, return_exceptions=True)
@@ -355,9 +360,13 @@ def serve(settings: Settings, announce: bool) -> int:
         if not stopping.is_set():
             stopping.set()
             logging.getLogger("server").info("signal %d: draining (grace %.1f s)", signum, settings.grace_s)
-            threading.Thread(target=server.stop, daemon=True).start()
+            threading.Thread(target=server.stop, kwargs={"close_grpc": False}, daemon=True).start()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server.wait()
-    return 0
+    # drained: every accepted call answered, REST closed; the exit closes the gRPC connections
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -681,6 +681,11 @@ class RestServer:
             if self._sock is not None:
                 self._sock.close()
             return
+        # stop accepting first; connections just accepted get their request answered (503 with
+        # `Connection: close` during a drain) before uvicorn closes the ones left idle
+        for server in self._server.servers:
+            server.close()
+        await asyncio.sleep(min(0.25, timeout))
         self._server.config.timeout_graceful_shutdown = max(0.1, timeout)
         self._server.should_exit = True
         with contextlib.suppress(Exception):

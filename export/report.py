@@ -35,7 +35,10 @@ def _probe(path: Path, times: list[int], probe_lengths: list[int]) -> dict:
     ]
     for steps in times:
         cmd += ["--time", str(steps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+    from export.progress import step
+
+    with step(f"report: measuring {path.parent.name} (load time, memory, latency; a fresh process)"):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -86,7 +86,7 @@ class SequenceStore:
         with self._lock:
             return len(self._live)
 
-    def acquire(self, model: str, version: int, seq_id, start: bool, h0: np.ndarray, c0: np.ndarray):
+    def acquire(self, model: str, version: int, seq_id, start: bool, h0: np.ndarray, c0: np.ndarray | None):
         """Mark the sequence busy and return its state (a new zero/client state on start)."""
         key = (model, seq_id)
         now = time.monotonic()
@@ -152,7 +152,8 @@ class SequenceStore:
             else:
                 state.pending_start, state.previous = False, None
                 if h is not None:  # copies: do not keep a whole batch's output alive
-                    state.h, state.c = np.array(h, np.float32), np.array(c, np.float32)
+                    state.h = np.array(h, np.float32)
+                    state.c = None if c is None else np.array(c, np.float32)  # GRU/RNN: no cell state
                     state.chunks += 1
                 state.busy = False
                 state.last_used = time.monotonic()

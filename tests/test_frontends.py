@@ -72,7 +72,7 @@ class _Attacker:
     def _run(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def open(self, half_open: int, streams: int) -> None:
+    def open(self, half_open: int, streams: int, infer: int = 0) -> None:
         async def go():
             self.channels = [grpc.aio.insecure_channel(self.target) for _ in range(self.n_channels)]
             for i in range(half_open):  # a unary method called as client-streaming: headers, never a message
@@ -89,6 +89,13 @@ class _Attacker:
                     response_deserializer=pb.ModelStreamInferResponse.FromString,
                 )
                 self.calls.append(("stream", method()))
+            for i in range(infer):  # half-open ModelInfer calls
+                method = self.channels[i % self.n_channels].stream_unary(
+                    "/inference.GRPCInferenceService/ModelInfer",
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                self.calls.append(("infer", method()))
             await asyncio.sleep(1.0)  # every call's headers are on the wire
 
         self._run(go())
@@ -121,10 +128,11 @@ class _Attacker:
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["open", "tokens"])
 def test_half_open_calls_and_idle_streams(repo, tokens, capsys):
-    """1,000 half-open health calls and 200 idle ModelStreamInfer streams, from clients without a
-    token: health and an (authenticated) ModelInfer still answer within 1 s. With tokens on, the
-    streams are refused UNAUTHENTICATED at once (the server does not wait for a request); health is
-    open, so the half-open health calls are held, each costing a coroutine, not a thread."""
+    """1,000 half-open health calls, 200 idle ModelStreamInfer streams and 100 half-open ModelInfer
+    calls, from clients without a token: health and an (authenticated) ModelInfer still answer
+    within 1 s. With tokens on, the streams and ModelInfer calls are refused UNAUTHENTICATED at once
+    (the server does not wait for a request message); health is open, so the half-open health calls
+    are held, each costing a coroutine, not a thread."""
     args = ["--auth-tokens", TOKEN] if tokens else []
     replica = start_replica(repo, args)
     target = replica.address
@@ -132,16 +140,17 @@ def test_half_open_calls_and_idle_streams(repo, tokens, capsys):
     try:
         _infer_ok(target, TOKEN if tokens else None)
         rss = {"before": _rss_mib(replica.proc.pid)}
-        attacker.open(half_open=1000, streams=200)
+        attacker.open(half_open=1000, streams=200, infer=100)
         rss["during"] = _rss_mib(replica.proc.pid)
         for _ in range(3):
             assert _timed(lambda: _health_ok(target)) < 1.0
             assert _timed(lambda: _infer_ok(target, TOKEN if tokens else None)) < 1.0
-        if tokens:
-            codes = attacker.codes("stream")
-            assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}, set(codes)
-        else:
-            assert attacker.codes("stream", timeout=0.5) == [None] * 200  # held open, server still fine
+        for kind, n in (("stream", 200), ("infer", 100)):
+            if tokens:
+                codes = attacker.codes(kind)
+                assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}, (kind, set(codes))
+            else:
+                assert attacker.codes(kind, timeout=0.5) == [None] * n  # held open, server still fine
         assert attacker.codes("half-open", timeout=0.5) == [None] * 1000  # health is open: held
     finally:
         attacker.close()
@@ -346,3 +355,23 @@ def test_startup_errors_before_models_load(repo, tmp_path):
             assert "loaded model" not in res.stderr + res.stdout, (args, res.stderr)
     res = _server("--model-repository", str(tmp_path / "none"), "--port", "0")
     assert res.returncode == 2 and "--model-repository" in res.stderr and "not a folder" in res.stderr, res.stderr
+
+
+def test_every_domain_error_maps_to_a_grpc_and_an_http_status():
+    """One mapping for both frontends: every `server.errors` class to its gRPC status and the
+    HTTP status of that code; anything else INTERNAL / 500 without its text."""
+    import inspect
+
+    from server import errors
+    from server.handlers import HTTP_STATUS, error_status
+
+    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.ServingError)]
+    assert len(classes) >= 8, classes
+    for cls in classes:
+        code, http_status, message = error_status(cls("what went wrong"))
+        assert code == cls.code and http_status == HTTP_STATUS[code] and message == "what went wrong", cls
+        assert (http_status >= 500) == (code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                                                 grpc.StatusCode.DEADLINE_EXCEEDED)), cls  # fmt: skip
+    code, http_status, message = error_status(KeyError("/secret/path"))
+    assert (code, http_status) == (grpc.StatusCode.INTERNAL, 500) and "secret" not in message

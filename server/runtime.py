@@ -140,6 +140,7 @@ class ModelRuntime:
     state_shape: tuple[int, int] | None = None  # (L*D, H) when the model takes initial-state inputs
     bidirectional: bool = False
     batcher: object | None = None  # set by the data plane when batching is on
+    named_axes: bool = True  # False: the file names no axis (batch assumed at 0, served unbatched)
     state_names: tuple[str, ...] = ()  # ("h0", "c0") for an LSTM, ("h0",) for GRU/RNN, () without state
 
     @property
@@ -153,8 +154,8 @@ class ModelRuntime:
 
     @property
     def batchable(self) -> bool:
-        """Requests can be merged only where every tensor says which axis is the batch."""
-        return all(t.batch_axis is not None for t in self.inputs + self.outputs)
+        """Requests can be merged only where the file says which axis of every tensor is the batch."""
+        return self.named_axes and all(t.batch_axis is not None for t in self.inputs + self.outputs)
 
     @property
     def state_outputs(self) -> list[str]:
@@ -236,12 +237,12 @@ def load_model(
         for t in outputs:
             if t.name == "y" and len(t.shape) == 3 and t.time_axis is None:
                 t.time_axis = 1
-    if (
-        not any(isinstance(d, str) for t in session.get_inputs() + session.get_outputs() for d in t.shape)
-        and not recorded
-    ):
-        # no named dims at all: batch = axis 0 of x and lengths only, so the model is served unbatched
-        inputs[0].batch_axis = 0
+    named = any(isinstance(d, str) for t in session.get_inputs() + session.get_outputs() for d in t.shape)
+    if not named and not recorded:
+        # No named dims at all (a file from elsewhere): batch is axis 0 of every tensor, for
+        # splitting results; merging requests needs the file's word for it, so it is served unbatched.
+        for t in inputs + outputs:
+            t.batch_axis = 0 if t.shape else None
     names = [i.name for i in inputs]
     if names[:2] != ["x", "lengths"] or inputs[0].datatype != "FP32" or len(inputs[0].shape) != 3:
         raise ValueError(f"{path}: expected inputs x (FP32, rank 3) and lengths (INT64), got {names}")
@@ -289,4 +290,5 @@ def load_model(
         state_shape=state_shape,
         bidirectional=bidirectional,
         state_names=state_names,
+        named_axes=named or bool(recorded),
     )

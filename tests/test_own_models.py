@@ -130,7 +130,9 @@ def own_server(own):
     from server.app import InferenceServer
     from server.config import Settings
 
-    srv = InferenceServer(Settings(port=0, model_repository=own[0], device="cpu", log_level="WARNING", instances=2))
+    srv = InferenceServer(
+        Settings(port=0, model_repository=own[0], device="cpu", log_level="WARNING", instances=2, metrics_port=0)
+    )
     srv.start()
     yield srv
     srv.stop(grace=1)
@@ -422,3 +424,40 @@ def test_state_dict_config_read_from_names_and_shapes():
     assert set(own) == set(layer.state_dict())
     meta = json.loads(config.to_json())
     assert meta["cell"] == "gru"
+
+
+def test_file_without_named_axes_served_unbatched(own, tmp_path):
+    """A file that names no axis: batch is taken as axis 0 of every tensor and nothing is merged."""
+    from server.app import InferenceServer
+    from server.client import LSTMClient
+    from server.config import Settings
+    from tests.own_modules import gru_classifier
+
+    model = onnx.load(str(own[0] / "tagger" / "1" / "model.onnx"))
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.Clear()  # unknown, unnamed
+    kept = [p for p in model.metadata_props if p.key != "lstm.axes"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    (tmp_path / "anon" / "1").mkdir(parents=True)
+    onnx.save(model, str(tmp_path / "anon" / "1" / "model.onnx"))
+    srv = InferenceServer(
+        Settings(port=0, model_repository=tmp_path, device="cpu", log_level="WARNING", metrics_port=0)
+    )
+    srv.start()
+    try:
+        rt = srv.repository.get("anon", "")
+        assert not rt.batchable and [o.batch_axis for o in rt.outputs] == [0, 0]
+        seqs = _ragged(2, features=6)
+        with LSTMClient(f"127.0.0.1:{srv.port}") as client:
+            assert client.metadata("anon")["axes"]["logits"] == {"batch": 0}
+            results = client.infer("anon", seqs)
+        ref = gru_classifier().eval()
+        for seq, got in zip(seqs, results):
+            with torch.no_grad():
+                logits, _ = ref(torch.from_numpy(seq[None]), torch.tensor([len(seq)]))
+            assert got["logits"].shape == (3,) and np.abs(got["logits"] - logits[0].numpy()).max() <= TOL
+    finally:
+        srv.stop(grace=1)

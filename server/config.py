@@ -29,9 +29,15 @@ class Settings:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     cuda_tf32: bool = field(default=False, metadata={"help": "allow TF32 in CUDA kernels (moves results by ~3e-4)"})
     intra_op_threads: int = field(
-        default=0, metadata={"help": "ONNX Runtime intra-op threads per session (0 = one per core)"}
+        default=0,
+        metadata={"help": "ONNX Runtime intra-op threads per session (0 = the CPUs this process may use: "
+                  "affinity mask and cgroup quota, whichever is smaller)"},
+    )  # fmt: skip
+    inter_op_threads: int = field(default=0, metadata={"help": "ONNX Runtime inter-op threads (0 = 1)"})
+    ort_spinning: bool = field(
+        default=False,
+        metadata={"help": "let ONNX Runtime threads busy-wait between ops (off: the transport shares the CPUs)"},
     )
-    inter_op_threads: int = field(default=0, metadata={"help": "ONNX Runtime inter-op threads (0 = default)"})
     graph_optimization: str = field(
         default="all", metadata={"help": "ORT graph optimization: disable|basic|extended|all"}
     )

@@ -31,6 +31,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         cuda_tf32=settings.cuda_tf32,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
     )
 

@@ -12,6 +12,8 @@ import base64
 import ctypes
 import json
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,51 @@ OPT_LEVELS = {
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cuda_tf32: bool = False  # TF32 moves LSTM outputs by ~3e-4 on an H100; exact fp32 by default
-    intra_op_threads: int = 0  # 0 = ORT default (one per core)
-    inter_op_threads: int = 0
+    intra_op_threads: int = 0  # 0 = the CPUs this process may use (affinity mask and cgroup quota)
+    inter_op_threads: int = 0  # 0 = 1 (the graphs here are sequential)
     graph_optimization: str = "all"
+    spinning: bool = False  # ORT's busy-wait between ops: off, the transport shares these cores
+
+    def threads(self) -> tuple[int, int]:
+        """(intra, inter) op threads per session, always explicit: ORT's own default (0) sizes
+        its pool from the machine's physical cores and pins threads itself, outside the
+        process's affinity mask and cgroup quota."""
+        return self.intra_op_threads or available_cpus()[0], self.inter_op_threads or 1
+
+
+def _cgroup_cpus() -> float | None:
+    """CPUs allowed by the cgroup quota (v2 cpu.max, or v1 cfs quota/period); None: no quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> tuple[int, str]:
+    """How many CPUs this process may really use, and why: the smaller of its affinity mask and
+    its cgroup CPU quota (rounded up), at least 1."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    count = affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
+    why = f"affinity mask {affinity} CPU(s), cgroup quota {'none' if quota is None else f'{quota:g} CPU(s)'}"
+    return max(1, count), why
+
+
+def describe_threads(options: RuntimeOptions) -> str:
+    intra, inter = options.threads()
+    source = "--intra-op-threads" if options.intra_op_threads else available_cpus()[1]
+    spin = "on" if options.spinning else "off"
+    return f"ONNX Runtime threads per session: {intra} intra-op, {inter} inter-op ({source}); spinning {spin}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +130,7 @@ def _try_cuda(device_id: int, tf32: bool) -> tuple[bool, str]:
 
 def select_providers(options: RuntimeOptions) -> Providers:
     device = options.device.strip().lower()
+    log.info("%s", describe_threads(options))
     if device == "cpu":
         return Providers(("CPUExecutionProvider",), "CPUExecutionProvider")
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -214,8 +259,9 @@ def load_model(
 ) -> ModelRuntime:
     """Create the session; raise with a clear message if the file is not a usable LSTM model."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = options.intra_op_threads
-    so.inter_op_num_threads = options.inter_op_threads
+    so.intra_op_num_threads, so.inter_op_num_threads = options.threads()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if options.spinning else "0")
     so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
     so.log_severity_level = 3
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))

@@ -1,0 +1,50 @@
+"""The server stays inside the CPUs it is given: ONNX Runtime's thread count comes from the
+process's affinity mask and cgroup quota, never from the machine's cores, and no thread is pinned
+elsewhere (ORT's own default pins one thread per session to other cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scale.replicas import start_replica
+from server.runtime import RuntimeOptions, available_cpus, describe_threads
+
+
+def _threads_cpus(pid: int) -> list[str]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                out.append(line.split()[1])
+    return out
+
+
+def test_available_cpus_follows_the_affinity_mask():
+    count, why = available_cpus()
+    assert 1 <= count <= len(os.sched_getaffinity(0))
+    assert "affinity mask" in why
+    assert RuntimeOptions().threads() == (count, 1)
+    assert RuntimeOptions(intra_op_threads=3, inter_op_threads=2).threads() == (3, 2)
+    assert "spinning off" in describe_threads(RuntimeOptions())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin the server to one of them")
+def test_default_server_pinned_to_one_cpu_keeps_every_thread_there(repo):
+    """`taskset -c 0 python -m server` with the default settings: every thread on CPU 0."""
+    cpu = min(os.sched_getaffinity(0))
+    replica = start_replica(repo, ["--log-level", "INFO"], cpus={cpu})
+    try:
+        from server.client import LSTMClient
+
+        with LSTMClient(replica.address) as client:  # threads that start on first use count too
+            import numpy as np
+
+            client.infer("bi", [np.ones((5, 6), np.float32)])
+        cpus = _threads_cpus(replica.proc.pid)
+        assert len(cpus) > 3 and set(cpus) == {str(cpu)}, cpus
+        assert any("1 intra-op" in line for line in replica.log), replica.log
+    finally:
+        replica.stop()

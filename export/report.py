@@ -37,7 +37,8 @@ def _probe(path: Path, times: list[int], probe_lengths: list[int]) -> dict:
         cmd += ["--time", str(steps)]
     from export.progress import step
 
-    with step(f"report: measuring {path.parent.name} (load time, memory, latency; a fresh process)"):
+    label = path.parent.parent.name if path.parent.name.isdigit() else path.parent.name  # <model>/<version>/
+    with step(f"report: measuring {label} (load time, memory, latency; a fresh process)"):
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -152,7 +153,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)  # from zero: a 1.3x size growth must not look like 10x
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
-    fig.suptitle("Static vs dynamic ONNX export of the same LSTM weights")
+    fig.suptitle("Static vs dynamic ONNX export of the same recurrent weights")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -461,3 +461,15 @@ def test_file_without_named_axes_served_unbatched(own, tmp_path):
             assert got["logits"].shape == (3,) and np.abs(got["logits"] - logits[0].numpy()).max() <= TOL
     finally:
         srv.stop(grace=1)
+
+
+def test_report_for_a_user_module(tmp_path):
+    """--report measures static vs dynamic for the user's own model, as for the built-in family."""
+    rc = run_export("--module", "tests.own_modules:relu_last_state", "--feature-size", "6", "--name", "last",
+                    "--out", str(tmp_path), "--static", "3", "--report")  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "report" / "last" / "report.json").read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert set(rows) == {"dynamic", "static T=3"}
+    assert rows["static T=3"]["nodes"] > rows["dynamic"]["nodes"] and rows["dynamic"]["load_s"] > 0
+    assert (tmp_path / "report" / "last" / "report.png").stat().st_size > 0

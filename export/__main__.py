@@ -8,12 +8,11 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from export import family
-from export.model import LSTMConfig, LSTMEncoder
-from export.onnx_export import export_dynamic, export_static
 from export.verify import ExportError
+
+# torch and the exporters are imported after the arguments are checked: --help and a mistyped
+# flag answer at once.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +40,7 @@ def _report_line(res) -> None:
 
 
 def _export_family(out: Path, report: bool, report_lengths: list[int]) -> None:
+    from export.onnx_export import export_dynamic, export_static
     from export.progress import step
 
     for member in family.FAMILY:
@@ -218,6 +218,11 @@ def _main(args) -> int:
         return 0
     if args.version < 1:
         raise ExportError(f"--version must be >= 1, got {args.version}")
+    import torch
+
+    from export.model import LSTMConfig, LSTMEncoder
+    from export.onnx_export import export_dynamic, export_static
+
     if args.report and args.initial_state:
         raise ExportError("--report measures models without state inputs; drop --initial-state")
     names = [args.name] + [family.static_name(args.name, t) for t in args.static]

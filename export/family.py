@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from export.model import LSTMConfig, LSTMEncoder, RecurrentConfig
+from export.config import LSTMConfig, RecurrentConfig
 
 # T = 100 and 200 show the super-linear load time but take minutes: `--report-lengths 10,25,50,100,200`
 REPORT_STATIC_LENGTHS = (10, 25, 50)
@@ -63,8 +61,12 @@ FAMILY = (
 )
 
 
-def build(member: FamilyMember) -> LSTMEncoder:
+def build(member: FamilyMember):
     """Seeded random weights: the same member always gets the same weights hash."""
+    import torch
+
+    from export.model import LSTMEncoder
+
     torch.manual_seed(member.seed)
     return LSTMEncoder(member.config).eval()
 

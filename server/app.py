@@ -252,6 +252,7 @@ class InferenceServer:
                 log.debug("cleanup after a failed start", exc_info=True)
             self._stop_loop()
         self.plane.executor.shutdown(wait=False)
+        self._stopped.set()  # stop() and wait() return at once
 
     # -- background work --------------------------------------------------------------------
     def _sweep_sequences(self) -> None:

@@ -41,7 +41,13 @@ class Settings:
     graph_optimization: str = field(
         default="all", metadata={"help": "ORT graph optimization: disable|basic|extended|all"}
     )
-    grpc_workers: int = field(default=32, metadata={"help": "gRPC handler threads (concurrent calls in progress)"})
+    grpc_workers: int = field(
+        default=32,
+        metadata={
+            "help": "executor threads for ONNX Runtime runs with batching off, large decodes and model loads; "
+            "with --max-queue, the inference calls in progress at once (gRPC and REST; then RESOURCE_EXHAUSTED/429)"
+        },
+    )
     max_message_mb: int = field(default=256, metadata={"help": "maximum gRPC message size, both ways (MiB)"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
     max_elements: int = field(default=64 * 1024 * 1024, metadata={"help": "maximum elements of one input tensor"})

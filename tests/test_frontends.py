@@ -213,6 +213,11 @@ def test_idle_connections_do_not_stop_health(repo, capsys):
     """1,000 idle REST connections and 100 that trickle half a request line: health, readiness
     and inference still answer within 1 s (no connection cap refuses them: an idle connection costs
     a file descriptor and a small object on the event loop)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 4096:  # this process holds 1,100 sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY else min(hard, 4096), hard))
     http_port = free_port()
     replica = start_replica(repo, ["--http-port", str(http_port)])
     socks = []

@@ -29,7 +29,7 @@ from server.handlers import Admission
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.rest import RestApp, RestServer
-from server.security import TokenAuthInterceptor, load_tokens, tls_context
+from server.security import TokenAuthInterceptor, load_tokens, server_credentials, tls_context
 from server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class InferenceServer:
                 tls = tls_context(s.tls_cert, s.tls_key, s.tls_client_ca)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise StartupError(f"--tls-cert/--tls-key: not a usable certificate and key: {exc}") from None
-            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+            creds = server_credentials(cert, key, ca)
         self._start_loop()
         try:
             self.port = self._run(self._bind_grpc(tokens, creds))

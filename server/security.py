@@ -96,15 +96,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
 
 
-def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
-    """TLS with the server's certificate chain and key; with `client_ca`, clients must present a
-    certificate signed by it (mutual TLS)."""
-    ca = Path(client_ca).read_bytes() if client_ca is not None and str(client_ca) else None
-    return grpc.ssl_server_credentials(
-        [(Path(key).read_bytes(), Path(cert).read_bytes())],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
-    )
+def server_credentials(cert: bytes, key: bytes, client_ca: bytes | None) -> grpc.ServerCredentials:
+    """TLS for the gRPC port from PEM bytes: the server's certificate chain and key; with
+    `client_ca`, clients must present a certificate signed by it (mutual TLS)."""
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 
 def tls_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:

@@ -33,11 +33,15 @@ TOKEN = "frontend-test-token"
 X = np.random.default_rng(0).standard_normal((2, 9, 6)).astype(np.float32)
 
 
-def _rss_mib(pid: int) -> float:
+def _status(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key}")
+
+
+def _rss_mib(pid: int) -> float:
+    return _status(pid, "VmRSS") / 1024
 
 
 def _timed(fn) -> float:
@@ -140,8 +144,10 @@ def test_half_open_calls_and_idle_streams(repo, tokens, capsys):
     try:
         _infer_ok(target, TOKEN if tokens else None)
         rss = {"before": _rss_mib(replica.proc.pid)}
+        threads = {"before": _status(replica.proc.pid, "Threads")}
         attacker.open(half_open=1000, streams=200, infer=100)
         rss["during"] = _rss_mib(replica.proc.pid)
+        threads["during"] = _status(replica.proc.pid, "Threads")
         for _ in range(3):
             assert _timed(lambda: _health_ok(target)) < 1.0
             assert _timed(lambda: _infer_ok(target, TOKEN if tokens else None)) < 1.0
@@ -160,8 +166,10 @@ def test_half_open_calls_and_idle_streams(repo, tokens, capsys):
     replica.stop()
     assert replica.proc.returncode == 0, "".join(replica.log)
     with capsys.disabled():
-        print(f"\n  half-open/idle gRPC ({'tokens' if tokens else 'open'}): server RSS MiB " + json.dumps(rss))
-    assert rss["during"] - rss["before"] < 256  # ~1,200 held calls: coroutines and HTTP/2 streams
+        print(f"\n  half-open/idle gRPC ({'tokens' if tokens else 'open'}): server RSS MiB {json.dumps(rss)}, "
+              f"threads {json.dumps(threads)}")  # fmt: skip
+    assert rss["during"] - rss["before"] < 256  # ~1,300 held calls: coroutines and HTTP/2 streams
+    assert threads["during"] - threads["before"] <= 4, threads  # a held call costs no thread
 
 
 def _http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:

@@ -131,7 +131,9 @@ def own_server(own):
     from server.config import Settings
 
     srv = InferenceServer(
-        Settings(port=0, model_repository=own[0], device="cpu", log_level="WARNING", instances=2, metrics_port=0)
+        Settings(
+            port=0, http_port=0, model_repository=own[0], device="cpu", log_level="WARNING", instances=2, metrics_port=0
+        )
     )
     srv.start()
     yield srv
@@ -473,3 +475,36 @@ def test_report_for_a_user_module(tmp_path):
     assert set(rows) == {"dynamic", "static T=3"}
     assert rows["static T=3"]["nodes"] > rows["dynamic"]["nodes"] and rows["dynamic"]["load_s"] > 0
     assert (tmp_path / "report" / "last" / "report.png").stat().st_size > 0
+
+
+def test_rest_json_serves_gru_and_user_module(own, own_server):
+    """The REST frontend reads names and axes from the file too: a GRU (no c_n) and a user module."""
+    import urllib.request
+
+    from server.client import pad_sequences
+
+    def infer(model: str, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        body = {"inputs": [
+            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()},
+            {"name": "lengths", "shape": list(lengths.shape), "datatype": "INT64", "data": lengths.tolist()},
+        ]}  # fmt: skip
+        req = urllib.request.Request(f"http://127.0.0.1:{own_server.http_port}/v2/models/{model}/infer",
+                                     data=json.dumps(body).encode(), method="POST")  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            reply = json.loads(resp.read())
+        return {o["name"]: np.array(o["data"], np.float32).reshape(o["shape"]) for o in reply["outputs"]}
+
+    name = "gru_bi_l2_nobias_tanh"
+    x, lengths = pad_sequences(_ragged(21))
+    got = infer(name, x, lengths)
+    want = eager(own[1][name], x, lengths)
+    assert set(got) == {"y", "h_n"}
+    for out in want:
+        assert np.abs(got[out] - want[out]).max() <= TOL, out
+    from tests.own_modules import gru_classifier
+
+    x, lengths = pad_sequences(_ragged(22, features=6))
+    got = infer("tagger", x, lengths)
+    with torch.no_grad():
+        logits, tags = gru_classifier().eval()(torch.from_numpy(x), torch.from_numpy(lengths))
+    assert np.abs(got["logits"] - logits.numpy()).max() <= TOL and np.abs(got["tags"] - tags.numpy()).max() <= TOL

@@ -9,7 +9,13 @@ LSTM FLOPs: 2 x 4H x (input + H) per valid step, per direction, per layer, per s
 
 Pinned by default on a machine with >= 2 CPUs (the fair setup for a shared 2-core machine): the
 server, the in-process lines and the ceiling run on CPU 0 with one thread; the load generator
-runs on the other CPUs. Then the project's speed targets are checked as ratios from this same run.
+runs on the other CPUs, and the servers run with their default settings (ONNX Runtime's thread
+count comes from the CPUs the process may use: one). Then the project's speed targets are checked
+as ratios from this same run, and every server thread's CPUs are read from /proc/PID/task.
+
+`--before DIR` (or BENCH_BEFORE=DIR): DIR is a checkout of an earlier commit (`git worktree add
+DIR COMMIT`) that shares this venv; every server line runs from it too, side by side in the same
+run (before, then after, line by line), and the tables show both.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +37,24 @@ from bench.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_CPU = 0
+
+
+def _describe_tree(root: Path) -> str:
+    """`<commit> <subject>` of a checkout, `+ uncommitted changes` when its tracked files differ."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{git('log', '-1', '--format=%h %s')[:90]}{' + uncommitted changes' if dirty else ''}"
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def lstm_flops_per_step(cfg) -> float:
@@ -67,15 +92,48 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5, pinned: bool = False) -> dic
 
 
 class ServerProcess:
-    """`python -m server` on a free port, as a separate process (like a real deployment)."""
+    """`python -m server` on a free port, as a separate process (like a real deployment), from the
+    source tree `root` (this checkout, or an earlier one given with --before)."""
 
-    def __init__(self, repo: Path, args: list[str], cpus: set[int] | None) -> None:
-        from scale.replicas import start_replica
+    def __init__(self, models: Path, args: list[str], cpus: set[int] | None, root: Path = ROOT) -> None:
+        import re
+        import subprocess
 
-        self.replica = start_replica(repo, args, cpus)
-        self.proc = self.replica.proc
+        from scale.replicas import Replica
+
+        cmd = [sys.executable, "-m", "server", "--model-repository", str(models.resolve()), "--port", "0",
+               "--metrics-port", "-1", "--log-level", "WARNING", *args]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # as `taskset -c`
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=preexec)  # fmt: skip
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.match(r"listening on [\d.]+:(\d+)", line)
+            if m:
+                break
+        else:
+            raise RuntimeError("server did not start: " + "".join(lines))
+        self.replica = Replica(proc, int(m.group(1)), lines)
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the pipe drained
+        self.proc = proc
         self.target = self.replica.address
         time.sleep(1.0)  # let every worker process finish loading
+
+    def threads(self) -> list[dict]:
+        """Every thread of the server process: name, the CPUs it may run on, the CPU it last ran on."""
+        out = []
+        for task in sorted(Path(f"/proc/{self.proc.pid}/task").iterdir()):
+            try:
+                status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+                stat = (task / "stat").read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            out.append({"tid": int(task.name), "name": status["Name"].strip(),
+                        "cpus_allowed": status["Cpus_allowed_list"].strip(), "last_cpu": int(fields[36])})  # fmt: skip
+        return out
 
     def batch_counts(self, model: str) -> tuple[int, int]:
         """(sequences inferred, ORT runs) so far, from ModelStatistics."""
@@ -124,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-args", default="", help="extra flags for every server line")
     parser.add_argument("--quick", action="store_true", help="a few seconds: keeps the harness working (CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    parser.add_argument("--before", type=Path, default=os.environ.get("BENCH_BEFORE") or None,
+                        help="an earlier checkout: its server runs each server line too ($BENCH_BEFORE)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.payloads, args.warmup, args.duration = "1,4", "short", 0.2, 0.5
@@ -160,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             row.update(res.summary())
             row["gflops"] = res.steps * flops_step / res.window_s / 1e9
             row["ceiling_fraction"] = row["gflops"] / ceiling["gflops"]
-            text = f"{line:3} {payload:8} c={conc:<3} {row['seq_per_s']:8.1f} seq/s  p50 {row['p50_ms']:7.2f} ms"
+            text = f"{extra.get('variant', ''):6} {line:3} {payload:10} c={conc:<3} {row['seq_per_s']:8.1f} seq/s"
+            text += f"  p50 {row['p50_ms']:7.2f} ms"
             text += f"  p99 {row['p99_ms']:7.2f} ms  {row['gflops']:6.2f} GFLOP/s  errors {row['errors']}"
             print(text, flush=True)
         else:
-            print(f"{line:3} {payload:8} c={conc:<3} n/a: {note}", flush=True)
+            print(f"{extra.get('variant', ''):6} {line:3} {payload:10} c={conc:<3} n/a: {note}", flush=True)
         rows.append(row)
         return row
 
@@ -196,80 +257,146 @@ def main(argv: list[str] | None = None) -> int:
 
     targets_on = not args.no_targets
     tc = {"c1": 1, "c16": 4 if args.quick else 16, "c64": 4 if args.quick else 64}
-    served: dict[str, dict] = {}
     server_flags = {
         "c": ["--no-batching"],
         "d": ["--batching"],
         "d2": ["--batching", "--workers", "2"],
     }
-    base = ["--device", args.device, "--intra-op-threads", str(threads), *args.server_args.split()]
+    # the servers' own defaults (ORT threads from the CPUs they may use), as a deployment runs them
+    base = ["--device", args.device, *args.server_args.split()]
+    before = args.before.resolve() if args.before else None
+    variants = [("before", before), ("after", ROOT)] if before else [("", ROOT)]
+    served: dict[str, dict[str, dict]] = {v: {} for v, _ in variants}
+    thread_report: dict[str, dict] = {}
     for line, flags in server_flags.items():
         if line not in lines:
             continue
-        srv = ServerProcess(args.models, base + flags, server_cpus if line != "d2" else None)
+        for variant, root in variants:
+            srv = ServerProcess(args.models, base + flags, server_cpus if line != "d2" else None, root)
+            got = served[variant]
 
-        def load(model: str, payload: str, conc: int, srv=srv) -> LoadResult:
-            return run_grpc_load(srv.target, model, payload, cfg.input_size, conc, args.warmup, args.duration,
-                                 args.client_processes, cpus=client_cpus)  # fmt: skip
+            def load(model: str, payload: str, conc: int, srv=srv, method: str = "ModelInfer") -> LoadResult:
+                return run_grpc_load(srv.target, model, payload, cfg.input_size, conc, args.warmup, args.duration,
+                                     args.client_processes, cpus=client_cpus, method=method)  # fmt: skip
 
-        try:
-            for payload in payloads:
-                for conc in concurrency:
-                    record(line, payload, conc, load(args.model, payload, conc))
-            if targets_on and line == "c":
-                served["off_c16"] = record(line, "single50", tc["c16"], load(args.model, "single50", tc["c16"]))
-            if targets_on and line == "d":
-                served["on_c1"] = record(line, "single50", 1, load(args.model, "single50", 1))
-                served["on_c16"] = record(line, "single50", tc["c16"], load(args.model, "single50", tc["c16"]))
-                before = srv.batch_counts(args.model)
-                res = load(args.model, "single50", tc["c64"])
-                after = srv.batch_counts(args.model)
-                mean_batch = (after[0] - before[0]) / max(1, after[1] - before[1])
-                served["on_c64"] = record(line, "single50", tc["c64"], res, mean_batch=mean_batch)
-            if line == "d" and "e" in lines:
-                static_file = args.models / args.static_model / "1" / "model.onnx"
-                static_len = int(read_metadata(static_file)["lstm.static_length"])
+            def rec(line, payload, conc, res, note="", variant=variant, **extra) -> dict:
+                return record(line, payload, conc, res, note, **({"variant": variant} if variant else {}), **extra)
+
+            try:
                 for payload in payloads:
-                    if PAYLOADS[payload][1] > static_len:
-                        for conc in concurrency:
-                            record("e", payload, conc, None, f"lengths up to {PAYLOADS[payload][1]} > T={static_len}")
-                        continue
                     for conc in concurrency:
-                        record("e", payload, conc, load(args.static_model, payload, conc))
-        finally:
-            srv.stop()
+                        rec(line, payload, conc, load(args.model, payload, conc))
+                if targets_on and line == "c":
+                    got["off_c16"] = rec(line, "single50", tc["c16"], load(args.model, "single50", tc["c16"]))
+                if targets_on and line == "d":
+                    got["live_c1"] = rec(line, "ServerLive", 1, load(args.model, "single50", 1, method="ServerLive"))
+                    got["on_c1"] = rec(line, "single50", 1, load(args.model, "single50", 1))
+                    got["on_c16"] = rec(line, "single50", tc["c16"], load(args.model, "single50", tc["c16"]))
+                    counts = srv.batch_counts(args.model)
+                    res = load(args.model, "single50", tc["c64"])
+                    after = srv.batch_counts(args.model)
+                    mean_batch = (after[0] - counts[0]) / max(1, after[1] - counts[1])
+                    got["on_c64"] = rec(line, "single50", tc["c64"], res, mean_batch=mean_batch)
+                if line == "d":  # every thread, after the load (pools grow on demand)
+                    tasks = srv.threads()
+                    outside = [
+                        t
+                        for t in tasks
+                        if pin and (t["cpus_allowed"] != str(SERVER_CPU) or t["last_cpu"] != SERVER_CPU)
+                    ]
+                    thread_report[variant or "after"] = {"threads": tasks, "outside": len(outside)}
+                    names = ", ".join(sorted({t["name"] for t in tasks}))
+                    allowed, ran = sorted({t["cpus_allowed"] for t in tasks}), sorted({t["last_cpu"] for t in tasks})
+                    print(f"{variant} server threads (line d): {len(tasks)}, {len(outside)} outside CPU {SERVER_CPU}; "
+                          f"may run on {allowed}, last ran on {ran}; {names}", flush=True)  # fmt: skip
+                if line == "d" and "e" in lines:
+                    static_file = args.models / args.static_model / "1" / "model.onnx"
+                    static_len = int(read_metadata(static_file)["lstm.static_length"])
+                    for payload in payloads:
+                        if PAYLOADS[payload][1] > static_len:
+                            for conc in concurrency:
+                                rec("e", payload, conc, None, f"lengths up to {PAYLOADS[payload][1]} > T={static_len}")
+                            continue
+                        for conc in concurrency:
+                            rec("e", payload, conc, load(args.static_model, payload, conc))
+            finally:
+                srv.stop()
 
     targets = []
-    if targets_on and {"on_c1", "on_c16", "on_c64", "off_c16"} <= set(served):
+    needed = {"on_c1", "on_c16", "on_c64", "off_c16", "live_c1"}
+    if targets_on and all(needed <= set(got) for got in served.values()):
         seconds = 0.5 if args.quick else 3.0
         steps = PAYLOADS["single50"][0]
         ort1, ort1_ms = batch_throughput(ort_run, cfg.input_size, 1, steps, seconds)
         ort16, _ = batch_throughput(ort_run, cfg.input_size, tc["c16"], steps, seconds)
-        b = max(1, round(served["on_c64"]["mean_batch"]))
-        ortb, _ = batch_throughput(ort_run, cfg.input_size, b, steps, seconds)
-        torchb, _ = batch_throughput(torch_run, cfg.input_size, b, steps, seconds)
-        on64 = served["on_c64"]["seq_per_s"]
-        gain = served["on_c16"]["seq_per_s"] / served["off_c16"]["seq_per_s"]
-        targets = [
-            {"target": f"served, batching on, c={tc['c64']} / in-process ORT at the served mean batch ({b})",
-             "value": on64 / ortb, "goal": ">= 0.85", "ok": on64 / ortb >= 0.85,
-             "detail": f"{on64:.0f} vs {ortb:.0f} seq/s"},
-            {"target": f"batching gain on/off at c={tc['c16']} / in-process gain batch {tc['c16']} vs 1",
-             "value": gain / (ort16 / ort1), "goal": ">= 0.8", "ok": gain / (ort16 / ort1) >= 0.8,
-             "detail": f"served {gain:.2f}x ({served['on_c16']['seq_per_s']:.0f}/{served['off_c16']['seq_per_s']:.0f});"
-                       f" in-process {ort16 / ort1:.2f}x ({ort16:.0f}/{ort1:.0f})"},
-            {"target": "c=1, batching on: p50 - in-process batch-1 latency (ms)",
-             "value": served["on_c1"]["p50_ms"] - ort1_ms, "goal": "<= 0.5",
-             "ok": served["on_c1"]["p50_ms"] - ort1_ms <= 0.5,
-             "detail": f"{served['on_c1']['p50_ms']:.2f} vs {ort1_ms:.2f} ms"},
-            {"target": f"served ORT (c={tc['c64']}) / PyTorch eager at the same batch ({b})",
-             "value": on64 / torchb, "goal": ">= 1.3", "ok": on64 / torchb >= 1.3,
-             "detail": f"{on64:.0f} vs {torchb:.0f} seq/s"},
-        ]  # fmt: skip
+        ort64, _ = batch_throughput(ort_run, cfg.input_size, tc["c64"], steps, seconds)
+        best_b, best = (tc["c16"], ort16) if ort16 >= ort64 else (tc["c64"], ort64)
+        batches = {max(1, round(got["on_c64"]["mean_batch"])) for got in served.values()}
+        at_batch = {b: batch_throughput(ort_run, cfg.input_size, b, steps, seconds)[0] for b in batches}
+        torch_at = {b: batch_throughput(torch_run, cfg.input_size, b, steps, seconds)[0] for b in batches}
+        print(f"in-process ORT (CPU {SERVER_CPU}, 1 thread), T=50: batch 1 {ort1:.0f} seq/s ({ort1_ms:.2f} ms), "
+              f"batch {tc['c16']} {ort16:.0f}, batch {tc['c64']} {ort64:.0f}; at the served mean batches "
+              + ", ".join(f"{b}: ORT {at_batch[b]:.0f}, PyTorch {torch_at[b]:.0f}" for b in sorted(batches)),
+              flush=True)  # fmt: skip
+
+        def figures(got: dict, variant: str) -> list[dict]:
+            b = max(1, round(got["on_c64"]["mean_batch"]))
+            on64, ortb, torchb = got["on_c64"]["seq_per_s"], at_batch[b], torch_at[b]
+            gain = got["on_c16"]["seq_per_s"] / got["off_c16"]["seq_per_s"]
+            live_ms, c1_ms = got["live_c1"]["p50_ms"], got["on_c1"]["p50_ms"]
+            over = c1_ms - ort1_ms - live_ms
+            th = thread_report.get(variant or "after")
+            cpu = SERVER_CPU
+            if th and pin:
+                allowed = sorted({t["cpus_allowed"] for t in th["threads"]})
+                ran = sorted({t["last_cpu"] for t in th["threads"]})
+                th_detail = f"{len(th['threads'])} threads; may run on {allowed}, last ran on {ran}"
+            else:
+                th_detail = "not pinned"
+            c16, c64 = tc["c16"], tc["c64"]
+            mean = got["on_c64"]["mean_batch"]
+            served16, off16 = got["on_c16"]["seq_per_s"], got["off_c16"]["seq_per_s"]
+            return [
+                {"key": "threads", "target": f"server threads outside CPU {cpu} (default settings, pinned to it)",
+                 "value": th["outside"] if th and pin else float("nan"), "goal": "= 0",
+                 "ok": bool(th) and pin and th["outside"] == 0, "detail": th_detail},
+                {"key": "c64_best", "target": f"served, batching on, c={c64} / best in-process batch ({c16} or {c64})",
+                 "value": on64 / best, "goal": ">= 0.85", "ok": on64 / best >= 0.85,
+                 "detail": f"{on64:.0f} vs {best:.0f} seq/s (batch {best_b}); served mean batch {mean:.1f}"},
+                {"key": "c1_over_live", "target": "c=1, batching on: p50 - in-process run - ServerLive p50 (ms)",
+                 "value": over, "goal": "<= 0.5", "ok": over <= 0.5,
+                 "detail": f"{c1_ms:.2f} - {ort1_ms:.2f} - {live_ms:.2f} ms"},
+                {"key": "c64_meanbatch", "target": f"served, batching on, c={c64} / in-process, served mean batch",
+                 "value": on64 / ortb, "goal": ">= 0.85", "ok": on64 / ortb >= 0.85,
+                 "detail": f"{on64:.0f} vs {ortb:.0f} seq/s (batch {b})"},
+                {"key": "gain", "target": f"batching gain on/off at c={c16} / in-process gain batch {c16} vs 1",
+                 "value": gain / (ort16 / ort1), "goal": ">= 0.8", "ok": gain / (ort16 / ort1) >= 0.8,
+                 "detail": f"served {gain:.2f}x ({served16:.0f}/{off16:.0f}); in-process {ort16 / ort1:.2f}x "
+                           f"({ort16:.0f}/{ort1:.0f})"},
+                {"key": "c1_over_run", "target": "c=1, batching on: p50 - in-process batch-1 run (ms)",
+                 "value": c1_ms - ort1_ms, "goal": "<= 0.5", "ok": c1_ms - ort1_ms <= 0.5,
+                 "detail": f"{c1_ms:.2f} vs {ort1_ms:.2f} ms"},
+                {"key": "vs_torch", "target": f"served ORT (c={c64}) / PyTorch eager at the served mean batch",
+                 "value": on64 / torchb, "goal": ">= 1.3", "ok": on64 / torchb >= 1.3,
+                 "detail": f"{on64:.0f} vs {torchb:.0f} seq/s (batch {b})"},
+            ]  # fmt: skip
+
+        if before is not None:
+            old = {t["key"]: t for t in figures(served["before"], "before")}
+            targets = []
+            for t in figures(served["after"], "after"):
+                t["before"], t["before_detail"], t["before_ok"] = (
+                    old[t["key"]]["value"],
+                    old[t["key"]]["detail"],
+                    old[t["key"]]["ok"],
+                )
+                targets.append(t)
+        else:
+            targets = figures(served[""], "")
         for t in targets:
-            print(
-                f"target {'MET ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.2f} ({t['goal']}; {t['detail']})"
-            )
+            was = f"before {t['before']:.2f} ({t['before_detail']}); " if "before" in t else ""
+            met = "MET " if t["ok"] else "MISS"
+            print(f"target {met} {t['target']}: {was}{t['value']:.2f} ({t['goal']}; {t['detail']})")
 
     import grpc
 
@@ -280,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "config": json.loads(cfg.to_json()), "flops_per_step": flops_step,
         "ceiling": ceiling, "warmup_s": args.warmup, "duration_s": args.duration, "device": args.device,
         "client_processes": args.client_processes, "quick": args.quick,
+        "before": _describe_tree(before) if before else None, "after": _describe_tree(ROOT),
+        "server_threads": thread_report, "load_average": _load(),
         "pinning": (f"server, in-process lines and ceiling on CPU {SERVER_CPU} with 1 thread; load generator on "
                     f"CPUs {sorted(client_cpus)}") if pin else "none (all processes share all CPUs)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

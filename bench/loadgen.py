@@ -144,6 +144,7 @@ def _grpc_worker(
     duration_s: float,
     seed: int,
     cpus: set[int] | None,
+    method: str,
     queue,
 ) -> None:
     import os
@@ -175,8 +176,14 @@ def _grpc_worker(
     stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
     counter = iter(range(10**12))
 
+    live = pb.ServerLiveRequest()
+
     def call(r: Request) -> None:
-        stubs[next(counter) % len(stubs)].ModelInfer(wire[id(r)], timeout=60)
+        stub = stubs[next(counter) % len(stubs)]
+        if method == "ServerLive":  # the bare transport: an empty request and reply
+            stub.ServerLive(live, timeout=60)
+        else:
+            stub.ModelInfer(wire[id(r)], timeout=60)
 
     queue.put(closed_loop(call, requests, threads, warmup_s, duration_s, offset=seed))
 
@@ -212,11 +219,25 @@ def run_grpc_load(
     processes: int = 2,
     seed: int = 0,
     cpus: set[int] | None = None,
+    method: str = "ModelInfer",
 ) -> LoadResult:
-    """Closed-loop load from `processes` client processes (threads split among them)."""
+    """Closed-loop load from `processes` client processes (threads split among them). `method`:
+    ModelInfer (the payload's requests) or ServerLive (the transport alone; counts a call as one
+    sequence of no steps)."""
     total = run_in_processes(
         _grpc_worker,
-        lambda p, threads: (target, model, payload, features, threads, warmup_s + 1.0, duration_s, seed + p, cpus),
+        lambda p, threads: (
+            target,
+            model,
+            payload,
+            features,
+            threads,
+            warmup_s + 1.0,
+            duration_s,
+            seed + p,
+            cpus,
+            method,
+        ),  # fmt: skip
         concurrency,
         processes,
         warmup_s + duration_s + 300,

@@ -15,9 +15,9 @@ LINES = {
 }
 
 
-def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
+def _header(info: dict) -> str:
     c = info["ceiling"]
-    out = [
+    text = (
         f"Machine: {info['machine']}. Device: {info['device']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         + f". Model `{info['model']}` {json.dumps(info['config'])}; {info['flops_per_step'] / 1e6:.2f} MFLOP"
@@ -25,27 +25,94 @@ def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
         f" same CPUs as the server): {c['gflops']:.1f} GFLOP/s. Closed loop, {info['warmup_s']} s warm-up excluded,"
         f" {info['duration_s']} s measured per line; 1-4 sequences per request (single50: one of T = 50); gRPC"
         f" load from {info['client_processes']} client processes. {info['date']}."
-        + (" QUICK MODE: harness check, not a measurement." if info.get("quick") else ""),
-        "",
+    )
+    if info.get("load_average"):
+        text += f" Load average at the end: {info['load_average']}."
+    if info.get("before"):
+        text += f" Before: `{info['before']}`; after: `{info['after']}` (server lines run from each, side by side)."
+    if info.get("quick"):
+        text += " QUICK MODE: harness check, not a measurement."
+    return text
+
+
+def _name(r: dict) -> str:
+    return f"({r['line']}) {LINES.get(r['line'], r['line'])}"
+
+
+def _single(rows: list[dict]) -> list[str]:
+    out = [
         "| line | payload | clients | seq/s | p50 ms | p95 ms | p99 ms | GFLOP/s | of ceiling | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        name = f"({r['line']}) {LINES.get(r['line'], r['line'])}"
         if "seq_per_s" not in r:
-            out.append(f"| {name} | {r['payload']} | {r['concurrency']} | n/a | | | | | | {r['note']} |")
+            out.append(f"| {_name(r)} | {r['payload']} | {r['concurrency']} | n/a | | | | | | {r['note']} |")
             continue
         out.append(
-            f"| {name} | {r['payload']} | {r['concurrency']} | {r['seq_per_s']:.1f} | {r['p50_ms']:.2f} "
+            f"| {_name(r)} | {r['payload']} | {r['concurrency']} | {r['seq_per_s']:.1f} | {r['p50_ms']:.2f} "
             f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['gflops']:.2f} | {100 * r['ceiling_fraction']:.1f}% "
             f"| {r['errors']} |"
         )
+    return out
+
+
+def _side_by_side(rows: list[dict]) -> list[str]:
+    """In-process lines once; each server line as before -> after (same run)."""
+    out = [
+        "| line | payload | clients | seq/s before | seq/s after | p50 ms before | p50 ms after "
+        "| p99 ms before | p99 ms after | GFLOP/s after (of ceiling) | errors before/after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    olds = {(r["line"], r["payload"], r["concurrency"]): r for r in rows if r.get("variant") == "before"}
+    for r in rows:
+        if r.get("variant") == "before":
+            continue
+        key = (r["line"], r["payload"], r["concurrency"])
+        old = olds.get(key)
+        head = f"| {_name(r)} | {r['payload']} | {r['concurrency']} "
+        if "seq_per_s" not in r:
+            out.append(head + f"| n/a | n/a | | | | | | {r['note']} |")
+            continue
+
+        def was(field: str, fmt: str, old=old) -> str:
+            return format(old[field], fmt) if old and field in old else ""
+
+        errors = f"{old['errors']}/{r['errors']}" if old and "errors" in old else str(r["errors"])
+        out.append(
+            head + f"| {was('seq_per_s', '.1f')} | {r['seq_per_s']:.1f} | {was('p50_ms', '.2f')} | {r['p50_ms']:.2f} "
+            f"| {was('p99_ms', '.2f')} | {r['p99_ms']:.2f} | {r['gflops']:.2f} ({100 * r['ceiling_fraction']:.1f}%) "
+            f"| {errors} |"
+        )
+    return out
+
+
+def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
+    paired = any(r.get("variant") for r in rows)
+    out = [_header(info), ""] + (_side_by_side(rows) if paired else _single(rows))
+    threads = info.get("server_threads") or {}
+    for variant, report in threads.items():
+        tasks = report["threads"]
+        out += [
+            "",
+            f"Server threads ({variant}, line d, after its load; /proc/PID/task/*/status and stat): {len(tasks)}, "
+            f"{report['outside']} outside the server's CPU. "
+            + "; ".join(f"{t['name']} (may run on {t['cpus_allowed']}, last on {t['last_cpu']})" for t in tasks),
+        ]
     if targets:
-        out += ["", "| target | measured | goal | met | figures |", "|---|---:|---|---|---|"]
-        for t in targets:
-            out.append(
-                f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['ok'] else 'NO'} | {t['detail']} |"
-            )
+        if any("before" in t for t in targets):
+            out += ["", "| target | before | after | goal | met (after) | figures after | figures before |",
+                    "|---|---:|---:|---|---|---|---|"]  # fmt: skip
+            for t in targets:
+                out.append(
+                    f"| {t['target']} | {t['before']:.2f} | {t['value']:.2f} | {t['goal']} "
+                    f"| {'yes' if t['ok'] else 'NO'} | {t['detail']} | {t['before_detail']} |"
+                )
+        else:
+            out += ["", "| target | measured | goal | met | figures |", "|---|---:|---|---|---|"]
+            for t in targets:
+                out.append(
+                    f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['ok'] else 'NO'} | {t['detail']} |"
+                )
     return "\n".join(out) + "\n"
 
 
@@ -55,7 +122,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    payloads = sorted({r["payload"] for r in rows if "seq_per_s" in r and r["payload"] != "single50"})
+    skip = ("single50", "ServerLive")  # the targets' own rows
+    payloads = sorted({r["payload"] for r in rows if "seq_per_s" in r and r["payload"] not in skip})
     if not payloads:
         return
     fig, axes = plt.subplots(2, len(payloads), figsize=(5 * len(payloads), 8), squeeze=False)
@@ -64,7 +132,7 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = sorted(
                 (r["concurrency"], r)
                 for r in rows
-                if r["line"] == line and r["payload"] == payload and "seq_per_s" in r
+                if r["line"] == line and r["payload"] == payload and "seq_per_s" in r and r.get("variant") != "before"
             )
             if not pts:
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import resource
@@ -179,6 +180,9 @@ class InferenceServer:
             log.info("Prometheus metrics on http://%s:%d/metrics", s.host, self.metrics_port)
         if self.rest is not None:
             log.info("HTTP/REST (OIP v2) on %s://%s:%d/v2", "https" if tls else "http", s.host, self.http_port)
+        # What start-up built (modules, sessions, descriptors) lives as long as the process: out of
+        # the collector's reach, a full collection triggered by a call's garbage has less to walk.
+        gc.freeze()
         if s.poll_s > 0:
             threading.Thread(target=self._poll, name="repository-poll", daemon=True).start()
         threading.Thread(target=self._sweep_sequences, name="sequence-sweep", daemon=True).start()

@@ -118,13 +118,16 @@ def merge_and_run(
     steps = max(i.steps for i in items)
     features = items[0].x.shape[2]
     total = sum(i.rows for i in items)
-    x = np.zeros((total, steps, features), np.float32)  # (B, T, F)
-    lengths = np.empty((total,), np.int64)
-    row = 0
-    for item in items:
-        x[row : row + item.rows, : item.steps] = item.x
-        lengths[row : row + item.rows] = item.lengths
-        row += item.rows
+    if len(items) == 1:  # a request alone runs as it came: no padded copy
+        x, lengths = items[0].x, items[0].lengths
+    else:
+        x = np.zeros((total, steps, features), np.float32)  # (B, T, F)
+        lengths = np.empty((total,), np.int64)
+        row = 0
+        for item in items:
+            x[row : row + item.rows, : item.steps] = item.x
+            lengths[row : row + item.rows] = item.lengths
+            row += item.rows
     wanted = sorted({o for i in items for o in i.outputs})
     state = {}
     with_state = [i for i in items if i.h0 is not None]

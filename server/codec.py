@@ -122,7 +122,42 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
 
 def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
     """Append one output, always as raw_output_contents (tritonclient decodes only raw)."""
-    array = np.ascontiguousarray(array)
+    array = describe_output(response, name, np.ascontiguousarray(array))
+    response.raw_output_contents.append(array.tobytes())
+
+
+_RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def serialize_response(response: pb.ModelInferResponse, raw: list[np.ndarray]) -> bytes:
+    """`response` (outputs described, no raw contents) in wire format with `raw` appended as its
+    raw_output_contents: each array's bytes are copied once, into the message (building the field
+    with `tobytes()` and serializing would copy them three times). Fields may come in any order on
+    the wire, so the message parses as if the contents were set on it."""
+    parts: list = [response.SerializeToString()]
+    for array in raw:
+        array = np.ascontiguousarray(array)
+        parts += [_RAW_OUTPUT_TAG, _varint(array.nbytes), array]  # join reads its buffer: no copy
+    return b"".join(parts)  # exactly bytes: grpc refuses a subclass
+
+
+def serialize_any(message) -> bytes:
+    """gRPC response serializer: a message, or a response `serialize_response` already built."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def describe_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> np.ndarray:
+    """Append one output's description (name, datatype, shape); its bytes go in raw_output_contents
+    (`encode_output` sets them, `serialize_response` appends them on the wire)."""
     datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}.get(array.dtype)
     if datatype is None:
         raise ValueError(f"output {name}: unsupported dtype {array.dtype}")
@@ -130,7 +165,7 @@ def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray)
     tensor.name = name
     tensor.datatype = datatype
     tensor.shape.extend(array.shape)
-    response.raw_output_contents.append(array.tobytes())
+    return array
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:

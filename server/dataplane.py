@@ -119,6 +119,8 @@ class _Wait:
 
 # inputs above this size are validated (finite-value scan included) on an executor thread
 _VALIDATE_INLINE_BYTES = 1 << 20
+# requests up to this size may run on the event loop when nothing else is in progress (infer_async)
+INLINE_MAX_BYTES = 64 << 10
 
 
 def _oip(dtype: np.dtype) -> str:
@@ -353,12 +355,18 @@ class DataPlane:
             except BaseException as exc:  # noqa: BLE001 - handed back to the request's own steps
                 error = exc
 
-    async def infer_async(self, request: InferRequest) -> InferResponse:
+    async def infer_async(self, request: InferRequest, alone: bool = False) -> InferResponse:
         """Run a request from an event loop: ONNX Runtime runs on the batcher's or the executor's
         threads while the loop awaits it. Cancelling the caller (a client gone) cancels a request
-        still queued; a running one completes and its sequence state stays consistent."""
+        still queued; a running one completes and its sequence state stays consistent.
+
+        `alone`: the frontend has no other call in progress. Then a small request (inputs of at
+        most `INLINE_MAX_BYTES`) that finds its model idle runs right here on the loop, as `infer`
+        would: no hand-off to another thread and back (measured ~0.5 ms per call on one core);
+        the loop is busy for that one small run, which no other call was waiting for."""
         loop = asyncio.get_running_loop()
-        steps = self._steps(request, inline=False)
+        here = alone and sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
+        steps = self._steps(request, inline=here)
         value, error = None, None
         while True:
             try:
@@ -368,7 +376,12 @@ class DataPlane:
             value, error = None, None
             try:
                 if isinstance(step, _Call):
-                    value = await loop.run_in_executor(self.executor, step.fn, *step.args)
+                    if here:
+                        value = step.fn(*step.args)
+                    else:
+                        value = await loop.run_in_executor(self.executor, step.fn, *step.args)
+                elif step.future.done():  # ran inline (an idle batcher) or already answered
+                    value = step.future.result()
                 else:
                     try:
                         value = await asyncio.wait_for(asyncio.wrap_future(step.future), step.timeout())

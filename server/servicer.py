@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server import handlers
-from server.codec import decode_inputs, encode_output
+from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response
 from server.dataplane import DataPlane, InferRequest, InferResponse, to_parameter
 from server.handlers import Admission, error_status
 from server.proto import grpc_service_pb2 as pb
@@ -24,6 +24,7 @@ from server.proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+INLINE_GAP_S = 1e-3  # see InferenceServicer._infer
 
 
 class Malformed:
@@ -59,7 +60,7 @@ def add_to_server(servicer: InferenceServicer, server) -> None:
         methods[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=serialize_any,  # ModelInfer answers in wire format already
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, methods),))
     server.add_registered_method_handlers(SERVICE.full_name, methods)
@@ -91,13 +92,25 @@ def to_infer_response(response: InferResponse, request: pb.ModelInferRequest | N
     out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
     for name, array in response.outputs.items():
         encode_output(out, name, array)
+    _echo_parameters(out, response, request)
+    return out
+
+
+def to_infer_response_bytes(response: InferResponse, request: pb.ModelInferRequest | None = None) -> bytes:
+    """`to_infer_response` in wire format, each output's bytes copied once (into the message)."""
+    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    arrays = [describe_output(out, name, array) for name, array in response.outputs.items()]
+    _echo_parameters(out, response, request)
+    return serialize_response(out, arrays)
+
+
+def _echo_parameters(out: pb.ModelInferResponse, response: InferResponse, request) -> None:
     for key, value in response.parameters.items():
         sent = request.parameters.get(key) if request is not None else None
         if sent is not None and parameter_value(sent) == value:
             out.parameters[key].CopyFrom(sent)
         else:
             out.parameters[key].CopyFrom(to_parameter(key, value))
-    return out
 
 
 def _deadline(context) -> float | None:
@@ -125,6 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.plane = plane
         self.is_ready = is_ready  # callable: False while draining
         self.admission = admission or Admission()
+        self._last_end = 0.0  # time.monotonic() when the last inference call ended
 
     @_unary
     async def ServerLive(self, request, context):
@@ -157,14 +171,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         return handlers.model_config(self.plane, request.name, request.version)
 
-    async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context) -> InferResponse:
         with self.admission.call():
-            result = await self.plane.infer_async(to_infer_request(request, self.plane, _deadline(context)))
-        return to_infer_response(result, request)
+            # The only call in progress, and the previous one ended a while ago (a call that was
+            # waiting while the loop ran the last one starts right after it): a small request may
+            # run on the loop, saving the hop to a batcher thread and back. A call that starts
+            # right after the previous one goes to the batcher, so the loop is free again to take
+            # the calls waiting behind it and they are batched.
+            now = time.monotonic()
+            alone = self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S
+            try:
+                result = await self.plane.infer_async(to_infer_request(request, self.plane, _deadline(context)), alone)
+            finally:
+                self._last_end = time.monotonic()
+        return result
 
     @_unary
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context)
+        return to_infer_response_bytes(await self._infer(request, context), request)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Answers each request in order; a bad one gets an `error_message` and the stream goes on
@@ -188,7 +212,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                     continue
                 try:
-                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+                    result = await self._infer(request, context)
+                    response = pb.ModelStreamInferResponse(infer_response=to_infer_response(result, request))
                 except Exception as exc:  # noqa: BLE001 - reported in the stream, which goes on
                     code, _, message = error_status(exc)
                     response = pb.ModelStreamInferResponse(

@@ -18,20 +18,58 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_quick(repo, tmp_path):
+    """Every line, both variants (--before: here this same checkout), the targets and the thread report."""
     out = tmp_path / "bench"
     res = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--models", str(repo), "--model", "bi",
-         "--static-model", f"bi_static_t{STATIC_T}", "--out", str(out)],
+         "--static-model", f"bi_static_t{STATIC_T}", "--out", str(out), "--before", str(ROOT)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(out.with_suffix(".json").read_text())
     lines = {r["line"] for r in report["rows"]}
     assert {"a", "b", "c", "d", "e"} <= lines
+    served = [r for r in report["rows"] if r["line"] in ("c", "d", "e")]
+    assert {r.get("variant") for r in served} == {"before", "after"}
     measured = [r for r in report["rows"] if "seq_per_s" in r]
     assert measured and all(r["errors"] == 0 and r["requests"] > 0 for r in measured)
-    assert len(report["targets"]) == 4
-    assert out.with_suffix(".md").read_text().count("|") > 20 and out.with_suffix(".png").stat().st_size > 0
+    targets = {t["key"]: t for t in report["targets"]}
+    assert set(targets) == {"threads", "c64_best", "c1_over_live", "c64_meanbatch", "gain", "c1_over_run", "vs_torch"}
+    assert all("before" in t for t in targets.values())
+    threads = report["info"]["server_threads"]
+    assert set(threads) == {"before", "after"} and all(len(v["threads"]) > 3 for v in threads.values())
+    if len(os.sched_getaffinity(0)) >= 2:  # pinned: every server thread on CPU 0, as the target says
+        assert targets["threads"]["value"] == 0 and targets["threads"]["ok"], targets["threads"]
+    md = out.with_suffix(".md").read_text()
+    assert "seq/s before" in md and "Server threads (after" in md and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_wire_response_parses_like_the_message():
+    """ModelInfer answers in wire format built by hand (each output copied once); it must parse to the
+    very message the protobuf path builds: float and int outputs, a non-contiguous slice, an empty
+    one, echoed parameters."""
+    import numpy as np
+
+    from server.dataplane import InferResponse
+    from server.proto import grpc_service_pb2 as pb
+    from server.servicer import to_infer_response, to_infer_response_bytes
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((3, 200, 512)).astype(np.float32)
+    outputs = {
+        "y": big[1:2, :150],  # a slice: not contiguous
+        "h_n": rng.standard_normal((4, 1, 256)).astype(np.float32),
+        "ids": np.arange(5, dtype=np.int64),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    request = pb.ModelInferRequest(model_name="m")
+    request.parameters["sequence_id"].string_param = "abc"
+    response = InferResponse("m", "2", "req-1", outputs, {"sequence_id": "abc", "sequence_end": True})
+    wire = to_infer_response_bytes(response, request)
+    parsed = pb.ModelInferResponse.FromString(wire)
+    assert parsed == to_infer_response(response, request)
+    np.testing.assert_array_equal(np.frombuffer(parsed.raw_output_contents[0], np.float32).reshape(1, 150, 512),
+                                  outputs["y"])  # fmt: skip
 
 
 def test_transport_experiment_quick(repo, tmp_path):

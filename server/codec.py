@@ -5,6 +5,7 @@ Sizes are checked with Python integers before anything of that size is allocated
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +99,7 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
             )
         dtype, field = DATATYPES[tensor.datatype]
         shape = _shape(tensor, limits)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # shape checked above: small Python ints (np.prod costs ~10x)
         if raw:
             data = raw[index]
             expected = count * dtype.itemsize

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -472,7 +473,7 @@ class DataPlane:
         for name in names:
             dims = [size.get(axis, axis) for axis in axes[name]]
             itemsize = DATATYPES[datatypes[name]][0].itemsize if datatypes.get(name) in DATATYPES else 8
-            shapes[name] = (dims, int(np.prod(dims, dtype=object)) * itemsize)
+            shapes[name] = (dims, math.prod(dims) * itemsize)  # Python ints: exact, ~10x faster than np.prod
         return shapes
 
     def _check_response_size(self, prepared: Prepared, names: list[str], request) -> None:

@@ -25,6 +25,7 @@ from server.proto import grpc_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 INLINE_GAP_S = 1e-3  # see InferenceServicer._infer
+INLINE_QUIET_S = 0.5
 
 
 class Malformed:
@@ -139,6 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.is_ready = is_ready  # callable: False while draining
         self.admission = admission or Admission()
         self._last_end = 0.0  # time.monotonic() when the last inference call ended
+        self._busy_until = 0.0  # no inference on the loop before this time.monotonic()
 
     @_unary
     async def ServerLive(self, request, context):
@@ -178,8 +180,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # run on the loop, saving the hop to a batcher thread and back. A call that starts
             # right after the previous one goes to the batcher, so the loop is free again to take
             # the calls waiting behind it and they are batched.
+            # Calls seen together mark the next half second busy: no run on the loop then, even
+            # in a moment with one call (a run there would hold up the calls arriving behind it).
             now = time.monotonic()
-            alone = self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S
+            if self.admission.in_flight > 1:
+                self._busy_until = now + INLINE_QUIET_S
+            alone = self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S and now > self._busy_until
             try:
                 result = await self.plane.infer_async(to_infer_request(request, self.plane, _deadline(context)), alone)
             finally:

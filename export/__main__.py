@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from pathlib import Path
+
+# torch's C++ side warns on every export that "the shape inference of prim::PackPadded type is
+# missing, so it may result in wrong shape inference" (three lines per export, before any output
+# of ours). The graph's shapes are named here and every file is checked against eager PyTorch before
+# it is written, so the warning says nothing about the result; errors still show. Must be set
+# before torch is imported.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from export import family
 from export.verify import ExportError
@@ -102,6 +110,8 @@ def _export_speaker_id(out: Path) -> None:
         res = export_classifier(model, family.model_path(out, name), SPEAKER_ID_STATIC_T, extra)
     _report_line(res)
 
+
+MAX_VERSION = 10**18 - 1  # the server serves version folders of at most 18 digits
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -216,8 +226,8 @@ def _main(args) -> int:
             raise ExportError("--weights/--module need --name NAME (the model's folder in the repository)")
         _export_family(args.out, not args.no_report, args.report_lengths)
         return 0
-    if args.version < 1:
-        raise ExportError(f"--version must be >= 1, got {args.version}")
+    if not 1 <= args.version <= MAX_VERSION:
+        raise ExportError(f"--version must be 1..{MAX_VERSION} (the server reads up to 18 digits), got {args.version}")
     import torch
 
     from export.model import LSTMConfig, LSTMEncoder
@@ -225,6 +235,8 @@ def _main(args) -> int:
 
     if args.report and args.initial_state:
         raise ExportError("--report measures models without state inputs; drop --initial-state")
+    if args.report and not args.static:
+        raise ExportError("--report compares static and dynamic files: give --static T (e.g. --static 20,50)")
     names = [args.name] + [family.static_name(args.name, t) for t in args.static]
     written = _Written(args.out, names, args.version)
     try:

@@ -89,9 +89,23 @@ def _atomic_path(final: Path):
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates the file 0600; a served file must be readable as any file this user
+        # writes is (a server or an image build running as another user): 0666 minus the umask.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where Linux shows it (os.umask both sets and
+    returns, which would race with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as fh:
+            return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def axes_of(dynamic_axes: dict, time_axes: dict[str, int] | None = None) -> dict:
@@ -160,17 +174,33 @@ def _export(
         # tracer records a constant that is never used by the ONNX graph. Whatever the tracer
         # freezes, the parity gate (export.verify) runs the file on other shapes before it is kept.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
-        )
+        with _no_onnx_log():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+
+
+@contextlib.contextmanager
+def _no_onnx_log():
+    """torch 2.13's TorchScript exporter turns its ONNX log on for every export, verbose or not
+    (`setup_onnx_logging` tests the function `_jit_is_onnx_log_enabled`, which is always true), so
+    a failing pass prints the whole TorchScript graph ("Torch IR graph at exception: ...", hundreds
+    of lines) to stderr, even where the failure is handled (a module that uses only the final
+    state, `export.user`). We export with verbose=False: that log is never wanted."""
+    real = torch._C._jit_onnx_log
+    torch._C._jit_onnx_log = lambda *args: None
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = real
 
 
 def _write(

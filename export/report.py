@@ -18,6 +18,7 @@ import onnxruntime
 import torch
 
 from export.onnx_export import ExportResult, describe
+from export.verify import ExportError
 
 LATENCY_BATCH = 8
 
@@ -39,7 +40,10 @@ def _probe(path: Path, times: list[int], probe_lengths: list[int]) -> dict:
 
     label = path.parent.parent.name if path.parent.name.isdigit() else path.parent.name  # <model>/<version>/
     with step(f"report: measuring {label} (load time, memory, latency; a fresh process)"):
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ})
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        raise ExportError(f"report: measuring {path} failed (exit code {out.returncode}: {last})")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -13,8 +13,11 @@ import contextlib
 import importlib
 import inspect
 import json
+import math
+import pickle
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from export.verify import ExportError, check_parity
 _KEY = re.compile(
     r"^(?P<prefix>.*?)(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(?P<layer>\d+)(?P<rev>_reverse)?$"
 )
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.load's messages carry terminal bold
 _NESTED = ("state_dict", "model_state_dict", "model")  # where trainers (Lightning, scripts) nest the weights
 
 
@@ -46,12 +50,27 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ExportError(f"--weights {path}: no such file")
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
-        detail = " ".join(str(exc).split())[:160]
-        detail = f"{type(exc).__name__}: {detail}" if len(detail) > 12 else type(exc).__name__
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses every pickled global but tensors and plain containers before it is
+        # built: a whole pickled module, a custom class, or a function a crafted file would call.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise ExportError(
+                f"--weights {path}: holds a pickled Python object ({found.group(1)}), not only tensors; refused "
+                "without loading it (unpickling could run code). Expected torch.save(layer.state_dict())"
+            ) from None
+        operand = re.search(r"Unsupported operand \d+", str(exc))
+        detail = f"UnpicklingError: {operand.group(0)}" if operand else _detail(exc)
         raise ExportError(
             f"--weights {path}: not a PyTorch checkpoint of tensors (torch.load failed: {detail}); "
+            "expected the file torch.save(layer.state_dict()) writes"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a checkpoint we can read"
+        raise ExportError(
+            f"--weights {path}: not a PyTorch checkpoint of tensors (torch.load failed: {_detail(exc)}); "
             "expected the file torch.save(layer.state_dict()) writes"
         ) from None
     if isinstance(data, dict):
@@ -65,6 +84,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"--weights {path}: holds a {kind}, not a state dict of tensors; expected torch.save(layer.state_dict())"
         )
     return data
+
+
+def _detail(exc: Exception) -> str:
+    detail = " ".join(_ANSI.sub("", str(exc)).split())[:160]
+    return f"{type(exc).__name__}: {detail}" if len(detail) > 12 else type(exc).__name__
 
 
 def find_layers(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -151,7 +175,23 @@ def config_from_state_dict(
             )
         if not own[key].is_floating_point():
             raise ExportError(f"{where}: {key} is {own[key].dtype}; expected floating-point weights")
+        _check_finite(f"{where}: {key}", own[key])
     return config, own
+
+
+def _check_finite(what: str, tensor: torch.Tensor) -> None:
+    """Weights are served as float32: NaN or Inf there (a diverged run; float64 values beyond float32's
+    range) would make every output NaN, which the parity check cannot tell from a correct export."""
+    values = tensor.detach().float()
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raw = tensor.detach()[first].item()
+        value = raw if not math.isfinite(raw) else f"{raw:g} (beyond float32)"
+        raise ExportError(
+            f"{what} holds {int(bad.sum())} non-finite value(s) as float32, first {list(first)} = {value}; "
+            "expected finite weights (a diverged training run?)"
+        )
 
 
 def encoder_from_state_dict(
@@ -273,8 +313,10 @@ def probe_axes(module: nn.Module, feature_size: int, names: list[str] | None = N
     for name, a, b in zip(names, *runs):
         if a.dim() != b.dim() or a.dtype != b.dtype:
             raise ExportError(f"output '{name}': its rank or dtype changes with the input size")
-        if not a.is_floating_point():
-            raise ExportError(f"output '{name}' is {a.dtype}; the server serves floating-point outputs only")
+        if a.dtype != torch.float32:
+            raise ExportError(
+                f"output '{name}' is {a.dtype}; the server serves float32 outputs only (return it as .float())"
+            )
         dims = {}
         for axis, (da, db) in enumerate(zip(a.shape, b.shape)):
             if (da, db) == (3, 5):
@@ -462,6 +504,9 @@ def export_module(
     if not layers:
         raise ExportError(f"{type(module).__name__} contains no nn.LSTM, nn.GRU or nn.RNN")
     configs = [layer_config(layer) for layer in layers]
+    for key, tensor in module.state_dict().items():
+        if tensor.is_floating_point():
+            _check_finite(f"{type(module).__name__}: {key}", tensor)
     names, axes = probe_axes(module, feature_size, output_names)
 
     def reference(x, lengths):

@@ -340,6 +340,15 @@ def _bad_files(root: Path) -> dict[str, Path]:
     state["weight_hh_l1"] = torch.zeros(9, 4)  # not (3H, H)
     torch.save(state, files["shapes"])
     torch.save([torch.zeros(3)], files["list"])
+    for key, value in (("nan", float("nan")), ("inf", float("-inf"))):
+        state = {k: v.clone() for k, v in nn.GRU(4, 3).state_dict().items()}
+        state["weight_hh_l0"][2, 1] = value  # a diverged run: every output would be NaN
+        torch.save(state, root / f"{key}.pt")
+        files[key] = root / f"{key}.pt"
+    state = {k: v.double() for k, v in nn.GRU(4, 3).state_dict().items()}
+    state["bias_ih_l0"][4] = 1e300  # finite as float64, inf as the float32 the file holds
+    torch.save(state, root / "f64big.pt")
+    files["f64big"] = root / "f64big.pt"
     return files
 
 
@@ -365,6 +374,10 @@ BAD = [
     (["--module", "tests.own_modules:no_total_length", "--feature-size", "6"], "total_length=x.shape[1]"),
     (["--module", "tests.own_modules:gru_classifier", "--weights", "{norec}", "--feature-size", "6"], "does not fit gru_classifier()"),  # noqa: E501
     (["--module", "tests.own_modules:gru_classifier", "--feature-size", "6", "--output-names", "a"], "returns 2 output(s)"),  # noqa: E501
+    (["--weights", "{nan}"], "weight_hh_l0 holds 1 non-finite value(s) as float32, first [2, 1] = nan"),
+    (["--weights", "{inf}"], "weight_hh_l0 holds 1 non-finite value(s) as float32, first [2, 1] = -inf"),
+    (["--weights", "{f64big}"], "bias_ih_l0 holds 1 non-finite value(s) as float32, first [4] = 1e+300 (beyond float32)"),  # noqa: E501
+    (["--weights", "{two}", "--prefix", "enc", "--version", "1000000000000000000"], "--version must be 1..999999999999999999"),  # noqa: E501
 ]  # fmt: skip
 
 
@@ -396,6 +409,110 @@ def test_bad_input_real_process(bad_files, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: 2 recurrent layers")
     assert not any(tmp_path.rglob("*"))
+
+
+class _RunsCodeOnLoad:
+    """What a malicious checkpoint pickles: unpickling it would call os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("payload", ["in_state_dict", "whole_file", "module"])
+def test_checkpoint_that_runs_code_is_refused_unrun(tmp_path, capsys, payload):
+    """A pickle that would run code on load (or a whole pickled module) is refused in one line
+    without being run: torch.load(weights_only=True) refuses it before it builds anything."""
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "evil.pt"
+    if payload == "in_state_dict":
+        torch.save({"weight_ih_l0": _RunsCodeOnLoad(marker), "weight_hh_l0": torch.zeros(3, 3)}, ckpt)
+    elif payload == "whole_file":
+        import pickle
+
+        ckpt.write_bytes(pickle.dumps(_RunsCodeOnLoad(marker), protocol=4))
+    else:
+        torch.save(nn.GRU(4, 3), ckpt)  # torch.save(model) instead of model.state_dict()
+    rc = run_export("--weights", str(ckpt), "--name", "m", "--out", str(tmp_path / "repo"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not marker.exists()
+    refused = (
+        f"error: --weights {ckpt}: holds a pickled Python object ({{}}), not only tensors; refused without loading "
+        "it (unpickling could run code). Expected torch.save(layer.state_dict())"
+    )
+    expected = {
+        "in_state_dict": refused.format("posix.system"),
+        "module": refused.format("torch.nn.modules.rnn.GRU"),
+        "whole_file": f"error: --weights {ckpt}: not a PyTorch checkpoint of tensors (torch.load failed: "
+        "UnpicklingError: Unsupported operand 149); expected the file torch.save(layer.state_dict()) writes",
+    }
+    assert err.splitlines() == [expected[payload]], err
+    assert not (tmp_path / "repo").exists()
+
+
+class _NaNWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(6, 4, batch_first=True)
+        with torch.no_grad():
+            self.rnn.bias_hh_l0[3] = float("nan")
+
+    def forward(self, x, lengths):
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+
+class _Float64Output(_NaNWeights):
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.rnn = nn.GRU(6, 4, batch_first=True)
+
+    def forward(self, x, lengths):
+        return super().forward(x, lengths).double()
+
+
+def test_module_with_nan_weights_or_float64_output_refused(tmp_path):
+    """NaN weights would pass the parity check (NaN on both sides); a float64 output has no place in
+    the server's float32 responses. Both are refused by name before anything is written."""
+    from export.user import export_module
+    from export.verify import ExportError
+
+    path = tmp_path / "m" / "1" / "model.onnx"
+    nan = r"^_NaNWeights: rnn.bias_hh_l0 holds 1 non-finite value\(s\) as float32, first \[3\] = nan"
+    with pytest.raises(ExportError, match=nan):
+        export_module(_NaNWeights().eval(), path, 6)
+    with pytest.raises(ExportError, match=r"^output 'output_0' is torch.float64; the server serves float32 outputs"):
+        export_module(_Float64Output().eval(), path, 6)
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+def test_report_needs_static_lengths(tmp_path, capsys):
+    """--report compares static with dynamic: without --static it is refused before anything is
+    exported (it used to export, then fail in the measuring process with a traceback and remove the file)."""
+    rc = run_export("--module", "tests.own_modules:relu_last_state", "--feature-size", "6", "--name", "last",
+                    "--out", str(tmp_path), "--report")  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err == "error: --report compares static and dynamic files: give --static T (e.g. --static 20,50)"
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_cli_output_is_ours_and_files_are_readable(tmp_path):
+    """A real `python -m export` of a module that uses only the final state (the export retries past
+    a torch exporter failure): stdout and stderr hold our lines only (no C++ shape-inference warnings,
+    no TorchScript graph dump), and the file is readable by others (umask 022: 0644, not mkstemp's 0600)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "export", "--module", "tests.own_modules:relu_last_state", "--feature-size", "6",
+         "--name", "last", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180, preexec_fn=lambda: os.umask(0o022),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "", res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("last: dynamic -> ") and "parity vs eager PyTorch" in lines[1]
+    assert (tmp_path / "last" / "1" / "model.onnx").stat().st_mode & 0o777 == 0o644
 
 
 def test_parity_gate_refuses_a_file_that_differs(tmp_path, monkeypatch):

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # torch's C++ side warns on every export that "the shape inference of prim::PackPadded type is
@@ -18,6 +20,8 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from export import family
 from export.verify import ExportError
+
+MAX_STATIC_T = 1000  # export.onnx_export.MAX_STATIC_T, without importing torch for argument checks
 
 # torch and the exporters are imported after the arguments are checked: --help and a mistyped
 # flag answer at once.
@@ -38,6 +42,11 @@ def _lengths(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"static length {part!r} is not an integer") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"static length T must be >= 1, got {value}")
+        if value > MAX_STATIC_T:
+            raise argparse.ArgumentTypeError(
+                f"static length T must be <= {MAX_STATIC_T}, got {value} (an unrolled graph holds T cells per layer "
+                "and direction; the dynamic model serves any length)"
+            )
         out.append(value)
     return out
 
@@ -176,10 +185,16 @@ class _Written:
         self.dirs = [out, *(d for n in names for d in (out / n, out / n / str(version)))]
         self.existed = {d: d.exists() for d in self.dirs}
         self.files: list[Path] = []
+        # The model files this invocation may write, known before any is: a later step failing
+        # (a static twin refused, SIGTERM) removes the earlier ones it wrote, not only those it returned.
+        self.targets = {path: path.exists() for path in (family.model_path(out, n, version) for n in names)}
 
     def undo(self) -> None:
         for path in self.files:
             path.unlink(missing_ok=True)
+        for path, existed in self.targets.items():
+            if not existed:
+                path.unlink(missing_ok=True)
         for d in reversed(self.dirs):
             if not self.existed[d]:
                 with contextlib.suppress(OSError):
@@ -208,8 +223,15 @@ def _own_model(args) -> list:
     )  # fmt: skip
 
 
+def _terminated(signum, frame) -> None:  # noqa: ARG001
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary and partly written files are removed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)  # `timeout`, a CI job cancelled, kill PID
     try:
         return _main(args)
     except ExportError as exc:
@@ -218,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args) -> int:

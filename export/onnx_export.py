@@ -34,6 +34,10 @@ __all__ = ["ExportError", "ExportResult", "export_dynamic", "export_static", "ex
 INPUT_NAMES = ["x", "lengths"]
 OUTPUT_NAMES = ["y", "h_n", "c_n"]  # LSTM; GRU and RNN have no c_n (RecurrentConfig.output_names)
 STATE_NAMES = ["h0", "c0"]  # LSTM's initial-state inputs; GRU/RNN take h0 only (RecurrentConfig.state_names)
+# An unrolled graph holds T cells per layer and direction, and its cost grows faster than T (the
+# encoder: ONNX Runtime loads T = 50 in 7 s, T = 200 in 135 s; --static 100000 ran out of patience
+# at 2.6 GB after a minute). Longer sequences are what the dynamic model is for.
+MAX_STATIC_T = 1000
 # Named dims, the same names in code comments, ONNX files and server metadata.
 BATCH, TIME = "batch", "time"
 
@@ -289,6 +293,15 @@ def export_dynamic(
     return _write(module, args, path, axes, encoder, cfg, None, extra, input_names, outputs, check if verify else None)
 
 
+def check_static_length(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STATIC_T:
+        raise ExportError(
+            f"static length T must be an integer 1..{MAX_STATIC_T}, got {steps!r} (an unrolled graph holds T cells "
+            "per layer and direction; the dynamic model serves any length)"
+        )
+    return steps
+
+
 def export_static(
     encoder: RecurrentEncoder,
     steps: int,
@@ -297,6 +310,7 @@ def export_static(
     verify: bool = True,
 ) -> ExportResult:
     """One cell per step per layer per direction over a fixed time axis of `steps`."""
+    check_static_length(steps)
     cfg = encoder.config
     static = StaticUnrolledRNN(encoder.eval(), steps).eval()
     x = torch.zeros(2, steps, cfg.input_size)

@@ -31,6 +31,7 @@ from export.onnx_export import (
     TIME,
     ExportResult,
     _write,
+    check_static_length,
     export_dynamic,
     export_static,
 )
@@ -498,6 +499,8 @@ def export_module(
     measured parity; raises ExportError (nothing written) when a check fails."""
     if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1:
         raise ExportError(f"feature_size must be an integer >= 1, got {feature_size!r}")
+    for steps in static:  # before anything is written
+        check_static_length(steps)
     module = module.eval()
     _check_signature(module)
     layers = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
@@ -539,8 +542,6 @@ def export_module(
                    check, keep_outputs=names)
         ]  # fmt: skip
     for steps in static:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ExportError(f"static length T must be an integer >= 1, got {steps!r}")
         version_dir = path.parent
         static_path = (
             version_dir.parent.parent / f"{version_dir.parent.name}_static_t{steps}" / version_dir.name / path.name

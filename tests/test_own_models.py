@@ -515,6 +515,46 @@ def test_cli_output_is_ours_and_files_are_readable(tmp_path):
     assert (tmp_path / "last" / "1" / "model.onnx").stat().st_mode & 0o777 == 0o644
 
 
+def test_static_length_bounded(tmp_path, capsys):
+    """--static 100000 ran for minutes growing past 2.6 GB; T above 1000 is refused at once (CLI and API)."""
+    from export.user import export_module
+    from export.verify import ExportError
+    from tests.own_modules import relu_last_state
+
+    rc = run_export("--weights", str(tmp_path / "none.pt"), "--name", "m", "--out", str(tmp_path), "--static", "100000")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: argument --static: static length T must be <= 1000, got 100000 ("), err
+    with pytest.raises(ExportError, match=r"static length T must be an integer 1\.\.1000, got 1001"):
+        export_module(relu_last_state(), tmp_path / "m" / "1" / "model.onnx", 6, static=(1001,))
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path):
+    """SIGTERM (timeout, a cancelled job) while a static twin is being written: the export exits
+    143 and removes what it wrote, the dynamic file already in place included (it used to stay, with
+    the static one's temporary file beside it)."""
+    import signal
+    import time
+
+    ckpt = tmp_path / "gru.pt"
+    torch.save(nn.GRU(4, 3).state_dict(), ckpt)
+    repo = tmp_path / "repo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "export", "--weights", str(ckpt), "--name", "g", "--out", str(repo), "--static", "1000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((repo / "g_static_t1000").rglob("*.part")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    assert (repo / "g" / "1" / "model.onnx").is_file()  # the dynamic file was written first
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert not repo.exists() or not any(repo.rglob("*")), sorted(repo.rglob("*"))
+
+
 def test_parity_gate_refuses_a_file_that_differs(tmp_path, monkeypatch):
     """The check can fail: a file that disagrees with eager PyTorch by more than 1e-5 is not written."""
     from export import verify

@@ -530,10 +530,11 @@ def test_static_length_bounded(tmp_path, capsys):
     assert not any(tmp_path.rglob("*.onnx"))
 
 
-def test_sigterm_mid_export_leaves_nothing(tmp_path):
-    """SIGTERM (timeout, a cancelled job) while a static twin is being written: the export exits
-    143 and removes what it wrote, the dynamic file already in place included (it used to stay, with
-    the static one's temporary file beside it)."""
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_mid_export_leaves_nothing(tmp_path, signame, code):
+    """SIGTERM (timeout, a cancelled job) or Ctrl-C while a static twin is being written: the export
+    exits 143 / 130 and removes what it wrote, the dynamic file already in place included (it used to
+    stay, with the static one's temporary file beside it; Ctrl-C printed a traceback)."""
     import signal
     import time
 
@@ -549,9 +550,12 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     assert (repo / "g" / "1" / "model.onnx").is_file()  # the dynamic file was written first
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
+    if signame == "SIGINT":
+        assert err.strip().splitlines()[-1] == "error: interrupted; the files of this export were removed", err
+        assert "Traceback" not in err, err
     assert not repo.exists() or not any(repo.rglob("*")), sorted(repo.rglob("*"))
 
 

@@ -27,6 +27,12 @@ MAX_STATIC_T = 1000  # export.onnx_export.MAX_STATIC_T, without importing torch 
 # flag answer at once.
 
 
+def _program_version() -> str:
+    from server.cli import version
+
+    return version()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         print(f"error: {message}", file=sys.stderr)
@@ -147,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("models"), help="model repository folder (default: models)")
     parser.add_argument("--name", type=_name, help="export one model with this name instead of the family")
-    parser.add_argument("--version", type=int, default=1, help="version folder to write (default: 1)")
+    parser.add_argument("--model-version", type=int, default=1, help="the model's version folder to write (default: 1)")
+    parser.add_argument("--version", action="version", version=f"python -m export {_program_version()}",
+                        help="print the program's version and exit")  # fmt: skip
     own = parser.add_argument_group("your own model")
     own.add_argument("--weights", type=Path, help="checkpoint: torch.save(layer.state_dict()) or a model's state dict")
     own.add_argument("--prefix", help="with --weights: the key prefix of the layer to export (e.g. encoder.rnn)")
@@ -212,13 +220,13 @@ def _own_model(args) -> list:
                 "--initial-state works with --weights of a bare layer; a module's forward takes (x, lengths)"
             )
         module = load_module(args.module, args.weights)
-        path = family.model_path(args.out, args.name, args.version)
+        path = family.model_path(args.out, args.name, args.model_version)
         return export_module(module, path, args.feature_size, tuple(args.static), args.output_names)
     for flag in ("feature_size", "output_names"):
         if getattr(args, flag) is not None:
             raise ExportError(f"--{flag.replace('_', '-')} applies to --module exports only")
     return export_state_dict(
-        args.weights, args.out, args.name, args.version, tuple(args.static), args.initial_state, args.prefix,
+        args.weights, args.out, args.name, args.model_version, tuple(args.static), args.initial_state, args.prefix,
         args.nonlinearity,
     )  # fmt: skip
 
@@ -254,8 +262,10 @@ def _main(args) -> int:
             raise ExportError("--weights/--module need --name NAME (the model's folder in the repository)")
         _export_family(args.out, not args.no_report, args.report_lengths)
         return 0
-    if not 1 <= args.version <= MAX_VERSION:
-        raise ExportError(f"--version must be 1..{MAX_VERSION} (the server reads up to 18 digits), got {args.version}")
+    if not 1 <= args.model_version <= MAX_VERSION:
+        raise ExportError(
+            f"--model-version must be 1..{MAX_VERSION} (the server reads up to 18 digits), got {args.model_version}"
+        )
     import torch
 
     from export.model import LSTMConfig, LSTMEncoder
@@ -266,7 +276,7 @@ def _main(args) -> int:
     if args.report and not args.static:
         raise ExportError("--report compares static and dynamic files: give --static T (e.g. --static 20,50)")
     names = [args.name] + [family.static_name(args.name, t) for t in args.static]
-    written = _Written(args.out, names, args.version)
+    written = _Written(args.out, names, args.model_version)
     try:
         if args.weights or args.module:
             results = _own_model(args)
@@ -281,12 +291,14 @@ def _main(args) -> int:
             encoder = LSTMEncoder(config).eval()
             results = [
                 export_dynamic(
-                    encoder, family.model_path(args.out, args.name, args.version), initial_state=args.initial_state
+                    encoder,
+                    family.model_path(args.out, args.name, args.model_version),
+                    initial_state=args.initial_state,
                 )
             ]
             written.files.append(results[0].path)
             for steps in args.static:
-                path = family.model_path(args.out, family.static_name(args.name, steps), args.version)
+                path = family.model_path(args.out, family.static_name(args.name, steps), args.model_version)
                 results.append(export_static(encoder, steps, path))
                 written.files.append(path)
         written.files = [r.path for r in results]

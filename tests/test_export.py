@@ -224,7 +224,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--static", "0"], "T must be >= 1"),
         (["--static", "x"], "not an integer"),
         (["--bogus", "1"], "--bogus"),
-        (["--version", "0"], "version"),
+        (["--model-version", "0"], "model-version"),
     ],
 )
 def test_cli_bad_config(tmp_path, args, needle):

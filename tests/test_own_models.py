@@ -377,7 +377,7 @@ BAD = [
     (["--weights", "{nan}"], "weight_hh_l0 holds 1 non-finite value(s) as float32, first [2, 1] = nan"),
     (["--weights", "{inf}"], "weight_hh_l0 holds 1 non-finite value(s) as float32, first [2, 1] = -inf"),
     (["--weights", "{f64big}"], "bias_ih_l0 holds 1 non-finite value(s) as float32, first [4] = 1e+300 (beyond float32)"),  # noqa: E501
-    (["--weights", "{two}", "--prefix", "enc", "--version", "1000000000000000000"], "--version must be 1..999999999999999999"),  # noqa: E501
+    (["--weights", "{two}", "--prefix", "enc", "--model-version", "1000000000000000000"], "--model-version must be 1..999999999999999999"),  # noqa: E501
 ]  # fmt: skip
 
 

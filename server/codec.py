@@ -28,6 +28,7 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
     "FP32": (np.dtype(np.float32), "fp32_contents"),
     "FP64": (np.dtype(np.float64), "fp64_contents"),
 }
+_OIP_OF = {dtype: name for name, (dtype, _) in DATATYPES.items()}  # numpy dtype -> OIP datatype
 ONNX_TO_OIP = {
     "tensor(float)": "FP32",
     "tensor(int64)": "INT64",
@@ -159,7 +160,7 @@ def serialize_any(message) -> bytes:
 def describe_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> np.ndarray:
     """Append one output's description (name, datatype, shape); its bytes go in raw_output_contents
     (`encode_output` sets them, `serialize_response` appends them on the wire)."""
-    datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}.get(array.dtype)
+    datatype = _OIP_OF.get(array.dtype)
     if datatype is None:
         raise ValueError(f"output {name}: unsupported dtype {array.dtype}")
     tensor = response.outputs.add()

@@ -669,3 +669,38 @@ def test_rest_json_serves_gru_and_user_module(own, own_server):
     with torch.no_grad():
         logits, tags = gru_classifier().eval()(torch.from_numpy(x), torch.from_numpy(lengths))
     assert np.abs(got["logits"] - logits.numpy()).max() <= TOL and np.abs(got["tags"] - tags.numpy()).max() <= TOL
+
+
+def test_outputs_of_other_datatypes_are_served(tmp_path):
+    """A file from elsewhere with FP64 and INT64 outputs: served over gRPC in its own datatypes."""
+    from onnx import TensorProto, helper
+
+    from server.app import InferenceServer
+    from server.client import LSTMClient
+    from server.config import Settings
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 3])
+    lengths = helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])
+    y64 = helper.make_tensor_value_info("y64", TensorProto.DOUBLE, ["batch", "time", 3])
+    twice = helper.make_tensor_value_info("twice", TensorProto.INT64, ["batch"])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y64"], to=TensorProto.DOUBLE), helper.make_node("Add", ["lengths", "lengths"], ["twice"])],  # noqa: E501
+        "dtypes", [x, lengths], [y64, twice],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (tmp_path / "dtypes" / "1").mkdir(parents=True)
+    onnx.save(model, str(tmp_path / "dtypes" / "1" / "model.onnx"))
+    srv = InferenceServer(
+        Settings(port=0, model_repository=tmp_path, device="cpu", log_level="WARNING", metrics_port=0)
+    )
+    srv.start()
+    try:
+        seqs = _ragged(4, features=3)
+        with LSTMClient(f"127.0.0.1:{srv.port}") as client:
+            results = client.infer("dtypes", seqs)
+        for seq, got in zip(seqs, results):
+            assert got["y64"].dtype == np.float64 and np.array_equal(got["y64"], seq.astype(np.float64))
+            assert got["twice"].dtype == np.int64 and int(got["twice"]) == 2 * len(seq)
+    finally:
+        srv.stop(grace=1)

@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         row = {"line": line, "payload": payload, "concurrency": conc, "note": note, **extra}
         if res is not None:
             row.update(res.summary())
+            if payload == "ServerLive":  # calls, not sequences: no compute
+                row["seq_per_s"], row["sequences"], row["steps_per_s"] = 0.0, 0, 0.0
+                row["calls_per_s"] = row["requests"] / res.window_s
+                res.steps = 0
             row["gflops"] = res.steps * flops_step / res.window_s / 1e9
             row["ceiling_fraction"] = row["gflops"] / ceiling["gflops"]
             text = f"{extra.get('variant', ''):6} {line:3} {payload:10} c={conc:<3} {row['seq_per_s']:8.1f} seq/s"

@@ -35,6 +35,13 @@ def _header(info: dict) -> str:
     return text
 
 
+def _rate(r: dict | None) -> str:
+    """seq/s, or calls/s for the ServerLive row (no sequences)."""
+    if not r or "seq_per_s" not in r:
+        return ""
+    return f"{r['calls_per_s']:.0f} calls/s" if "calls_per_s" in r else f"{r['seq_per_s']:.1f}"
+
+
 def _name(r: dict) -> str:
     return f"({r['line']}) {LINES.get(r['line'], r['line'])}"
 
@@ -49,7 +56,7 @@ def _single(rows: list[dict]) -> list[str]:
             out.append(f"| {_name(r)} | {r['payload']} | {r['concurrency']} | n/a | | | | | | {r['note']} |")
             continue
         out.append(
-            f"| {_name(r)} | {r['payload']} | {r['concurrency']} | {r['seq_per_s']:.1f} | {r['p50_ms']:.2f} "
+            f"| {_name(r)} | {r['payload']} | {r['concurrency']} | {_rate(r)} | {r['p50_ms']:.2f} "
             f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['gflops']:.2f} | {100 * r['ceiling_fraction']:.1f}% "
             f"| {r['errors']} |"
         )
@@ -79,7 +86,7 @@ def _side_by_side(rows: list[dict]) -> list[str]:
 
         errors = f"{old['errors']}/{r['errors']}" if old and "errors" in old else str(r["errors"])
         out.append(
-            head + f"| {was('seq_per_s', '.1f')} | {r['seq_per_s']:.1f} | {was('p50_ms', '.2f')} | {r['p50_ms']:.2f} "
+            head + f"| {_rate(old)} | {_rate(r)} | {was('p50_ms', '.2f')} | {r['p50_ms']:.2f} "
             f"| {was('p99_ms', '.2f')} | {r['p99_ms']:.2f} | {r['gflops']:.2f} ({100 * r['ceiling_fraction']:.1f}%) "
             f"| {errors} |"
         )

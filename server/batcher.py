@@ -15,8 +15,9 @@ Policy (per model version):
 - a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED), nor one whose
   caller cancelled its future while queued (an asyncio frontend whose client went away).
 `instances` worker threads run batches concurrently (Triton's instance count). Callers on an event
-loop submit with `inline=False`: the request is always handed to those threads (the loop never runs
-ONNX Runtime) and the caller awaits the future.
+loop submit with `inline=False`: the request is handed to those threads and the caller awaits the
+future (the gRPC frontend passes `inline=True` only for a small request that is the only call in
+progress: see `DataPlane.infer_async`).
 """
 
 from __future__ import annotations

@@ -491,7 +491,7 @@ def test_cuda_fails_fast_with_clear_message(repo):
 
 def test_subprocess_server_serves_and_drains(repo, encoders):
     """`python -m server` on port 0: prints its port, serves, SIGTERM -> exit 0, no error log."""
-    proc = _popen_server("--model-repository", str(repo), "--port", "0", "--grace-s", "5")
+    proc = _popen_server("--model-repository", str(repo), "--port", "0", "--metrics-port", "-1", "--grace-s", "5")
     lines = []
     try:
         port = None

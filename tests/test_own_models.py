@@ -5,6 +5,7 @@ pack_padded_sequence. Tolerance: 1e-5 (float32 through two implementations; obse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -589,11 +590,25 @@ def test_state_dict_config_read_from_names_and_shapes():
     assert meta["cell"] == "gru"
 
 
+@contextlib.contextmanager
+def _serving(root: Path, name: str, model: onnx.ModelProto):
+    """A server on a repository holding `model` alone, as <root>/<name>/1/model.onnx."""
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    (root / name / "1").mkdir(parents=True)
+    onnx.save(model, str(root / name / "1" / "model.onnx"))
+    srv = InferenceServer(Settings(port=0, model_repository=root, device="cpu", log_level="WARNING", metrics_port=0))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=1)
+
+
 def test_file_without_named_axes_served_unbatched(own, tmp_path):
     """A file that names no axis: batch is taken as axis 0 of every tensor and nothing is merged."""
-    from server.app import InferenceServer
     from server.client import LSTMClient
-    from server.config import Settings
     from tests.own_modules import gru_classifier
 
     model = onnx.load(str(own[0] / "tagger" / "1" / "model.onnx"))
@@ -604,13 +619,7 @@ def test_file_without_named_axes_served_unbatched(own, tmp_path):
     kept = [p for p in model.metadata_props if p.key != "lstm.axes"]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    (tmp_path / "anon" / "1").mkdir(parents=True)
-    onnx.save(model, str(tmp_path / "anon" / "1" / "model.onnx"))
-    srv = InferenceServer(
-        Settings(port=0, model_repository=tmp_path, device="cpu", log_level="WARNING", metrics_port=0)
-    )
-    srv.start()
-    try:
+    with _serving(tmp_path, "anon", model) as srv:
         rt = srv.repository.get("anon", "")
         assert not rt.batchable and [o.batch_axis for o in rt.outputs] == [0, 0]
         seqs = _ragged(2, features=6)
@@ -622,8 +631,6 @@ def test_file_without_named_axes_served_unbatched(own, tmp_path):
             with torch.no_grad():
                 logits, _ = ref(torch.from_numpy(seq[None]), torch.tensor([len(seq)]))
             assert got["logits"].shape == (3,) and np.abs(got["logits"] - logits[0].numpy()).max() <= TOL
-    finally:
-        srv.stop(grace=1)
 
 
 def test_report_for_a_user_module(tmp_path):
@@ -675,9 +682,7 @@ def test_outputs_of_other_datatypes_are_served(tmp_path):
     """A file from elsewhere with FP64 and INT64 outputs: served over gRPC in its own datatypes."""
     from onnx import TensorProto, helper
 
-    from server.app import InferenceServer
     from server.client import LSTMClient
-    from server.config import Settings
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 3])
     lengths = helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"])
@@ -689,18 +694,10 @@ def test_outputs_of_other_datatypes_are_served(tmp_path):
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    (tmp_path / "dtypes" / "1").mkdir(parents=True)
-    onnx.save(model, str(tmp_path / "dtypes" / "1" / "model.onnx"))
-    srv = InferenceServer(
-        Settings(port=0, model_repository=tmp_path, device="cpu", log_level="WARNING", metrics_port=0)
-    )
-    srv.start()
-    try:
+    with _serving(tmp_path, "dtypes", model) as srv:
         seqs = _ragged(4, features=3)
         with LSTMClient(f"127.0.0.1:{srv.port}") as client:
             results = client.infer("dtypes", seqs)
         for seq, got in zip(seqs, results):
             assert got["y64"].dtype == np.float64 and np.array_equal(got["y64"], seq.astype(np.float64))
             assert got["twice"].dtype == np.int64 and int(got["twice"]) == 2 * len(seq)
-    finally:
-        srv.stop(grace=1)

@@ -1,6 +1,7 @@
 """Measure one ONNX file in a fresh process: load time, peak memory of loading, latency.
 
-Run as `python -m export.probe FILE --batch B --time T [--time T2 ...]`; prints one JSON line.
+Run as `python -m export.probe FILE --batch B --time T [--time T2 ...] [--memory-reuse on|off]`;
+prints one JSON line.
 A fresh process per file keeps the peak-RSS reading about that file alone.
 """
 
@@ -46,11 +47,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--probe-lengths", default="")
+    parser.add_argument(
+        "--memory-reuse",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ORT's memory-reuse planner: auto = as the server loads the file (off above 1000 nodes)",
+    )
     args = parser.parse_args()
+    from server.runtime import memory_reuse
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = args.threads
+    options.enable_mem_reuse = memory_reuse(args.memory_reuse, args.path)
     _reset_peak()
     before = _status_mib("VmRSS")
     start = time.perf_counter()
@@ -80,6 +89,7 @@ def main() -> None:
         json.dumps(
             {
                 "load_s": load_s,
+                "memory_reuse": options.enable_mem_reuse,
                 "load_peak_mib": load_peak,
                 "latency_ms": latency,
                 "accepts": accepts,

@@ -41,6 +41,11 @@ class Settings:
     graph_optimization: str = field(
         default="all", metadata={"help": "ORT graph optimization: disable|basic|extended|all"}
     )
+    ort_memory_reuse: str = field(
+        default="auto",
+        metadata={"help": "ONNX Runtime memory-reuse planner: auto (off for graphs over 1000 nodes, whose "
+                  "load it slows super-linearly: the unrolled static models) | on | off"},
+    )  # fmt: skip
     grpc_workers: int = field(
         default=32,
         metadata={
@@ -136,6 +141,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
 }
 _CHOICES = {
     "graph_optimization": ("disable", "basic", "extended", "all"),
+    "ort_memory_reuse": ("auto", "on", "off"),
     "model_control_mode": ("none", "explicit", "poll"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }

@@ -33,6 +33,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
+        memory_reuse=settings.ort_memory_reuse,
     )
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from server import model_config as triton_config
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
+from server.onnxfile import summarize
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
 
 log = logging.getLogger(__name__)
@@ -112,69 +112,18 @@ def _read_config(name: str, folder: Path, provider: str = "") -> dict:
     return config
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file, read from the protobuf wire format without the `onnx`
-    package (the server does not depend on it) and without parsing the graph (skipped by its
-    length): {} for anything that is not a well-formed ModelProto."""
-    found: dict[str, str] = {}
-    try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            pos, end = 0, len(buf)
-            while pos < end:
-                key, pos = _varint(buf, pos)
-                number, wire = key >> 3, key & 7
-                if wire == 0:
-                    _, pos = _varint(buf, pos)
-                elif wire == 1:
-                    pos += 8
-                elif wire == 5:
-                    pos += 4
-                elif wire == 2:
-                    size, pos = _varint(buf, pos)
-                    if number == 14:  # ModelProto.metadata_props: StringStringEntryProto {1: key, 2: value}
-                        entry, sub, stop = {}, pos, pos + size
-                        while sub < stop:
-                            k, sub = _varint(buf, sub)
-                            n, sub = _varint(buf, sub)
-                            if k & 7 != 2:
-                                raise ValueError("bad metadata entry")
-                            entry[k >> 3] = bytes(buf[sub : sub + n]).decode()
-                            sub += n
-                        found[entry.get(1, "")] = entry.get(2, "")
-                    pos += size
-                else:
-                    raise ValueError("not a protobuf message")
-                if pos > end:
-                    raise ValueError("truncated")
-    except (OSError, ValueError, IndexError):
-        return {}
-    return found
-
-
 def describe_file(path: Path) -> str:
-    """'dynamic' | 'static T=N' | 'export mode unknown', and the size in MB, for the log."""
-    meta = onnx_metadata(path)
-    static = meta.get("lstm.static_length", "")
-    mode = meta.get("lstm.export_mode", "")
+    """'dynamic' | 'static T=N' | 'export mode unknown', the size in MB and the node count, for the log."""
+    summary = summarize(path)
+    static = summary.metadata.get("lstm.static_length", "")
+    mode = summary.metadata.get("lstm.export_mode", "")
     kind = f"static T={static}" if static else (mode if mode == "dynamic" else "export mode unknown")
     try:
         size = path.stat().st_size / 1e6
     except OSError:
         size = 0.0
-    return f"{kind}, {size:.1f} MB"
+    nodes = "" if summary.nodes is None else f", {summary.nodes} nodes"
+    return f"{kind}, {size:.1f} MB{nodes}"
 
 
 _ORT_CODE = re.compile(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+)")

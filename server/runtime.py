@@ -42,6 +42,7 @@ class RuntimeOptions:
     inter_op_threads: int = 0  # 0 = 1 (the graphs here are sequential)
     graph_optimization: str = "all"
     spinning: bool = False  # ORT's busy-wait between ops: off, the transport shares these cores
+    memory_reuse: str = "auto"  # auto | on | off: ORT's memory-reuse planner (see memory_reuse())
 
     def threads(self) -> tuple[int, int]:
         """(intra, inter) op threads per session, always explicit: ORT's own default (0) sizes
@@ -76,6 +77,25 @@ def available_cpus() -> tuple[int, str]:
     count = affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
     why = f"affinity mask {affinity} CPU(s), cgroup quota {'none' if quota is None else f'{quota:g} CPU(s)'}"
     return max(1, count), why
+
+
+# ORT's memory-reuse planner (SessionOptions.enable_mem_reuse) is super-linear in graph size: on this
+# project's static T=50 encoder (8,327 nodes) it is 24 of the 26 s the session takes to create
+# (2.0 s with it off), on the T=29 classifier (4,825 nodes) 9 of 10 s; run time and peak memory
+# were the same either way (README, "Loading an unrolled graph"). The native-LSTM models have
+# under 100 nodes. Above this many nodes `auto` turns the planner off.
+LARGE_GRAPH_NODES = 1000
+
+
+def memory_reuse(mode: str, path: Path | str | None) -> bool:
+    """Whether a session for `path` gets ORT's memory-reuse planner: on|off, or auto = on unless
+    the file's top-level graph has more than LARGE_GRAPH_NODES nodes."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    from server.onnxfile import graph_nodes
+
+    nodes = graph_nodes(Path(path)) if path is not None else None
+    return nodes is None or nodes <= LARGE_GRAPH_NODES
 
 
 def describe_threads(options: RuntimeOptions) -> str:
@@ -263,6 +283,14 @@ def load_model(
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if options.spinning else "0")
     so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
+    so.enable_mem_reuse = memory_reuse(options.memory_reuse, path)
+    if not so.enable_mem_reuse and options.memory_reuse == "auto":
+        log.info(
+            "%s: more than %d graph nodes, ONNX Runtime memory-reuse planner off (its cost grows "
+            "super-linearly with nodes; --ort-memory-reuse on keeps it)",
+            name,
+            LARGE_GRAPH_NODES,
+        )
     so.log_severity_level = 3
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)

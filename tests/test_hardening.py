@@ -370,12 +370,16 @@ def test_clip_escapes_and_bounds():
 
 def test_load_log_lines(repo, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="server.repository")
+    caplog.set_level(logging.INFO, logger="server.runtime")
     srv = _start(repo, log_level="INFO")
     srv.stop(0)
     text = caplog.text
-    assert "loading bi (version 1, dynamic, " in text and " MB)" in text, text
+    assert "loading bi (version 1, dynamic, " in text and " MB, " in text and " nodes)" in text, text
     assert "loading bi_static_t12 (version 1, static T=12, " in text, text
     assert "loaded bi in " in text and "loaded bi_static_t12 in " in text, text
+    # the unrolled graph loads without ORT's memory-reuse planner (super-linear in nodes); bi keeps it
+    assert "bi_static_t12: more than 1000 graph nodes, ONNX Runtime memory-reuse planner off" in text, text
+    assert "bi: more than" not in text, text
     caplog.clear()
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -1,0 +1,67 @@
+"""The server's own ONNX file reader (no `onnx` package at run time) and the memory-reuse policy
+it drives: unrolled (static) graphs load with ONNX Runtime's memory-reuse planner off."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from server.onnxfile import FileSummary, graph_nodes, onnx_metadata, summarize
+from server.runtime import LARGE_GRAPH_NODES, memory_reuse
+from tests.conftest import STATIC_T, TOL, ragged, reference
+
+
+def test_summary_matches_onnx(repo):
+    for path in sorted(repo.glob("*/1/model.onnx")):
+        model = onnx.load(path)
+        summary = summarize(path)
+        assert summary.nodes == len(model.graph.node), path
+        assert summary.metadata == {p.key: p.value for p in model.metadata_props}, path
+        assert summary.metadata["lstm.export_mode"] in ("dynamic", "static"), path
+        assert graph_nodes(path) == summary.nodes and onnx_metadata(path) == summary.metadata
+
+
+def test_unreadable_files_give_an_empty_summary(tmp_path, repo):
+    good = (repo / "bi" / "1" / "model.onnx").read_bytes()
+    cases = {
+        "missing": None,
+        "empty": b"",
+        "text": b"not a model at all\n",
+        "truncated": good[: len(good) // 3],
+        "bad_wire_type": b"\x0f\x00",
+        "huge_length": b"\x3a\xff\xff\xff\xff\x0f",  # field 7 claiming 4 GB
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.onnx"
+        if data is not None:
+            path.write_bytes(data)
+        assert summarize(path) == FileSummary(), name
+        assert graph_nodes(path) is None, name
+
+
+def test_auto_turns_the_planner_off_only_for_large_graphs(repo):
+    static = repo / f"bi_static_t{STATIC_T}" / "1" / "model.onnx"
+    dynamic = repo / "bi" / "1" / "model.onnx"
+    assert graph_nodes(static) > LARGE_GRAPH_NODES > graph_nodes(dynamic)
+    assert memory_reuse("auto", static) is False
+    assert memory_reuse("auto", dynamic) is True
+    assert memory_reuse("auto", repo / "missing.onnx") is True  # unknown size: ORT's default
+    assert memory_reuse("on", static) is True and memory_reuse("off", dynamic) is False
+
+
+def test_static_model_is_exact_with_the_planner_off_and_on(repo, encoders):
+    """The planner changes where intermediates live, never a result: both settings agree with
+    PyTorch to TOL on ragged batches."""
+    path = repo / f"bi_static_t{STATIC_T}" / "1" / "model.onnx"
+    rng = np.random.default_rng(5)
+    x, lengths = ragged(rng, 5, STATIC_T, 6)
+    want = reference(encoders["bi"], x, lengths)
+    for reuse in (False, True):
+        so = ort.SessionOptions()
+        so.enable_mem_reuse = reuse
+        so.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        got = dict(zip(["y", "h_n", "c_n"], session.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})))
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=TOL, rtol=0, err_msg=f"{name} reuse={reuse}")

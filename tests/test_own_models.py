@@ -542,10 +542,16 @@ def test_signal_mid_export_leaves_nothing(tmp_path, signame, code):
     ckpt = tmp_path / "gru.pt"
     torch.save(nn.GRU(4, 3).state_dict(), ckpt)
     repo = tmp_path / "repo"
+    # As in a terminal, Ctrl-C raises KeyboardInterrupt even where this test itself inherited SIGINT
+    # ignored (a shell starts background jobs so, and Python then never installs its handler).
+    argv = ["export", "--weights", str(ckpt), "--name", "g", "--out", str(repo), "--static", "1000"]
+    run_cli = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"sys.argv = {argv!r}; runpy.run_module('export', run_name='__main__', alter_sys=True)"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "export", "--weights", str(ckpt), "--name", "g", "--out", str(repo), "--static", "1000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", run_cli], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not list((repo / "g_static_t1000").rglob("*.part")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()

@@ -4,6 +4,7 @@ Lines, on the same model (default `encoder`) and the same seeded requests:
   (a) PyTorch eager, packed sequences, in-process     (b) ONNX Runtime session, in-process
   (c) server, batching off                            (d) server, batching on
   (e) the static T=50 model served (payloads that fit)  [(d2) batching on, 2 workers: --lines]
+  (t) the gRPC transport alone: a no-model server on the server's CPU, single50 at c=64 (targets)
   (f) the float32 matmul ceiling: every line shows achieved GFLOP/s and its fraction of it.
 LSTM FLOPs: 2 x 4H x (input + H) per valid step, per direction, per layer, per sequence.
 
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["seq_per_s"], row["sequences"], row["steps_per_s"] = 0.0, 0, 0.0
                 row["calls_per_s"] = row["requests"] / res.window_s
                 res.steps = 0
+            if line == "t":  # no model ran: no compute to count
+                res.steps = 0
+                row["steps_per_s"] = 0.0
             row["gflops"] = res.steps * flops_step / res.window_s / 1e9
             row["ceiling_fraction"] = row["gflops"] / ceiling["gflops"]
             text = f"{extra.get('variant', ''):6} {line:3} {payload:10} c={conc:<3} {row['seq_per_s']:8.1f} seq/s"
@@ -326,6 +330,21 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 srv.stop()
 
+    floor = None
+    if targets_on:
+        # The transport alone, on the same core and with the same clients: a minimal grpc.aio server
+        # that decodes each request and answers zeros of the model's real output shapes. Its rate
+        # at c=64 bounds what any Python gRPC server sharing the core can serve.
+        from scale.replicas import start_process
+
+        noop = start_process(["-m", "bench.transport", "--serve", "noop", "--models", str(args.models)], server_cpus)
+        try:
+            res = run_grpc_load(noop.address, args.model, "single50", cfg.input_size, tc["c64"], args.warmup,
+                                args.duration, args.client_processes, cpus=client_cpus)  # fmt: skip
+            floor = record("t", "single50", tc["c64"], res)
+        finally:
+            noop.stop()
+
     targets = []
     needed = {"on_c1", "on_c16", "on_c64", "off_c16", "live_c1"}
     if targets_on and all(needed <= set(got) for got in served.values()):
@@ -360,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             c16, c64 = tc["c16"], tc["c64"]
             mean = got["on_c64"]["mean_batch"]
             served16, off16 = got["on_c16"]["seq_per_s"], got["off_c16"]["seq_per_s"]
+            floor_rate = floor["seq_per_s"] if floor and floor["seq_per_s"] > 0 else float("inf")
+            bound = (1 / best) / (1 / best + 1 / floor_rate)
             return [
                 {"key": "threads", "target": f"server threads outside CPU {cpu} (default settings, pinned to it)",
                  "value": th["outside"] if th and pin else float("nan"), "goal": "= 0",
@@ -367,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                 {"key": "c64_best", "target": f"served, batching on, c={c64} / best in-process batch ({c16} or {c64})",
                  "value": on64 / best, "goal": ">= 0.85", "ok": on64 / best >= 0.85,
                  "detail": f"{on64:.0f} vs {best:.0f} seq/s (batch {best_b}); served mean batch {mean:.1f}"},
+                {"key": "c64_floor", "target": f"bound on the c={c64} ratio above: best in-process time per sequence / "
+                 "(that + transport-alone time per call)",
+                 "value": bound, "goal": ">= 0.85 (else the goal above is out of reach of this transport)",
+                 "ok": bound >= 0.85,
+                 "detail": f"1/{best:.0f} s vs 1/{floor_rate:.0f} s per call (line t, c={c64})"},
                 {"key": "c1_over_live", "target": "c=1, batching on: p50 - in-process run - ServerLive p50 (ms)",
                  "value": over, "goal": "<= 0.5", "ok": over <= 0.5,
                  "detail": f"{c1_ms:.2f} - {ort1_ms:.2f} - {live_ms:.2f} ms"},

@@ -12,6 +12,7 @@ LINES = {
     "d": "server, batching on",
     "d2": "server, batching on, 2 workers",
     "e": "static T=50 model served",
+    "t": "gRPC transport alone (no model; bench.transport noop)",
 }
 
 

@@ -34,7 +34,12 @@ def test_bench_quick(repo, tmp_path):
     measured = [r for r in report["rows"] if "seq_per_s" in r]
     assert measured and all(r["errors"] == 0 and r["requests"] > 0 for r in measured)
     targets = {t["key"]: t for t in report["targets"]}
-    assert set(targets) == {"threads", "c64_best", "c1_over_live", "c64_meanbatch", "gain", "c1_over_run", "vs_torch"}
+    assert set(targets) == {
+        "threads", "c64_best", "c64_floor", "c1_over_live", "c64_meanbatch", "gain", "c1_over_run", "vs_torch"
+    }  # fmt: skip
+    floor = [r for r in report["rows"] if r["line"] == "t"]
+    assert len(floor) == 1 and floor[0]["seq_per_s"] > 0 and floor[0]["errors"] == 0, floor
+    assert 0 < targets["c64_floor"]["value"] < 1
     assert all("before" in t for t in targets.values())
     threads = report["info"]["server_threads"]
     assert set(threads) == {"before", "after"} and all(len(v["threads"]) > 3 for v in threads.values())

@@ -13,8 +13,9 @@ call is one ORT run of its own; the load comes from CPU 1 (bench.loadgen, closed
   at a time: on one pinned core that loses nothing to a thread hop).
 - ``aio-thread``: ``grpc.aio`` with ``await asyncio.to_thread(plane.infer, ...)``.
 - ``noop``: ``aio`` without the model: each call decodes its request and answers zeros of the
-  outputs' real shapes, encoded the same way (the first call of each input shape runs the model
-  once to learn them). Its c=16 rate is what the transport alone costs per call on one core.
+  outputs' real shapes, encoded the same way (the first call of each model, input shapes and
+  outputs asked for runs the model once to learn them; the request's id is echoed). Its c=16
+  rate is what the transport alone costs per call on one core.
 
 - ``rest-binary`` / ``rest-json``: the product server's HTTP/REST port (``--http-port``), the
   tensors in Triton's binary extension or as JSON lists; one keep-alive connection per client.
@@ -75,17 +76,22 @@ def _serve(mode: str, models: Path) -> None:
 
         import numpy as np
 
-        learned = {}  # input shapes -> (a real response, its output shapes and dtypes)
+        learned = {}  # (model, version, input shapes, outputs asked for) -> (a real answer, output shapes/dtypes)
 
         def infer(request):  # noqa: F811 - the model replaced by zeros of its outputs' shapes
             decoded = to_infer_request(request, plane, None)
-            key = tuple((name, a.shape) for name, a in decoded.inputs.items())
+            key = (
+                decoded.model_name,
+                decoded.model_version,
+                tuple((name, a.shape) for name, a in decoded.inputs.items()),
+                tuple(decoded.outputs),
+            )
             if key not in learned:
                 real = plane.infer(decoded)
                 learned[key] = (real, {n: (a.shape, a.dtype) for n, a in real.outputs.items()})
             real, spec = learned[key]
             zeros = {n: np.zeros(shape, dtype) for n, (shape, dtype) in spec.items()}
-            return to_infer_response(dataclasses.replace(real, outputs=zeros), request)
+            return to_infer_response(dataclasses.replace(real, id=decoded.id, outputs=zeros), request)
 
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 

@@ -41,6 +41,8 @@ def _fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     while pos < end:
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
+        if number == 0:  # field 0 does not exist (and a run of zero bytes would parse 2 at a time)
+            raise ValueError("field number 0")
         if wire == 0:
             _, pos = _varint(buf, pos)
         elif wire == 1:
@@ -69,8 +71,9 @@ def summarize(path: Path) -> FileSummary:
                 if number == _MODEL_METADATA:
                     entry = {k: bytes(buf[s:e]).decode() for k, s, e in _fields(buf, start, stop)}
                     summary.metadata[entry.get(1, "")] = entry.get(2, "")
-                elif number == _MODEL_GRAPH:
-                    summary.nodes = sum(1 for k, _, _ in _fields(buf, start, stop) if k == _GRAPH_NODE)
+                elif number == _MODEL_GRAPH:  # a message field given twice is merged: nodes add up
+                    nodes = sum(1 for k, _, _ in _fields(buf, start, stop) if k == _GRAPH_NODE)
+                    summary.nodes = (summary.nodes or 0) + nodes
     except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return FileSummary()
     return summary

@@ -30,7 +30,7 @@ import numpy as np
 
 from server import model_config as triton_config
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
-from server.onnxfile import summarize
+from server.onnxfile import FileSummary, summarize
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ def _read_config(name: str, folder: Path, provider: str = "") -> dict:
     return config
 
 
-def describe_file(path: Path) -> str:
+def describe_file(path: Path, summary: FileSummary | None = None) -> str:
     """'dynamic' | 'static T=N' | 'export mode unknown', the size in MB and the node count, for the log."""
-    summary = summarize(path)
+    summary = summarize(path) if summary is None else summary
     static = summary.metadata.get("lstm.static_length", "")
     mode = summary.metadata.get("lstm.export_mode", "")
     kind = f"static T={static}" if static else (mode if mode == "dynamic" else "export mode unknown")
@@ -322,10 +322,13 @@ class ModelRepository:
                 ):
                     loaded[version] = previous.versions[version]  # unchanged: keep the live session
                     continue
-                log.info("loading %s (version %d, %s)", name, version, describe_file(path))
                 t0 = time.perf_counter()
+                summary = summarize(path)  # read once: for the log line and the session options
+                log.info("loading %s (version %d, %s)", name, version, describe_file(path, summary))
                 try:
-                    loaded[version] = load_model(name, version, path, self.providers, self.options, model_config)
+                    loaded[version] = load_model(
+                        name, version, path, self.providers, self.options, model_config, summary.nodes
+                    )
                     output_axes(loaded[version])  # a first run: warms the session up, sizes responses
                 except Exception as exc:  # noqa: BLE001
                     log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc)

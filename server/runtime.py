@@ -87,14 +87,19 @@ def available_cpus() -> tuple[int, str]:
 LARGE_GRAPH_NODES = 1000
 
 
-def memory_reuse(mode: str, path: Path | str | None) -> bool:
+_UNREAD = object()
+
+
+def memory_reuse(mode: str, path: Path | str | None, nodes: int | None | object = _UNREAD) -> bool:
     """Whether a session for `path` gets ORT's memory-reuse planner: on|off, or auto = on unless
-    the file's top-level graph has more than LARGE_GRAPH_NODES nodes."""
+    the file's top-level graph has more than LARGE_GRAPH_NODES nodes (`nodes`: that count when
+    the caller has read it already, None if unknown)."""
     if mode in ("on", "off"):
         return mode == "on"
-    from server.onnxfile import graph_nodes
+    if nodes is _UNREAD:
+        from server.onnxfile import graph_nodes
 
-    nodes = graph_nodes(Path(path)) if path is not None else None
+        nodes = graph_nodes(Path(path)) if path is not None else None
     return nodes is None or nodes <= LARGE_GRAPH_NODES
 
 
@@ -102,7 +107,13 @@ def describe_threads(options: RuntimeOptions) -> str:
     intra, inter = options.threads()
     source = "--intra-op-threads" if options.intra_op_threads else available_cpus()[1]
     spin = "on" if options.spinning else "off"
-    return f"ONNX Runtime threads per session: {intra} intra-op, {inter} inter-op ({source}); spinning {spin}"
+    reuse = options.memory_reuse
+    if reuse == "auto":
+        reuse = f"auto (off for graphs over {LARGE_GRAPH_NODES} nodes)"
+    return (
+        f"ONNX Runtime threads per session: {intra} intra-op, {inter} inter-op ({source}); spinning {spin}; "
+        f"memory-reuse planner {reuse}"
+    )
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,7 @@ def load_model(
     providers: Providers,
     options: RuntimeOptions,
     model_config: dict | None = None,
+    nodes: int | None | object = _UNREAD,
 ) -> ModelRuntime:
     """Create the session; raise with a clear message if the file is not a usable LSTM model."""
     so = ort.SessionOptions()
@@ -283,7 +295,7 @@ def load_model(
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if options.spinning else "0")
     so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
-    so.enable_mem_reuse = memory_reuse(options.memory_reuse, path)
+    so.enable_mem_reuse = memory_reuse(options.memory_reuse, path, nodes)
     if not so.enable_mem_reuse and options.memory_reuse == "auto":
         log.info(
             "%s: more than %d graph nodes, ONNX Runtime memory-reuse planner off (its cost grows "

@@ -3,6 +3,8 @@ it drives: unrolled (static) graphs load with ONNX Runtime's memory-reuse planne
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -22,6 +24,23 @@ def test_summary_matches_onnx(repo):
         assert graph_nodes(path) == summary.nodes and onnx_metadata(path) == summary.metadata
 
 
+def test_a_graph_given_in_two_fields_is_merged(tmp_path, repo):
+    """Protobuf merges a message field given twice (ONNX Runtime reads the union): the nodes add
+    up, so appending an empty graph field cannot hide a large graph from the `auto` policy."""
+    path = repo / f"bi_static_t{STATIC_T}" / "1" / "model.onnx"
+    nodes = len(onnx.load(path).graph.node)
+    tail = tmp_path / "tail.onnx"
+    tail.write_bytes(path.read_bytes() + b"\x3a\x00")  # field 7 (graph), length 0
+    assert graph_nodes(tail) == nodes
+    model = onnx.load(path)
+    second = onnx.ModelProto(graph=onnx.GraphProto(node=model.graph.node[nodes // 2 :]))
+    del model.graph.node[nodes // 2 :]
+    split = tmp_path / "split.onnx"
+    split.write_bytes(model.SerializeToString() + second.SerializeToString())
+    assert len(onnx.load(split).graph.node) == nodes  # what onnx (and ORT) read
+    assert graph_nodes(split) == nodes
+
+
 def test_unreadable_files_give_an_empty_summary(tmp_path, repo):
     good = (repo / "bi" / "1" / "model.onnx").read_bytes()
     cases = {
@@ -31,12 +50,15 @@ def test_unreadable_files_give_an_empty_summary(tmp_path, repo):
         "truncated": good[: len(good) // 3],
         "bad_wire_type": b"\x0f\x00",
         "huge_length": b"\x3a\xff\xff\xff\xff\x0f",  # field 7 claiming 4 GB
+        "zeros": bytes(16 << 20),  # field number 0 is refused at once, not scanned 2 bytes at a time
     }
     for name, data in cases.items():
         path = tmp_path / f"{name}.onnx"
         if data is not None:
             path.write_bytes(data)
+        start = time.perf_counter()
         assert summarize(path) == FileSummary(), name
+        assert time.perf_counter() - start < 1.0, name  # 16 MB of zeros took 4.7 s before
         assert graph_nodes(path) is None, name
 
 

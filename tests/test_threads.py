@@ -29,6 +29,8 @@ def test_available_cpus_follows_the_affinity_mask():
     assert RuntimeOptions().threads() == (count, 1)
     assert RuntimeOptions(intra_op_threads=3, inter_op_threads=2).threads() == (3, 2)
     assert "spinning off" in describe_threads(RuntimeOptions())
+    assert "memory-reuse planner auto (off for graphs over 1000 nodes)" in describe_threads(RuntimeOptions())
+    assert describe_threads(RuntimeOptions(memory_reuse="on")).endswith("memory-reuse planner on")
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin the server to one of them")

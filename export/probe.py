@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -54,12 +55,13 @@ def main() -> None:
         help="ORT's memory-reuse planner: auto = as the server loads the file (off above 1000 nodes)",
     )
     args = parser.parse_args()
+    from server.onnxfile import graph_nodes
     from server.runtime import memory_reuse
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = args.threads
-    options.enable_mem_reuse = memory_reuse(args.memory_reuse, args.path)
+    options.enable_mem_reuse = memory_reuse(args.memory_reuse, graph_nodes(Path(args.path)))
     _reset_peak()
     before = _status_mib("VmRSS")
     start = time.perf_counter()

@@ -95,6 +95,7 @@ def check_parity(
     `state_shapes`: initial-state inputs {name: (L*D, H)}, fed random values (batch on axis 1)."""
     import onnxruntime as ort
 
+    from server.onnxfile import graph_nodes
     from server.runtime import memory_reuse
 
     so = ort.SessionOptions()
@@ -104,7 +105,7 @@ def check_parity(
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[optimization]
-    so.enable_mem_reuse = memory_reuse("auto", path)  # as the server loads it: fast for unrolled graphs
+    so.enable_mem_reuse = memory_reuse("auto", graph_nodes(Path(path)))  # as the server: unrolled graphs load fast
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(99)

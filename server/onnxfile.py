@@ -79,11 +79,6 @@ def summarize(path: Path) -> FileSummary:
     return summary
 
 
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an ONNX file ({} when it cannot be read)."""
-    return summarize(path).metadata
-
-
 def graph_nodes(path: Path) -> int | None:
     """Nodes in the top-level graph of an ONNX file (None when it cannot be read)."""
     return summarize(path).nodes

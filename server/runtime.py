@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from server.codec import ONNX_TO_OIP
 from server.errors import InvalidArgument, StartupError
+from server.onnxfile import graph_nodes
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,11 @@ def available_cpus() -> tuple[int, str]:
 LARGE_GRAPH_NODES = 1000
 
 
-_UNREAD = object()
-
-
-def memory_reuse(mode: str, path: Path | str | None, nodes: int | None | object = _UNREAD) -> bool:
-    """Whether a session for `path` gets ORT's memory-reuse planner: on|off, or auto = on unless
-    the file's top-level graph has more than LARGE_GRAPH_NODES nodes (`nodes`: that count when
-    the caller has read it already, None if unknown)."""
+def memory_reuse(mode: str, nodes: int | None) -> bool:
+    """Whether a session gets ORT's memory-reuse planner: on|off, or auto = on unless the file's
+    top-level graph has more than LARGE_GRAPH_NODES nodes (`nodes`: None when unknown)."""
     if mode in ("on", "off"):
         return mode == "on"
-    if nodes is _UNREAD:
-        from server.onnxfile import graph_nodes
-
-        nodes = graph_nodes(Path(path)) if path is not None else None
     return nodes is None or nodes <= LARGE_GRAPH_NODES
 
 
@@ -287,7 +280,7 @@ def load_model(
     providers: Providers,
     options: RuntimeOptions,
     model_config: dict | None = None,
-    nodes: int | None | object = _UNREAD,
+    nodes: int | None = None,
 ) -> ModelRuntime:
     """Create the session; raise with a clear message if the file is not a usable LSTM model."""
     so = ort.SessionOptions()
@@ -295,7 +288,9 @@ def load_model(
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if options.spinning else "0")
     so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
-    so.enable_mem_reuse = memory_reuse(options.memory_reuse, path, nodes)
+    if nodes is None:  # not read by the caller (or unreadable: ORT will say why)
+        nodes = graph_nodes(Path(path))
+    so.enable_mem_reuse = memory_reuse(options.memory_reuse, nodes)
     if not so.enable_mem_reuse and options.memory_reuse == "auto":
         log.info(
             "%s: more than %d graph nodes, ONNX Runtime memory-reuse planner off (its cost grows "

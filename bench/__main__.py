@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -97,28 +96,10 @@ class ServerProcess:
     source tree `root` (this checkout, or an earlier one given with --before)."""
 
     def __init__(self, models: Path, args: list[str], cpus: set[int] | None, root: Path = ROOT) -> None:
-        import re
-        import subprocess
+        from scale.replicas import start_replica
 
-        from scale.replicas import Replica
-
-        cmd = [sys.executable, "-m", "server", "--model-repository", str(models.resolve()), "--port", "0",
-               "--metrics-port", "-1", "--log-level", "WARNING", *args]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
-        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # as `taskset -c`
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                preexec_fn=preexec)  # fmt: skip
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            m = re.match(r"listening on [\d.]+:(\d+)", line)
-            if m:
-                break
-        else:
-            raise RuntimeError("server did not start: " + "".join(lines))
-        self.replica = Replica(proc, int(m.group(1)), lines)
-        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the pipe drained
-        self.proc = proc
+        self.replica = start_replica(models.resolve(), args, cpus, root)
+        self.proc = self.replica.proc
         self.target = self.replica.address
         time.sleep(1.0)  # let every worker process finish loading
 

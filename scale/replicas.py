@@ -45,19 +45,19 @@ class Replica:
                 self.proc.kill()
 
 
-def start_replica(models: Path, args: list[str] = (), cpus: set[int] | None = None) -> Replica:
+def start_replica(models: Path, args: list[str] = (), cpus: set[int] | None = None, root: Path = ROOT) -> Replica:
     cmd = ["-m", "server", "--model-repository", str(models), "--port", "0", "--metrics-port", "-1",
            "--log-level", "WARNING", *args]  # fmt: skip
-    return start_process(cmd, cpus)
+    return start_process(cmd, cpus, root)
 
 
-def start_process(args: list[str], cpus: set[int] | None = None) -> Replica:
-    """`python ARGS` from the repository root (optionally pinned to `cpus`), once it prints
-    `listening on HOST:PORT`; its later output is kept in `Replica.log`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def start_process(args: list[str], cpus: set[int] | None = None, root: Path = ROOT) -> Replica:
+    """`python ARGS` from the source tree `root` (this checkout by default; optionally pinned to
+    `cpus`), once it prints `listening on HOST:PORT`; its later output is kept in `Replica.log`."""
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, *args]
     preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=preexec)  # fmt: skip
     lines: list[str] = []
     deadline = time.monotonic() + 300

@@ -112,9 +112,8 @@ def _read_config(name: str, folder: Path, provider: str = "") -> dict:
     return config
 
 
-def describe_file(path: Path, summary: FileSummary | None = None) -> str:
+def describe_file(path: Path, summary: FileSummary) -> str:
     """'dynamic' | 'static T=N' | 'export mode unknown', the size in MB and the node count, for the log."""
-    summary = summarize(path) if summary is None else summary
     static = summary.metadata.get("lstm.static_length", "")
     mode = summary.metadata.get("lstm.export_mode", "")
     kind = f"static T={static}" if static else (mode if mode == "dynamic" else "export mode unknown")

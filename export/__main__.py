@@ -144,6 +144,15 @@ def _names(text: str) -> list[str]:
     return [_name(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def _input_dtype(text: str) -> str:
+    if text not in ("float32", "int64"):  # export.user.INPUT_DTYPES, without importing torch
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not supported; expected float32 (x: (batch, time, features)) or int64 "
+            "(x: (batch, time) token ids for an nn.Embedding)"
+        )
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m export",
@@ -165,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     own.add_argument("--module", help="package.module:factory returning your nn.Module with forward(x, lengths)")
     own.add_argument("--feature-size", type=int, help="with --module: features per time step of x")
+    own.add_argument(
+        "--input-dtype",
+        type=_input_dtype,
+        help="with --module: float32 (x: (batch, time, features)) or int64 (x: (batch, time) token ids); "
+        "default: int64 when the first module applied to x is an nn.Embedding, else float32",
+    )
     own.add_argument("--output-names", type=_names, help="with --module: comma-separated output names")
     own.add_argument("--report", action="store_true", help="also measure static vs dynamic into <out>/report/<name>")
     demo = parser.add_argument_group("random-weight LSTM (no --weights/--module)")
@@ -212,18 +227,19 @@ class _Written:
 
 
 def _own_model(args) -> list:
-    from export.user import export_module, export_state_dict, load_module
+    from export.user import export_module, export_state_dict, load_module, resolve_input_dtype
 
     if args.module:
-        if args.feature_size is None:
-            raise ExportError("--module needs --feature-size N (features per time step of x)")
         if args.initial_state:
             raise ExportError(
                 "--initial-state works with --weights of a bare layer; a module's forward takes (x, lengths)"
             )
         module = load_module(args.module, args.weights)
+        dtype, _ = resolve_input_dtype(module, args.input_dtype)
+        if dtype == "float32" and args.feature_size is None:
+            raise ExportError("--module needs --feature-size N (features per time step of x)")
         path = family.model_path(args.out, args.name, args.model_version)
-        return export_module(module, path, args.feature_size, tuple(args.static), args.output_names)
+        return export_module(module, path, args.feature_size, tuple(args.static), args.output_names, input_dtype=dtype)
     for flag in ("feature_size", "output_names"):
         if getattr(args, flag) is not None:
             raise ExportError(f"--{flag.replace('_', '-')} applies to --module exports only")
@@ -273,6 +289,8 @@ def _main(args) -> int:
     from export.model import LSTMConfig, LSTMEncoder
     from export.onnx_export import export_dynamic, export_static
 
+    if args.input_dtype == "int64" and not args.module:
+        raise ExportError("--input-dtype int64 applies to --module exports (a bare layer's x is features)")
     if args.report and args.initial_state:
         raise ExportError("--report measures models without state inputs; drop --initial-state")
     if args.report and not args.static:

@@ -42,6 +42,9 @@ _KEY = re.compile(
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.load's messages carry terminal bold
 _NESTED = ("state_dict", "model_state_dict", "model")  # where trainers (Lightning, scripts) nest the weights
+# What x can be: features (batch, time, features) float32, or token ids (batch, time) int64 that the
+# module's first layer, an nn.Embedding, looks up.
+INPUT_DTYPES = ("float32", "int64")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def _check_signature(module: nn.Module) -> None:
         names = ", ".join(p.name for p in params) or "nothing"
         raise ExportError(
             f"{type(module).__name__}.forward takes ({names}); expected forward(x, lengths) with x (batch, time, "
-            "features) float32 and lengths (batch,) int64"
+            "features) float32 or (batch, time) int64 token ids, and lengths (batch,) int64"
         )
 
 
@@ -284,13 +287,85 @@ def _as_tuple(out: object, where: str) -> tuple[torch.Tensor, ...]:
     return tuple(outs)
 
 
-def probe_axes(module: nn.Module, feature_size: int, names: list[str] | None = None) -> tuple[list[str], dict]:
+def token_embedding(module: nn.Module) -> tuple[nn.Module | None, int | None]:
+    """(the first module `module` applies to its input, the vocabulary size) when that module is an
+    nn.Embedding: found by running it once on token ids (batch 2, time 3) below every embedding's
+    num_embeddings. The vocabulary is the smallest num_embeddings of the embeddings that look up the
+    ids themselves (every id below it is valid for each). (first, None): token ids are not its input."""
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        return None, None  # nothing would take ids: no probe run
+    vocab = min(e.num_embeddings for e in embeddings)
+    ids = torch.randint(0, vocab, (2, 3), generator=torch.Generator().manual_seed(0))  # (B, T)
+    lengths = torch.full((2,), 3, dtype=torch.int64)
+    calls: list[tuple[nn.Module, bool]] = []
+
+    def seen(sub: nn.Module, args: tuple) -> None:
+        if not any(True for _ in sub.children()):  # leaves: a container's call is not an application
+            arg = args[0] if args else None
+            # the ids as given or transposed (a time-major module), not something derived (lengths)
+            direct = isinstance(arg, torch.Tensor) and not arg.is_floating_point() and arg.shape in ((2, 3), (3, 2))
+            calls.append((sub, direct))
+
+    hooks = [sub.register_forward_pre_hook(seen) for sub in module.modules() if sub is not module]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module(ids, lengths)
+    except Exception:  # noqa: BLE001 - a features model given ids fails; what ran before still tells
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not calls:
+        return None, None
+    first, direct = calls[0]
+    if not isinstance(first, nn.Embedding) or not direct:
+        return first, None
+    vocab = min(int(sub.num_embeddings) for sub, d in calls if d and isinstance(sub, nn.Embedding))
+    return first, vocab
+
+
+def resolve_input_dtype(module: nn.Module, given: str | None = None) -> tuple[str, int | None]:
+    """(dtype of x, vocabulary size for int64 ids): detected when `given` is None (int64 when the
+    first module applied to the input is an nn.Embedding), else checked against the module."""
+    if given is not None and given not in INPUT_DTYPES:
+        raise ExportError(
+            f"--input-dtype {given}: not supported; expected float32 (x: (batch, time, features)) or int64 "
+            "(x: (batch, time) token ids for an nn.Embedding)"
+        )
+    first, vocab = token_embedding(module)
+    name = type(module).__name__
+    if given == "int64" and vocab is None:
+        applied = f"applies {type(first).__name__} to its input first" if first is not None else "has no nn.Embedding"
+        raise ExportError(
+            f"--input-dtype int64: {name} {applied}; token ids need an nn.Embedding as the first module "
+            "applied to x (its num_embeddings bounds the ids)"
+        )
+    if given == "float32" and vocab is not None:
+        raise ExportError(
+            f"--input-dtype float32: {name} applies nn.Embedding({vocab}, ...) to its input first, so it takes "
+            "int64 token ids; give --input-dtype int64 or leave it out"
+        )
+    return ("int64" if vocab is not None else "float32"), vocab
+
+
+def _sample(batch: int, steps: int, feature_size: int | None, vocab_size: int | None, gen=None) -> torch.Tensor:
+    if vocab_size is not None:
+        return torch.randint(0, vocab_size, (batch, steps), generator=gen)  # (B, T) int64 ids
+    return torch.randn(batch, steps, feature_size, generator=gen)  # (B, T, F)
+
+
+def probe_axes(
+    module: nn.Module, feature_size: int | None, names: list[str] | None = None, vocab_size: int | None = None
+) -> tuple[list[str], dict]:
     """Run the module eagerly at two (batch, time) sizes; an output axis that follows the batch
-    size is `batch`, one that follows the time size is `time`, one that stays put is fixed."""
+    size is `batch`, one that follows the time size is `time`, one that stays put is fixed.
+    `vocab_size`: x is token ids (batch, time) below it (`feature_size` unused)."""
     runs = []
     gen = torch.Generator().manual_seed(0)
     for batch, steps in ((3, 7), (5, 11)):
-        x = torch.randn(batch, steps, feature_size, generator=gen)
+        x = _sample(batch, steps, feature_size, vocab_size, gen)
         lengths = torch.full((batch,), steps, dtype=torch.int64)
         try:
             with torch.no_grad():
@@ -298,9 +373,10 @@ def probe_axes(module: nn.Module, feature_size: int, names: list[str] | None = N
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001
+            what = f"{vocab_size} token ids" if vocab_size is not None else f"{feature_size} features"
             raise ExportError(
-                f"{type(module).__name__}.forward(x[{batch}, {steps}, {feature_size}], lengths) failed "
-                f"({type(exc).__name__}: {str(exc)[:200]}); expected forward(x, lengths) with {feature_size} features"
+                f"{type(module).__name__}.forward(x{list(x.shape)}, lengths) failed "
+                f"({type(exc).__name__}: {str(exc)[:200]}); expected forward(x, lengths) with {what}"
             ) from None
     count = len(runs[0])
     if names is None:
@@ -485,24 +561,33 @@ def layer_config(layer: nn.RNNBase) -> RecurrentConfig:
 def export_module(
     module: nn.Module,
     path: Path,
-    feature_size: int,
+    feature_size: int | None = None,
     static: tuple[int, ...] = (),
     output_names: list[str] | None = None,
     extra_metadata: dict[str, str] | None = None,
+    input_dtype: str | None = None,
 ) -> list[ExportResult]:
-    """Export the user's own module: forward(x (batch, time, features), lengths (batch,)) -> a tensor
-    or a tuple of tensors, with pack_padded_sequence -> nn.LSTM/GRU/RNN inside.
+    """Export the user's own module: forward(x, lengths (batch,)) -> a tensor or a tuple of tensors,
+    with pack_padded_sequence -> nn.LSTM/GRU/RNN inside. x is (batch, time, feature_size) float32,
+    or (batch, time) int64 token ids where the first module applied to it is an nn.Embedding
+    (`input_dtype` None: detected; "float32" or "int64": checked).
 
     Writes `path` (dynamic: native recurrent nodes, symbolic `batch`/`time` dims on every input and
     output) and, for each T in `static`, `<path's model folder>_static_t<T>/<version>/model.onnx`
     (every recurrent layer unrolled over T). Returns one ExportResult per file, each with its
     measured parity; raises ExportError (nothing written) when a check fails."""
-    if isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1:
-        raise ExportError(f"feature_size must be an integer >= 1, got {feature_size!r}")
     for steps in static:  # before anything is written
         check_static_length(steps)
     module = module.eval()
     _check_signature(module)
+    dtype, vocab = resolve_input_dtype(module, input_dtype)
+    if dtype == "int64" and feature_size is not None:
+        raise ExportError(
+            f"--feature-size applies to float32 features; {type(module).__name__} takes int64 token ids "
+            f"x (batch, time) for nn.Embedding({vocab}, ...)"
+        )
+    if dtype == "float32" and (isinstance(feature_size, bool) or not isinstance(feature_size, int) or feature_size < 1):
+        raise ExportError(f"feature_size must be an integer >= 1, got {feature_size!r}")
     layers = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
     if not layers:
         raise ExportError(f"{type(module).__name__} contains no nn.LSTM, nn.GRU or nn.RNN")
@@ -510,7 +595,7 @@ def export_module(
     for key, tensor in module.state_dict().items():
         if tensor.is_floating_point():
             _check_finite(f"{type(module).__name__}: {key}", tensor)
-    names, axes = probe_axes(module, feature_size, output_names)
+    names, axes = probe_axes(module, feature_size, output_names, vocab)
 
     def reference(x, lengths):
         with torch.no_grad():
@@ -521,11 +606,12 @@ def export_module(
         "export.source": f"module {type(module).__module__}.{type(module).__qualname__}",
         "export.recurrent_layers": json.dumps([json.loads(c.to_json()) for c in configs]),
         "export.outputs": ",".join(names),
+        **({"lstm.input": "tokens", "lstm.vocab_size": str(vocab)} if vocab is not None else {}),
         **(extra_metadata or {}),
     }
-    x = torch.zeros(3, 5, feature_size)
+    x = torch.zeros(3, 5, dtype=torch.int64) if vocab is not None else torch.zeros(3, 5, feature_size)
     lengths = torch.tensor([5, 2, 4], dtype=torch.int64)
-    check = lambda tmp: check_parity(tmp, reference, feature_size)  # noqa: E731
+    check = lambda tmp: check_parity(tmp, reference, feature_size or 0, vocab_size=vocab)  # noqa: E731
     try:
         results = [_write(module, (x, lengths), path, axes, module, configs[0], None, extra, INPUT_NAMES, names, check)]
     except RuntimeError as exc:
@@ -547,10 +633,12 @@ def export_module(
             version_dir.parent.parent / f"{version_dir.parent.name}_static_t{steps}" / version_dir.name / path.name
         )
         static_axes = {k: {a: n for a, n in d.items() if n != TIME} for k, d in axes.items()}
-        xs = torch.zeros(2, steps, feature_size)
+        xs = torch.zeros(2, steps, dtype=torch.int64) if vocab is not None else torch.zeros(2, steps, feature_size)
         ls = torch.tensor([steps, 1], dtype=torch.int64)
         time_axes = {n: a for n, d in axes.items() for a, v in d.items() if v == TIME}
-        check_s = lambda tmp, s=steps: check_parity(tmp, reference, feature_size, s, optimization="disable")  # noqa: E731
+        check_s = lambda tmp, s=steps: check_parity(  # noqa: E731
+            tmp, reference, feature_size or 0, s, optimization="disable", vocab_size=vocab
+        )
         view = _UnrolledView(module, steps)
         results.append(
             _write(view, (xs, ls), static_path, static_axes, module, configs[0], steps, extra, INPUT_NAMES, names,

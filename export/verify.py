@@ -63,8 +63,12 @@ def check_native_recurrence(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in nodes]
 
 
-def ragged_batches(input_size: int, steps: int | None, seed: int = 1234) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Seeded (x, lengths) pairs; `steps` fixes T (static models), None varies it."""
+def ragged_batches(
+    input_size: int, steps: int | None, seed: int = 1234, vocab_size: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded (x, lengths) pairs; `steps` fixes T (static models), None varies it. With `vocab_size`,
+    x is token ids (batch, time) int64 drawn below it, past each length too: valid ids, so only the
+    lengths keep padding out of a result."""
     rng = np.random.default_rng(seed)
     if steps is None:
         shapes = [(4, 9, [3, 9, 1, 6]), (1, 1, [1]), (1, 6, [6]), (3, 13, [13, 2, 7]), (2, 8, [5, 3])]
@@ -77,7 +81,10 @@ def ragged_batches(input_size: int, steps: int | None, seed: int = 1234) -> list
         ]
     out = []
     for batch, time, lengths in shapes:
-        x = rng.standard_normal((batch, time, input_size)).astype(np.float32)
+        if vocab_size is not None:
+            x = rng.integers(0, vocab_size, size=(batch, time), dtype=np.int64)
+        else:
+            x = rng.standard_normal((batch, time, input_size)).astype(np.float32)
         out.append((x, np.array(lengths, np.int64)))
     return out
 
@@ -89,10 +96,12 @@ def check_parity(
     steps: int | None = None,
     state_shapes: dict[str, tuple[int, int]] | None = None,
     optimization: str = "all",
+    vocab_size: int | None = None,
 ) -> Parity:
     """Run `path` in ONNX Runtime and `reference(x, lengths, **states)` on the same batches.
 
-    `state_shapes`: initial-state inputs {name: (L*D, H)}, fed random values (batch on axis 1)."""
+    `state_shapes`: initial-state inputs {name: (L*D, H)}, fed random values (batch on axis 1).
+    `vocab_size`: x is token ids (batch, time) below it (`input_size` is then unused)."""
     import onnxruntime as ort
 
     from server.onnxfile import graph_nodes
@@ -110,7 +119,7 @@ def check_parity(
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(99)
     max_abs = max_scaled = 0.0
-    batches = ragged_batches(input_size, steps)
+    batches = ragged_batches(input_size, steps, vocab_size=vocab_size)
     for x, lengths in batches:
         feeds = {"x": x, "lengths": lengths}
         for name, (ld, hidden) in (state_shapes or {}).items():

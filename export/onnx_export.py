@@ -231,7 +231,8 @@ def _write(
     meta = build_metadata(source, config, mode, steps, extra)
     if steps is not None and time_axes is None:  # the encoders' layout: x and y are (batch, time, ...)
         time_axes = {n: 1 for n in ("x", "y") if n in input_names + output_names}
-    meta["lstm.axes"] = json.dumps(axes_of(axes, time_axes), sort_keys=True)
+    kept = axes if keep_outputs is None else {k: v for k, v in axes.items() if k in input_names + keep_outputs}
+    meta["lstm.axes"] = json.dumps(axes_of(kept, time_axes), sort_keys=True)  # of the file's own tensors
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(module, args, tmp, axes, output_names, input_names)
         model = _finish(tmp, meta, keep_outputs)

@@ -334,8 +334,17 @@ def resolve_input_dtype(module: nn.Module, given: str | None = None) -> tuple[st
             f"--input-dtype {given}: not supported; expected float32 (x: (batch, time, features)) or int64 "
             "(x: (batch, time) token ids for an nn.Embedding)"
         )
-    first, vocab = token_embedding(module)
     name = type(module).__name__
+    for key, sub in module.named_modules():
+        if isinstance(sub, nn.Embedding) and sub.max_norm is not None:
+            # max_norm rescales the looked-up rows of the weight in place on every call, which the
+            # exported graph (a Gather of the weights as they were at export) cannot reproduce
+            raise ExportError(
+                f"{name}: {key or 'the module'} is nn.Embedding with max_norm={sub.max_norm:g}, which rescales its "
+                "weights in place on each lookup; ONNX has no equivalent: apply it to every row once "
+                "(torch.embedding_renorm_) and set max_norm=None"
+            )
+    first, vocab = token_embedding(module)
     if given == "int64" and vocab is None:
         applied = f"applies {type(first).__name__} to its input first" if first is not None else "has no nn.Embedding"
         raise ExportError(

@@ -213,6 +213,9 @@ BAD = [
     (["--module", "tests.own_modules:gru_classifier", "--feature-size", "6", "--input-dtype", "int64"],
      "--input-dtype int64: Tagger has no nn.Embedding"),
     (["--module", "tests.token_modules:features_with_positions"], "--module needs --feature-size"),
+    (["--module", "tests.token_modules:unpacked"], "have no sequence_lens input, so padding would change results"),
+    (["--module", "tests.token_modules:max_norm_tagger"],
+     "EmbeddingTagger: embed is nn.Embedding with max_norm=1, which rescales its weights in place"),
     (["--input-dtype", "int64"], "--input-dtype int64 applies to --module exports"),
     (["--weights", "{bare}", "--input-dtype", "int64"], "--input-dtype int64 applies to --module exports"),
 ]  # fmt: skip

@@ -58,6 +58,13 @@ class FeaturesWithPositions(nn.Module):
         return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]  # (B, T, 4)
 
 
+class Unpacked(EmbeddingTagger):
+    """A mistake: the LSTM reads the padded embeddings (no pack_padded_sequence)."""
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(self.embed(tokens))[0])  # (B, T, tags)
+
+
 def bilstm_tagger() -> EmbeddingTagger:
     torch.manual_seed(11)
     return EmbeddingTagger()
@@ -71,3 +78,15 @@ def gru_classifier() -> EmbeddingClassifier:
 def features_with_positions() -> FeaturesWithPositions:
     torch.manual_seed(13)
     return FeaturesWithPositions()
+
+
+def unpacked() -> Unpacked:
+    torch.manual_seed(14)
+    return Unpacked()
+
+
+def max_norm_tagger() -> EmbeddingTagger:
+    torch.manual_seed(15)
+    model = EmbeddingTagger()
+    model.embed.max_norm = 1.0
+    return model

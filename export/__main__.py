@@ -238,6 +238,8 @@ def _own_model(args) -> list:
         dtype, _ = resolve_input_dtype(module, args.input_dtype)
         if dtype == "float32" and args.feature_size is None:
             raise ExportError("--module needs --feature-size N (features per time step of x)")
+        if dtype == "int64" and args.report:  # export.probe times float32 features only
+            raise ExportError("--report measures models on float32 features; a token model (int64 x): drop --report")
         path = family.model_path(args.out, args.name, args.model_version)
         return export_module(module, path, args.feature_size, tuple(args.static), args.output_names, input_dtype=dtype)
     for flag in ("feature_size", "output_names"):

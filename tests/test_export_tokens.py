@@ -216,6 +216,7 @@ BAD = [
     (["--module", "tests.token_modules:unpacked"], "have no sequence_lens input, so padding would change results"),
     (["--module", "tests.token_modules:max_norm_tagger"],
      "EmbeddingTagger: embed is nn.Embedding with max_norm=1, which rescales its weights in place"),
+    (["--module", "tests.token_modules:bilstm_tagger", "--report"], "a token model (int64 x): drop --report"),
     (["--input-dtype", "int64"], "--input-dtype int64 applies to --module exports"),
     (["--weights", "{bare}", "--input-dtype", "int64"], "--input-dtype int64 applies to --module exports"),
 ]  # fmt: skip

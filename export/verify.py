@@ -4,7 +4,8 @@ Runtime agrees with eager PyTorch.
 `check_native_recurrence` refuses a dynamic graph without an ONNX `LSTM`, `GRU` or `RNN` node fed by
 `sequence_lens` (without it, padding would change results). `check_parity` runs the file in ONNX
 Runtime (CPU) on seeded ragged batches — unsorted lengths, batch 1, T = 1, a time size not used at
-export, every length shorter than T — and compares each output with the eager module:
+export, every length shorter than T; random features, or random valid token ids, past each length
+too — and compares each output with the eager module:
 shapes must match and every value must satisfy |onnx - eager| <= TOLERANCE * max(1, |eager|)
 (1e-5 absolute for values up to 1, relative beyond; float32 recurrences agree to ~1e-7 here).
 """

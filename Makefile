@@ -16,11 +16,12 @@ HTTP_PORT ?= 8000
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-kserve-schema.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-kserve-schema.txt requirements-models.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-models.txt
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --require-hashes -r requirements-kserve-schema.txt -d .cache/kserve
 	touch $@
 

@@ -22,6 +22,7 @@ progress: see `DataPlane.infer_async`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, ResourceExhausted
+from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from server.signature import Signature
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +62,52 @@ class BatchPolicy:
             raise ValueError(f"batching 'max_queue_delay_us' must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
 
+def policy_from_config(default: BatchPolicy, name: str, config: dict) -> BatchPolicy:
+    """The server's defaults overridden by a model's config ({"batching": {...}} from config.json,
+    or what config.pbtxt maps onto it); checked when the model loads (a bad config fails the
+    load, not every request)."""
+    override = config.get("batching", {})
+    if not isinstance(override, dict):
+        raise InvalidArgument(f"model '{name}' config.json: 'batching' must be an object")
+    fields = {f.name for f in dataclasses.fields(BatchPolicy)}
+    unknown = sorted(set(override) - fields)
+    if unknown:
+        raise InvalidArgument(f"model '{name}' config.json: unknown batching option(s) {unknown}")
+    try:
+        return dataclasses.replace(default, **override)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"model '{name}' config.json: {exc}") from None
+
+
 MAX_STRETCH = 4  # a request is merged only with requests at most 4x longer or shorter
 
 
 @dataclass
+class Work:
+    """What one request hands the batcher: complete feeds for its rows and what merging needs."""
+
+    feeds: dict[str, np.ndarray]  # every input the session takes (defaults filled in)
+    outputs: list[str]  # outputs to compute
+    rows: int  # sequences (size of the batch axis; 1 for a model without one)
+    steps: int | None = None  # the ragged input's time size (None: the model has no ragged input)
+    key: tuple = ()  # requests merge only with equal keys (dtypes and the dims that must agree)
+    cells: int = 0  # elements one row contributes per time step (ragged) or in all (equal)
+
+
+@dataclass
 class _Item:
-    x: np.ndarray  # (b, t, F)
-    lengths: np.ndarray  # (b,)
-    outputs: list[str]
+    work: Work
     deadline: float | None  # time.monotonic() deadline, None = none
-    h0: np.ndarray | None = None  # (L*D, b, H) initial state of these rows (stateful models)
-    c0: np.ndarray | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
     @property
     def rows(self) -> int:
-        return self.x.shape[0]
+        return self.work.rows
 
     @property
     def steps(self) -> int:
-        return self.x.shape[1]
+        return self.work.steps or 1
 
 
 @dataclass
@@ -89,76 +116,79 @@ class BatchInfo:
 
     requests: int
     sequences: int
-    padded_steps: int  # T of the merged batch
+    padded_steps: int  # T of the merged batch (1 without a ragged input)
     padding_fraction: float  # padded (invalid) cells / all cells in the batch
     infer_ns: int
 
 
-# {output: (batch axis, time axis or None)}: how the model's file lays out each output
-Axes = dict[str, tuple[int | None, int | None]]
-LEGACY_AXES: Axes = {"y": (0, 1), "h_n": (1, None), "c_n": (1, None)}
-
-
-def _take_rows(value: np.ndarray, axis: int, rows: slice, time_axis: int | None, steps: int) -> np.ndarray:
+def _take_rows(value: np.ndarray, axis: int, rows: slice, time_axis: int | None, steps: int | None) -> np.ndarray:
     index = [slice(None)] * value.ndim
     index[axis] = rows
-    if time_axis is not None:
+    if time_axis is not None and steps is not None:
         index[time_axis] = slice(0, steps)  # back to this request's own T
     return value[tuple(index)]
 
 
+def _merge(works: list[Work], signature: Signature) -> tuple[dict[str, np.ndarray], int]:
+    """One feed dict for all rows: the ragged input padded to the longest along its time axis,
+    lengths and everything else concatenated along each tensor's batch axis."""
+    steps = max(w.steps or 1 for w in works)
+    total = sum(w.rows for w in works)
+    feeds = {}
+    for name in works[0].feeds:
+        spec = signature.input(name)
+        axis = spec.batch_axis
+        if name == signature.ragged:
+            first = works[0].feeds[name]
+            shape = list(first.shape)
+            shape[axis], shape[spec.time_axis] = total, steps
+            merged = np.zeros(shape, first.dtype)  # padding: zeros, never read (sequence_lens)
+            row = 0
+            for w in works:
+                index = [slice(None)] * len(shape)
+                index[axis] = slice(row, row + w.rows)
+                index[spec.time_axis] = slice(0, w.steps)
+                merged[tuple(index)] = w.feeds[name]
+                row += w.rows
+            feeds[name] = merged
+        else:
+            feeds[name] = np.concatenate([w.feeds[name] for w in works], axis=axis)
+    return feeds, steps
+
+
 def merge_and_run(
-    items: list[_Item],
-    run: Callable[[np.ndarray, np.ndarray, list[str]], dict[str, np.ndarray]],
-    axes: Axes | None = None,
+    items: list[_Item], run: Callable[[dict, list[str]], dict[str, np.ndarray]], signature: Signature
 ) -> tuple[list[dict[str, np.ndarray]], BatchInfo]:
-    """Pad to the longest, run once with the union of requested outputs, split each output along
-    its batch axis and cut its time axis (if any) back to each request's T. `axes` comes from the
-    model file (ModelRuntime.output_axes); outputs without a known batch axis are split on axis 0."""
-    axes = LEGACY_AXES if axes is None else axes
-    steps = max(i.steps for i in items)
-    features = items[0].x.shape[2]
-    total = sum(i.rows for i in items)
-    if len(items) == 1:  # a request alone runs as it came: no padded copy
-        x, lengths = items[0].x, items[0].lengths
+    """Merge (see `_merge`), run once with the union of requested outputs, split each output
+    along its batch axis and cut its time axis (if any) back to each request's T."""
+    works = [i.work for i in items]
+    if len(works) == 1:  # a request alone runs as it came: no padded copy
+        feeds, steps = works[0].feeds, works[0].steps or 1
     else:
-        x = np.zeros((total, steps, features), np.float32)  # (B, T, F)
-        lengths = np.empty((total,), np.int64)
-        row = 0
-        for item in items:
-            x[row : row + item.rows, : item.steps] = item.x
-            lengths[row : row + item.rows] = item.lengths
-            row += item.rows
-    wanted = sorted({o for i in items for o in i.outputs})
-    state = {}
-    with_state = [i for i in items if i.h0 is not None]
-    if with_state:  # each row starts from its own state; rows without one from zeros
-        ld, _, hidden = with_state[0].h0.shape
-        names = ["h0", "c0"] if with_state[0].c0 is not None else ["h0"]  # GRU/RNN: h0 only
-        merged = {n: np.zeros((ld, total, hidden), np.float32) for n in names}  # (L*D, B, H)
-        row = 0
-        for item in items:
-            if item.h0 is not None:
-                for n in names:
-                    merged[n][:, row : row + item.rows] = getattr(item, n)
-            row += item.rows
-        state = merged
+        feeds, steps = _merge(works, signature)
+    wanted = sorted({o for w in works for o in w.outputs})
     t0 = time.perf_counter_ns()
-    out = run(x, lengths, wanted, **state)
+    out = run(feeds, wanted)
     infer_ns = time.perf_counter_ns() - t0
-    results = []
-    row = 0
-    for item in items:
-        rows = slice(row, row + item.rows)
-        mine = {}
-        for name in item.outputs:
-            batch_axis, time_axis = axes.get(name, (0, None))
-            mine[name] = _take_rows(out[name], 0 if batch_axis is None else batch_axis, rows, time_axis, item.steps)
-        results.append(mine)
-        row += item.rows
-    valid = int(lengths.sum())
-    info = BatchInfo(len(items), total, steps, 1.0 - valid / float(total * steps), infer_ns)
-    return results, info
+    if len(works) == 1:
+        results = [{name: out[name] for name in works[0].outputs}]
+    else:
+        results = []
+        row = 0
+        for w in works:
+            rows = slice(row, row + w.rows)
+            mine = {}
+            for name in w.outputs:
+                spec = signature.output(name)
+                mine[name] = _take_rows(out[name], spec.batch_axis, rows, spec.time_axis, w.steps)
+            results.append(mine)
+            row += w.rows
+    total = sum(w.rows for w in works)
+    padding = 0.0
+    if signature.lengths is not None:
+        valid = int(sum(int(w.feeds[signature.lengths].sum()) for w in works))
+        padding = 1.0 - valid / float(total * steps)
+    return results, BatchInfo(len(works), total, steps, padding, infer_ns)
 
 
 class Batcher:
@@ -171,7 +201,7 @@ class Batcher:
         policy: BatchPolicy,
         on_batch: Callable[[BatchInfo], None] = lambda info: None,
         executor: Executor | None = None,
-        axes: Axes | None = None,
+        signature: Signature | None = None,
     ) -> None:
         """`executor`: where a request submitted with inline=False runs once this batcher is closed
         (a retired version's late request); None: in the caller's thread."""
@@ -180,7 +210,7 @@ class Batcher:
         self.policy = policy
         self.on_batch = on_batch
         self.executor = executor
-        self.axes = axes  # the model's output axes (see merge_and_run)
+        self.signature = signature  # how requests merge and outputs split (see merge_and_run)
         self._queue: list[_Item] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -192,19 +222,10 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(
-        self,
-        x: np.ndarray,
-        lengths: np.ndarray,
-        outputs: list[str],
-        deadline: float | None = None,
-        h0: np.ndarray | None = None,
-        c0: np.ndarray | None = None,
-        inline: bool = True,
-    ) -> Future:
+    def submit(self, work: Work, deadline: float | None = None, inline: bool = True) -> Future:
         """Queue a request; its future gives (outputs, queue_ns, BatchInfo). `inline`: an idle eager
         batcher may run it in the calling thread (False from an event loop: never)."""
-        item = _Item(x, lengths, outputs, deadline, h0, c0)
+        item = _Item(work, deadline)
         with self._cond:
             closed = self._closed
             if len(self._queue) >= self.policy.max_queue:
@@ -271,12 +292,12 @@ class Batcher:
             # cost beyond that, and short requests never wait on a very long run), and the merged
             # x stays within max_cells (no request-driven memory blow-up).
             for item in sorted(self._queue, key=lambda i: (abs(i.steps - oldest.steps), i.enqueued)):
-                if rows + item.rows > policy.max_batch:
+                if item.work.key != oldest.work.key or rows + item.rows > policy.max_batch:
                     continue
                 if max(item.steps, oldest.steps) > MAX_STRETCH * min(item.steps, oldest.steps):
                     continue
                 new_longest = max(longest, item.steps)
-                if (rows + item.rows) * new_longest * item.x.shape[2] > policy.max_cells:
+                if (rows + item.rows) * new_longest * max(item.work.cells, oldest.work.cells) > policy.max_cells:
                     continue
                 batch.append(item)
                 rows, longest = rows + item.rows, new_longest
@@ -319,7 +340,7 @@ class Batcher:
         if not live:
             return
         try:
-            results, info = merge_and_run(live, self.run, self.axes)
+            results, info = merge_and_run(live, self.run, self.signature)
         except Exception as exc:  # noqa: BLE001 - reported to every request in the batch
             for item in live:
                 item.future.set_exception(exc)

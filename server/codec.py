@@ -10,33 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidArgument, ResourceExhausted
+from server.dtypes import DATATYPES as _TYPES
+from server.dtypes import OBJECT, contiguous, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
+from server.errors import InvalidArgument, ResourceExhausted, clip
 from server.proto import grpc_service_pb2 as pb
 
-# OIP datatype -> (numpy dtype, InferTensorContents field). BYTES is not used by these models.
-DATATYPES: dict[str, tuple[np.dtype, str]] = {
-    "BOOL": (np.dtype(np.bool_), "bool_contents"),
-    "UINT8": (np.dtype(np.uint8), "uint_contents"),
-    "UINT16": (np.dtype(np.uint16), "uint_contents"),
-    "UINT32": (np.dtype(np.uint32), "uint_contents"),
-    "UINT64": (np.dtype(np.uint64), "uint64_contents"),
-    "INT8": (np.dtype(np.int8), "int_contents"),
-    "INT16": (np.dtype(np.int16), "int_contents"),
-    "INT32": (np.dtype(np.int32), "int_contents"),
-    "INT64": (np.dtype(np.int64), "int64_contents"),
-    "FP16": (np.dtype(np.float16), "fp32_contents"),
-    "FP32": (np.dtype(np.float32), "fp32_contents"),
-    "FP64": (np.dtype(np.float64), "fp64_contents"),
-}
-_OIP_OF = {dtype: name for name, (dtype, _) in DATATYPES.items()}  # numpy dtype -> OIP datatype
-ONNX_TO_OIP = {
-    "tensor(float)": "FP32",
-    "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32",
-    "tensor(double)": "FP64",
-    "tensor(float16)": "FP16",
-    "tensor(bool)": "BOOL",
-}
+DATATYPES = {name: (dtype, field) for name, (dtype, field, _) in _TYPES.items()}  # OIP -> (numpy, contents field)
 _CONTENT_FIELDS = (
     "bool_contents",
     "int_contents",
@@ -58,19 +37,22 @@ class Limits:
     max_batch: int = 4096  # sequences per request
 
 
-def _shape(tensor: pb.ModelInferRequest.InferInputTensor, limits: Limits) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in tensor.shape)
+def check_shape(name: str, shape, limits: Limits) -> tuple[int, ...]:
+    """The one element-limit check (gRPC, REST and the data plane): rank, negative dims, and
+    --max-elements for the tensor and for each dim, with Python integers before anything of that
+    size is allocated. `name`: as the client sent it (clipped here)."""
+    shape = tuple(int(d) for d in shape)
     if len(shape) > MAX_RANK:
-        raise InvalidArgument(f"input '{tensor.name}': {len(shape)} dimensions; at most {MAX_RANK} are accepted")
+        raise InvalidArgument(f"input {clip(name)}: {len(shape)} dimensions; at most {MAX_RANK} are accepted")
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input '{tensor.name}': shape {list(shape)} has a negative dimension")
+        raise InvalidArgument(f"input {clip(name)}: shape {clip(list(shape))} has a negative dimension")
     count = 1
     for d in shape:
         count *= d  # Python int: no overflow, no allocation
     # each dim too (a zero elsewhere makes the product small, but numpy refuses such a shape)
     if count > limits.max_elements or any(d > limits.max_elements for d in shape):
         raise ResourceExhausted(
-            f"input '{tensor.name}': shape {list(shape)} is {count} elements, "
+            f"input {clip(name)}: shape {clip(list(shape))} is {count} elements, "
             f"more than the limit of {limits.max_elements} (or a dimension above it)"
         )
     return shape
@@ -81,11 +63,11 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
     raw = request.raw_input_contents
     names = [t.name for t in request.inputs]
     if len(set(names)) != len(names):
-        raise InvalidArgument(f"inputs {names}: each input name may appear once")
+        raise InvalidArgument(f"inputs {clip(names)}: each input name may appear once")
     typed = [t.name for t in request.inputs if any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS)]
     if raw and typed:
         raise InvalidArgument(
-            f"input(s) {typed} use typed 'contents' while the request also has raw_input_contents; "
+            f"input(s) {clip(typed)} use typed 'contents' while the request also has raw_input_contents; "
             "send all inputs raw or all typed"
         )
     if raw and len(raw) != len(request.inputs):
@@ -96,36 +78,48 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
     for index, tensor in enumerate(request.inputs):
         if tensor.datatype not in DATATYPES:
             raise InvalidArgument(
-                f"input '{tensor.name}': unknown datatype {tensor.datatype!r}; expected one of {', '.join(DATATYPES)}"
+                f"input {clip(tensor.name)}: unknown datatype {clip(tensor.datatype)}; expected one of "
+                f"{', '.join(DATATYPES)}"
             )
         dtype, field = DATATYPES[tensor.datatype]
-        shape = _shape(tensor, limits)
+        shape = check_shape(tensor.name, tensor.shape, limits)
         count = math.prod(shape)  # shape checked above: small Python ints (np.prod costs ~10x)
         if raw:
             data = raw[index]
-            expected = count * dtype.itemsize
-            if len(data) != expected:
-                raise InvalidArgument(
-                    f"input '{tensor.name}': raw content is {len(data)} bytes, expected {expected} "
-                    f"for shape {list(shape)} of {tensor.datatype}"
-                )
-            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+            if dtype == OBJECT:
+                try:
+                    array = deserialize_bytes(data, count, f"input {clip(tensor.name)}").reshape(shape)
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
+            else:
+                expected = count * dtype.itemsize
+                if len(data) != expected:
+                    raise InvalidArgument(
+                        f"input {clip(tensor.name)}: raw content is {len(data)} bytes, expected {expected} "
+                        f"for shape {list(shape)} of {tensor.datatype}"
+                    )
+                array = np.frombuffer(data, dtype=dtype).reshape(shape)
         else:
             values = getattr(tensor.contents, field)
             if len(values) != count:
                 raise InvalidArgument(
-                    f"input '{tensor.name}': contents.{field} has {len(values)} values, expected {count} "
+                    f"input {clip(tensor.name)}: contents.{field} has {len(values)} values, expected {count} "
                     f"for shape {list(shape)}"
                 )
-            array = np.asarray(values, dtype=dtype).reshape(shape)
+            if dtype == OBJECT:
+                array = np.empty(count, OBJECT)
+                array[:] = list(values)
+                array = array.reshape(shape)
+            else:
+                array = np.asarray(values, dtype=dtype).reshape(shape)
         out[tensor.name] = array
     return out
 
 
 def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
     """Append one output, always as raw_output_contents (tritonclient decodes only raw)."""
-    array = describe_output(response, name, np.ascontiguousarray(array))
-    response.raw_output_contents.append(array.tobytes())
+    array = describe_output(response, name, contiguous(array))
+    response.raw_output_contents.append(serialize_bytes(array) if array.dtype == OBJECT else array.tobytes())
 
 
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited
@@ -147,7 +141,11 @@ def serialize_response(response: pb.ModelInferResponse, raw: list[np.ndarray]) -
     the wire, so the message parses as if the contents were set on it."""
     parts: list = [response.SerializeToString()]
     for array in raw:
-        array = np.ascontiguousarray(array)
+        if array.dtype == OBJECT:
+            data = serialize_bytes(array)
+            parts += [_RAW_OUTPUT_TAG, _varint(len(data)), data]
+            continue
+        array = contiguous(array)
         parts += [_RAW_OUTPUT_TAG, _varint(array.nbytes), array]  # join reads its buffer: no copy
     return b"".join(parts)  # exactly bytes: grpc refuses a subclass
 
@@ -160,14 +158,14 @@ def serialize_any(message) -> bytes:
 def describe_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> np.ndarray:
     """Append one output's description (name, datatype, shape); its bytes go in raw_output_contents
     (`encode_output` sets them, `serialize_response` appends them on the wire)."""
-    datatype = _OIP_OF.get(array.dtype)
+    datatype = oip_of(array.dtype)
     if datatype is None:
         raise ValueError(f"output {name}: unsupported dtype {array.dtype}")
     tensor = response.outputs.add()
     tensor.name = name
     tensor.datatype = datatype
     tensor.shape.extend(array.shape)
-    return array
+    return to_bytes_array(array) if datatype == "BYTES" else array
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
@@ -176,23 +174,38 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     for index, tensor in enumerate(response.outputs):
         dtype, field = DATATYPES[tensor.datatype]
         shape = tuple(tensor.shape)
+        count = math.prod(shape)
         if response.raw_output_contents:
-            out[tensor.name] = np.frombuffer(response.raw_output_contents[index], dtype=dtype).reshape(shape)
+            data = response.raw_output_contents[index]
+            if dtype == OBJECT:
+                out[tensor.name] = deserialize_bytes(data, count, f"output {tensor.name}").reshape(shape)
+            else:
+                out[tensor.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        elif dtype == OBJECT:
+            array = np.empty(count, OBJECT)
+            array[:] = list(tensor.contents.bytes_contents)
+            out[tensor.name] = array.reshape(shape)
         else:
             out[tensor.name] = np.asarray(getattr(tensor.contents, field), dtype=dtype).reshape(shape)
     return out
 
 
 def encode_input(request: pb.ModelInferRequest, name: str, array: np.ndarray, raw: bool = True) -> None:
-    """Client side: append one input, raw bytes (default) or typed contents."""
-    inv = {v[0]: k for k, v in DATATYPES.items() if k not in ("UINT8", "UINT16", "INT8", "INT16", "FP16")}
-    array = np.ascontiguousarray(array)
-    datatype = inv[array.dtype]
+    """Client side: append one input, raw bytes (default) or typed contents (FP16 has no typed
+    field: raw only). String, bytes and object arrays go as BYTES."""
+    array = contiguous(np.asarray(array))
+    datatype = oip_of(array.dtype)
+    if datatype is None:
+        raise ValueError(f"input {name}: numpy dtype {array.dtype} has no OIP datatype")
     tensor = request.inputs.add()
     tensor.name = name
     tensor.datatype = datatype
     tensor.shape.extend(array.shape)
+    if datatype == "BYTES":
+        array = to_bytes_array(array)
+    if not raw and datatype == "FP16":
+        raise ValueError(f"input {name}: FP16 has no typed contents field in OIP; send it raw")
     if raw:
-        request.raw_input_contents.append(array.tobytes())
+        request.raw_input_contents.append(serialize_bytes(array) if datatype == "BYTES" else array.tobytes())
     else:
         getattr(tensor.contents, DATATYPES[datatype][1]).extend(array.ravel().tolist())

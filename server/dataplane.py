@@ -21,27 +21,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.batcher import Batcher, BatchInfo, BatchPolicy
-from server.codec import DATATYPES, Limits
-from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError
+from server.batcher import Batcher, BatchInfo, BatchPolicy, Work
+from server.codec import Limits, check_shape
+from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
+from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
 from server.metrics import Metrics
-from server.proto import grpc_service_pb2 as pb
-from server.repository import ModelRepository, output_axes
+from server.repository import ModelRepository
 from server.runtime import ModelRuntime
 from server.sequences import SequenceStore, parse_sequence
+from server.signature import Signature, TensorSpec
 from server.stats import Statistics
 
 
 @dataclass
 class Prepared:
-    """A validated request: a padded batch ready for the runtime."""
+    """A validated request: complete feeds for the runtime, and what it asked for."""
 
     runtime: ModelRuntime
-    x: np.ndarray  # (B, T, F) float32
-    lengths: np.ndarray  # (B,) int64
-    outputs: list[str]
-    h0: np.ndarray | None = None  # (L*D, B, H) initial states (models exported with h0/c0)
-    c0: np.ndarray | None = None
+    work: Work  # feeds (defaults filled in), outputs to compute, rows, steps, merge key
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.work.outputs
+
+    @property
+    def feeds(self) -> dict[str, np.ndarray]:
+        return self.work.feeds
 
 
 @dataclass
@@ -71,28 +76,9 @@ class InferResponse:
     parameters: dict[str, object] = field(default_factory=dict)
 
 
-def to_parameter(key: str, value) -> pb.InferParameter:
-    """A plain parameter value as OIP's InferParameter (an integer of 2**63 or more as uint64)."""
-    if value is None:
-        return pb.InferParameter()
-    if isinstance(value, bool):
-        return pb.InferParameter(bool_param=value)
-    if isinstance(value, int):
-        if -(2**63) <= value < 2**63:
-            return pb.InferParameter(int64_param=value)
-        if 2**63 <= value < 2**64:
-            return pb.InferParameter(uint64_param=value)
-        raise InvalidArgument(f"parameter '{key}': integers must fit in 64 bits, got {value}")
-    if isinstance(value, float):
-        return pb.InferParameter(double_param=value)
-    if isinstance(value, str):
-        return pb.InferParameter(string_param=value)
-    raise InvalidArgument(f"parameter '{key}': expected a bool, integer, number or string, got {type(value).__name__}")
-
-
 def _sequence(parameters: dict[str, object]):
     keys = [k for k in ("sequence_id", "sequence_start", "sequence_end") if k in parameters]
-    return parse_sequence({k: to_parameter(k, parameters[k]) for k in keys}) if keys else None
+    return parse_sequence({k: parameters[k] for k in keys}) if keys else None
 
 
 @dataclass
@@ -125,19 +111,25 @@ INLINE_MAX_BYTES = 64 << 10
 
 
 def _oip(dtype: np.dtype) -> str:
-    return next((name for name, (dt, _) in DATATYPES.items() if dt == dtype), str(dtype))
+    return oip_of(dtype) or str(dtype)
 
 
-def _check_finite(name: str, array: np.ndarray, lengths: np.ndarray | None = None) -> None:
-    """NaN/Inf values are refused: ONNX Runtime's CPU LSTM turns a NaN input into finite outputs
-    (measured) where PyTorch gives NaN, so passing them on would answer with plausible numbers
-    that agree with nothing. For `x` only the valid steps count (padding is never read)."""
+def _check_finite(name: str, array: np.ndarray, spec: TensorSpec, lengths: np.ndarray | None = None) -> None:
+    """NaN/Inf values are refused in a recurrent model's sequence and state inputs: ONNX Runtime's
+    CPU LSTM turns a NaN input into finite outputs (measured) where PyTorch gives NaN, so passing
+    them on would answer with plausible numbers that agree with nothing. Only the valid steps count
+    (padding is never read)."""
+    if array.dtype.kind != "f":
+        return
     finite = np.isfinite(array)
     if finite.all():
         return
     bad = ~finite
     if lengths is not None:
-        bad &= (np.arange(array.shape[1])[None, :] < lengths[:, None])[..., None]
+        b, t = spec.batch_axis, spec.time_axis
+        valid = np.arange(array.shape[t])[None, :] < lengths[:, None]  # (B, T)
+        valid = valid.reshape(valid.shape + (1,) * (array.ndim - 2))
+        bad &= np.moveaxis(valid, (0, 1), (b, t))
         if not bad.any():
             return
     where = [int(i) for i in np.argwhere(bad)[0]]
@@ -147,91 +139,174 @@ def _check_finite(name: str, array: np.ndarray, lengths: np.ndarray | None = Non
     )
 
 
-def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
-    """Check names, dtypes, ranks, sizes and lengths; messages name the input and the expectation."""
-    known = [i.name for i in rt.inputs]
-    for name in arrays:
-        if name not in known:
-            raise InvalidArgument(f"unknown input '{name}' for model '{rt.name}'; expected {known}")
-    if "x" not in arrays:
-        raise InvalidArgument(f"missing required input 'x' (FP32, shape [batch, time, {rt.features}])")
-    x = arrays["x"]
-    if x.dtype != np.float32:
-        raise InvalidArgument(f"input 'x': datatype must be FP32, got {_oip(x.dtype)}")
-    if x.ndim != 3:
-        raise InvalidArgument(f"input 'x': expected rank 3 [batch, time, {rt.features}], got shape {list(x.shape)}")
-    batch, steps, features = x.shape
-    if features != rt.features:
-        raise InvalidArgument(f"input 'x': feature size must be {rt.features} (model '{rt.name}'), got {features}")
-    if batch < 1 or steps < 1:
-        raise InvalidArgument(f"input 'x': batch and time must be >= 1, got shape {list(x.shape)}")
-    rt.check_lengths(steps)
-    if "lengths" in arrays:
-        lengths = arrays["lengths"]
-        if lengths.dtype != np.int64:
-            raise InvalidArgument(f"input 'lengths': datatype must be INT64, got {_oip(lengths.dtype)}")
-        if lengths.shape != (batch,):
-            raise InvalidArgument(
-                f"input 'lengths': expected shape [{batch}] (one length per sequence of 'x'), got {list(lengths.shape)}"
-            )
-        bad = np.flatnonzero((lengths < 1) | (lengths > steps))
-        if bad.size:
-            i = int(bad[0])
-            raise InvalidArgument(
-                f"input 'lengths': every length must be in 1..{steps} (the time size of 'x'); "
-                f"lengths[{i}] = {int(lengths[i])}"
-            )
-    else:
-        lengths = np.full((batch,), steps, np.int64)
-    _check_finite("x", x, lengths)
-    states = {}
-    for name in rt.state_names:
-        if name in arrays:
-            expected = (rt.state_shape[0], batch, rt.state_shape[1])
-            value = arrays[name]
-            if value.dtype != np.float32:
-                raise InvalidArgument(f"input '{name}': datatype must be FP32, got {_oip(value.dtype)}")
-            if value.shape != expected:
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES input as ONNX Runtime takes string tensors: an object array of str (UTF-8 text)."""
+    flat = array.reshape(-1).tolist()
+    out = np.empty(len(flat), OBJECT)
+    for i, value in enumerate(flat):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
                 raise InvalidArgument(
-                    f"input '{name}': expected shape {list(expected)} (layers*directions, batch, hidden), "
-                    f"got {list(value.shape)}"
-                )
-            _check_finite(name, value)
-            states[name] = np.ascontiguousarray(value)
-    if states:  # a state not sent starts at zero (LSTM: h0 without c0 or the reverse)
-        for name in rt.state_names:
-            if name not in states:
-                states[name] = np.zeros_like(next(iter(states.values())))
-    names = rt.output_names
-    outputs = list(requested) or names
-    unknown = [n for n in outputs if n not in names]
-    if unknown:
-        raise InvalidArgument(f"requested output(s) {unknown} unknown; model '{rt.name}' has {names}")
-    if len(set(outputs)) != len(outputs):
-        raise InvalidArgument(f"requested outputs {outputs}: each may appear once")
-    return Prepared(
-        rt, np.ascontiguousarray(x), np.ascontiguousarray(lengths), outputs, states.get("h0"), states.get("c0")
-    )
+                    f"input '{name}': BYTES element {i} is not UTF-8 text (ONNX Runtime's string tensors hold text)"
+                ) from None
+        out[i] = str(value)
+    return out.reshape(array.shape)
 
 
-def axes_json(rt: ModelRuntime) -> dict[str, dict[str, int]]:
-    """{tensor: {"batch": axis, "time": axis}} as the model file names them: what a client needs to
-    split a batched response per sequence (ModelMetadata header `lstm-axes`, config parameter `axes`)."""
-    out: dict[str, dict[str, int]] = {}
-    for t in rt.inputs + rt.outputs:
-        dims = {k: v for k, v in (("batch", t.batch_axis), ("time", t.time_axis)) if v is not None}
-        if dims:
-            out[t.name] = dims
+def _fixed(spec: TensorSpec, rows: int) -> list[int] | None:
+    """The shape of `spec` for `rows` sequences, None when a dim other than the batch is free."""
+    shape = list(spec.shape)
+    if spec.batch_axis is not None:
+        shape[spec.batch_axis] = rows
+    return None if any(d < 0 for d in shape) else shape
+
+
+def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every state input for `rows` sequences: what the client sent, else the config's
+    initial_state (repeated along the batch axis), else zeros."""
+    given = given or {}
+    out = {}
+    for pair in sig.states:
+        if pair.input in given:
+            out[pair.input] = given[pair.input]
+            continue
+        spec = sig.input(pair.input)
+        if pair.initial is not None:
+            value = pair.initial
+            if spec.batch_axis is not None and rows != 1:
+                value = np.repeat(value, rows, axis=spec.batch_axis)
+            out[pair.input] = value
+            continue
+        shape = _fixed(spec, rows)
+        if shape is None:
+            raise InvalidArgument(
+                f"input '{pair.input}' must be sent: its shape {spec.shape} is not fixed, so the server cannot "
+                "start it at zeros"
+            )
+        out[pair.input] = np.zeros(shape, numpy_dtype(spec.datatype))
     return out
 
 
-# OIP datatype names -> Triton's model_config DataType values.
-_TRITON_TYPES = {
-    "BOOL": pb.TYPE_BOOL, "UINT8": pb.TYPE_UINT8, "UINT16": pb.TYPE_UINT16, "UINT32": pb.TYPE_UINT32,
-    "UINT64": pb.TYPE_UINT64, "INT8": pb.TYPE_INT8, "INT16": pb.TYPE_INT16, "INT32": pb.TYPE_INT32,
-    "INT64": pb.TYPE_INT64, "FP16": pb.TYPE_FP16, "FP32": pb.TYPE_FP32, "FP64": pb.TYPE_FP64,
-    "BYTES": pb.TYPE_STRING, "BF16": pb.TYPE_BF16,
-}  # fmt: skip
+def _work_key(sig: Signature, feeds: dict[str, np.ndarray]) -> tuple:
+    """Requests merge only when every dim that is not the batch (nor the ragged input's time
+    axis) agrees, and datatypes too."""
+    key = []
+    for name in sorted(feeds):
+        spec = sig.input(name)
+        array = feeds[name]
+        skip = {spec.batch_axis}
+        if name == sig.ragged:
+            skip.add(spec.time_axis)
+        key.append((name, array.dtype.str, tuple(d for i, d in enumerate(array.shape) if i not in skip)))
+    return tuple(key)
+
+
+def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
+    """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
+    signature; fill in what may be left out (lengths: full; states: initial). Messages name the
+    input and what was expected."""
+    sig = rt.signature
+    known = [t.name for t in sig.all_inputs]
+    for name in arrays:
+        if name not in known:
+            raise InvalidArgument(f"unknown input {clip(name)} for model '{rt.name}'; expected {sig.input_names}")
+    for spec in sig.inputs:
+        if not spec.optional and spec.name not in arrays:
+            raise InvalidArgument(
+                f"missing required input '{spec.name}' ({spec.datatype}, shape {spec.shape}) for model '{rt.name}'"
+            )
+    rows, rows_from, steps = None, None, None
+    for name, array in arrays.items():
+        spec = sig.input(name)
+        want = numpy_dtype(spec.datatype)
+        if array.dtype != want and not (want == OBJECT and array.dtype.kind in "OSU"):
+            raise InvalidArgument(f"input '{name}': datatype must be {spec.datatype}, got {_oip(array.dtype)}")
+        if array.ndim != spec.rank:
+            raise InvalidArgument(
+                f"input '{name}': expected rank {spec.rank} (shape {spec.shape}), got shape {list(array.shape)}"
+            )
+        if name == sig.lengths:
+            continue  # checked below, against the ragged input
+        for axis, (got, expected) in enumerate(zip(array.shape, spec.shape)):
+            if axis == spec.batch_axis:
+                if rows is None:
+                    rows, rows_from = got, name
+                elif got != rows:
+                    raise InvalidArgument(
+                        f"input '{name}': batch size {got} (axis {axis}) differs from input '{rows_from}' ({rows})"
+                    )
+            elif name == sig.ragged and axis == spec.time_axis:
+                steps = got
+                if sig.static_length is not None and got > sig.static_length:
+                    raise InvalidArgument(
+                        f"input '{name}': {got} time steps, but static model '{rt.name}' takes at most "
+                        f"{sig.static_length} (its fixed T); use the dynamic model for longer sequences"
+                    )
+            elif expected >= 0 and got != expected:
+                raise InvalidArgument(
+                    f"input '{name}': dim {axis} must be {expected} (model '{rt.name}' takes shape {spec.shape}), "
+                    f"got shape {list(array.shape)}"
+                )
+    if rows is not None and rows < 1 or steps is not None and steps < 1:
+        which = rows_from if rows is not None and rows < 1 else sig.ragged
+        raise InvalidArgument(f"input '{which}': batch and time must be >= 1, got shape {list(arrays[which].shape)}")
+    if rows is None:
+        rows = 1  # no batch axis: one request is one sequence
+    feeds = {name: _as_text(name, a) if a.dtype == OBJECT or a.dtype.kind in "SU" else contiguous(a)
+             for name, a in arrays.items()}  # fmt: skip
+    lengths = None
+    if sig.lengths is not None and sig.ragged in feeds:
+        lspec = sig.input(sig.lengths)
+        dtype = numpy_dtype(lspec.datatype)
+        if sig.lengths in feeds:
+            lengths = feeds[sig.lengths]
+            if lengths.shape != (rows,):
+                raise InvalidArgument(
+                    f"input '{sig.lengths}': expected shape [{rows}] (one length per sequence of '{sig.ragged}'), "
+                    f"got {list(lengths.shape)}"
+                )
+            bad = np.flatnonzero((lengths < 1) | (lengths > steps))
+            if bad.size:
+                i = int(bad[0])
+                raise InvalidArgument(
+                    f"input '{sig.lengths}': every length must be in 1..{steps} (the time size of '{sig.ragged}'); "
+                    f"{sig.lengths}[{i}] = {int(lengths[i])}"
+                )
+        else:
+            lengths = feeds[sig.lengths] = np.full((rows,), steps, dtype)
+        _check_finite(sig.ragged, feeds[sig.ragged], sig.input(sig.ragged), lengths)
+    for pair in sig.states:
+        if pair.input in feeds:
+            _check_finite(pair.input, feeds[pair.input], sig.input(pair.input))
+    for name, array in feeds.items():
+        spec = sig.input(name)
+        if spec.value_range is not None and array.size:
+            lo, hi = spec.value_range
+            bad = np.flatnonzero((array < lo) | (array > hi))
+            if bad.size:
+                where = [int(i) for i in np.unravel_index(int(bad[0]), array.shape)]
+                raise InvalidArgument(
+                    f"input '{name}': values must be in {lo}..{hi} (token ids below the vocabulary size "
+                    f"{hi + 1}); {name}{where} = {int(array.reshape(-1)[bad[0]])}"
+                )
+    if sig.states:
+        feeds.update(initial_state(sig, rows, feeds))
+    names = sig.output_names
+    outputs = list(requested) or names
+    unknown = [n for n in outputs if n not in names]
+    if unknown:
+        raise InvalidArgument(f"requested output(s) {clip(unknown)} unknown; model '{rt.name}' has {names}")
+    if len(set(outputs)) != len(outputs):
+        raise InvalidArgument(f"requested outputs {clip(outputs)}: each may appear once")
+    if sig.ragged is not None and sig.ragged in feeds:
+        x = feeds[sig.ragged]
+        cells = x.size // max(1, rows * steps)
+    else:
+        cells = max((a.size // rows for a in feeds.values()), default=1)
+    key = _work_key(sig, feeds) if sig.batching_rule != "none" else ()
+    return Prepared(rt, Work(feeds, outputs, rows, steps if sig.ragged is not None else None, key, cells))
 
 
 class DataPlane:
@@ -257,36 +332,20 @@ class DataPlane:
         self.policy = policy or BatchPolicy(enabled=False)
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
-        repository.on_retire = self._retire
-        repository.config_check = lambda name, config: self.policy_from_config(name, config)
         self.sequences = sequences if sequences is not None else SequenceStore()
 
     # -- batching ---------------------------------------------------------------------------
     def policy_for(self, rt: ModelRuntime) -> BatchPolicy:
-        """Server defaults, overridden by the model's config.json {"batching": {...}}."""
-        return self.policy_from_config(rt.name, rt.model_config)
-
-    def policy_from_config(self, name: str, config: dict) -> BatchPolicy:
-        """Checked when a model loads (a bad config.json fails the load, not every request)."""
-        override = config.get("batching", {})
-        if not isinstance(override, dict):
-            raise InvalidArgument(f"model '{name}' config.json: 'batching' must be an object")
-        fields = {f.name for f in dataclasses.fields(BatchPolicy)}
-        unknown = sorted(set(override) - fields)
-        if unknown:
-            raise InvalidArgument(f"model '{name}' config.json: unknown batching option(s) {unknown}")
-        try:
-            return dataclasses.replace(self.policy, **override)
-        except (ValueError, TypeError) as exc:
-            raise InvalidArgument(f"model '{name}' config.json: {exc}") from None
+        """The model's batching policy (server defaults + its config), settled when it loaded."""
+        return rt.policy if rt.policy is not None else self.policy
 
     def _batcher(self, rt: ModelRuntime) -> Batcher | None:
         if rt.batcher is None:
-            with self._lock:
+            with rt.lock:  # with ModelRuntime.retire(): no batcher is created for a retired version
                 if rt.batcher is None:
                     policy = self.policy_for(rt)
-                    if not policy.enabled or not rt.batchable:  # no batch axis named in the file: unbatched
-                        rt.batcher = False
+                    if rt.retired or not policy.enabled or not rt.batchable:
+                        rt.batcher = False  # no batch axis in some tensor: each request runs alone
                     else:
                         rt.batcher = Batcher(
                             f"{rt.name}:{rt.version}",
@@ -294,7 +353,7 @@ class DataPlane:
                             policy,
                             on_batch=lambda info, rt=rt: self._on_batch(rt, info),
                             executor=self.executor,
-                            axes=rt.output_axes,
+                            signature=rt.signature,
                         )
         return rt.batcher or None
 
@@ -306,13 +365,6 @@ class DataPlane:
         m.batch_requests.labels(rt.name).observe(info.requests)
         m.padding.labels(rt.name).observe(info.padding_fraction)
 
-    def _retire(self, runtimes: list[ModelRuntime]) -> None:
-        with self._lock:  # with _batcher(): no batcher is created for a retired version later
-            for rt in runtimes:
-                if rt.batcher:
-                    rt.batcher.close()  # queued requests still run, then its threads exit
-                rt.batcher = False  # late requests on this version run directly
-
     def _execute(self, p: Prepared, deadline: float | None, inline: bool):
         """Steps (see `_steps`) that run a prepared request; returns (outputs, queue_ns, infer_ns)."""
         rt = p.runtime
@@ -320,18 +372,19 @@ class DataPlane:
         if batcher is not None:
             # inline: an idle batcher runs the request in this (the caller's) thread; else it is
             # queued for the batcher's own thread (an event loop must not run ONNX Runtime)
-            future = batcher.submit(p.x, p.lengths, p.outputs, deadline, p.h0, p.c0, inline=inline)
+            future = batcher.submit(p.work, deadline, inline=inline)
             self.metrics.queue_depth.labels(rt.name).set(batcher.queue_depth())
             # the client's deadline bounds the wait (a request expired in the queue is not run)
             result, queue_ns, info = yield _Wait(future, deadline, rt.name)
             self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
             return result, max(queue_ns, 0), info.infer_ns
         t0 = time.perf_counter_ns()
-        out = yield _Call(rt.run, (p.x, p.lengths, p.outputs, p.h0, p.c0))
+        out = yield _Call(rt.run, (p.feeds, p.outputs))
         infer_ns = time.perf_counter_ns() - t0
-        steps = p.x.shape[1]
-        pad = 1.0 - float(p.lengths.sum()) / (p.x.shape[0] * steps)
-        self._on_batch(rt, BatchInfo(1, p.x.shape[0], steps, pad, infer_ns))
+        steps = p.work.steps or 1
+        sig = rt.signature
+        pad = 1.0 - float(p.feeds[sig.lengths].sum()) / (p.work.rows * steps) if sig.lengths in p.feeds else 0.0
+        self._on_batch(rt, BatchInfo(1, p.work.rows, steps, pad, infer_ns))
         return out, 0, infer_ns
 
     # -- requests ---------------------------------------------------------------------------
@@ -406,6 +459,7 @@ class DataPlane:
             args = (rt, request.inputs, list(request.outputs))
             large = sum(a.nbytes for a in request.inputs.values()) > _VALIDATE_INLINE_BYTES
             prepared = (yield _Call(validate, args)) if large else validate(*args)
+            self._check_rows(prepared)
             return (yield from self._respond(rt, request, prepared, start, inline))
         except ServingError as exc:
             code = exc.code.name
@@ -425,77 +479,80 @@ class DataPlane:
             self.metrics.latency.labels(label).observe(elapsed / 1e9)
 
     def _check_limits(self, inputs: dict[str, np.ndarray]) -> None:
-        """--max-elements per tensor (frontends also check shapes before they allocate) and
-        --max-request-batch sequences per request."""
-        limit = self.limits.max_elements
+        """--max-elements per tensor, for callers that hand the data plane arrays directly (the
+        frontends check the same, with the same function, before they allocate anything)."""
         for name, array in inputs.items():
-            if array.size > limit or any(d > limit for d in array.shape):
-                raise ResourceExhausted(
-                    f"input '{name}': shape {list(array.shape)} is {array.size} elements, "
-                    f"more than the limit of {limit} (or a dimension above it)"
-                )
-        x = inputs.get("x")
-        if x is not None and x.ndim >= 1 and x.shape[0] > self.limits.max_batch:
+            check_shape(name, array.shape, self.limits)
+
+    def _check_rows(self, prepared: Prepared) -> None:
+        """--max-request-batch sequences per request."""
+        if prepared.work.rows > self.limits.max_batch:
             raise ResourceExhausted(
-                f"input 'x': {x.shape[0]} sequences exceed the per-request limit of {self.limits.max_batch}"
+                f"{prepared.work.rows} sequences in one request exceed the per-request limit of {self.limits.max_batch}"
             )
 
     def _respond(self, rt: ModelRuntime, request: InferRequest, prepared: Prepared, start: int, inline: bool,
                  returned=None, after=None):  # fmt: skip
         """Steps that run a prepared request and build its response. `returned`: outputs the
         client gets (default: all that ran); `after(outputs)`: called with the outputs first."""
-        self._check_response_size(prepared, returned or prepared.outputs, request)
+        names = returned if returned is not None else prepared.outputs
+        self._check_response_size(prepared, names, request)
         t_in = time.perf_counter_ns()
         outputs, queue_ns, infer_ns = yield from self._execute(prepared, request.deadline, inline)
         if after is not None:
             after(outputs)
         t_run = time.perf_counter_ns()
-        response = InferResponse(
-            rt.name, str(rt.version), request.id, {name: outputs[name] for name in returned or prepared.outputs}
-        )
+        response = InferResponse(rt.name, str(rt.version), request.id, {name: outputs[name] for name in names})
+        if self.output_shapes(prepared, names) is None:  # not sized ahead: check what came out
+            self._check_size(sum(_nbytes(a) for a in response.outputs.values()), request, {
+                n: (list(a.shape), _nbytes(a)) for n, a in response.outputs.items()})  # fmt: skip
         end = time.perf_counter_ns()
         self.stats.record_success(
-            rt.name, rt.version, end - start, queue_ns, t_in - start, infer_ns, end - t_run, prepared.x.shape[0]
+            rt.name, rt.version, end - start, queue_ns, t_in - start, infer_ns, end - t_run, prepared.work.rows
         )
         return response
 
     def output_shapes(self, prepared: Prepared, names: list[str]) -> dict[str, tuple[list[int], int]] | None:
         """The shape and bytes each output will have, from the request's batch and time and the
-        axes probed when the model version loaded (`repository.output_axes`), before anything
-        runs; None when that version's outputs could not be probed."""
+        layout probed when the model version loaded (`repository.probe_output_layout`), before
+        anything runs; None when that version's outputs could not be probed (or are strings)."""
         rt = prepared.runtime
-        axes = output_axes(rt)
-        if not axes:
+        layout = rt.output_layout
+        if not layout or any(n not in layout for n in names):
             return None
-        size = {"batch": prepared.x.shape[0], "time": prepared.x.shape[1]}
-        datatypes = {o.name: o.datatype for o in rt.outputs}
+        size = {"batch": prepared.work.rows, "time": prepared.work.steps or 1}
         shapes = {}
         for name in names:
-            dims = [size.get(axis, axis) for axis in axes[name]]
-            itemsize = DATATYPES[datatypes[name]][0].itemsize if datatypes.get(name) in DATATYPES else 8
-            shapes[name] = (dims, math.prod(dims) * itemsize)  # Python ints: exact, ~10x faster than np.prod
+            spec = rt.signature.output(name)
+            if spec is None or spec.datatype == "BYTES":
+                return None
+            dims = [size.get(axis, axis) for axis in layout[name]]
+            shapes[name] = (dims, math.prod(dims) * numpy_dtype(spec.datatype).itemsize)
         return shapes
 
     def _check_response_size(self, prepared: Prepared, names: list[str], request) -> None:
         """RESOURCE_EXHAUSTED before any compute when the response could not be sent."""
         shapes = self.output_shapes(prepared, names)
-        if shapes is None:
-            return
+        if shapes is not None:
+            self._check_size(sum(size for _, size in shapes.values()), request, shapes)
+
+    def _check_size(self, payload: int, request, shapes: dict) -> None:
         # protobuf framing: names, datatypes, shapes, the echoed id and parameters (generous)
-        total = sum(size for _, size in shapes.values()) + 1024 + len(request.id) + 64 * len(shapes)
+        total = payload + 1024 + len(request.id) + 64 * len(shapes)
         if total > self.max_message_bytes:
             parts = ", ".join(f"'{n}' {dims} = {size:,} B" for n, (dims, size) in shapes.items())
             raise ResourceExhausted(
                 f"the response would be about {total:,} bytes (outputs {parts}), more than the message limit of "
-                f"{self.max_message_bytes:,} bytes (--max-message-mb); request fewer outputs (e.g. only 'h_n'), "
+                f"{self.max_message_bytes:,} bytes (--max-message-mb); request fewer outputs, "
                 "or fewer or shorter sequences per request"
             )
 
-    def record_send_failure(self, response: InferResponse | pb.ModelInferResponse, code, elapsed_ns: int) -> None:
+    def record_send_failure(self, response, code, elapsed_ns: int) -> None:
         """For frontends: the response `infer`/`infer_async` returned (counted OK) could not be sent
         (a gRPC write or REST socket write raised, the call was cancelled or its deadline passed
         before the reply went out). Moves the request from success to fail in ModelStatistics and
-        counts it in lstm_send_failures_total{model, code}. `code`: a grpc.StatusCode or its name;
+        counts it in lstm_send_failures_total{model, code}. `response`: the InferResponse (or
+        anything with model_name and model_version); `code`: a grpc.StatusCode or its name;
         `elapsed_ns`: receipt to failure, as the frontend measured it."""
         try:
             version = int(response.model_version)
@@ -519,129 +576,200 @@ class DataPlane:
                         f"sequence {seq_id!r} started on version {pinned} of model '{rt.name}', which is no longer "
                         "loaded; its state is freed: start it again with sequence_start"
                     ) from None
-        if rt.state_shape is None:
+        sig = rt.signature
+        if not sig.stateful:
             raise InvalidArgument(
-                f"model '{rt.name}' has no initial-state inputs (h0, or h0 and c0), so it cannot keep state between "
-                "chunks; export it with `python -m export --initial-state`"
+                f"model '{rt.name}' keeps no state between requests (no state inputs: h0/c0 of a "
+                "`python -m export --initial-state` export, or config.pbtxt sequence_batching.state), so it "
+                "cannot continue a sequence across chunks"
             )
-        if rt.bidirectional:
+        if sig.bidirectional:
             raise InvalidArgument(
                 f"model '{rt.name}' is bidirectional: its backward direction needs the whole sequence, so it "
                 "cannot be streamed in chunks; send whole sequences, or use a unidirectional model"
             )
         arrays = request.inputs
-        if not first and ("h0" in arrays or "c0" in arrays):
+        sent_state = [n for n in sig.state_input_names() if n in arrays]
+        if not first and sent_state:
             raise InvalidArgument(
-                "inputs 'h0'/'c0' are only accepted with sequence_start; later chunks continue from the state "
-                "the server keeps"
+                f"input(s) {sent_state} are only accepted with sequence_start; later chunks continue from the "
+                "state the server keeps"
             )
         if not arrays and not last:
-            raise InvalidArgument("missing required input 'x' (only a sequence_end request may carry no inputs)")
-        prepared = validate(rt, arrays, list(request.outputs)) if arrays else None
-        if prepared is not None and prepared.x.shape[0] != 1:
+            required = [t.name for t in sig.inputs if not t.optional]
             raise InvalidArgument(
-                f"input 'x': a sequence chunk carries one sequence (batch 1), got batch {prepared.x.shape[0]}"
+                f"missing required input(s) {required} (only a sequence_end request may carry no inputs)"
             )
-        ld, hidden = rt.state_shape
-        zeros = np.zeros((ld, 1, hidden), np.float32)
-        h0 = prepared.h0 if prepared is not None and prepared.h0 is not None else zeros
-        c0 = prepared.c0 if prepared is not None and prepared.c0 is not None else zeros
-        if "c0" not in rt.state_names:  # GRU and RNN carry one state
-            c0 = None
-        state_outputs = rt.state_outputs  # ["h_n", "c_n"] (LSTM) or ["h_n"]
-        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, h0, c0)
+        prepared = validate(rt, arrays, list(request.outputs)) if arrays else None
+        if prepared is not None and prepared.work.rows != 1:
+            first_batched = next((t.name for t in sig.inputs if t.batch_axis is not None and t.name in arrays), "")
+            raise InvalidArgument(
+                f"input '{first_batched}': a sequence chunk carries one sequence (batch 1), got batch "
+                f"{prepared.work.rows}"
+            )
+        initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
+        triton = rt.model_config.get("triton")
+        idle_s = triton.idle_us / 1e6 if triton is not None and triton.idle_us else None
+        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s)
         stored: dict[str, np.ndarray] = {}
+        pairs = sig.states
         try:
             if state.version != rt.version:  # pinned above; only a restart in between gets here
                 raise NotFound(f"sequence {seq_id!r}: its version changed while this chunk was prepared; retry")
+            visible = [p for p in pairs if not p.implicit]
             if prepared is None:  # end without data: return the final state and free it
-                stored = {"h_n": state.h, "c_n": state.c} if "c_n" in state_outputs else {"h_n": state.h}
-                wanted = list(request.outputs) or state_outputs
-                bad = [n for n in wanted if n not in stored]
+                current = {p.output: state.state[p.input] for p in visible}
+                wanted = list(request.outputs) or [p.output for p in visible]
+                bad = [n for n in wanted if n not in current]
                 if bad:
                     raise InvalidArgument(
-                        f"an end-only sequence request returns {' and '.join(state_outputs)}, not {bad}"
+                        f"an end-only sequence request returns {' and '.join(current) or 'nothing'}, not {clip(bad)}"
                     )
-                response = InferResponse(rt.name, str(rt.version), request.id, {n: stored[n] for n in wanted})
+                stored = dict(state.state)
+                response = InferResponse(rt.name, str(rt.version), request.id, {n: current[n] for n in wanted})
             else:
                 returned = prepared.outputs
-                prepared = dataclasses.replace(
-                    prepared, runtime=rt, h0=state.h, c0=state.c,
-                    outputs=sorted(set(prepared.outputs) | set(state_outputs)),
+                feeds = {**prepared.feeds, **state.state}
+                work = dataclasses.replace(
+                    prepared.work, feeds=feeds, outputs=sorted(set(returned) | {p.output for p in pairs}),
+                    key=_work_key(sig, feeds) if prepared.work.key else (),
                 )  # fmt: skip
-                response = yield from self._respond(rt, request, prepared, start, inline, returned, stored.update)
+
+                def keep(outputs):
+                    stored.update({p.input: outputs[p.output] for p in pairs})
+
+                response = yield from self._respond(rt, request, Prepared(rt, work), start, inline, returned, keep)
         except BaseException:
-            self.sequences.release(rt.name, seq_id, None, None, False)
+            self.sequences.release(rt.name, seq_id, None, False)
             raise
-        self.sequences.release(rt.name, seq_id, stored["h_n"], stored.get("c_n"), last)
+        self.sequences.release(rt.name, seq_id, stored, last)
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
         response.parameters["sequence_end"] = last
         return response
 
-    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
-        """Triton's ModelConfig view of a model version (what tritonclient's get_model_config reads).
+    # -- what the model is ------------------------------------------------------------------
+    def model_config(self, name: str, version: str) -> dict:
+        """Triton's ModelConfig of a model version as plain data (the JSON form of the message;
+        the frontends build their wire format from it).
 
-        max_batch_size is 0: the dims below are whole shapes, batch included, because the batch axis
-        is not first in every tensor (h0/c0/h_n/c_n are [layers*directions, batch, hidden]). The
-        server still merges concurrent requests along each tensor's batch axis: dynamic_batching
-        says so when it is on (for models with h0/c0 inputs, sequence_batching takes its place, as
-        upstream allows only one). Everything else this server knows (export metadata, execution
-        provider, static length, the full batching policy) is in `parameters`, as strings.
-        """
+        Without a config.pbtxt, max_batch_size is 0: the dims are whole shapes, batch included,
+        because the batch axis is not first in every tensor (h0/c0/h_n/c_n are [layers*directions,
+        batch, hidden]); the server still merges concurrent requests along each tensor's batch
+        axis: dynamic_batching says so when it is on (for stateful models sequence_batching takes
+        its place, as upstream allows only one). With a config.pbtxt of max_batch_size > 0 the dims
+        leave the batch (axis 0) out, as in the file. Everything else this server knows (export
+        metadata, execution provider, static length, axes, the full batching policy) is in
+        `parameters`, as strings."""
         rt = self.repository.get(name, version)
+        sig = rt.signature
         policy = self.policy_for(rt)
-        optional = {"lengths", "h0", "c0"}  # validate(): lengths default to full, states to zeros
-        config = pb.ModelConfig(
-            name=rt.name,
-            platform="onnxruntime_onnx",
-            backend="onnxruntime",
-            max_batch_size=0,
-            version_policy=pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All()),
-        )
-        for t in rt.inputs:
-            config.input.add(
-                name=t.name, data_type=_TRITON_TYPES[t.datatype], dims=t.shape, optional=t.name in optional
-            )
-        for t in rt.outputs:
-            config.output.add(name=t.name, data_type=_TRITON_TYPES[t.datatype], dims=t.shape)
+        triton = rt.model_config.get("triton")
+        mbs = sig.max_batch_size
+
+        def dims(t: TensorSpec) -> list[int]:
+            if mbs > 0 and t.batch_axis is not None:
+                return [d for i, d in enumerate(t.shape) if i != t.batch_axis]
+            return list(t.shape)
+
+        def tensor(t: TensorSpec, output: bool = False) -> dict:
+            entry = {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims(t)}
+            if t.model_shape is not None:
+                shape = t.model_shape if not (mbs > 0 and t.batch_axis is not None) else [
+                    d for i, d in enumerate(t.model_shape) if i != t.batch_axis]  # fmt: skip
+                entry["reshape"] = {"shape": shape}
+            if not output:
+                entry["optional"] = t.optional
+            return entry
+
         gpu = rt.provider == "CUDAExecutionProvider"
-        config.instance_group.add(
-            name=f"{rt.name}_0",
-            count=policy.instances if policy.enabled else 1,
-            kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU,
-        )
-        if rt.state_shape is not None:  # one of the two (a oneof upstream); batching stays in `parameters`
-            config.sequence_batching.max_sequence_idle_microseconds = int(self.sequences.idle_s * 1e6)
+        config: dict = {
+            "name": rt.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": mbs,
+            "input": [tensor(t) for t in sig.inputs],
+            "output": [tensor(t, True) for t in sig.outputs],
+            "instance_group": [
+                {
+                    "name": f"{rt.name}_0",
+                    "count": policy.instances if policy.enabled else 1,
+                    "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                }
+            ],  # fmt: skip
+        }
+        vp = triton.version_policy if triton is not None else ("all",)
+        config["version_policy"] = (
+            {"latest": {"num_versions": vp[1]}} if vp[0] == "latest"
+            else {"specific": {"versions": list(vp[1])}} if vp[0] == "specific" else {"all": {}}
+        )  # fmt: skip
+        if sig.stateful:  # one of the two (a oneof upstream); batching stays in `parameters`
+            idle_us = triton.idle_us if triton is not None and triton.idle_us else int(self.sequences.idle_s * 1e6)
+            seq: dict = {"max_sequence_idle_microseconds": idle_us}
+            implicit = [p for p in sig.states if p.implicit]
+            if implicit:
+                seq["state"] = []
+                for p in implicit:
+                    spec = sig.input(p.input)
+                    entry = {"input_name": p.input, "output_name": p.output,
+                             "data_type": triton_type(spec.datatype), "dims": dims(spec)}  # fmt: skip
+                    entry["initial_state"] = [
+                        {
+                            "data_type": entry["data_type"],
+                            "dims": entry["dims"],
+                            "name": f"{p.input}_initial",
+                            "zero_data": p.initial is None,
+                        }
+                    ]
+                    if p.initial is not None:
+                        del entry["initial_state"][0]["zero_data"]
+                        entry["initial_state"][0]["data_file"] = f"{p.input}_initial"
+                    seq["state"].append(entry)
+            config["sequence_batching"] = seq
         elif policy.enabled:
-            config.dynamic_batching.max_queue_delay_microseconds = policy.max_queue_delay_us
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
         params = {f"export.{k}": str(v) for k, v in rt.export_metadata.items()}
+        if triton is not None:
+            params.update(triton.parameters)
         params["execution_provider"] = rt.provider
-        if rt.static_length is not None:
-            params["static_length"] = str(rt.static_length)
-        params["axes"] = json.dumps(axes_json(rt), sort_keys=True)
+        if sig.static_length is not None:
+            params["static_length"] = str(sig.static_length)
+        params["axes"] = json.dumps(sig.axes_json(), sort_keys=True)
+        params["batching_rule"] = sig.batching_rule
+        params["roles"] = json.dumps(sig.roles_json(), sort_keys=True)
         params["model_version"] = str(rt.version)
         params.update({f"batching.{k}": json.dumps(v) for k, v in dataclasses.asdict(policy).items()})
-        for key, value in sorted(params.items()):
-            config.parameters[key].string_value = value
-        return pb.ModelConfigResponse(config=config)
+        config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}
+        return config
 
-    def model_metadata(self, name: str, version: str) -> tuple[pb.ModelMetadataResponse, dict[str, str]]:
+    def model_metadata(self, name: str, version: str) -> tuple[dict, dict[str, str]]:
+        """Model metadata as plain data ({name, versions, platform, inputs, outputs}) and what this
+        server adds (export metadata, provider, batching, axes) as headers."""
         rt = self.repository.get(name, version)
         entry = self.repository.entry(name)
         versions = sorted(entry.versions) if entry else [rt.version]
-        response = pb.ModelMetadataResponse(
-            name=rt.name, versions=[str(v) for v in versions], platform="onnxruntime_onnx"
-        )
-        for info, target in ((rt.inputs, response.inputs), (rt.outputs, response.outputs)):
-            for t in info:
-                target.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        sig = rt.signature
+        metadata = {
+            "name": rt.name,
+            "versions": [str(v) for v in versions],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in sig.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in sig.outputs],
+        }
         policy = self.policy_for(rt)
         headers = {
             "lstm-export-metadata": json.dumps(rt.export_metadata, sort_keys=True),
             "lstm-provider": rt.provider,
-            "lstm-static-length": str(rt.static_length or ""),
+            "lstm-static-length": str(sig.static_length or ""),
             "lstm-model-version": str(rt.version),
             "lstm-batching": json.dumps(dataclasses.asdict(policy), sort_keys=True),
-            "lstm-axes": json.dumps(axes_json(rt), sort_keys=True),
+            "lstm-batching-rule": sig.batching_rule,
+            "lstm-axes": json.dumps(sig.axes_json(), sort_keys=True),
+            "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
-        return response, headers
+        return metadata, headers
+
+
+def _nbytes(array: np.ndarray) -> int:
+    if array.dtype == OBJECT:
+        return sum(len(v) + 4 for v in array.reshape(-1).tolist())
+    return array.nbytes

@@ -54,8 +54,9 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
     options = runtime_options(settings)
     providers = select_providers(options)
     log.info("execution provider in use: %s", providers.kind)
+    policy = batch_policy(settings)
     repository = ModelRepository(
-        settings.model_repository, providers, options, settings.model_control_mode, settings.exit_on_error
+        settings.model_repository, providers, options, settings.model_control_mode, settings.exit_on_error, policy
     )
     metrics = metrics or Metrics()
     metrics.provider.labels(providers.kind).set(1)
@@ -69,7 +70,7 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
         repository,
         Statistics(),
         Limits(settings.max_elements, settings.max_request_batch),
-        batch_policy(settings),
+        policy,
         metrics,
         SequenceStore(settings.max_sequences, settings.sequence_idle_s, sequences_changed),
         max_message_bytes=settings.max_message_mb << 20,

@@ -14,6 +14,7 @@ import contextlib
 import logging
 
 import grpc
+from google.protobuf import json_format
 
 from server.dataplane import DataPlane
 from server.errors import ResourceExhausted, Unavailable, to_status
@@ -113,11 +114,17 @@ def server_metadata() -> pb.ServerMetadataResponse:
 def model_metadata(plane: DataPlane, name: str, version: str = "") -> tuple[pb.ModelMetadataResponse, dict[str, str]]:
     """Triton's model metadata, and what this server adds (export metadata, provider, batching)
     as headers (gRPC initial metadata)."""
-    return plane.model_metadata(name, version)
+    data, headers = plane.model_metadata(name, version)
+    response = pb.ModelMetadataResponse(name=data["name"], versions=data["versions"], platform=data["platform"])
+    for key, target in (("inputs", response.inputs), ("outputs", response.outputs)):
+        for t in data[key]:
+            target.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+    return response, headers
 
 
 def model_config(plane: DataPlane, name: str, version: str = "") -> pb.ModelConfigResponse:
-    return plane.model_config(name, version)
+    """Triton's ModelConfig message, from the data plane's plain description."""
+    return pb.ModelConfigResponse(config=json_format.ParseDict(plane.model_config(name, version), pb.ModelConfig()))
 
 
 def model_ready(plane: DataPlane, name: str, version: str, server_ready: bool) -> bool:

@@ -1,66 +1,132 @@
-"""Triton's per-model `config.pbtxt`, read with protobuf's text format against the project's own
-ModelConfig (protos/grpc_service.proto, a subset of Triton's), and mapped onto what a per-model
-`config.json` says: `{"batching": {...}}` (the fields of server.batcher.BatchPolicy).
+"""Triton's per-model `config.pbtxt`, parsed with protobuf's text format against Triton's own
+ModelConfig messages (copied into protos/grpc_service.proto), so any file Triton reads parses here.
 
-What is read, and what it means here:
+Every field set in the file is in exactly one of three lists:
 
-- `max_batch_size: N` (N >= 1): at most N sequences in one merged run (`batching.max_batch`);
-  0 or absent: the server's `--max-batch`.
-- `dynamic_batching { max_queue_delay_microseconds: D }`: the oldest request waits at most D µs
-  for company (`batching.max_queue_delay_us`; 0 or absent: the server's `--max-queue-delay-us`).
-  `preferred_batch_size` is accepted only as `[max_batch_size]`: the batcher always aims for
-  max_batch_size (what Triton does with no preferred size); other sizes are refused, not ignored.
-- `instance_group [{ count: C kind: ... }]`: C concurrent runs (`batching.instances`; counts of
-  several groups add up). `kind` KIND_AUTO, or KIND_CPU/KIND_GPU when it is the device the server
-  runs every model on (`--device`); `gpus` is refused (one device per server).
-- `name` (must be the folder's name), `platform: "onnxruntime_onnx"`, `backend: "onnxruntime"`:
-  checked, nothing else to do.
+- READ (acts on it): `name`, `platform`, `backend`, `default_model_filename` ("model.onnx" only),
+  `max_batch_size`, `input` / `output` (`name`, `data_type`, `dims`, `optional`, `reshape`),
+  `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size` = [max_batch_size]),
+  `sequence_batching` (`max_sequence_idle_microseconds`, `state` with `initial_state`
+  `zero_data` / `data_file`, the `direct` / `oldest` strategies), `instance_group` (`count`,
+  `kind`, `name`), `version_policy`, `parameters`;
+- IGNORED (nothing would change a result; logged once at load): `model_warmup`, the
+  `optimization` hints (`graph`, `priority`, `cuda`, pinned memory, ...), `output.label_filename`,
+  `input.format`, `dynamic_batching.preserve_ordering` (each call gets its own answer anyway),
+  the fields inside `direct` / `oldest`, `instance_group.rate_limiter` / `profile` / `host_policy`,
+  `state.use_same_buffer_for_input_output` / `use_growable_memory`, `response_cache`,
+  `metric_tags`, `model_metrics`, `runtime`;
+- REFUSED (the model does not load; the message names the field): everything else, e.g.
+  `batch_input`, `input.allow_ragged_batch`, `sequence_batching.control_input`,
+  `ensemble_scheduling`, `model_transaction_policy` (decoupled), `optimization.
+  execution_accelerators`, `instance_group.gpus`, queue policies. A setting that would change what
+  a model computes must not look as if it took effect.
 
-The first three are the batcher's settings, so a file that sets any of them turns batching on for its model
-(`batching.enabled`), even under `--no-batching` (merged runs give the same results as single ones;
-only the scheduling differs). A file with none of them leaves the model on `--batching`. Unlike
-Triton, `max_batch_size` without `dynamic_batching` therefore still merges requests.
-
-Every other field, and any field this proto does not have (`input`, `output`, `optimization`,
-`sequence_batching`, `version_policy`, ...), refuses the model with a message naming it: a setting
-that does nothing must not look as if it did. Tensor names, types and shapes come from model.onnx.
+`max_batch_size > 0` is Triton's rule: axis 0 of every tensor is the batch, and `dims` leave it
+out. It also caps the sequences of one merged run (`batching.max_batch`), and, with
+`dynamic_batching` and `instance_group`, turns batching on for the model (even under
+`--no-batching`; merged runs give the same results as single ones). The tensors' names, types and
+shapes are checked against model.onnx when the model loads (server/signature.py).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 
+from server.dtypes import TRITON_TO_OIP
 from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
 
 FILENAME = "config.pbtxt"
 MAX_BYTES = 1 << 20
+MODEL_FILENAME = "model.onnx"
 
-# Fields that are read (each a path of field names); everything else set in the file is refused.
+# Paths of field names; a message path covers only itself (its fields are listed one by one).
 _READ = {
-    ("name",),
-    ("platform",),
-    ("backend",),
-    ("max_batch_size",),
-    ("dynamic_batching",),
-    ("dynamic_batching", "max_queue_delay_microseconds"),
+    ("name",), ("platform",), ("backend",), ("default_model_filename",), ("max_batch_size",),
+    ("input",), ("input", "name"), ("input", "data_type"), ("input", "dims"), ("input", "optional"),
+    ("input", "reshape"), ("input", "reshape", "shape"),
+    ("output",), ("output", "name"), ("output", "data_type"), ("output", "dims"),
+    ("output", "reshape"), ("output", "reshape", "shape"),
+    ("dynamic_batching",), ("dynamic_batching", "max_queue_delay_microseconds"),
     ("dynamic_batching", "preferred_batch_size"),
-    ("instance_group",),
-    ("instance_group", "name"),
-    ("instance_group", "count"),
-    ("instance_group", "kind"),
-}
-_SUPPORTED = (
-    "this server reads max_batch_size, dynamic_batching { max_queue_delay_microseconds, preferred_batch_size }, "
-    "instance_group { count, kind }, name, platform and backend (tensors come from model.onnx)"
-)
+    ("sequence_batching",), ("sequence_batching", "max_sequence_idle_microseconds"),
+    ("sequence_batching", "state"), ("sequence_batching", "state", "input_name"),
+    ("sequence_batching", "state", "output_name"), ("sequence_batching", "state", "data_type"),
+    ("sequence_batching", "state", "dims"), ("sequence_batching", "state", "initial_state"),
+    ("sequence_batching", "state", "initial_state", "data_type"),
+    ("sequence_batching", "state", "initial_state", "dims"),
+    ("sequence_batching", "state", "initial_state", "zero_data"),
+    ("sequence_batching", "state", "initial_state", "data_file"),
+    ("sequence_batching", "state", "initial_state", "name"),
+    ("sequence_batching", "direct"), ("sequence_batching", "oldest"),
+    ("optimization",),  # a container: what is set inside it is ignored or refused field by field
+    ("instance_group",), ("instance_group", "name"), ("instance_group", "count"), ("instance_group", "kind"),
+    ("version_policy",), ("version_policy", "latest"), ("version_policy", "latest", "num_versions"),
+    ("version_policy", "all"), ("version_policy", "specific"), ("version_policy", "specific", "versions"),
+    ("parameters",),
+}  # fmt: skip
+# A prefix here covers the field and everything inside it.
+_IGNORED = {
+    ("model_warmup",), ("optimization", "graph"), ("optimization", "priority"),
+    ("optimization", "cuda"), ("optimization", "input_pinned_memory"), ("optimization", "output_pinned_memory"),
+    ("optimization", "gather_kernel_buffer_threshold"), ("optimization", "eager_batching"),
+    ("output", "label_filename"), ("input", "format"), ("dynamic_batching", "preserve_ordering"),
+    ("sequence_batching", "direct", "max_queue_delay_microseconds"),
+    ("sequence_batching", "direct", "minimum_slot_utilization"),
+    ("sequence_batching", "oldest", "max_candidate_sequences"),
+    ("sequence_batching", "oldest", "preferred_batch_size"),
+    ("sequence_batching", "oldest", "max_queue_delay_microseconds"),
+    ("sequence_batching", "oldest", "preserve_ordering"),
+    ("instance_group", "rate_limiter"), ("instance_group", "profile"), ("instance_group", "host_policy"),
+    ("sequence_batching", "state", "use_same_buffer_for_input_output"),
+    ("sequence_batching", "state", "use_growable_memory"),
+    ("response_cache",), ("metric_tags",), ("model_metrics",), ("runtime",),
+}  # fmt: skip
+_SUPPORTED = "supported: see server/model_config.py (input, output, max_batch_size, dynamic_batching, "
+_SUPPORTED += "sequence_batching with state, instance_group, version_policy, parameters)"
 _KINDS = {
     "CPUExecutionProvider": pb.ModelInstanceGroup.KIND_CPU,
     "CUDAExecutionProvider": pb.ModelInstanceGroup.KIND_GPU,
 }
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """One `input` / `output` entry: `dims` without the batch axis when max_batch_size > 0."""
+
+    name: str
+    datatype: str  # OIP name
+    dims: tuple[int, ...]
+    optional: bool = False
+    reshape: tuple[int, ...] | None = None  # the shape the model sees (batch left out likewise)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """One `sequence_batching.state`: the server feeds `input_name` and keeps `output_name`."""
+
+    input_name: str
+    output_name: str
+    datatype: str
+    dims: tuple[int, ...]
+    initial_file: Path | None = None  # initial_state.data_file (raw bytes); None: zeros
+
+
+@dataclass
+class TritonConfig:
+    max_batch_size: int = 0
+    inputs: list[TensorConfig] = field(default_factory=list)
+    outputs: list[TensorConfig] = field(default_factory=list)
+    sequence: bool = False  # sequence_batching given
+    idle_us: int = 0  # max_sequence_idle_microseconds (0: the server's --sequence-idle-s)
+    states: list[StateConfig] = field(default_factory=list)
+    version_policy: tuple = ("all",)  # ("all",) | ("latest", n) | ("specific", (v, ...))
+    parameters: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)  # field paths set but without effect
 
 
 def _set_fields(message, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -76,10 +142,25 @@ def _set_fields(message, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     return list(dict.fromkeys(paths))
 
 
-def parse(text: str, model: str, provider: str = "") -> dict:
-    """config.pbtxt text -> {"batching": {...}} (empty when nothing is set); InvalidArgument naming the
-    model, the file and the field when a field is unknown, unsupported or out of range. `provider`:
-    the execution provider the server runs models on ("" = do not check instance_group kind)."""
+def _oip(where: str, label: str, value: int) -> str:
+    name = pb.DataType.Name(value)
+    if name not in TRITON_TO_OIP:
+        raise InvalidArgument(f"{where}: {label} {name} is not a datatype this server serves")
+    return TRITON_TO_OIP[name]
+
+
+def _dims(where: str, label: str, dims) -> tuple[int, ...]:
+    out = tuple(int(d) for d in dims)
+    if any(d < -1 for d in out):
+        raise InvalidArgument(f"{where}: {label} {list(out)}: a dim is a size >= 0 or -1 (variable)")
+    return out
+
+
+def parse(text: str, model: str, provider: str = "", folder: Path | None = None) -> dict:
+    """config.pbtxt text -> {"triton": TritonConfig, "batching": {...} (when any batching field is
+    set)}; InvalidArgument naming the model, the file and the field when a field is unknown,
+    refused or out of range. `provider`: the execution provider the server runs models on ("" =
+    do not check instance_group kind); `folder`: the model's folder (state data files)."""
     where = f"model '{model}' {FILENAME}"
     config = pb.ModelConfig()
     try:
@@ -89,25 +170,48 @@ def parse(text: str, model: str, provider: str = "") -> dict:
         unknown = re.fullmatch(r'Message type "inference\.(\w+)" has no field named "(\w+)"', detail)
         if unknown:
             inside = "" if unknown.group(1) == "ModelConfig" else f" in {unknown.group(1)}"
-            detail = f"unsupported field '{unknown.group(2)}'{inside}"
+            detail = f"unknown field '{unknown.group(2)}'{inside} (not in Triton's ModelConfig)"
         line = f"line {exc.GetLine()}: " if exc.GetLine() else ""
-        raise InvalidArgument(f"{where}: {line}{detail}; {_SUPPORTED}") from None
+        raise InvalidArgument(f"{where}: {line}{detail}") from None
     paths = _set_fields(config)
-    refused = [p for p in paths if p not in _READ]
-    # name the outermost refused field only (input, not also input.name, input.dims)
+    ignored = [p for p in paths if any(p[: len(i)] == i for i in _IGNORED)]
+    refused = [p for p in paths if p not in _READ and p not in ignored]
     top = [p for p in refused if not any(p[:n] in refused for n in range(1, len(p)))]
     if top:
-        raise InvalidArgument(f"{where}: unsupported field(s) {', '.join('.'.join(p) for p in top)}; {_SUPPORTED}")
+        raise InvalidArgument(
+            f"{where}: unsupported field(s) {', '.join('.'.join(p) for p in top)} (they would change what the "
+            f"model computes or how it is scheduled, and this server does not implement them); {_SUPPORTED}"
+        )
+    ignored_top = [p for p in ignored if not any(p[:n] in ignored for n in range(1, len(p)))]
     if config.name and config.name != model:
         raise InvalidArgument(f"{where}: name '{config.name}' is not the model's folder name '{model}'")
     if config.platform not in ("", "onnxruntime_onnx"):
         raise InvalidArgument(f"{where}: platform '{config.platform}': this server runs onnxruntime_onnx only")
     if config.backend not in ("", "onnxruntime"):
         raise InvalidArgument(f"{where}: backend '{config.backend}': this server runs onnxruntime only")
-
-    batching: dict = {}
+    if config.default_model_filename not in ("", MODEL_FILENAME):
+        raise InvalidArgument(
+            f"{where}: default_model_filename '{config.default_model_filename}': each version's file must be "
+            f"<version>/{MODEL_FILENAME}"
+        )
+    triton = TritonConfig(ignored=sorted(".".join(p) for p in ignored_top))
     if config.max_batch_size < 0:
         raise InvalidArgument(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
+    triton.max_batch_size = config.max_batch_size
+    for kind, entries, target in (("input", config.input, triton.inputs), ("output", config.output, triton.outputs)):
+        seen = set()
+        for i, t in enumerate(entries):
+            label = f"{kind}[{i}]"
+            if not t.name:
+                raise InvalidArgument(f"{where}: {label} has no name")
+            if t.name in seen:
+                raise InvalidArgument(f"{where}: {kind} '{t.name}' is listed twice")
+            seen.add(t.name)
+            datatype = _oip(where, f"{kind} '{t.name}' data_type", t.data_type)
+            dims = _dims(where, f"{kind} '{t.name}' dims", t.dims)
+            reshape = _dims(where, f"{kind} '{t.name}' reshape", t.reshape.shape) if t.HasField("reshape") else None
+            target.append(TensorConfig(t.name, datatype, dims, getattr(t, "optional", False), reshape))
+    batching: dict = {}
     if config.max_batch_size > 0:
         batching["max_batch"] = config.max_batch_size
     if config.HasField("dynamic_batching"):
@@ -121,6 +225,41 @@ def parse(text: str, model: str, provider: str = "") -> dict:
                 "always aims for max_batch_size (leave preferred_batch_size out, or set it to "
                 "[max_batch_size] with max_batch_size set)"
             )
+    if config.HasField("sequence_batching"):
+        seq = config.sequence_batching
+        triton.sequence = True
+        triton.idle_us = seq.max_sequence_idle_microseconds
+        names: set[str] = set()
+        for i, s in enumerate(seq.state):
+            label = f"sequence_batching.state[{i}]"
+            if not s.input_name or not s.output_name:
+                raise InvalidArgument(f"{where}: {label} needs input_name and output_name")
+            if s.input_name in names or s.output_name in names:
+                raise InvalidArgument(f"{where}: {label}: a state tensor may appear in one state only")
+            names |= {s.input_name, s.output_name}
+            datatype = _oip(where, f"{label}.data_type", s.data_type)
+            dims = _dims(where, f"{label}.dims", s.dims)
+            if len(s.initial_state) > 1:
+                raise InvalidArgument(f"{where}: {label}: at most one initial_state")
+            data_file = None
+            for init in s.initial_state:
+                given = tuple(int(d) for d in init.dims) or dims
+                fits = len(given) == len(dims) and all(d == g or d == -1 for d, g in zip(dims, given))
+                if not fits or any(g < 0 for g in given) or init.data_type not in (0, s.data_type):
+                    raise InvalidArgument(
+                        f"{where}: {label}.initial_state: data_type must be the state's and dims fixed sizes "
+                        f"within the state's ({pb.DataType.Name(s.data_type)} {list(dims)}), got "
+                        f"{pb.DataType.Name(init.data_type)} {list(given)}"
+                    )
+                dims = given  # Triton: the initial state's dims make a variable state dim concrete
+                if init.WhichOneof("state_data") == "data_file":
+                    data_file = _initial_file(where, label, folder, init.data_file)
+            if any(d < 0 for d in dims):
+                raise InvalidArgument(
+                    f"{where}: {label}.dims {list(dims)}: a variable dim needs an initial_state with fixed dims "
+                    "(the shape a sequence starts with)"
+                )
+            triton.states.append(StateConfig(s.input_name, s.output_name, datatype, dims, data_file))
     if config.instance_group:
         count = 0
         for i, group in enumerate(config.instance_group):
@@ -137,13 +276,39 @@ def parse(text: str, model: str, provider: str = "") -> dict:
                     "(chosen by --device); use KIND_AUTO or leave kind out"
                 )
         batching["instances"] = count
-    if batching or config.HasField("dynamic_batching"):
+    if config.HasField("version_policy"):
+        choice = config.version_policy.WhichOneof("policy_choice")
+        if choice == "latest":
+            n = config.version_policy.latest.num_versions
+            if n < 1:
+                raise InvalidArgument(f"{where}: version_policy.latest.num_versions must be >= 1, got {n}")
+            triton.version_policy = ("latest", n)
+        elif choice == "specific":
+            versions = tuple(int(v) for v in config.version_policy.specific.versions)
+            if not versions or any(v < 1 for v in versions):
+                raise InvalidArgument(f"{where}: version_policy.specific.versions must list versions >= 1")
+            triton.version_policy = ("specific", versions)
+    triton.parameters = {k: v.string_value for k, v in config.parameters.items()}
+    if batching or config.HasField("dynamic_batching") or config.HasField("sequence_batching"):
         batching["enabled"] = True
-    return {"batching": batching} if batching else {}
+    out: dict = {"triton": triton}
+    if batching:
+        out["batching"] = batching
+    return out
+
+
+def _initial_file(where: str, label: str, folder: Path | None, name: str) -> Path:
+    """Triton reads initial_state.data_file from <model>/initial_state/<name>."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise InvalidArgument(f"{where}: {label}.initial_state.data_file must be a file name, got {name!r}")
+    path = (folder or Path(".")) / "initial_state" / name
+    if folder is not None and not path.is_file():
+        raise InvalidArgument(f"{where}: {label}.initial_state.data_file: initial_state/{name} not found")
+    return path
 
 
 def read(folder: Path, model: str, provider: str = "") -> dict | None:
-    """The mapped config of <folder>/config.pbtxt, None when there is no such file."""
+    """The parsed <folder>/config.pbtxt (see `parse`), None when there is no such file."""
     path = folder / FILENAME
     if not path.is_file():
         return None
@@ -156,4 +321,4 @@ def read(folder: Path, model: str, provider: str = "") -> dict | None:
         raise InvalidArgument(
             f"model '{model}' {FILENAME}: cannot be read as UTF-8 text ({type(exc).__name__})"
         ) from None
-    return parse(text, model, provider)
+    return parse(text, model, provider, folder)

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from server import model_config as triton_config
+from server.batcher import BatchPolicy, policy_from_config
+from server.dtypes import OBJECT, numpy_dtype
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
 from server.onnxfile import FileSummary, summarize
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
@@ -141,32 +143,71 @@ def _load_failure(name: str, version: int, path: Path, exc: Exception) -> str:
     )
 
 
-def output_axes(rt: ModelRuntime) -> dict[str, list[str | int]]:
+def _probe_feeds(rt: ModelRuntime, rows: int, steps: int) -> dict[str, np.ndarray] | None:
+    """Zeros for every input of `rt` with `rows` sequences of `steps` steps (lengths = steps);
+    None when some input has a free dim that is neither the batch nor the ragged time axis
+    (then the outputs' sizes may depend on what clients send, and are not predicted)."""
+    sig = rt.signature
+    feeds = {}
+    for spec in sig.all_inputs:
+        shape = list(spec.shape)
+        for axis, d in enumerate(shape):
+            if axis == spec.batch_axis:
+                shape[axis] = rows
+            elif spec.name == sig.ragged and axis == spec.time_axis:
+                shape[axis] = steps
+            elif d < 0:
+                return None
+        dtype = numpy_dtype(spec.datatype)
+        feeds[spec.name] = np.zeros(shape, dtype) if dtype != OBJECT else np.full(shape, "", OBJECT)
+    if sig.lengths is not None:
+        feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
+    return feeds
+
+
+def probe_output_layout(rt: ModelRuntime) -> dict[str, list[str | int]]:
     """Each output's axes as 'batch', 'time' or a fixed size, learned by running the model version
     on zeros of (batch, time) = (1, 1), (2, 1) and (1, 2): exact whatever the ONNX file declares (a
     static model's unrolled graph leaves dims unnamed; its padded time axis is cut back by the
-    runtime). Computed once when the version loads and kept on the runtime; {} if the probe
-    fails (responses of that version are then not sized ahead)."""
-    axes = getattr(rt, "lstm_output_axes", None)
-    if axes is not None:
-        return axes
-    axes = {}
+    runtime). Run once when the version loads (it also warms the session up) and kept on the
+    runtime; {} when it cannot be predicted or the probe fails (responses are then checked after
+    they are computed instead of before)."""
+    sig = rt.signature
+    layout: dict[str, list[str | int]] = {}
     try:
-        probes = [(1, 1), (2, 1)] + ([(1, 2)] if rt.static_length is None or rt.static_length >= 2 else [])
+        probes = [(1, 1)]
+        if sig.batchable:
+            probes.append((2, 1))
+        if sig.ragged is not None and (sig.static_length is None or sig.static_length >= 2):
+            probes.append((1, 2))
         shapes = {}
-        for batch, steps in probes:
-            x = np.zeros((batch, steps, rt.features), np.float32)
-            out = rt.run(x, np.full(batch, steps, np.int64), rt.output_names)
-            shapes[batch, steps] = {name: array.shape for name, array in out.items()}
+        for rows, steps in probes:
+            feeds = _probe_feeds(rt, rows, steps)
+            if feeds is None:
+                return {}
+            names = [o.name for o in sig.all_outputs]
+            out = rt.run(feeds, names)
+            shapes[rows, steps] = {name: array.shape for name, array in out.items()}
         for name, base in shapes[1, 1].items():
-            wide, long = shapes[2, 1][name], shapes.get((1, 2), shapes[1, 1])[name]
-            axes[name] = ["batch" if w != d else "time" if t != d else d for d, w, t in zip(base, wide, long)]
+            wide, long = shapes.get((2, 1), shapes[1, 1])[name], shapes.get((1, 2), shapes[1, 1])[name]
+            layout[name] = ["batch" if w != d else "time" if t != d else d for d, w, t in zip(base, wide, long)]
     except Exception as exc:  # noqa: BLE001 - a model that cannot run the probe still serves
-        log.warning("model %s version %d: output shapes not probed (%s); responses are not sized ahead",
-                    rt.name, rt.version, exc)  # fmt: skip
-        axes = {}
-    rt.lstm_output_axes = axes  # lives exactly as long as the runtime
-    return axes
+        log.warning("model %s version %d: output shapes not predicted (%s); responses are sized after they run",
+                    rt.name, rt.version, clip(str(exc), 300))  # fmt: skip
+        layout = {}
+    rt.output_layout = layout
+    return layout
+
+
+def _keep_versions(versions: dict[int, Path], config: dict) -> dict[int, Path]:
+    """Triton's version_policy: all (default), the latest N, or the listed versions."""
+    triton = config.get("triton")
+    policy = triton.version_policy if triton is not None else ("all",)
+    if policy[0] == "latest":
+        return {v: versions[v] for v in sorted(versions)[-policy[1] :]}
+    if policy[0] == "specific":
+        return {v: p for v, p in versions.items() if v in policy[1]}
+    return versions
 
 
 class ModelRepository:
@@ -177,9 +218,11 @@ class ModelRepository:
         options: RuntimeOptions,
         control_mode: str = "explicit",
         exit_on_error: bool = False,
+        policy: BatchPolicy | None = None,
     ) -> None:
         """`control_mode`: none | explicit | poll (what load/unload requests may do); the server
-        passes --model-control-mode (default none) and --exit-on-error (default true, as Triton)."""
+        passes --model-control-mode (default none) and --exit-on-error (default true, as Triton).
+        `policy`: the server's batching defaults, which each model's config may override."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {CONTROL_MODES}, got {control_mode!r}")
         self.root = root
@@ -190,9 +233,8 @@ class ModelRepository:
         self._lock = threading.Lock()  # guards _models
         self._load_lock = threading.Lock()  # one load/unload at a time
         self._models: dict[str, ModelEntry] = {}
+        self.policy = policy or BatchPolicy(enabled=False)
         self.on_change = lambda name, ready: None  # set by the server (health status)
-        self.on_retire = lambda runtimes: None  # versions replaced or unloaded (close their batchers)
-        self.config_check = lambda name, config: None  # raises on a bad config.json (data plane)
 
     def model_names_on_disk(self) -> list[str]:
         if not self.root.is_dir():
@@ -307,10 +349,20 @@ class ModelRepository:
                 previous = self._models.get(name)
             try:
                 model_config = _read_config(name, folder, self.providers.kind)
-                self.config_check(name, model_config)
+                policy = policy_from_config(self.policy, name, model_config)
             except InvalidArgument as exc:
                 self._fail(name, previous, signature, exc.message)
                 raise
+            triton = model_config.get("triton")
+            if triton is not None and triton.ignored:
+                log.info("model %s config.pbtxt: field(s) %s ignored (nothing they set changes a result here)",
+                         name, ", ".join(triton.ignored))  # fmt: skip
+            kept = _keep_versions(versions, model_config)
+            if not kept:
+                reason = f"model '{name}': config.pbtxt version_policy keeps none of the versions {sorted(versions)}"
+                self._fail(name, previous, signature, reason)
+                raise InvalidArgument(reason)
+            versions = kept
             start = time.perf_counter()
             for version, path in sorted(versions.items()):
                 if (
@@ -328,7 +380,8 @@ class ModelRepository:
                     loaded[version] = load_model(
                         name, version, path, self.providers, self.options, model_config, summary.nodes
                     )
-                    output_axes(loaded[version])  # a first run: warms the session up, sizes responses
+                    loaded[version].policy = policy
+                    probe_output_layout(loaded[version])  # a first run: warms the session up, sizes responses
                 except Exception as exc:  # noqa: BLE001
                     log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc)
                     reason = _load_failure(name, version, path, exc)
@@ -346,8 +399,10 @@ class ModelRepository:
                 old = self._models.get(name)
                 self._models[name] = entry
             if old is not None:
-                kept = {id(rt) for rt in loaded.values()}
-                self.on_retire([rt for rt in old.versions.values() if id(rt) not in kept])
+                live = {id(rt) for rt in loaded.values()}
+                for rt in old.versions.values():
+                    if id(rt) not in live:
+                        rt.retire()
             log.info(
                 "model %s ready: versions %s on %s (%.2f s)",
                 name,
@@ -395,7 +450,8 @@ class ModelRepository:
                 if entry is None or (entry.state != READY and not entry.failed):
                     raise NotFound(f"model '{name}' is not loaded")
                 self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", signature=entry.signature)
-            self.on_retire(list(entry.versions.values()))
+            for rt in entry.versions.values():
+                rt.retire()
             log.info("unloaded model %s", name)
             self.on_change(name, False)
 

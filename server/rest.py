@@ -49,9 +49,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server import handlers
-from server.codec import DATATYPES, MAX_RANK
+from server.codec import DATATYPES, MAX_RANK, Limits, check_shape
 from server.dataplane import InferRequest, InferResponse
-from server.errors import InvalidArgument, NotFound, ResourceExhausted, StartupError, Unavailable, clip
+from server.dtypes import OBJECT, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
+from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, clip
 from server.handlers import error_status
 from server.security import bearer_matches
 
@@ -100,7 +101,7 @@ _KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # numpy kind of the targe
 
 
 def build_request(
-    header: dict, binary: memoryview, model: str, version: str, max_elements: int
+    header: dict, binary: memoryview, model: str, version: str, limits: Limits
 ) -> tuple[InferRequest, dict[str, bool], bool]:
     """JSON header (+ binary section) -> (InferRequest, per-output binary choice, default choice).
     Binary tensors are zero-copy views of `binary`; shapes are checked before anything is built."""
@@ -137,16 +138,10 @@ def build_request(
             )
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument(f"input {clip(name)}: 'shape' must be a list of integers, got {clip(shape)}")
-        if len(shape) > MAX_RANK:
-            raise InvalidArgument(f"input {clip(name)}: {len(shape)} dimensions; at most {MAX_RANK} are accepted")
-        if any(not 0 <= d < 2**63 for d in shape):
+        if len(shape) <= MAX_RANK and any(not 0 <= d < 2**63 for d in shape):
             raise InvalidArgument(f"input {clip(name)}: every dimension of shape {clip(shape)} must be in 0..2^63-1")
+        check_shape(name, shape, limits)  # before anything is allocated
         count = math.prod(shape)
-        if count > max_elements or any(d > max_elements for d in shape):  # before anything is allocated
-            raise ResourceExhausted(
-                f"input {clip(name)}: shape {clip(shape)} is {count} elements, "
-                f"more than the limit of {max_elements} (or a dimension above it)"
-            )
         dtype = DATATYPES[datatype][0]
         tparams = _params(tensor.get("parameters"), f"input {clip(name)}")
         size = tparams.get("binary_data_size")
@@ -159,16 +154,26 @@ def build_request(
                 raise InvalidArgument(
                     f"input {clip(name)}: binary_data_size {size} runs past the {len(binary)} binary bytes sent"
                 )
-            if size != count * dtype.itemsize:
-                raise InvalidArgument(
-                    f"input {clip(name)}: binary_data_size {size} != {count} elements x {dtype.itemsize} bytes "
-                    f"({datatype}, shape {shape})"
-                )
-            array = np.frombuffer(binary, dtype.newbyteorder("<"), count, offset).reshape(shape)
+            if dtype == OBJECT:  # length-prefixed strings, as in gRPC's raw contents
+                try:
+                    array = deserialize_bytes(binary[offset : offset + size], count, f"input {clip(name)}")
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
+                array = array.reshape(shape)
+            else:
+                if size != count * dtype.itemsize:
+                    raise InvalidArgument(
+                        f"input {clip(name)}: binary_data_size {size} != {count} elements x {dtype.itemsize} bytes "
+                        f"({datatype}, shape {shape})"
+                    )
+                array = np.frombuffer(binary, dtype.newbyteorder("<"), count, offset).reshape(shape)
             offset += size
         else:
             if "data" not in tensor:
                 raise InvalidArgument(f"input {clip(name)}: 'data' missing (or binary_data_size for binary data)")
+            if dtype == OBJECT:
+                request.inputs[name] = _json_strings(name, tensor["data"], shape, count)
+                continue
             try:
                 parsed = np.asarray(tensor["data"])
                 # e.g. 1.9 for INT64 is refused, not truncated
@@ -211,7 +216,26 @@ def build_request(
     return request, binary_outputs, binary_all
 
 
-_OIP = {dtype: name for name, (dtype, _) in DATATYPES.items()}
+def _json_strings(name: str, data, shape: list[int], count: int) -> np.ndarray:
+    """BYTES 'data' in JSON: a (nested) list of strings (UTF-8 encoded), as Triton's REST API."""
+    flat: list = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            flat.append(item.encode("utf-8"))
+        else:
+            raise InvalidArgument(f"input {clip(name)}: BYTES 'data' must be a (nested) list of strings, got "
+                                  f"{clip(item)}")  # fmt: skip
+        if len(flat) > count:
+            break
+    if len(flat) != count:
+        raise InvalidArgument(f"input {clip(name)}: shape {shape} holds {count} elements, 'data' has {len(flat)}")
+    array = np.empty(count, OBJECT)
+    array[:] = flat
+    return array.reshape(shape)
 
 
 def response_body(response: InferResponse, binary_outputs: dict[str, bool], binary_all: bool) -> tuple[bytes, int]:
@@ -223,9 +247,13 @@ def response_body(response: InferResponse, binary_outputs: dict[str, bool], bina
         head["parameters"] = dict(response.parameters)
     blobs, fast = [], {}
     for i, (name, array) in enumerate(response.outputs.items()):
-        entry = {"name": name, "datatype": _OIP.get(array.dtype, str(array.dtype)), "shape": list(array.shape)}
+        datatype = oip_of(array.dtype) or str(array.dtype)
+        entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary_outputs.get(name, binary_all):
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            if datatype == "BYTES":
+                blob = serialize_bytes(array)
+            else:
+                blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif array.dtype in (np.float32, np.float16) and array.size and np.isfinite(array).all():
@@ -234,6 +262,8 @@ def response_body(response: InferResponse, binary_outputs: dict[str, bool], bina
             token = f"\x00data{i}\x00"
             fast[json.dumps(token)] = "[" + ",".join(["%.9g"] * array.size) % tuple(array.reshape(-1).tolist()) + "]"
             entry["data"] = token
+        elif datatype == "BYTES":  # strings as text (bytes that are not UTF-8: use binary_data)
+            entry["data"] = [v.decode("utf-8", "replace") for v in to_bytes_array(array).reshape(-1).tolist()]
         else:
             entry["data"] = array.reshape(-1).tolist()  # json.dumps: NaN/Infinity as Python writes them
         head["outputs"].append(entry)
@@ -551,7 +581,7 @@ class RestApp:
                     raise HttpError(413, f"JSON header of {n} bytes exceeds the limit of {self.max_json} bytes")
             else:
                 n = len(body)
-            parse = (_parse, body, n, model, version, self.plane.limits.max_elements)
+            parse = (_parse, body, n, model, version, self.plane.limits)
             loop = asyncio.get_running_loop()
             request, binary_outputs, binary_all = (
                 await loop.run_in_executor(self.plane.executor, *parse) if n > LARGE else _parse(*parse[1:])
@@ -576,14 +606,14 @@ class RestApp:
                     await ex.respond(200, payload, "application/octet-stream", {HEADER_LENGTH: str(json_len)})
 
 
-def _parse(body: bytes, n: int, model: str, version: str, max_elements: int):
+def _parse(body: bytes, n: int, model: str, version: str, limits: Limits):
     """Body -> (InferRequest, binary outputs, binary default); the first `n` bytes are the JSON."""
     try:
         header = json.loads(body[:n] if n < len(body) else body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise HttpError(400, f"request body is not valid JSON: {clip(str(exc), 200)}") from None
     try:
-        return build_request(header, memoryview(body)[n:], model, version, max_elements)
+        return build_request(header, memoryview(body)[n:], model, version, limits)
     except (UnicodeError, RecursionError) as exc:
         raise HttpError(400, f"request not valid: {clip(str(exc), 200)}") from None
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import json
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from server.codec import ONNX_TO_OIP
-from server.errors import InvalidArgument, StartupError
+from server.dtypes import DATATYPES, to_bytes_array
+from server.errors import StartupError
 from server.onnxfile import graph_nodes
+from server.signature import Signature, SignatureError, TensorSpec
+from server.signature import build as build_signature
 
 log = logging.getLogger(__name__)
 
@@ -172,105 +174,97 @@ def select_providers(options: RuntimeOptions) -> Providers:
 
 
 @dataclass
-class TensorInfo:
-    name: str
-    datatype: str  # OIP datatype
-    shape: list[int]  # -1 for symbolic dims
-    batch_axis: int | None = None  # the axis named `batch` in the file (or in its lstm.axes metadata)
-    time_axis: int | None = None  # the axis named `time`: cut back to each request's T
-
-
-def _axes_from(shape: list, name: str, recorded: dict) -> tuple[int | None, int | None]:
-    """Batch and time axes of one tensor: named symbolic dims first, then the export's `lstm.axes`
-    metadata (a static model's time axis has a fixed size, so only the metadata can say)."""
-    named = {d: i for i, d in reversed(list(enumerate(shape))) if isinstance(d, str)}
-    mine = recorded.get(name, {}) if isinstance(recorded.get(name), dict) else {}
-    batch = named.get("batch", mine.get("batch"))
-    time = named.get("time", mine.get("time"))
-    ok = lambda a: a if isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(shape) else None  # noqa: E731
-    return ok(batch), ok(time)
-
-
-@dataclass
 class ModelRuntime:
-    """One loaded model version: its ORT session and what clients need to know about it."""
+    """One loaded model version: its ORT session and its signature (what it takes and returns)."""
 
     name: str
     version: int
     path: Path
     session: ort.InferenceSession
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    signature: Signature
     export_metadata: dict[str, str]
-    static_length: int | None  # T of a statically unrolled model, None when dynamic
-    features: int
     provider: str
-    model_config: dict  # <model>/config.json (e.g. per-model batching), {} when absent
-    state_shape: tuple[int, int] | None = None  # (L*D, H) when the model takes initial-state inputs
-    bidirectional: bool = False
-    batcher: object | None = None  # set by the data plane when batching is on
-    named_axes: bool = True  # False: the file names no axis (batch assumed at 0, served unbatched)
-    state_names: tuple[str, ...] = ()  # ("h0", "c0") for an LSTM, ("h0",) for GRU/RNN, () without state
+    model_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
+    policy: object | None = None  # the BatchPolicy (server defaults + this model's config), set at load
+    batcher: object | None = None  # created by the data plane on first use when batching is on
+    retired: bool = False  # replaced or unloaded: requests that still hold it run alone
+    output_layout: dict = field(default_factory=dict)  # {output: ['batch'|'time'|size, ...]} probed at load
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def retire(self) -> None:
+        """This version was replaced or unloaded: close its batcher (queued requests still run, then
+        its threads exit); requests that still hold it run alone."""
+        with self.lock:
+            self.retired = True
+            if self.batcher:
+                self.batcher.close()
+            self.batcher = False
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.signature.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.signature.outputs
 
     @property
     def output_names(self) -> list[str]:
-        return [o.name for o in self.outputs]
+        return self.signature.output_names
 
     @property
-    def output_axes(self) -> dict[str, tuple[int | None, int | None]]:
-        """{output: (batch axis, time axis)}, as the file names them."""
-        return {o.name: (o.batch_axis, o.time_axis) for o in self.outputs}
+    def static_length(self) -> int | None:
+        return self.signature.static_length
 
     @property
     def batchable(self) -> bool:
-        """Requests can be merged only where the file says which axis of every tensor is the batch."""
-        return self.named_axes and all(t.batch_axis is not None for t in self.inputs + self.outputs)
+        """Requests to this version may be merged (see Signature.batching_rule)."""
+        return self.signature.batching_rule != "none"
 
     @property
-    def state_outputs(self) -> list[str]:
-        """The final-state outputs matching the initial-state inputs (h0 -> h_n, c0 -> c_n)."""
-        return [n[0] + "_n" for n in self.state_names]
+    def output_axes(self) -> dict[str, tuple[int | None, int | None]]:
+        """{output: (batch axis, time axis)} of every output, hidden state outputs included."""
+        return {o.name: (o.batch_axis, o.time_axis) for o in self.signature.all_outputs}
 
-    def run(
-        self,
-        x: np.ndarray,
-        lengths: np.ndarray,
-        outputs: list[str],
-        h0: np.ndarray | None = None,
-        c0: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Run on a padded batch. Static models get x padded to their T; outputs with a time axis
-        are cut back to x's T. Models with initial-state inputs get h0 (and c0) (L*D, B, H), zeros
-        where not given."""
-        steps = x.shape[1]
-        if self.static_length is not None and steps != self.static_length:
-            pad = np.zeros((x.shape[0], self.static_length - steps, x.shape[2]), np.float32)
-            x = np.concatenate([x, pad], axis=1)
-        feeds = {"x": x, "lengths": lengths}
-        if self.state_shape is not None:
-            zeros = np.zeros((self.state_shape[0], x.shape[0], self.state_shape[1]), np.float32)
-            given = {"h0": h0, "c0": c0}
-            for name in self.state_names:
-                feeds[name] = zeros if given[name] is None else given[name]
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run once on complete feeds (every input the session needs). A static model's ragged
+        input is padded to its fixed T and outputs with a time axis are cut back; config.pbtxt
+        `reshape`s are applied both ways; string outputs come back as bytes objects."""
+        sig = self.signature
+        feeds = dict(feeds)
+        steps = None
+        if sig.ragged is not None:
+            x = feeds[sig.ragged]
+            spec = sig.input(sig.ragged)
+            steps = x.shape[spec.time_axis]
+            if sig.static_length is not None and steps != sig.static_length:
+                pad = list(x.shape)
+                pad[spec.time_axis] = sig.static_length - steps
+                feeds[sig.ragged] = np.concatenate([x, np.zeros(pad, x.dtype)], axis=spec.time_axis)
+        for spec in sig.all_inputs:
+            if spec.model_shape is not None and spec.name in feeds:
+                feeds[spec.name] = _reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         results = self.session.run(outputs, feeds)
-        out = dict(zip(outputs, results))
-        axes = self.output_axes
-        for name, value in out.items():
-            t = axes[name][1]
-            if t is not None and value.shape[t] != steps:
-                out[name] = value[(slice(None),) * t + (slice(0, steps),)]
+        out = {}
+        for name, value in zip(outputs, results):
+            spec = sig.output(name)
+            if spec is not None and spec.model_shape is not None:
+                value = _reshape(value, spec.shape, spec.batch_axis)
+            cut = steps is not None and spec is not None and spec.time_axis is not None
+            if cut and value.shape[spec.time_axis] != steps:
+                value = value[(slice(None),) * spec.time_axis + (slice(0, steps),)]
+            if value.dtype.kind in "OUS":
+                value = to_bytes_array(value)
+            out[name] = value
         return out
 
-    def check_lengths(self, steps: int) -> None:
-        if self.static_length is not None and steps > self.static_length:
-            raise InvalidArgument(
-                f"input 'x': {steps} time steps, but static model '{self.name}' takes at most "
-                f"{self.static_length} (its fixed T); use the dynamic model for longer sequences"
-            )
 
-
-def _dims(shape: list) -> list[int]:
-    return [d if isinstance(d, int) else -1 for d in shape]
+def _reshape(array: np.ndarray, shape: list[int], batch_axis: int | None) -> np.ndarray:
+    """`array` to `shape` (-1 at the batch axis: this batch's size)."""
+    target = list(shape)
+    if batch_axis is not None:
+        target[batch_axis] = array.shape[batch_axis] if batch_axis < array.ndim else -1
+    return array.reshape(target)
 
 
 def load_model(
@@ -282,7 +276,8 @@ def load_model(
     model_config: dict | None = None,
     nodes: int | None = None,
 ) -> ModelRuntime:
-    """Create the session; raise with a clear message if the file is not a usable LSTM model."""
+    """Create the session and its signature; ValueError (starting with the path) when the file
+    and its config.pbtxt disagree or the file cannot be served."""
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = options.threads()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
@@ -301,75 +296,23 @@ def load_model(
     so.log_severity_level = 3
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
+    config = model_config or {}
     try:
-        recorded = json.loads(meta.get("lstm.axes") or "{}")
-    except ValueError:
-        recorded = {}
-    recorded = recorded if isinstance(recorded, dict) else {}
-
-    def info(t) -> TensorInfo:
-        return TensorInfo(
-            t.name, ONNX_TO_OIP.get(t.type, t.type), _dims(t.shape), *_axes_from(t.shape, t.name, recorded)
-        )
-
-    inputs = [info(i) for i in session.get_inputs()]
-    outputs = [info(o) for o in session.get_outputs()]
-    if "lstm.axes" not in meta:  # files exported before lstm.axes existed: y is (batch, time, D*H)
-        for t in outputs:
-            if t.name == "y" and len(t.shape) == 3 and t.time_axis is None:
-                t.time_axis = 1
-    named = any(isinstance(d, str) for t in session.get_inputs() + session.get_outputs() for d in t.shape)
-    if not named and not recorded:
-        # No named dims at all (a file from elsewhere): batch is axis 0 of every tensor, for
-        # splitting results; merging requests needs the file's word for it, so it is served unbatched.
-        for t in inputs + outputs:
-            t.batch_axis = 0 if t.shape else None
-    names = [i.name for i in inputs]
-    if names[:2] != ["x", "lengths"] or inputs[0].datatype != "FP32" or len(inputs[0].shape) != 3:
-        raise ValueError(f"{path}: expected inputs x (FP32, rank 3) and lengths (INT64), got {names}")
-    if inputs[1].datatype != "INT64" or len(inputs[1].shape) != 1:
-        raise ValueError(
-            f"{path}: input lengths must be INT64 of shape [batch], got {inputs[1].datatype} {inputs[1].shape}"
-        )
-    features = inputs[0].shape[2]
-    if features < 1:
-        raise ValueError(f"{path}: the feature dim of x must be fixed, got {inputs[0].shape}")
-    static = meta.get("lstm.static_length") or ""
-    static_length = int(static) if static else (inputs[0].shape[1] if inputs[0].shape[1] > 0 else None)
-    in_use = session.get_providers()[0]
-    state_shape = None
-    state_names: tuple[str, ...] = ()
-    if names[2:] in (["h0", "c0"], ["h0"]):
-        state_names = tuple(names[2:])
-        dims = inputs[2].shape
-        if len(dims) != 3 or dims[0] < 1 or dims[2] < 1 or any(i.shape != dims for i in inputs[2:]):
-            raise ValueError(
-                f"{path}: {'/'.join(state_names)} must be (L*D, batch, H) with fixed L*D and H, got {dims}"
-            )
-        missing = [n[0] + "_n" for n in state_names if n[0] + "_n" not in [o.name for o in outputs]]
-        if missing:
-            raise ValueError(f"{path}: a model with inputs {list(state_names)} must output {missing} (the final state)")
-        state_shape = (dims[0], dims[2])
-    elif len(names) > 2:
-        raise ValueError(f"{path}: unexpected inputs {names[2:]} (only h0, or h0 and c0, may follow x, lengths)")
-    try:
-        bidirectional = bool(json.loads(meta.get("lstm.config") or "{}").get("bidirectional", False))
-    except (ValueError, AttributeError):
-        bidirectional = False
+        signature = build_signature(session, meta, config.get("triton"))
+    except SignatureError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    unknown = [t.name for t in signature.all_inputs + signature.all_outputs if t.datatype not in DATATYPES]
+    if unknown:
+        types = {t.name: t.datatype for t in signature.all_inputs + signature.all_outputs}
+        raise ValueError(f"{path}: tensor(s) {', '.join(f'{n} ({types[n]})' for n in unknown)} have a type the "
+                         f"inference protocol cannot carry (it has {', '.join(DATATYPES)})")  # fmt: skip
     return ModelRuntime(
         name=name,
         version=version,
         path=path,
         session=session,
-        inputs=inputs,
-        outputs=outputs,
+        signature=signature,
         export_metadata=meta,
-        static_length=static_length,
-        features=features,
-        provider=in_use,
-        model_config=model_config or {},
-        state_shape=state_shape,
-        bidirectional=bidirectional,
-        state_names=state_names,
-        named_axes=named or bool(recorded),
+        provider=session.get_providers()[0],
+        model_config=config,
     )

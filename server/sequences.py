@@ -1,8 +1,9 @@
-"""Server-side LSTM state for chunked streams (Triton's sequence batcher, for our models).
+"""Server-side state for chunked streams (Triton's sequence batcher, implicit state).
 
 A client sends a long sequence in chunks with the OIP request parameters `sequence_id` (uint64,
 int64 or string), `sequence_start` and `sequence_end`. Between chunks the server keeps the
-sequence's (h, c); each chunk starts from it, so chunked equals whole exactly. One chunk of a
+sequence's state tensors (by input name: an LSTM's h0/c0, or a config.pbtxt's
+`sequence_batching.state` inputs); each chunk starts from them, so chunked equals whole exactly. One chunk of a
 sequence may be in flight at a time (a second is refused: chunks must be applied in order).
 Sequences idle longer than `idle_s` are freed; a later chunk is told so.
 
@@ -31,43 +32,41 @@ EVICTED_MAX_BYTES = 1 << 20  # ... and the bytes of their keys, at most (4,096 i
 class SequenceState:
     model: str
     version: int
-    h: np.ndarray  # (L*D, 1, H)
-    c: np.ndarray  # (L*D, 1, H)
+    state: dict[str, np.ndarray]  # state input name -> this sequence's value (batch axis of size 1)
     last_used: float
     busy: bool = False
     chunks: int = 0
+    idle_s: float | None = None  # this model's idle timeout (config.pbtxt); None: the store's
     pending_start: bool = False  # started by the chunk in flight: undone if that chunk fails
     previous: SequenceState | None = None  # what a restart replaced (restored if the chunk fails)
 
 
-def parse_sequence(parameters) -> tuple[object, bool, bool] | None:
-    """(id, start, end) from request parameters, or None when the request is not a sequence chunk."""
+def parse_sequence(parameters: dict[str, object]) -> tuple[object, bool, bool] | None:
+    """(id, start, end) from request parameters as plain values (an integer id from uint64 or
+    int64, a string id), or None when the request is not a sequence chunk."""
     if "sequence_id" not in parameters:
         for key in ("sequence_start", "sequence_end"):
             if key in parameters:
                 raise InvalidArgument(f"parameter '{key}' needs 'sequence_id'")
         return None
-    p = parameters["sequence_id"]
-    kind = p.WhichOneof("parameter_choice")
-    if kind in ("uint64_param", "int64_param"):
-        seq_id: object = int(getattr(p, kind))
-    elif kind == "string_param" and p.string_param:
-        size = len(p.string_param.encode("utf-8", "surrogatepass"))
+    value = parameters["sequence_id"]
+    if isinstance(value, int) and not isinstance(value, bool):
+        seq_id: object = value
+    elif isinstance(value, str) and value:
+        size = len(value.encode("utf-8", "surrogatepass"))
         if size > MAX_ID_BYTES:
             raise InvalidArgument(
                 f"parameter 'sequence_id': a string id is at most {MAX_ID_BYTES} bytes (UTF-8), got {size} bytes"
             )
-        seq_id = p.string_param
+        seq_id = value
     else:
         raise InvalidArgument("parameter 'sequence_id' must be a uint64, int64 or non-empty string")
     flags = []
     for key in ("sequence_start", "sequence_end"):
-        if key not in parameters:
-            flags.append(False)
-        elif parameters[key].WhichOneof("parameter_choice") != "bool_param":
+        flag = parameters.get(key, False)
+        if not isinstance(flag, bool):
             raise InvalidArgument(f"parameter '{key}' must be a bool")
-        else:
-            flags.append(parameters[key].bool_param)
+        flags.append(flag)
     return seq_id, flags[0], flags[1]
 
 
@@ -79,6 +78,7 @@ class SequenceStore:
         self._live: dict[tuple[str, object], SequenceState] = {}
         self._evicted: OrderedDict[tuple[str, object], int] = OrderedDict()  # key -> its bytes (clear errors)
         self._evicted_bytes = 0
+        self._evicted_idle: dict = {}  # key -> a model's own idle timeout, for the message (bounded below)
         self.evictions = 0
         self.on_change = on_change
 
@@ -86,8 +86,11 @@ class SequenceStore:
         with self._lock:
             return len(self._live)
 
-    def acquire(self, model: str, version: int, seq_id, start: bool, h0: np.ndarray, c0: np.ndarray | None):
-        """Mark the sequence busy and return its state (a new zero/client state on start)."""
+    def acquire(self, model: str, version: int, seq_id, start: bool, initial: dict[str, np.ndarray],
+                idle_s: float | None = None):  # fmt: skip
+        """Mark the sequence busy and return it; on start its state is `initial` (zeros, the
+        config's initial_state, or what the client sent). `idle_s`: the model's own idle timeout
+        (config.pbtxt max_sequence_idle_microseconds), None: the store's."""
         key = (model, seq_id)
         now = time.monotonic()
         with self._lock:
@@ -104,13 +107,16 @@ class SequenceStore:
                         f"{len(self._live)} live sequences: the limit ({self.max_sequences}) is reached; "
                         "end sequences with sequence_end or wait for idle ones to be freed"
                     )
-                state = SequenceState(model, version, h0, c0, now, pending_start=True, previous=state)
+                state = SequenceState(
+                    model, version, dict(initial), now, idle_s=idle_s, pending_start=True, previous=state
+                )
                 self._live[key] = state
                 self._forget_evicted(key)
             elif state is None:
                 if key in self._evicted:
                     raise NotFound(
-                        f"sequence {clip(seq_id)} of model '{model}' was freed after {self.idle_s:g} s idle; "
+                        f"sequence {clip(seq_id)} of model '{model}' was freed after "
+                        f"{self._evicted_idle.get(key, self.idle_s):g} s idle; "
                         "start it again with sequence_start"
                     )
                 raise NotFound(
@@ -135,25 +141,24 @@ class SequenceStore:
                 del self._live[(model, seq_id)]
                 self.on_change(len(self._live), 0)
 
-    def release(self, model: str, seq_id, h: np.ndarray | None, c: np.ndarray | None, end: bool) -> None:
+    def release(self, model: str, seq_id, new: dict[str, np.ndarray] | None, end: bool) -> None:
         """After a chunk: store the new state (None: the chunk failed, keep the old), free on end."""
         key = (model, seq_id)
         with self._lock:
             state = self._live.get(key)
             if state is None:
                 return
-            if h is None and state.pending_start:  # the start chunk failed: as if it never came
+            if new is None and state.pending_start:  # the start chunk failed: as if it never came
                 if state.previous is not None:
                     self._live[key] = state.previous
                 else:
                     del self._live[key]
-            elif end and h is not None:
+            elif end and new is not None:
                 del self._live[key]
             else:
                 state.pending_start, state.previous = False, None
-                if h is not None:  # copies: do not keep a whole batch's output alive
-                    state.h = np.array(h, np.float32)
-                    state.c = None if c is None else np.array(c, np.float32)  # GRU/RNN: no cell state
+                if new is not None:  # copies: do not keep a whole batch's output alive
+                    state.state = {k: np.array(v) for k, v in new.items()}
                     state.chunks += 1
                 state.busy = False
                 state.last_used = time.monotonic()
@@ -169,22 +174,26 @@ class SequenceStore:
             return len(self._evicted), self._evicted_bytes
 
     def _forget_evicted(self, key) -> None:
+        self._evicted_idle.pop(key, None)
         size = self._evicted.pop(key, None)
         if size is not None:
             self._evicted_bytes -= size
 
     def _sweep_locked(self, now: float) -> int:
-        idle = [k for k, s in self._live.items() if not s.busy and now - s.last_used > self.idle_s]
+        idle = [k for k, s in self._live.items() if not s.busy and now - s.last_used > (s.idle_s or self.idle_s)]
         for key in idle:
-            del self._live[key]
+            own = self._live.pop(key).idle_s
             self._forget_evicted(key)
+            if own:
+                self._evicted_idle[key] = own
             model, seq_id = key
             size = len(model) + (len(seq_id.encode("utf-8", "surrogatepass")) if isinstance(seq_id, str) else 8)
             self._evicted[key] = size
             self._evicted_bytes += size
             while self._evicted and (len(self._evicted) > EVICTED_MAX_COUNT or self._evicted_bytes > EVICTED_MAX_BYTES):
-                _, size = self._evicted.popitem(last=False)
+                old, size = self._evicted.popitem(last=False)
                 self._evicted_bytes -= size
+                self._evicted_idle.pop(old, None)
         if idle:
             self.evictions += len(idle)
             self.on_change(len(self._live), len(idle))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from server.batcher import Batcher, BatchPolicy, _Item, merge_and_run
+from server.dataplane import validate
 from server.errors import DeadlineExceeded, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
@@ -26,25 +27,27 @@ def runtime(repo):
     return load_model("bi", 1, repo / "bi" / "1" / "model.onnx", providers, RuntimeOptions(device="cpu"))
 
 
-def _items(rng, shapes, outputs=("y", "h_n", "c_n")):
-    items = []
-    for b, t in shapes:
-        x, lengths = ragged(rng, b, t, 6)
-        items.append(_Item(x, lengths, list(outputs), None))
-    return items
+def _work(runtime, x, lengths, outputs):
+    """A request as the batcher takes it (validated against the model's signature)."""
+    return validate(runtime, {"x": x, "lengths": lengths}, list(outputs)).work
+
+
+def _items(runtime, rng, shapes, outputs=("y", "h_n", "c_n")):
+    return [_Item(_work(runtime, *ragged(rng, b, t, 6), outputs), None) for b, t in shapes]
 
 
 def test_merge_equals_unbatched(runtime, encoders):
     rng = np.random.default_rng(0)
-    items = _items(rng, [(1, 3), (4, 40), (2, 17), (1, 1)])
-    items[1].outputs = ["h_n"]  # different requested subsets in one batch
-    results, info = merge_and_run(items, runtime.run)
+    items = _items(runtime, rng, [(1, 3), (4, 40), (2, 17), (1, 1)])
+    items[1].work.outputs = ["h_n"]  # different requested subsets in one batch
+    results, info = merge_and_run(items, runtime.run, runtime.signature)
     assert info.requests == 4 and info.sequences == 8 and info.padded_steps == 40
     for item, got in zip(items, results):
-        assert sorted(got) == sorted(item.outputs)
-        want = reference(encoders["bi"], item.x, item.lengths)
-        alone = runtime.run(item.x, item.lengths, item.outputs)
-        for name in item.outputs:
+        assert sorted(got) == sorted(item.work.outputs)
+        x, lengths = item.work.feeds["x"], item.work.feeds["lengths"]
+        want = reference(encoders["bi"], x, lengths)
+        alone = runtime.run({"x": x, "lengths": lengths}, item.work.outputs)
+        for name in item.work.outputs:
             assert got[name].shape == want[name].shape
             assert np.abs(got[name] - want[name]).max() <= TOL
             assert np.abs(got[name] - alone[name]).max() <= TOL
@@ -53,26 +56,29 @@ def test_merge_equals_unbatched(runtime, encoders):
 def _blocked_batcher(policy: BatchPolicy, runtime, infos: list):
     gate = threading.Event()
 
-    def run(x, lengths, outputs):
+    def run(feeds, outputs):
         gate.wait(10)
-        return runtime.run(x, lengths, outputs)
+        return runtime.run(feeds, outputs)
 
-    return Batcher("bi:1", run, policy, on_batch=infos.append), gate
+    return Batcher("bi:1", run, policy, on_batch=infos.append, signature=runtime.signature), gate
 
 
-def _submit_in_thread(batcher: Batcher, *args):
+def _submit_in_thread(batcher: Batcher, runtime, x, lengths, outputs):
     """Submit from another thread: an idle eager batcher runs the request in the caller's thread."""
     pool = ThreadPoolExecutor(1)
-    outer = pool.submit(lambda: batcher.submit(*args).result(30))
+    work = _work(runtime, x, lengths, outputs)
+    outer = pool.submit(lambda: batcher.submit(work).result(30))
     pool.shutdown(wait=False)
     return outer
 
 
 def test_idle_batcher_runs_inline(runtime):
     infos: list = []
-    batcher = Batcher("bi:1", runtime.run, BatchPolicy(max_queue_delay_us=0), on_batch=infos.append)
+    batcher = Batcher(
+        "bi:1", runtime.run, BatchPolicy(max_queue_delay_us=0), on_batch=infos.append, signature=runtime.signature
+    )
     x, lengths = ragged(np.random.default_rng(9), 2, 5, 6)
-    future = batcher.submit(x, lengths, ["h_n"])
+    future = batcher.submit(_work(runtime, x, lengths, ["h_n"]))
     assert future.done() and len(infos) == 1  # ran in this thread, before submit returned
     batcher.close()
 
@@ -81,11 +87,11 @@ def test_groups_similar_lengths_and_runs_oversized_alone(runtime, encoders):
     infos: list = []
     batcher, gate = _blocked_batcher(BatchPolicy(max_batch=4, max_queue_delay_us=0), runtime, infos)
     rng = np.random.default_rng(1)
-    first = _submit_in_thread(batcher, *ragged(rng, 1, 3, 6), ["h_n"])  # occupies the only run slot
+    first = _submit_in_thread(batcher, runtime, *ragged(rng, 1, 3, 6), ["h_n"])  # occupies the only run slot
     time.sleep(0.1)
     shapes = [(2, 5), (2, 100), (2, 6), (2, 99), (9, 20)]  # the last is larger than max_batch
     reqs = [ragged(rng, b, t, 6) for b, t in shapes]
-    futures = [batcher.submit(x, lengths, ["y", "h_n"]) for x, lengths in reqs]
+    futures = [batcher.submit(_work(runtime, x, lengths, ["y", "h_n"])) for x, lengths in reqs]
     gate.set()
     first.result(10)
     for (x, lengths), fut in zip(reqs, futures):
@@ -106,11 +112,11 @@ def test_queue_full_is_resource_exhausted(runtime):
     infos: list = []
     batcher, gate = _blocked_batcher(BatchPolicy(max_batch=1, max_queue=2), runtime, infos)
     x, lengths = ragged(np.random.default_rng(2), 1, 4, 6)
-    running = _submit_in_thread(batcher, x, lengths, ["h_n"])
+    running = _submit_in_thread(batcher, runtime, x, lengths, ["h_n"])
     time.sleep(0.1)
-    queued = [batcher.submit(x, lengths, ["h_n"]) for _ in range(2)]
+    queued = [batcher.submit(_work(runtime, x, lengths, ["h_n"])) for _ in range(2)]
     with pytest.raises(ResourceExhausted, match="queue full"):
-        batcher.submit(x, lengths, ["h_n"])
+        batcher.submit(_work(runtime, x, lengths, ["h_n"]))
     gate.set()
     for f in [running, *queued]:
         f.result(10)
@@ -121,9 +127,9 @@ def test_deadline_passed_while_queued_is_not_run(runtime):
     infos: list = []
     batcher, gate = _blocked_batcher(BatchPolicy(max_batch=1), runtime, infos)
     x, lengths = ragged(np.random.default_rng(3), 1, 4, 6)
-    running = _submit_in_thread(batcher, x, lengths, ["h_n"])
+    running = _submit_in_thread(batcher, runtime, x, lengths, ["h_n"])
     time.sleep(0.05)
-    late = batcher.submit(x, lengths, ["h_n"], deadline=time.monotonic() + 0.05)
+    late = batcher.submit(_work(runtime, x, lengths, ["h_n"]), deadline=time.monotonic() + 0.05)
     time.sleep(0.2)
     gate.set()
     running.result(10)
@@ -264,11 +270,11 @@ def test_far_apart_lengths_and_oversized_merges_are_not_merged(runtime):
     policy = BatchPolicy(max_batch=64, max_cells=4 * 30 * 6)
     batcher, gate = _blocked_batcher(policy, runtime, infos)
     rng = np.random.default_rng(5)
-    first = _submit_in_thread(batcher, *ragged(rng, 1, 3, 6), ["h_n"])
+    first = _submit_in_thread(batcher, runtime, *ragged(rng, 1, 3, 6), ["h_n"])
     time.sleep(0.1)
     # T=5 and T=30 are more than 4x apart: never merged; three T=30 of 2 rows exceed max_cells together
     reqs = [ragged(rng, 2, 5, 6, full=True), ragged(rng, 2, 30, 6), ragged(rng, 2, 30, 6), ragged(rng, 2, 30, 6)]
-    futures = [batcher.submit(x, lengths, ["h_n"]) for x, lengths in reqs]
+    futures = [batcher.submit(_work(runtime, x, lengths, ["h_n"])) for x, lengths in reqs]
     gate.set()
     first.result(10)
     for f in futures:
@@ -279,10 +285,10 @@ def test_far_apart_lengths_and_oversized_merges_are_not_merged(runtime):
 
 
 def test_closed_batcher_runs_late_requests_directly(runtime, encoders):
-    batcher = Batcher("bi:1", runtime.run, BatchPolicy())
+    batcher = Batcher("bi:1", runtime.run, BatchPolicy(), signature=runtime.signature)
     batcher.close()
     x, lengths = ragged(np.random.default_rng(6), 2, 7, 6)
-    got, _, _ = batcher.submit(x, lengths, ["h_n"]).result(10)
+    got, _, _ = batcher.submit(_work(runtime, x, lengths, ["h_n"])).result(10)
     assert np.abs(got["h_n"] - reference(encoders["bi"], x, lengths)["h_n"]).max() <= TOL
 
 

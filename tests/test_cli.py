@@ -201,7 +201,7 @@ def test_every_client_flag_has_help(capsys):
         (["x.txt"], "error: x.txt: unsupported file type '.txt'; use .npy, .npz or .json"),
         (["/nonexistent/seqs.npz"], "error: [Errno 2] No such file or directory: '/nonexistent/seqs.npz'"),
         (["x.npy", "--timeout", "soon"], "error: --timeout: invalid float value: 'soon' ..."),
-        ([], "error: the following arguments are required: input ..."),
+        ([], "error: give a sequences file, or --input NAME=FILE.npy for each input of the model"),
     ],
 )
 def test_client_refuses_bad_values_in_one_line(capsys, argv, expected):

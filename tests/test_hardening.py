@@ -101,21 +101,21 @@ def test_evicted_ids_are_bounded_by_count_and_bytes():
     n = EVICTED_MAX_BYTES // MAX_ID_BYTES + 500  # more long ids than the byte cap holds
     for i in range(n):
         seq_id = f"{i:08d}".ljust(MAX_ID_BYTES, "z")
-        store.acquire("m", 1, seq_id, True, zeros, zeros)
-        store.release("m", seq_id, zeros, zeros, False)
+        store.acquire("m", 1, seq_id, True, {"h0": zeros, "c0": zeros})
+        store.release("m", seq_id, {"h0": zeros, "c0": zeros}, False)
     time.sleep(0.01)
     store.sweep()  # each acquire sweeps too: all n are freed by now
     assert store.evictions == n and len(store) == 0
     count, size = store.evicted_memory()
     assert size <= EVICTED_MAX_BYTES and count < n and count <= EVICTED_MAX_COUNT
     with pytest.raises(Exception, match="was freed after"):  # the newest are remembered
-        store.acquire("m", 1, f"{n - 1:08d}".ljust(MAX_ID_BYTES, "z"), False, zeros, zeros)
+        store.acquire("m", 1, f"{n - 1:08d}".ljust(MAX_ID_BYTES, "z"), False, {"h0": zeros, "c0": zeros})
     with pytest.raises(Exception, match="unknown sequence '00000000zzz"):  # the oldest forgotten
-        store.acquire("m", 1, "00000000".ljust(MAX_ID_BYTES, "z"), False, zeros, zeros)
+        store.acquire("m", 1, "00000000".ljust(MAX_ID_BYTES, "z"), False, {"h0": zeros, "c0": zeros})
     short = SequenceStore(max_sequences=100_000, idle_s=1e-9)
     for i in range(EVICTED_MAX_COUNT + 300):  # short ids: the count cap binds
-        short.acquire("m", 1, i, True, zeros, zeros)
-        short.release("m", i, zeros, zeros, False)
+        short.acquire("m", 1, i, True, {"h0": zeros, "c0": zeros})
+        short.release("m", i, {"h0": zeros, "c0": zeros}, False)
     time.sleep(0.01)
     short.sweep()
     assert short.evicted_memory()[0] == EVICTED_MAX_COUNT

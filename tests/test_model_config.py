@@ -1,5 +1,6 @@
 """Triton's config.pbtxt in a model folder: the supported fields take effect (checked on a real server,
-in its ModelConfig and in how it batches), everything else refuses the model with a message naming it."""
+in its ModelConfig and in how it batches), fields without effect are listed as ignored, and the rest
+refuse the model with a message naming them."""
 
 from __future__ import annotations
 
@@ -46,20 +47,79 @@ CPU = "CPUExecutionProvider"
     ],
 )
 def test_supported_fields_map_onto_batching(text, expected):
-    assert parse(text, "m", CPU) == expected
+    parsed = parse(text, "m", CPU)
+    assert {k: v for k, v in parsed.items() if k != "triton"} == expected
+    assert parsed["triton"].ignored == []
+
+
+def test_fields_without_effect_are_listed_as_ignored():
+    text = "max_batch_size: 8\nmodel_warmup [{ name: 'w' batch_size: 1 }]\noptimization { graph { level: 1 } }\n"
+    text += "output [{ name: 'y' data_type: TYPE_FP32 dims: [-1, 16] label_filename: 'labels.txt' }]"
+    assert parse(text, "m", CPU)["triton"].ignored == ["model_warmup", "optimization.graph", "output.label_filename"]
+
+
+def test_tensors_states_versions_and_parameters_are_read(tmp_path):
+    (tmp_path / "initial_state").mkdir()
+    (tmp_path / "initial_state" / "s0").write_bytes(b"\0" * 16)
+    text = """
+    max_batch_size: 4
+    input [{ name: "a" data_type: TYPE_FP16 dims: [3] optional: true reshape { shape: [1, 3] } }]
+    output [{ name: "b" data_type: TYPE_STRING dims: [-1] }]
+    sequence_batching {
+      max_sequence_idle_microseconds: 2500000
+      oldest { max_candidate_sequences: 4 }
+      state [{ input_name: "s_in" output_name: "s_out" data_type: TYPE_FP32 dims: [4]
+               initial_state [{ data_type: TYPE_FP32 dims: [4] name: "init" data_file: "s0" }] }]
+    }
+    version_policy { latest { num_versions: 2 } }
+    parameters { key: "lengths_input" value { string_value: "len" } }
+    """
+    triton = parse(text, "m", CPU, tmp_path)["triton"]
+    assert triton.max_batch_size == 4 and triton.idle_us == 2_500_000 and triton.version_policy == ("latest", 2)
+    a, b = triton.inputs[0], triton.outputs[0]
+    assert (a.name, a.datatype, a.dims, a.optional, a.reshape) == ("a", "FP16", (3,), True, (1, 3))
+    assert (b.name, b.datatype, b.dims) == ("b", "BYTES", (-1,))
+    (state,) = triton.states
+    assert (state.input_name, state.output_name, state.dims) == ("s_in", "s_out", (4,))
+    assert state.initial_file == tmp_path / "initial_state" / "s0"
+    assert triton.parameters == {"lengths_input": "len"}
+    assert triton.ignored == ["sequence_batching.oldest.max_candidate_sequences"]
 
 
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("optimization { }", "line 1: unsupported field 'optimization'"),
-        ("max_batch_size: 8\nmodel_warmup [{ name: 'w' }]", "line 2: unsupported field 'model_warmup'"),
-        ("input [{ name: 'x' data_type: TYPE_FP32 dims: [-1, 6] }]", "unsupported field(s) input;"),
-        ("output [{ name: 'y' }] parameters { key: 'a' value { string_value: 'b' } }", "field(s) output, parameters;"),
-        ("sequence_batching { max_sequence_idle_microseconds: 1 }", "unsupported field(s) sequence_batching;"),
-        ("version_policy { latest { num_versions: 1 } }", "unsupported field(s) version_policy;"),
-        ("dynamic_batching { preserve_ordering: true }", "unsupported field(s) dynamic_batching.preserve_ordering"),
-        ("dynamic_batching { default_queue_policy { } }", "unsupported field 'default_queue_policy' in ModelDynamic"),
+        ("batch_input [{ kind: BATCH_ELEMENT_COUNT target_name: 'n' data_type: TYPE_FP32 }]", "field(s) batch_input "),
+        (
+            "input [{ name: 'x' data_type: TYPE_FP32 dims: [-1] allow_ragged_batch: true }]",
+            "unsupported field(s) input.allow_ragged_batch ",
+        ),
+        (
+            "sequence_batching { control_input [{ name: 'START' }] }",
+            "unsupported field(s) sequence_batching.control_input",
+        ),
+        ("model_transaction_policy { decoupled: true }", "unsupported field(s) model_transaction_policy "),
+        ("optimization { execution_accelerators { } }", "unsupported field(s) optimization.execution_accelerators"),
+        ("dynamic_batching { default_queue_policy { max_queue_size: 3 } }", "dynamic_batching.default_queue_policy"),
+        ("foo: 1", "line 1: unknown field 'foo' (not in Triton's ModelConfig)"),
+        ("input [{ name: 'x' data_type: TYPE_FP32 dims: [-2] }]", "input 'x' dims [-2]"),
+        ("input [{ name: 'x' dims: [1] }]", "input 'x' data_type TYPE_INVALID is not a datatype"),
+        ("input [{ name: 'x' data_type: TYPE_FP32 }, { name: 'x' data_type: TYPE_FP32 }]", "input 'x' is listed twice"),
+        ("version_policy { latest { num_versions: 0 } }", "num_versions must be >= 1"),
+        ("default_model_filename: 'model.plan'", "default_model_filename 'model.plan'"),
+        (
+            "sequence_batching { state [{ input_name: 'a' data_type: TYPE_FP32 dims: [1] }] }",
+            "state[0] needs input_name and output_name",
+        ),
+        (
+            "sequence_batching { state [{ input_name: 'a' output_name: 'b' data_type: TYPE_FP32 dims: [-1] }] }",
+            "a variable dim needs an initial_state with fixed dims",
+        ),
+        (
+            "sequence_batching { state [{ input_name: 'a' output_name: 'b' data_type: TYPE_FP32 dims: [1] "
+            "initial_state [{ data_type: TYPE_FP32 dims: [1] data_file: 'nope' }] }] }",
+            "initial_state/nope not found",
+        ),
         ("instance_group [{ count: 1 gpus: [0] }]", "unsupported field(s) instance_group.gpus"),
         ("dynamic_batching { preferred_batch_size: [4, 8] }", "preferred_batch_size [4, 8] is not supported"),
         ("max_batch_size: 8 dynamic_batching { preferred_batch_size: 4 }", "preferred_batch_size [4] is not supported"),
@@ -75,9 +135,9 @@ def test_supported_fields_map_onto_batching(text, expected):
         ("max_batch_size: 8 {", "line 1"),
     ],
 )
-def test_everything_else_is_refused_by_name(text, needle):
+def test_everything_else_is_refused_by_name(text, needle, tmp_path):
     with pytest.raises(InvalidArgument) as err:
-        parse(text, "m", CPU)
+        parse(text, "m", CPU, tmp_path)
     message = err.value.message
     assert message.startswith("model 'm' config.pbtxt: ") and needle in message and "\n" not in message, message
 
@@ -158,8 +218,18 @@ def test_config_pbtxt_takes_effect(repo, tmp_path, encoders):
 @pytest.mark.parametrize(
     "pbtxt,config_json,needle",
     [
-        ("max_batch_size: 8\noptimization { }\n", None, "config.pbtxt: line 2: unsupported field 'optimization'"),
-        ("input [{ name: 'x' }]", None, "unsupported field(s) input"),
+        ("max_batch_size: 8\nbatch_input [{ kind: BATCH_ELEMENT_COUNT }]\n", None, "unsupported field(s) batch_input"),
+        (
+            "input [{ name: 'x' data_type: TYPE_FP32 dims: [-1, -1, 5] }]",
+            None,
+            "m/1/model.onnx: input 'x': dim 2 is 5 in config.pbtxt but 6 in model.onnx",
+        ),
+        (
+            "input [{ name: 'x' data_type: TYPE_FP64 dims: [-1, -1, 6] }]",
+            None,
+            "input 'x': data_type FP64 in config.pbtxt, FP32 in model.onnx",
+        ),
+        ("output [{ name: 'z' data_type: TYPE_FP32 dims: [1] }]", None, "config.pbtxt output 'z': model.onnx has no"),
         ("max_batch_size: 8", '{"batching": {"max_batch": 8}}', "has both config.json and config.pbtxt: keep one"),
     ],
 )

@@ -183,7 +183,7 @@ BAD = [
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 2, 6], "datatype": "FP32",
                                                  "data": [1.0]}]}, {}, 400, "holds 12 elements, 'data' has 1"),
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 5], "datatype": "FP32",
-                                                 "data": [0.0] * 5}]}, {}, 400, "input 'x': feature size must be 6"),
+                                                 "data": [0.0] * 5}]}, {}, 400, "input 'x': dim 2 must be 6"),
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP99",
                                                  "data": [0.0] * 6}]}, {}, 400, "datatype 'FP99' unknown"),
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 1, 6], "datatype": "FP32",
@@ -442,12 +442,13 @@ def test_tritonclient_http(rest, encoders, tmp_path):
     assert report["server"]["name"] == "lstm-serve" and report["id"] == "r1"
     assert report["metadata"]["inputs"][0]["shape"] == [-1, -1, 6]
     assert report["config"]["input"][1] == {
-        "name": "lengths", "data_type": "TYPE_INT64", "format": "FORMAT_NONE", "dims": [-1], "optional": True
+        "name": "lengths", "data_type": "TYPE_INT64", "format": "FORMAT_NONE", "dims": [-1], "optional": True,
+        "is_shape_tensor": False, "allow_ragged_batch": False, "is_non_linear_format_io": False,
     }  # fmt: skip
     assert report["config"]["max_batch_size"] == 0  # defaults are written, as Triton does
     assert report["stats"]["model_stats"][0]["inference_count"] >= 8  # 4 sequences, twice
     assert {m["name"] for m in report["index"]} >= {"bi", "uni"}
-    assert "feature size must be 6" in report["error"], report["error"]
+    assert "dim 2 must be 6" in report["error"], report["error"]
     want = reference(encoders["bi"], x, lengths)
     got = np.load(tmp_path / "out.npz")
     for form in ("bin", "json"):

@@ -218,7 +218,7 @@ ERROR_CASES = {
     "wrong feature size": (
         _raw_request(inputs=[_tensor("x", "FP32", [2, 3, 5])], raw_input_contents=[_x(2, 3, 5)]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "feature size must be 6",
+        "dim 2 must be 6",
     ),
     "batch mismatch": (
         _raw_request(

@@ -155,16 +155,16 @@ def test_sequence_errors(target):
 def test_store_refuses_concurrent_chunks_and_limit():
     store = SequenceStore(max_sequences=2, idle_s=60)
     z = np.zeros((1, 1, 2), np.float32)
-    store.acquire("m", 1, "a", True, z, z)
+    store.acquire("m", 1, "a", True, {"h0": z, "c0": z})
     with pytest.raises(FailedPrecondition, match="in flight"):
-        store.acquire("m", 1, "a", False, z, z)
-    store.release("m", "a", z, z, False)
-    store.acquire("m", 1, "a", False, z, z)  # fine once the first chunk is done
-    store.release("m", "a", z, z, False)
-    store.acquire("m", 1, "b", True, z, z)
-    store.release("m", "b", z, z, False)
+        store.acquire("m", 1, "a", False, {"h0": z, "c0": z})
+    store.release("m", "a", {"h0": z, "c0": z}, False)
+    store.acquire("m", 1, "a", False, {"h0": z, "c0": z})  # fine once the first chunk is done
+    store.release("m", "a", {"h0": z, "c0": z}, False)
+    store.acquire("m", 1, "b", True, {"h0": z, "c0": z})
+    store.release("m", "b", {"h0": z, "c0": z}, False)
     with pytest.raises(ResourceExhausted, match="limit"):
-        store.acquire("m", 1, "c", True, z, z)
+        store.acquire("m", 1, "c", True, {"h0": z, "c0": z})
 
 
 def test_idle_eviction_and_limit_over_grpc(repo):
@@ -265,14 +265,14 @@ def test_chunks_of_different_sequences_are_batched_together(repo, stateful_encod
 def test_failed_chunks_leave_state_as_it_was():
     store = SequenceStore(max_sequences=4, idle_s=60)
     z, one = np.zeros((1, 1, 2), np.float32), np.ones((1, 1, 2), np.float32)
-    store.acquire("m", 1, "a", True, z, z)
-    store.release("m", "a", None, None, False)  # the start chunk failed
+    store.acquire("m", 1, "a", True, {"h0": z, "c0": z})
+    store.release("m", "a", None, False)  # the start chunk failed
     assert len(store) == 0  # as if it never came: a later chunk gets NOT_FOUND, not a zero state
     with pytest.raises(NotFound):
-        store.acquire("m", 1, "a", False, z, z)
-    store.acquire("m", 1, "b", True, z, z)
-    store.release("m", "b", one, one, False)
-    store.acquire("m", 1, "b", True, z, z)  # a restart ...
-    store.release("m", "b", None, None, False)  # ... that failed keeps the old state
-    state = store.acquire("m", 1, "b", False, z, z)
-    assert np.array_equal(state.h, one)
+        store.acquire("m", 1, "a", False, {"h0": z, "c0": z})
+    store.acquire("m", 1, "b", True, {"h0": z, "c0": z})
+    store.release("m", "b", {"h0": one, "c0": one}, False)
+    store.acquire("m", 1, "b", True, {"h0": z, "c0": z})  # a restart ...
+    store.release("m", "b", None, False)  # ... that failed keeps the old state
+    state = store.acquire("m", 1, "b", False, {"h0": z, "c0": z})
+    assert np.array_equal(state.state["h0"], one)

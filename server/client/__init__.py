@@ -27,9 +27,19 @@ __all__ = ["LSTMClient", "SequenceStream", "pad_sequences", "split_outputs"]
 
 
 def pad_sequences(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(T_i, F) arrays -> x (B, max T, F) float32 zero-padded, lengths (B,) int64."""
+    """(T_i, F) arrays -> x (B, max T, F) float32 zero-padded, lengths (B,) int64; (T_i,) integer
+    token ids -> x (B, max T) int64 padded with id 0."""
     if not sequences:
         raise ValueError("no sequences to send")
+    if all(np.asarray(s).ndim == 1 and np.asarray(s).dtype.kind in "iu" for s in sequences):
+        ids = [np.asarray(s, np.int64) for s in sequences]
+        if any(a.shape[0] < 1 for a in ids):
+            raise ValueError("every sequence of token ids needs at least one id")
+        lengths = np.array([a.shape[0] for a in ids], np.int64)
+        x = np.zeros((len(ids), int(lengths.max())), np.int64)  # (B, T)
+        for i, a in enumerate(ids):
+            x[i, : a.shape[0]] = a
+        return x, lengths
     arrays = [np.asarray(s, dtype=np.float32) for s in sequences]
     for i, a in enumerate(arrays):
         if a.ndim != 2 or a.shape[0] < 1:
@@ -44,7 +54,12 @@ def pad_sequences(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return x, lengths
 
 
-# The layout of the project's own encoders, used when the server sends no `lstm-axes`.
+# The project's own encoders, for a server that sends no `lstm-roles` / `lstm-axes`.
+DEFAULT_ROLES = {
+    "ragged": "x",
+    "lengths": "lengths",
+    "states": [{"input": n, "output": n[0] + "_n", "implicit": False} for n in ("h0", "c0")],
+}
 DEFAULT_AXES = {"y": {"batch": 0, "time": 1}, "h_n": {"batch": 1}, "c_n": {"batch": 1}}
 
 
@@ -164,14 +179,23 @@ class LSTMClient:
             "provider": headers.get("lstm-provider", ""),
             "static_length": int(headers["lstm-static-length"]) if headers.get("lstm-static-length") else None,
             "axes": json.loads(headers["lstm-axes"]) if headers.get("lstm-axes") else None,
+            "roles": json.loads(headers["lstm-roles"]) if headers.get("lstm-roles") else None,
         }
+
+    def _meta(self, model: str, version: str = "") -> dict:
+        key = (model, version)
+        if key not in self._axes:
+            self._axes[key] = self.metadata(model, version)
+        return self._axes[key]
 
     def axes(self, model: str, version: str = "") -> dict[str, dict[str, int]] | None:
         """{tensor: {"batch": i, "time": j}} of a model, read once from its metadata and cached."""
-        key = (model, version)
-        if key not in self._axes:
-            self._axes[key] = self.metadata(model, version)["axes"]
-        return self._axes[key]
+        return self._meta(model, version)["axes"]
+
+    def roles(self, model: str, version: str = "") -> dict:
+        """The model's ragged input, lengths input and state pairs (from its metadata, cached);
+        this project's names when the server does not say."""
+        return self._meta(model, version).get("roles") or DEFAULT_ROLES
 
     def config(self, model: str, version: str = "") -> dict:
         """The model's configuration in Triton's ModelConfig form, as a dict (protobuf JSON names)."""
@@ -190,13 +214,61 @@ class LSTMClient:
         version: str = "",
         request_id: str = "",
     ) -> pb.ModelInferRequest:
-        req = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-        encode_input(req, "x", np.asarray(x, np.float32), raw=raw)
+        """A request for a model with a ragged input (this project's exports: `x` and `lengths`,
+        or the names the server's metadata gives): x keeps its dtype if it is integer (token ids)."""
+        known = getattr(self, "_axes", None) or {}  # also callable unbound (LSTMClient.request(None, ...))
+        roles = known.get((model, version), {}).get("roles") or DEFAULT_ROLES
+        x = np.asarray(x)
+        inputs = {roles["ragged"] or "x": x if x.dtype.kind in "iu" else np.asarray(x, np.float32)}
         if lengths is not None:
-            encode_input(req, "lengths", np.asarray(lengths, np.int64), raw=raw)
+            inputs[roles["lengths"] or "lengths"] = np.asarray(lengths, np.int64)
+        return LSTMClient.tensors_request(model, inputs, outputs, raw=raw, version=version, request_id=request_id)
+
+    @staticmethod
+    def tensors_request(
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        parameters: dict[str, object] | None = None,
+        raw: bool = True,
+        version: str = "",
+        request_id: str = "",
+    ) -> pb.ModelInferRequest:
+        """A ModelInferRequest with any named tensors (their numpy dtypes give the OIP datatypes;
+        str/bytes/object arrays go as BYTES) and request parameters (bool, int, float, str)."""
+        req = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for name, array in inputs.items():
+            encode_input(req, name, np.asarray(array), raw=raw)
         for name in outputs or ():
             req.outputs.add(name=name)
+        for key, value in (parameters or {}).items():
+            p = req.parameters[key]
+            if isinstance(value, bool):
+                p.bool_param = value
+            elif isinstance(value, int):
+                if value >= 2**63:
+                    p.uint64_param = value
+                else:
+                    p.int64_param = value
+            elif isinstance(value, float):
+                p.double_param = value
+            else:
+                p.string_param = str(value)
         return req
+
+    def infer_tensors(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        parameters: dict[str, object] | None = None,
+        raw: bool = True,
+        version: str = "",
+    ) -> dict[str, np.ndarray]:
+        """Call any model: named numpy tensors in, named outputs out (as the model returns them,
+        no splitting). `parameters`: OIP request parameters, e.g. sequence_id / sequence_start."""
+        req = self.tensors_request(model, inputs, outputs, parameters, raw, version)
+        return decode_outputs(self.stub.ModelInfer(req, timeout=self.timeout, metadata=self.call_metadata))
 
     def infer_batch(
         self,
@@ -219,7 +291,9 @@ class LSTMClient:
         raw: bool = True,
         version: str = "",
     ) -> list[dict[str, np.ndarray]]:
-        """Variable-length sequences (T_i, F) in; one dict of outputs per sequence, trimmed."""
+        """Variable-length sequences (T_i, F) in (or (T_i,) token ids); one dict of outputs per
+        sequence, trimmed."""
+        self.roles(model, version)  # the model's input names, read once
         x, lengths = pad_sequences(sequences)
         out = self.infer_batch(model, x, lengths, outputs, raw, version)
         return split_outputs(out, lengths, self.axes(model, version))
@@ -282,13 +356,15 @@ class SequenceStream:
     def _request(self, chunk: np.ndarray | None, end: bool, outputs) -> pb.ModelInferRequest:
         req = pb.ModelInferRequest(model_name=self.model)
         if chunk is not None:
+            roles = self.client.roles(self.model)
             chunk = np.asarray(chunk, np.float32)
             if chunk.ndim != 2 or chunk.shape[0] < 1:
                 raise ValueError(f"chunk: expected shape (time >= 1, features), got {chunk.shape}")
-            encode_input(req, "x", chunk[None])
-            encode_input(req, "lengths", np.array([chunk.shape[0]], np.int64))
+            encode_input(req, roles["ragged"] or "x", chunk[None])
+            encode_input(req, roles["lengths"] or "lengths", np.array([chunk.shape[0]], np.int64))
             if not self._started:
-                for name, value in zip(("h0", "c0"), self._initial):
+                states = [s["input"] for s in roles["states"] if not s["implicit"]]
+                for name, value in zip(states, self._initial):
                     if value is not None:
                         encode_input(req, name, np.asarray(value, np.float32)[:, None])  # (L*D, 1, H)
         sid = req.parameters["sequence_id"]

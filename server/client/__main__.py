@@ -2,6 +2,8 @@
 
 Input files: .npy with one sequence (T, F) or a padded batch (B, T, F) (all full length);
 .npz with one (T, F) array per sequence; .json with a list of sequences (lists of frames).
+Any model: `--input NAME=FILE.npy` (repeatable) sends each array as the input of that name, as it
+is (its dtype gives the datatype), and prints every output the model returns.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def read_sequences(path: Path) -> list:
 
 def build_parser(prog: str = "python -m server.client") -> Parser:
     parser = Parser(prog=prog, description=__doc__)
-    parser.add_argument("input", type=Path, help=".npy, .npz or .json file of sequences (see above)")
+    parser.add_argument("input", type=Path, nargs="?", help=".npy, .npz or .json file of sequences (see above)")
+    parser.add_argument(
+        "--input", dest="tensors", action="append", default=[], metavar="NAME=FILE.npy",
+        help="send FILE.npy as the input NAME, as it is (repeatable; instead of the sequences file)",
+    )  # fmt: skip
     parser.add_argument("--model", default="encoder", help="model name on the server (default encoder)")
     parser.add_argument(
         "--model-version", default="", metavar="N", help="model version (default: the latest loaded version)"
@@ -61,7 +67,23 @@ def build_parser(prog: str = "python -m server.client") -> Parser:
     return parser
 
 
+def _tensor_args(items: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--input {item!r}: expected NAME=FILE.npy")
+        if name in out:
+            raise ValueError(f"--input {name}: given twice")
+        out[name] = Path(path)
+    return out
+
+
 def _problem(args) -> str | None:
+    if args.input is None and not args.tensors:
+        return "give a sequences file, or --input NAME=FILE.npy for each input of the model"
+    if args.input is not None and args.tensors:
+        return "give a sequences file or --input NAME=FILE.npy, not both"
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         return f"--timeout must be a positive number of seconds, got {args.timeout:g}"
     if args.model_version and not (args.model_version.isascii() and args.model_version.isdigit()):
@@ -90,17 +112,33 @@ def main(argv: list[str] | None = None) -> int:
     from server.client import LSTMClient
 
     try:
-        sequences = read_sequences(args.input)
+        if args.tensors:
+            tensors = {name: np.load(path, allow_pickle=False) for name, path in _tensor_args(args.tensors).items()}
+        else:
+            sequences = read_sequences(args.input)
         read = lambda p: p.read_bytes() if p else None  # noqa: E731
         tls = dict(tls_ca=read(args.tls_ca), tls_cert=read(args.tls_cert), tls_key=read(args.tls_key))
         with LSTMClient(args.target, timeout=args.timeout, token=args.token, **tls) as client:
             outputs = [o for o in args.outputs.split(",") if o] or None
-            results = client.infer(args.model, sequences, outputs=outputs, version=args.model_version)
+            if args.tensors:
+                out = client.infer_tensors(args.model, tensors, outputs=outputs, version=args.model_version)
+            else:
+                results = client.infer(args.model, sequences, outputs=outputs, version=args.model_version)
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         return fail(str(exc))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    if args.tensors:
+        for name, value in out.items():
+            print(f"{name}: {_describe(value, np)}")
+        if args.save:
+            try:
+                np.savez(args.save, **{k: v.astype(bytes) if v.dtype == object else v for k, v in out.items()})
+            except OSError as exc:
+                return fail(f"--save: {exc}")
+            print(f"saved {args.save}")
+        return 0
     for i, result in enumerate(results):
         parts = []
         for name, value in result.items():
@@ -116,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"--save: {exc}")
         print(f"saved {args.save}")
     return 0
+
+
+def _describe(value, np) -> str:
+    if value.dtype == object:
+        return f"BYTES shape={list(value.shape)} {[v.decode('utf-8', 'replace') for v in value.reshape(-1)[:6]]}"
+    if value.size <= 12:
+        return f"{value.dtype} {np.round(value, 4).tolist() if value.dtype.kind == 'f' else value.tolist()}"
+    return f"{value.dtype} shape={list(value.shape)} mean={value.astype(np.float64).mean():+.4f}"
 
 
 if __name__ == "__main__":

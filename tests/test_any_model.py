@@ -1,0 +1,584 @@
+"""Serving ONNX files this project did not write: the signature comes from the file and Triton's
+config.pbtxt. Each model here is made in the test by another tool (torch's dynamo exporter,
+onnx.helper, the project's exporter for a token-id module) or comes installed from a PyPI
+package, and is called over real gRPC and REST, with this project's client and tritonclient."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from server.model_config import parse
+from server.proto import grpc_service_pb2 as pb
+from tests.conftest import TOL
+
+HERE = Path(__file__).resolve().parent
+TRITON_PYTHON = os.environ.get("TRITON_PYTHON") or str(HERE.parent / ".venv-triton" / "bin" / "python")
+
+
+def _start(root: Path, **kw):
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(Settings(port=0, http_port=0, model_repository=root, device="cpu", metrics_port=-1,
+                                   log_level="WARNING", **kw))  # fmt: skip
+    srv.start()
+    return srv
+
+
+def _save(root: Path, name: str, model: onnx.ModelProto, pbtxt: str | None = None) -> Path:
+    (root / name / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(root / name / "1" / "model.onnx"))
+    if pbtxt is not None:
+        (root / name / "config.pbtxt").write_text(pbtxt)
+    return root / name / "1" / "model.onnx"
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _rest(port: int, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _tritonclient(protocol: str, url: str, model: str, inputs: dict, tmp_path: Path) -> tuple[dict, dict]:
+    if not Path(TRITON_PYTHON).exists():
+        pytest.fail(f"tritonclient venv missing at {TRITON_PYTHON}: run `make triton-venv` (make test does)")
+    np.savez(tmp_path / "in.npz", **inputs)
+    res = subprocess.run(
+        [TRITON_PYTHON, str(HERE / "tritonclient_tensors_check.py"), protocol, url, model,
+         str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    with np.load(tmp_path / "out.npz") as out:
+        return {k: out[k] for k in out.files}, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# -- torch's own (dynamo) exporter -----------------------------------------------------------------
+
+
+def _dynamo_encoder(path: Path):
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True)
+
+        def forward(self, x):
+            y, (h, c) = self.lstm(x)
+            return y, h, c
+
+    torch.manual_seed(0)
+    module = Encoder().eval()
+    batch, steps = torch.export.Dim("batch"), torch.export.Dim("time")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (torch.randn(2, 5, 6),), dynamo=True, input_names=["x"],
+                                    output_names=["y", "h_n", "c_n"], dynamic_shapes={"x": {0: batch, 1: steps}},
+                                    opset_version=18)  # fmt: skip
+    program.save(str(path))
+    model = onnx.load(str(path))
+    model.ir_version = 8  # onnx 1.23 writes IR 14 by default, which onnxruntime-gpu 1.31 refuses
+    onnx.save(model, str(path))
+    return module
+
+
+def test_dynamo_export_served_concurrently_equals_ort(tmp_path):
+    root = tmp_path / "models"
+    path = root / "dyn" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    _dynamo_encoder(path)
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"LSTM"}  # native recurrent nodes
+    session = _session(path)
+    rng = np.random.default_rng(4)
+    shapes = [(1, 5), (3, 5), (2, 9), (1, 1), (4, 9), (2, 5), (1, 30), (3, 2), (2, 9), (1, 5), (5, 7), (2, 30)]
+    xs = [rng.standard_normal((b, t, 6)).astype(np.float32) for b, t in shapes]
+    srv = _start(root, max_queue_delay_us=20_000)
+    try:
+        from server.client import LSTMClient
+
+        target = f"127.0.0.1:{srv.port}"
+        with LSTMClient(target) as c:
+            meta = c.metadata("dyn")
+            assert [i["name"] for i in meta["inputs"]] == ["x"] and meta["inputs"][0]["shape"] == [-1, -1, 6]
+            assert c.config("dyn")["parameters"]["batching_rule"]["string_value"] == "equal"
+        start = threading.Barrier(len(xs))
+
+        def call(x):
+            with LSTMClient(target) as c:
+                c.ready()
+                start.wait()
+                return c.infer_tensors("dyn", {"x": x})
+
+        with ThreadPoolExecutor(len(xs)) as pool:
+            results = list(pool.map(call, xs))
+        for x, got in zip(xs, results):
+            want = dict(zip(["y", "h_n", "c_n"], session.run(None, {"x": x})))
+            for name in want:
+                assert got[name].shape == want[name].shape, name
+                assert np.abs(got[name] - want[name]).max() <= TOL, name
+        with LSTMClient(target) as c:
+            stats = c.stub.ModelStatistics(pb.ModelStatisticsRequest(name="dyn")).model_stats[0]
+        assert stats.inference_count == sum(b for b, _ in shapes)
+        # merged only where every dim but the batch agreed: some runs held several requests
+        assert stats.execution_count < len(shapes), stats
+    finally:
+        srv.stop(1)
+
+
+# -- a hand-built graph: FP16, a scalar, INT64, BOOL, strings ----------------------------------------
+
+
+def _mixed_model() -> onnx.ModelProto:
+    inputs = [
+        helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["batch", 3]),
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+        helper.make_tensor_value_info("k", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("m", TensorProto.BOOL, ["batch"]),
+        helper.make_tensor_value_info("t", TensorProto.STRING, ["batch"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("scaled", TensorProto.FLOAT16, ["batch", 3]),
+        helper.make_tensor_value_info("k_plus", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("not_m", TensorProto.BOOL, ["batch"]),
+        helper.make_tensor_value_info("k_text", TensorProto.STRING, ["batch"]),
+        helper.make_tensor_value_info("t_echo", TensorProto.STRING, ["batch"]),
+    ]
+    one = helper.make_tensor("one", TensorProto.INT64, [], [1])
+    nodes = [
+        helper.make_node("Cast", ["s"], ["s16"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["a", "s16"], ["scaled"]),
+        helper.make_node("Add", ["k", "one"], ["k_plus"]),
+        helper.make_node("Not", ["m"], ["not_m"]),
+        helper.make_node("Cast", ["k"], ["k_text"], to=TensorProto.STRING),
+        helper.make_node("Identity", ["t"], ["t_echo"]),
+    ]
+    graph = helper.make_graph(nodes, "mixed", inputs, outputs, [one])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    path = _save(root, "mixed", _mixed_model())
+    srv = _start(root)
+    yield srv, _session(path)
+    srv.stop(1)
+
+
+def _mixed_inputs():
+    return {
+        "a": np.array([[1.5, -2.0, 0.25], [3.0, 0.5, -1.0]], np.float16),
+        "s": np.array(2.0, np.float32),
+        "k": np.array([7, -3], np.int64),
+        "m": np.array([True, False]),
+        "t": np.array([b"hello", "wörld".encode()], dtype=object),
+    }
+
+
+def _expected(session) -> dict:
+    feeds = dict(_mixed_inputs())
+    feeds["t"] = np.array([v.decode() for v in feeds["t"]], dtype=object)
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, feeds)))
+    for n in ("k_text", "t_echo"):
+        out[n] = np.array([v.encode() for v in out[n]], dtype=object)
+    return out
+
+
+def test_mixed_datatypes_over_grpc_exact(mixed):
+    from server.client import LSTMClient
+
+    srv, session = mixed
+    want = _expected(session)
+    with LSTMClient(f"127.0.0.1:{srv.port}") as c:
+        meta = c.metadata("mixed")
+        assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
+            ("a", "FP16", [-1, 3]), ("s", "FP32", []), ("k", "INT64", [-1]), ("m", "BOOL", [-1]), ("t", "BYTES", [-1])
+        ]  # fmt: skip
+        config = c.config("mixed")
+        assert [i["data_type"] for i in config["input"]] == ["TYPE_FP16", "TYPE_FP32", "TYPE_INT64", "TYPE_BOOL",
+                                                             "TYPE_STRING"]  # fmt: skip
+        got = c.infer_tensors("mixed", _mixed_inputs())
+        for name, value in want.items():
+            assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+        with pytest.raises(grpc.RpcError) as err:
+            c.infer_tensors("mixed", {**_mixed_inputs(), "s": np.array([2.0], np.float32)})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 's': expected rank 0 (shape [])" in err.value.details(), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            c.infer_tensors("mixed", {**_mixed_inputs(), "a": np.zeros((2, 4), np.float16)})
+        assert "input 'a': dim 1 must be 3" in err.value.details(), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            c.infer_tensors("mixed", {**_mixed_inputs(), "k": np.array([1, 2, 3], np.int64)})
+        assert "input 'k': batch size 3 (axis 0) differs from input 'a' (2)" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            c.infer_tensors("mixed", {k: v for k, v in _mixed_inputs().items() if k != "m"})
+        assert "missing required input 'm' (BOOL, shape [-1])" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            c.infer_tensors("mixed", {**_mixed_inputs(), "k": np.array([1, 2], np.int32)})
+        assert "input 'k': datatype must be INT64, got INT32" in err.value.details()
+
+
+def test_mixed_datatypes_typed_contents(mixed):
+    """The same values as typed InferTensorContents (bool/int64/fp32/bytes fields) for a graph
+    without FP16: one with the FP16 input left out is refused by name, the rest is exact."""
+    from server.client import LSTMClient
+
+    srv, session = mixed
+    with LSTMClient(f"127.0.0.1:{srv.port}") as c:
+        inputs = {k: v for k, v in _mixed_inputs().items() if k != "a"}
+        req = c.tensors_request("mixed", inputs, raw=False)
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.ModelInfer(req)
+        assert "missing required input 'a' (FP16" in err.value.details()
+        # BYTES typed contents decode to the same strings
+        from server.codec import Limits, decode_inputs
+
+        decoded = decode_inputs(req, Limits())
+        assert list(decoded["t"]) == [b"hello", "wörld".encode()] and decoded["m"].dtype == np.bool_
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_mixed_datatypes_through_tritonclient(mixed, protocol, tmp_path):
+    srv, session = mixed
+    want = _expected(session)
+    inputs = _mixed_inputs()
+    inputs["t"] = inputs["t"].astype(bytes)  # saved without pickling; sent as BYTES
+    url = f"127.0.0.1:{srv.port if protocol == 'grpc' else srv.http_port}"
+    got, report = _tritonclient(protocol, url, "mixed", inputs, tmp_path)
+    for name, value in want.items():
+        expected = value.astype(bytes) if value.dtype == object else value
+        assert got[name].dtype == expected.dtype and np.array_equal(got[name], expected), (protocol, name)
+    config = report["config"]
+    assert [i["name"] for i in config["input"]] == ["a", "s", "k", "m", "t"]
+
+
+def test_mixed_over_rest_json(mixed):
+    srv, session = mixed
+    want = _expected(session)
+    body = {"inputs": [
+        {"name": "a", "datatype": "FP16", "shape": [2, 3], "data": [1.5, -2.0, 0.25, 3.0, 0.5, -1.0]},
+        {"name": "s", "datatype": "FP32", "shape": [], "data": 2.0},
+        {"name": "k", "datatype": "INT64", "shape": [2], "data": [7, -3]},
+        {"name": "m", "datatype": "BOOL", "shape": [2], "data": [True, False]},
+        {"name": "t", "datatype": "BYTES", "shape": [2], "data": ["hello", "wörld"]},
+    ]}  # fmt: skip
+    status, reply = _rest(srv.http_port, "/v2/models/mixed/infer", body)
+    assert status == 200, reply
+    out = {o["name"]: o for o in reply["outputs"]}
+    assert out["k_text"]["datatype"] == "BYTES" and out["k_text"]["data"] == ["7", "-3"]
+    assert out["t_echo"]["data"] == ["hello", "wörld"]
+    assert out["not_m"]["data"] == [False, True] and out["k_plus"]["data"] == [8, -2]
+    assert np.array_equal(np.array(out["scaled"]["data"], np.float16), want["scaled"].reshape(-1))
+
+
+# -- Triton's implicit state ------------------------------------------------------------------------
+
+STATE_PBTXT = """
+name: "acc"
+max_batch_size: 8
+input [{ name: "INPUT" data_type: TYPE_FP32 dims: [-1, 4] }]
+output [{ name: "OUTPUT" data_type: TYPE_FP32 dims: [-1, 4] }]
+sequence_batching {
+  max_sequence_idle_microseconds: 1500000
+  oldest { max_candidate_sequences: 8 }
+  state [{
+    input_name: "INPUT_STATE"
+    output_name: "OUTPUT_STATE"
+    data_type: TYPE_FP32
+    dims: [4]
+    initial_state [{ data_type: TYPE_FP32 dims: [4] zero_data: true name: "zeros" }]
+  }]
+}
+"""
+
+
+def _accumulator() -> onnx.ModelProto:
+    """OUTPUT[b, t] = tanh(state[b] + cumsum(INPUT[b, :t+1])); the next state adds the chunk's sum:
+    chunked equals whole (the dims are named N and T: the batch comes from max_batch_size)."""
+    inputs = [
+        helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["N", "T", 4]),
+        helper.make_tensor_value_info("INPUT_STATE", TensorProto.FLOAT, ["N", 4]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["N", "T", 4]),
+        helper.make_tensor_value_info("OUTPUT_STATE", TensorProto.FLOAT, ["N", 4]),
+    ]
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [1])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("CumSum", ["INPUT", "axis"], ["cum"]),
+        helper.make_node("Unsqueeze", ["INPUT_STATE", "axes"], ["s3"]),
+        helper.make_node("Add", ["cum", "s3"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["OUTPUT"]),
+        helper.make_node("ReduceSum", ["INPUT", "axes"], ["total"], keepdims=0),
+        helper.make_node("Add", ["INPUT_STATE", "total"], ["OUTPUT_STATE"]),
+    ]
+    graph = helper.make_graph(nodes, "acc", inputs, outputs, [axis, axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def stateful(tmp_path_factory):
+    root = tmp_path_factory.mktemp("acc")
+    _save(root, "acc", _accumulator(), STATE_PBTXT)
+    srv = _start(root)
+    yield srv
+    srv.stop(1)
+
+
+def _seq_params(seq_id, start, end):
+    return {"sequence_id": seq_id, "sequence_start": start, "sequence_end": end}
+
+
+def test_implicit_state_chunks_equal_whole(stateful):
+    from server.client import LSTMClient
+
+    srv = stateful
+    rng = np.random.default_rng(8)
+    signal = rng.standard_normal((1, 60, 4)).astype(np.float32) * 0.1
+    whole = np.tanh(np.cumsum(signal, axis=1))  # the model on all 60 steps from a zero state
+    chunks = np.split(signal, 6, axis=1)
+    with LSTMClient(f"127.0.0.1:{srv.port}") as c:
+        meta = c.metadata("acc")
+        assert [i["name"] for i in meta["inputs"]] == ["INPUT"] and [o["name"] for o in meta["outputs"]] == ["OUTPUT"]
+        config = c.config("acc")
+        assert config["max_batch_size"] == 8 and config["input"][0]["dims"] == ["-1", "4"]
+        assert config["sequence_batching"]["state"][0]["input_name"] == "INPUT_STATE"
+        assert config["sequence_batching"]["max_sequence_idle_microseconds"] == "1500000"
+        # unary
+        unary = [c.infer_tensors("acc", {"INPUT": ch}, parameters=_seq_params(11, i == 0, i == 5))["OUTPUT"]
+                 for i, ch in enumerate(chunks)]  # fmt: skip
+        # ModelStreamInfer
+        requests = [c.tensors_request("acc", {"INPUT": ch}, parameters=_seq_params("s-12", i == 0, i == 5))
+                    for i, ch in enumerate(chunks)]  # fmt: skip
+        streamed = [r["OUTPUT"] for r in c.stream(requests)]
+    # REST
+    rest = []
+    for i, ch in enumerate(chunks):
+        body = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": list(ch.shape), "data": ch.ravel().tolist()}],
+                "parameters": _seq_params(13, i == 0, i == 5)}  # fmt: skip
+        status, reply = _rest(srv.http_port, "/v2/models/acc/infer", body)
+        assert status == 200, reply
+        assert reply["parameters"]["sequence_id"] == 13
+        rest.append(np.array(reply["outputs"][0]["data"], np.float32).reshape(ch.shape))
+    for got in (unary, streamed, rest):
+        assert np.abs(np.concatenate(got, axis=1) - whole).max() <= TOL
+
+
+def test_implicit_state_sequences_stay_apart_and_idle_ones_are_freed(stateful):
+    from server.client import LSTMClient
+
+    srv = stateful
+    rng = np.random.default_rng(9)
+    a, b = (rng.standard_normal((1, 20, 4)).astype(np.float32) * 0.1 for _ in range(2))
+    with LSTMClient(f"127.0.0.1:{srv.port}") as c:
+        outs: dict = {"a": [], "b": []}
+        for i in range(4):  # interleaved: a0 b0 a1 b1 ...
+            for key, signal in (("a", a), ("b", b)):
+                chunk = signal[:, i * 5 : (i + 1) * 5]
+                params = _seq_params(f"{key}-21", i == 0, i == 3)
+                outs[key].append(c.infer_tensors("acc", {"INPUT": chunk}, parameters=params)["OUTPUT"])
+        for key, signal in (("a", a), ("b", b)):
+            assert np.abs(np.concatenate(outs[key], axis=1) - np.tanh(np.cumsum(signal, axis=1))).max() <= TOL
+        c.infer_tensors("acc", {"INPUT": a[:, :3]}, parameters=_seq_params(22, True, False))
+        time.sleep(2.0)  # the config's max_sequence_idle_microseconds: 1.5 s
+        with pytest.raises(grpc.RpcError) as err:
+            c.infer_tensors("acc", {"INPUT": a[:, 3:6]}, parameters=_seq_params(22, False, False))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "freed after 1.5 s idle" in err.value.details()
+        # the state input may be sent with sequence_start, to start elsewhere than zeros
+        start = np.full((1, 4), 0.5, np.float32)
+        got = c.infer_tensors("acc", {"INPUT": a[:, :2], "INPUT_STATE": start}, parameters=_seq_params(23, True, True))
+        assert np.abs(got["OUTPUT"] - np.tanh(0.5 + np.cumsum(a[:, :2], axis=1))).max() <= TOL
+
+
+# -- Triton's documented example configs -------------------------------------------------------------
+
+
+def test_tritons_implicit_state_example_config_parses():
+    """Triton's implicit-state example (tests/data/triton_implicit_state.pbtxt, source in the file)."""
+    triton = parse((HERE / "data" / "triton_implicit_state.pbtxt").read_text(), "model_a")["triton"]
+    (state,) = triton.states
+    assert triton.sequence and (state.input_name, state.output_name) == ("INPUT_STATE", "OUTPUT_STATE")
+    assert state.datatype == "INT32" and state.dims == (1,)  # dims [-1] made concrete by initial_state
+
+
+def test_tritons_ragged_batching_example_config_is_refused_by_name():
+    """Triton's ragged-batching example uses batch_input and allow_ragged_batch: refused, naming them."""
+    from server.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as err:
+        parse((HERE / "data" / "triton_ragged_batching.pbtxt").read_text(), "ragged_model")
+    message = err.value.message
+    assert "unsupported field(s) input.allow_ragged_batch, batch_input " in message, message
+
+
+# -- a token-id tagger exported with the project's exporter ------------------------------------------
+
+
+def test_token_tagger_served_ragged_equals_eager(tmp_path):
+    import torch
+
+    from export.user import export_module
+    from server.client import LSTMClient
+    from tests.token_modules import bilstm_tagger
+
+    root = tmp_path / "models"
+    export_module(bilstm_tagger(), root / "tagger" / "1" / "model.onnx", output_names=["logits"])
+    module = bilstm_tagger().eval()  # seeded: the weights that were exported
+    rng = np.random.default_rng(5)
+    requests = [
+        [rng.integers(0, 50, size=int(t)) for t in rng.integers(1, 15, size=int(b))] for b in (1, 3, 2, 4, 1, 2)
+    ]
+    srv = _start(root, max_queue_delay_us=20_000)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with LSTMClient(target) as c:
+            assert c.metadata("tagger")["inputs"][0]["datatype"] == "INT64"
+            with pytest.raises(grpc.RpcError) as err:
+                c.infer("tagger", [np.array([3, 50, 1])])
+            assert (
+                err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and "values must be in 0..49" in err.value.details()
+            )
+        start = threading.Barrier(len(requests))
+
+        def call(seqs):
+            with LSTMClient(target) as c:
+                c.ready()
+                start.wait()
+                return c.infer("tagger", seqs)
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(call, requests))
+        for seqs, got in zip(requests, results):
+            for ids, out in zip(seqs, got):
+                with torch.no_grad():
+                    (want,) = _eager_tagger(module, ids)
+                assert out["logits"].shape == want.shape and np.abs(out["logits"] - want).max() <= TOL
+        with LSTMClient(target) as c:
+            stats = c.stub.ModelStatistics(pb.ModelStatisticsRequest(name="tagger")).model_stats[0]
+        assert stats.execution_count < len(requests) + 1, stats  # concurrent ragged requests were merged
+    finally:
+        srv.stop(1)
+
+
+def _eager_tagger(module, ids):
+    import torch
+
+    out = module(torch.from_numpy(np.asarray(ids, np.int64)[None]), torch.tensor([len(ids)]))
+    out = out[0] if isinstance(out, tuple) else out
+    return (out[0].numpy(),)
+
+
+# -- a model shipped inside a PyPI package -------------------------------------------------------------
+
+
+def _silero_file() -> Path:
+    """The ONNX file inside the installed silero-vad package (found, not imported: its Python code
+    needs torchaudio, which is not installed; only the model file is used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("silero-vad is not installed in .venv (make venv installs it, --no-deps, for this test)")
+    return Path(spec.submodule_search_locations[0]) / "data" / "silero_vad_op18_ifless.onnx"
+
+
+SILERO_PBTXT = """
+sequence_batching {
+  max_sequence_idle_microseconds: 5000000
+  state [{ input_name: "state" output_name: "stateN" data_type: TYPE_FP32 dims: [2, 1, 128] }]
+}
+"""
+
+
+def test_silero_vad_from_its_pypi_package_streams_like_ort(tmp_path):
+    """Silero VAD (inputs input [batch, samples], sr a scalar, state [2, batch, 128]; outputs output,
+    stateN) with Triton's implicit state: 512-sample windows of a signal streamed through the server
+    give what ONNX Runtime gives with the state carried by hand."""
+    from server.client import LSTMClient
+
+    source = _silero_file()
+    root = tmp_path / "models"
+    (root / "vad" / "1").mkdir(parents=True)
+    shutil.copy(source, root / "vad" / "1" / "model.onnx")
+    (root / "vad" / "config.pbtxt").write_text(SILERO_PBTXT)
+    session = _session(source)
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 2) / 16000
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) * (t > 0.8) + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+    windows = [audio[None, i : i + 512] for i in range(0, len(audio) - 512, 512)][:40]
+    sr = np.array(16000, np.int64)
+    state = zeros = np.zeros((2, 1, 128), np.float32)
+    want, fresh = [], []
+    for w in windows:
+        out, state = session.run(None, {"input": w, "sr": sr, "state": state})
+        want.append(out)
+        fresh.append(session.run(None, {"input": w, "sr": sr, "state": zeros})[0])
+    srv = _start(root)
+    try:
+        with LSTMClient(f"127.0.0.1:{srv.port}") as c:
+            meta = c.metadata("vad")
+            assert sorted(i["name"] for i in meta["inputs"]) == ["input", "sr"]  # state is the server's
+            got = [c.infer_tensors("vad", {"input": w, "sr": sr}, parameters=_seq_params(5, i == 0,
+                                   i == len(windows) - 1))["output"] for i, w in enumerate(windows)]  # fmt: skip
+    finally:
+        srv.stop(1)
+    errors = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+    assert max(errors) <= TOL, max(errors)
+    # the state carried between windows changes the answers (so the server did carry it)
+    assert max(float(np.abs(w - f).max()) for w, f in zip(want, fresh)) > 10 * TOL
+
+
+def test_cli_sends_named_tensors(mixed, tmp_path):
+    """`python -m server.client --input NAME=FILE.npy ...` calls any model and prints every output."""
+    import sys
+
+    srv, session = mixed
+    args = []
+    for name, value in _mixed_inputs().items():
+        np.save(tmp_path / f"{name}.npy", value.astype(bytes) if value.dtype == object else value)
+        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    res = subprocess.run(
+        [sys.executable, "-m", "server.client", "--model", "mixed", "--target", f"127.0.0.1:{srv.port}", *args,
+         "--save", str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=60, cwd=HERE.parent,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = dict(line.split(": ", 1) for line in res.stdout.splitlines() if ": " in line)
+    assert lines["k_plus"] == "int64 [8, -2]" and lines["not_m"] == "bool [False, True]", res.stdout
+    assert lines["t_echo"] == "BYTES shape=[2] ['hello', 'wörld']", res.stdout
+    with np.load(tmp_path / "out.npz") as out:
+        assert np.array_equal(out["scaled"], _expected(session)["scaled"])
+    bad = subprocess.run([sys.executable, "-m", "server.client", "--input", "a"], capture_output=True, text=True,
+                         timeout=60, cwd=HERE.parent)  # fmt: skip
+    assert bad.returncode == 2 and "expected NAME=FILE.npy" in bad.stderr, bad.stderr

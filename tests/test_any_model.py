@@ -431,6 +431,30 @@ def test_tritons_implicit_state_example_config_parses():
     assert state.datatype == "INT32" and state.dims == (1,)  # dims [-1] made concrete by initial_state
 
 
+def test_tritons_implicit_state_example_config_loads_and_keeps_state(tmp_path):
+    """The same example as the config.pbtxt of a model it fits (OUTPUT = OUTPUT_STATE = INPUT +
+    INPUT_STATE, INT32 [1]): a three-chunk sequence accumulates, starting from the zero state."""
+    from server.client import LSTMClient
+
+    tensors = [helper.make_tensor_value_info(n, TensorProto.INT32, [1]) for n in ("INPUT", "INPUT_STATE")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.INT32, [1]) for n in ("OUTPUT", "OUTPUT_STATE")]
+    nodes = [helper.make_node("Add", ["INPUT", "INPUT_STATE"], ["OUTPUT"]),
+             helper.make_node("Identity", ["OUTPUT"], ["OUTPUT_STATE"])]  # fmt: skip
+    model = helper.make_model(helper.make_graph(nodes, "acc", tensors, outs), ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    root = tmp_path / "models"
+    _save(root, "model_a", model, (HERE / "data" / "triton_implicit_state.pbtxt").read_text())
+    srv = _start(root)
+    try:
+        with LSTMClient(f"127.0.0.1:{srv.port}") as c:
+            got = [int(c.infer_tensors("model_a", {"INPUT": np.array([v], np.int32)},
+                                       parameters=_seq_params(1, i == 0, i == 2))["OUTPUT"][0])
+                   for i, v in enumerate((5, 7, -2))]  # fmt: skip
+        assert got == [5, 12, 10]
+    finally:
+        srv.stop(1)
+
+
 def test_tritons_ragged_batching_example_config_is_refused_by_name():
     """Triton's ragged-batching example uses batch_input and allow_ragged_batch: refused, naming them."""
     from server.errors import InvalidArgument
@@ -447,12 +471,13 @@ def test_tritons_ragged_batching_example_config_is_refused_by_name():
 def test_token_tagger_served_ragged_equals_eager(tmp_path):
     import torch
 
-    from export.user import export_module
+    from export.__main__ import main as export_main
     from server.client import LSTMClient
     from tests.token_modules import bilstm_tagger
 
     root = tmp_path / "models"
-    export_module(bilstm_tagger(), root / "tagger" / "1" / "model.onnx", output_names=["logits"])
+    argv = ["--module", "tests.token_modules:bilstm_tagger", "--output-names", "logits", "--name", "tagger"]
+    assert export_main([*argv, "--out", str(root)]) == 0  # the int64 input is detected (nn.Embedding first)
     module = bilstm_tagger().eval()  # seeded: the weights that were exported
     rng = np.random.default_rng(5)
     requests = [

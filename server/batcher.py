@@ -170,6 +170,20 @@ def merge_and_run(
     t0 = time.perf_counter_ns()
     out = run(feeds, wanted)
     infer_ns = time.perf_counter_ns() - t0
+    total = sum(w.rows for w in works)
+    bad = [n for n in wanted if len(works) > 1 and out[n].shape[signature.output(n).batch_axis] != total]
+    if bad:  # the model did not batch along the declared axis: never split such a result across requests
+        log.error(
+            "merged run of %d requests: output %s has shape %s, not %d rows along axis %d; each request runs alone",
+            len(works),
+            bad[0],
+            list(out[bad[0]].shape),
+            total,
+            signature.output(bad[0]).batch_axis,
+        )
+        signature.merge = False
+        alone = [merge_and_run([i], run, signature) for i in items]
+        return [r[0][0] for r in alone], BatchInfo(len(works), total, steps, 0.0, sum(r[1].infer_ns for r in alone))
     if len(works) == 1:
         results = [{name: out[name] for name in works[0].outputs}]
     else:
@@ -183,7 +197,6 @@ def merge_and_run(
                 mine[name] = _take_rows(out[name], spec.batch_axis, rows, spec.time_axis, w.steps)
             results.append(mine)
             row += w.rows
-    total = sum(w.rows for w in works)
     padding = 0.0
     if signature.lengths is not None:
         valid = int(sum(int(w.feeds[signature.lengths].sum()) for w in works))
@@ -337,11 +350,17 @@ class Batcher:
                 )
             else:
                 live.append(item)
-        if not live:
-            return
+        if live:
+            self._run_live(live)
+
+    def _run_live(self, live: list[_Item]) -> None:
         try:
             results, info = merge_and_run(live, self.run, self.signature)
-        except Exception as exc:  # noqa: BLE001 - reported to every request in the batch
+        except Exception as exc:  # noqa: BLE001 - reported to the request(s) it belongs to
+            if len(live) > 1:  # one request's values may have failed the run: each alone, so only it fails
+                for item in live:
+                    self._run_live([item])
+                return
             for item in live:
                 item.future.set_exception(exc)
             return

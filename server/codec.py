@@ -29,6 +29,9 @@ _CONTENT_FIELDS = (
 
 
 MAX_RANK = 16  # numpy refuses more than 64 dimensions; these models take at most 3
+# BYTES elements per tensor: each is a Python object (~60 B) and a string for ONNX Runtime, and is
+# decoded one by one; 1M of them take ~1 s of a core and ~150 MB, a bound whatever --max-elements says
+MAX_BYTES_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,27 @@ def check_shape(name: str, shape, limits: Limits) -> tuple[int, ...]:
             f"more than the limit of {limits.max_elements} (or a dimension above it)"
         )
     return shape
+
+
+def check_bytes_count(name: str, count: int) -> None:
+    if count > MAX_BYTES_ELEMENTS:
+        raise ResourceExhausted(
+            f"input {clip(name)}: {count} BYTES elements, more than the limit of {MAX_BYTES_ELEMENTS} per tensor"
+        )
+
+
+def _typed_ints(name: str, values, dtype: np.dtype) -> np.ndarray:
+    """Typed int_contents / uint_contents hold 32-bit values: narrower types are range-checked
+    (numpy would wrap 300 to 44 for UINT8), as REST's JSON data is."""
+    wide = np.asarray(values, np.int64 if dtype.kind == "i" else np.uint64)
+    info = np.iinfo(dtype)
+    bad = np.flatnonzero((wide < info.min) | (wide > info.max)) if wide.size else []
+    if len(bad):
+        raise InvalidArgument(
+            f"input {clip(name)}: contents value {int(wide[bad[0]])} at index {int(bad[0])} is out of the "
+            f"{dtype.name.upper()} range {info.min}..{info.max}"
+        )
+    return wide.astype(dtype)
 
 
 def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np.ndarray]:
@@ -87,10 +111,13 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
         if raw:
             data = raw[index]
             if dtype == OBJECT:
+                check_bytes_count(tensor.name, count)
                 try:
                     array = deserialize_bytes(data, count, f"input {clip(tensor.name)}").reshape(shape)
                 except ValueError as exc:
                     raise InvalidArgument(str(exc)) from None
+            elif dtype == np.bool_ and len(data) == count and count and np.frombuffer(data, np.uint8).max() > 1:
+                raise InvalidArgument(f"input {clip(tensor.name)}: raw BOOL content holds bytes other than 0 and 1")
             else:
                 expected = count * dtype.itemsize
                 if len(data) != expected:
@@ -107,9 +134,12 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
                     f"for shape {list(shape)}"
                 )
             if dtype == OBJECT:
+                check_bytes_count(tensor.name, count)
                 array = np.empty(count, OBJECT)
                 array[:] = list(values)
                 array = array.reshape(shape)
+            elif dtype.kind in "iu" and dtype.itemsize < 4:
+                array = _typed_ints(tensor.name, values, dtype).reshape(shape)
             else:
                 array = np.asarray(values, dtype=dtype).reshape(shape)
         out[tensor.name] = array

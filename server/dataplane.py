@@ -278,8 +278,21 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
             lengths = feeds[sig.lengths] = np.full((rows,), steps, dtype)
         _check_finite(sig.ragged, feeds[sig.ragged], sig.input(sig.ragged), lengths)
     for pair in sig.states:
-        if pair.input in feeds:
+        if pair.input in feeds and not pair.implicit:  # a recurrent export's h0/c0
             _check_finite(pair.input, feeds[pair.input], sig.input(pair.input))
+    for name, array in feeds.items():
+        spec = sig.input(name)
+        if spec.model_shape is not None:  # config.pbtxt reshape: refused here, not inside the run
+            target = list(spec.model_shape)
+            if spec.batch_axis is not None:
+                target[spec.batch_axis] = rows
+            try:
+                array.reshape(target)
+            except ValueError:
+                raise InvalidArgument(
+                    f"input '{name}': shape {list(array.shape)} cannot be reshaped to the model's {spec.model_shape} "
+                    f"(config.pbtxt reshape)"
+                ) from None
     for name, array in feeds.items():
         spec = sig.input(name)
         if spec.value_range is not None and array.size:
@@ -485,7 +498,13 @@ class DataPlane:
             check_shape(name, array.shape, self.limits)
 
     def _check_rows(self, prepared: Prepared) -> None:
-        """--max-request-batch sequences per request."""
+        """--max-request-batch sequences per request, and config.pbtxt's max_batch_size (Triton's)."""
+        mbs = prepared.runtime.signature.max_batch_size
+        if mbs > 0 and prepared.work.rows > mbs:
+            raise InvalidArgument(
+                f"model '{prepared.runtime.name}': batch size {prepared.work.rows} is more than its config.pbtxt "
+                f"max_batch_size {mbs}"
+            )
         if prepared.work.rows > self.limits.max_batch:
             raise ResourceExhausted(
                 f"{prepared.work.rows} sequences in one request exceed the per-request limit of {self.limits.max_batch}"
@@ -503,9 +522,9 @@ class DataPlane:
             after(outputs)
         t_run = time.perf_counter_ns()
         response = InferResponse(rt.name, str(rt.version), request.id, {name: outputs[name] for name in names})
-        if self.output_shapes(prepared, names) is None:  # not sized ahead: check what came out
-            self._check_size(sum(_nbytes(a) for a in response.outputs.values()), request, {
-                n: (list(a.shape), _nbytes(a)) for n, a in response.outputs.items()})  # fmt: skip
+        # what came out, too: a prediction made on zeros cannot see outputs sized by input values (Tile, Range)
+        self._check_size(sum(_nbytes(a) for a in response.outputs.values()), request, {
+            n: (list(a.shape), _nbytes(a)) for n, a in response.outputs.items()})  # fmt: skip
         end = time.perf_counter_ns()
         self.stats.record_success(
             rt.name, rt.version, end - start, queue_ns, t_in - start, infer_ns, end - t_run, prepared.work.rows

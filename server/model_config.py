@@ -43,6 +43,8 @@ from server.proto import grpc_service_pb2 as pb
 FILENAME = "config.pbtxt"
 MAX_BYTES = 1 << 20
 MODEL_FILENAME = "model.onnx"
+MAX_INSTANCES = 64  # concurrent runs of one model (each a thread): more only oversubscribes the CPUs
+MAX_DELAY_US = 10_000_000  # a longer wait for company would outlast any client's deadline
 
 # Paths of field names; a message path covers only itself (its fields are listed one by one).
 _READ = {
@@ -172,6 +174,8 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
             inside = "" if unknown.group(1) == "ModelConfig" else f" in {unknown.group(1)}"
             detail = f"unknown field '{unknown.group(2)}'{inside} (not in Triton's ModelConfig)"
         line = f"line {exc.GetLine()}: " if exc.GetLine() else ""
+        if len(detail) > 300:  # protobuf quotes the offending text: bounded
+            detail = f"{detail[:300]}...(+{len(detail) - 300} chars)"
         raise InvalidArgument(f"{where}: {line}{detail}") from None
     paths = _set_fields(config)
     ignored = [p for p in paths if any(p[: len(i)] == i for i in _IGNORED)]
@@ -216,6 +220,11 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
         batching["max_batch"] = config.max_batch_size
     if config.HasField("dynamic_batching"):
         dyn = config.dynamic_batching
+        if dyn.max_queue_delay_microseconds > MAX_DELAY_US:
+            raise InvalidArgument(
+                f"{where}: dynamic_batching.max_queue_delay_microseconds {dyn.max_queue_delay_microseconds}: "
+                f"at most {MAX_DELAY_US} (10 s)"
+            )
         if dyn.max_queue_delay_microseconds > 0:
             batching["max_queue_delay_us"] = dyn.max_queue_delay_microseconds
         preferred = list(dyn.preferred_batch_size)
@@ -275,6 +284,8 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
                     f"{where}: {label}.kind {kind}, but this server runs every model on {provider} "
                     "(chosen by --device); use KIND_AUTO or leave kind out"
                 )
+        if count > MAX_INSTANCES:
+            raise InvalidArgument(f"{where}: instance_group counts add up to {count}; at most {MAX_INSTANCES}")
         batching["instances"] = count
     if config.HasField("version_policy"):
         choice = config.version_policy.WhichOneof("policy_choice")

@@ -184,6 +184,7 @@ def probe_output_layout(rt: ModelRuntime) -> dict[str, list[str | int]]:
         for rows, steps in probes:
             feeds = _probe_feeds(rt, rows, steps)
             if feeds is None:
+                _no_layout(rt)
                 return {}
             names = [o.name for o in sig.all_outputs]
             out = rt.run(feeds, names)
@@ -191,12 +192,46 @@ def probe_output_layout(rt: ModelRuntime) -> dict[str, list[str | int]]:
         for name, base in shapes[1, 1].items():
             wide, long = shapes.get((2, 1), shapes[1, 1])[name], shapes.get((1, 2), shapes[1, 1])[name]
             layout[name] = ["batch" if w != d else "time" if t != d else d for d, w, t in zip(base, wide, long)]
+        _axes_from_layout(rt, layout)
     except Exception as exc:  # noqa: BLE001 - a model that cannot run the probe still serves
         log.warning("model %s version %d: output shapes not predicted (%s); responses are sized after they run",
                     rt.name, rt.version, clip(str(exc), 300))  # fmt: skip
         layout = {}
+        _no_layout(rt)
     rt.output_layout = layout
     return layout
+
+
+def _no_layout(rt: ModelRuntime) -> None:
+    """Without a probe, an output's time axis that the file does not name is unknown: merging
+    requests of different lengths could hand a request outputs padded to another's length."""
+    sig = rt.signature
+    if sig.ragged is not None and any(o.time_axis is None and o.rank >= 2 for o in sig.all_outputs):
+        if sig.merge:
+            log.warning("model %s version %d: output time axes not known (no probe); requests are not merged",
+                        rt.name, rt.version)  # fmt: skip
+        sig.merge = False
+
+
+def _axes_from_layout(rt: ModelRuntime, layout: dict[str, list[str | int]]) -> None:
+    """What the probe saw, against what the signature says: an output's time axis the file does
+    not name is taken from the probe (so merged ragged runs cut it back per request); an output
+    whose declared batch axis did not follow the batch (a config.pbtxt max_batch_size on a model
+    that does not batch along axis 0) stops the version from merging requests at all."""
+    sig = rt.signature
+    for spec in sig.all_outputs:
+        axes = layout.get(spec.name)
+        if axes is None:
+            continue
+        if spec.time_axis is None and sig.ragged is not None and "time" in axes:
+            spec.time_axis = axes.index("time")
+        if sig.batching_rule != "none" and (spec.batch_axis is None or axes[spec.batch_axis] != "batch"):
+            log.warning(
+                "model %s version %d: output '%s' is %s for 1 and 2 sequences, so axis %s is not its batch axis; "
+                "requests to this version are not merged",
+                rt.name, rt.version, spec.name, axes, spec.batch_axis,
+            )  # fmt: skip
+            sig.merge = False
 
 
 def _keep_versions(versions: dict[int, Path], config: dict) -> dict[int, Path]:

@@ -49,7 +49,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server import handlers
-from server.codec import DATATYPES, MAX_RANK, Limits, check_shape
+from server.codec import DATATYPES, MAX_RANK, Limits, check_bytes_count, check_shape
 from server.dataplane import InferRequest, InferResponse
 from server.dtypes import OBJECT, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, clip
@@ -155,6 +155,7 @@ def build_request(
                     f"input {clip(name)}: binary_data_size {size} runs past the {len(binary)} binary bytes sent"
                 )
             if dtype == OBJECT:  # length-prefixed strings, as in gRPC's raw contents
+                check_bytes_count(name, count)
                 try:
                     array = deserialize_bytes(binary[offset : offset + size], count, f"input {clip(name)}")
                 except ValueError as exc:
@@ -172,6 +173,7 @@ def build_request(
             if "data" not in tensor:
                 raise InvalidArgument(f"input {clip(name)}: 'data' missing (or binary_data_size for binary data)")
             if dtype == OBJECT:
+                check_bytes_count(name, count)
                 request.inputs[name] = _json_strings(name, tensor["data"], shape, count)
                 continue
             try:

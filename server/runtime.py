@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from server.dtypes import DATATYPES, to_bytes_array
-from server.errors import StartupError
+from server.errors import InvalidArgument, StartupError, clip
 from server.onnxfile import graph_nodes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
@@ -244,7 +246,12 @@ class ModelRuntime:
         for spec in sig.all_inputs:
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = _reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
-        results = self.session.run(outputs, feeds)
+        try:
+            results = self.session.run(outputs, feeds)
+        except (OrtFail, OrtInvalidArgument) as exc:  # the model refused these values (a shape it checks)
+            raise InvalidArgument(
+                f"model '{self.name}': ONNX Runtime refused this input: {clip(str(exc), 300)}"
+            ) from None
         out = {}
         for name, value in zip(outputs, results):
             spec = sig.output(name)

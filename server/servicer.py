@@ -134,6 +134,21 @@ def _echo_parameters(out: pb.ModelInferResponse, response: InferResponse, reques
             out.parameters[key].CopyFrom(to_parameter(key, value))
 
 
+_TYPED_INLINE = 1 << 16  # typed values decoded on the loop at most (raw contents are a view: free)
+
+
+def _costly_to_decode(request: pb.ModelInferRequest) -> bool:
+    """BYTES tensors are decoded element by element, typed contents value by value."""
+    for t in request.inputs:
+        if t.datatype == "BYTES":
+            return True
+        c = t.contents
+        typed = len(c.fp32_contents) + len(c.int64_contents) + len(c.int_contents) + len(c.fp64_contents)
+        if typed + len(c.uint_contents) + len(c.uint64_contents) + len(c.bool_contents) > _TYPED_INLINE:
+            return True
+    return False
+
+
 def _deadline(context) -> float | None:
     remaining = context.time_remaining()
     # no deadline: grpcio reports None or a huge number of seconds
@@ -207,7 +222,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._busy_until = now + INLINE_QUIET_S
             alone = self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S and now > self._busy_until
             try:
-                result = await self.plane.infer_async(to_infer_request(request, self.plane, _deadline(context)), alone)
+                deadline = _deadline(context)
+                if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
+                    loop = asyncio.get_running_loop()
+                    decoded = await loop.run_in_executor(self.plane.executor, to_infer_request, request, self.plane,
+                                                         deadline)  # fmt: skip
+                else:
+                    decoded = to_infer_request(request, self.plane, deadline)
+                result = await self.plane.infer_async(decoded, alone)
             finally:
                 self._last_end = time.monotonic()
         return result

@@ -247,6 +247,7 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
     out_by_name = {t.name: t for t in outputs}
 
     # config.pbtxt input/output entries: checked against the file
+    config_optional: list[str] = []
     for kind, entries, table in (("input", triton.inputs, by_name), ("output", triton.outputs, out_by_name)):
         for c in entries:
             t = table.get(c.name)
@@ -273,8 +274,8 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
                     t.batch_axis = None
             else:
                 t.shape = [f if f >= 0 else c_ for f, c_ in zip(t.shape, client)]
-            if kind == "input":
-                t.optional = c.optional
+            if kind == "input" and c.optional:
+                config_optional.append(c.name)
 
     states: list[StatePair] = []
     hidden_in: list[TensorSpec] = []
@@ -328,6 +329,12 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
             raise SignatureError(f"lengths input '{lengths}': the ragged input needs named batch and time axes")
         lt.optional = True
         lt.batch_axis = 0
+    for name in config_optional:  # the server fills lengths and states; anything else the graph needs
+        if not by_name[name].optional:
+            raise SignatureError(
+                f"input '{name}': optional in config.pbtxt, but {path_label} requires it (only an input the server can "
+                "fill in, a lengths or state input, may be optional)"
+            )
     sig = Signature(
         inputs=visible_in,
         outputs=visible_out,

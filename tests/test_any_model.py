@@ -607,3 +607,153 @@ def test_cli_sends_named_tensors(mixed, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "server.client", "--input", "a"], capture_output=True, text=True,
                          timeout=60, cwd=HERE.parent)  # fmt: skip
     assert bad.returncode == 2 and "expected NAME=FILE.npy" in bad.stderr, bad.stderr
+
+
+# -- what an attack review of this found (each a regression test) ------------------------------------
+
+
+def _graph(name, inputs, outputs, nodes, inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _gru_with_unnamed_time_output() -> onnx.ModelProto:
+    """x [batch, time, 3] and its lengths -> a GRU with sequence_lens; y [batch, steps_out, 4]: the
+    output's time axis is not named `time` (only the probe can tell)."""
+    rng = np.random.default_rng(1)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32) * 0.5  # noqa: E731
+    inits = [
+        onnx.numpy_helper.from_array(f32(1, 12, 3), "W"), onnx.numpy_helper.from_array(f32(1, 12, 4), "R"),
+        onnx.numpy_helper.from_array(f32(1, 24), "B"), helper.make_tensor("ax1", TensorProto.INT64, [1], [1]),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("Cast", ["len"], ["len32"], to=TensorProto.INT32),
+        helper.make_node("GRU", ["xt", "W", "R", "B", "len32"], ["Y", "Y_h"], hidden_size=4, linear_before_reset=1),
+        helper.make_node("Squeeze", ["Y", "ax1"], ["Ys"]),
+        helper.make_node("Transpose", ["Ys"], ["y"], perm=[1, 0, 2]),
+        helper.make_node("Squeeze", ["Y_h", "ax1"], ["h"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 3]),
+              helper.make_tensor_value_info("len", TensorProto.INT64, ["batch"])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "steps_out", 4]),
+               helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 4])]  # fmt: skip
+    return _graph("gru", inputs, outputs, nodes, inits)
+
+
+def _concurrently(target: str, model: str, requests: list[dict]) -> list:
+    from server.client import LSTMClient
+
+    start = threading.Barrier(len(requests))
+
+    def call(inputs):
+        with LSTMClient(target) as c:
+            c.ready()
+            start.wait()
+            try:
+                return c.infer_tensors(model, inputs)
+            except grpc.RpcError as exc:
+                return exc
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(call, requests))
+
+
+def test_review_findings_on_a_real_server(tmp_path):
+    root = tmp_path / "models"
+    # a model that sums over axis 0, served with Triton's rule (max_batch_size > 0: axis 0 is the batch)
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", 4])
+    _save(
+        root,
+        "sum0",
+        _graph(
+            "sum0",
+            [x],
+            [y],
+            [helper.make_node("ReduceSum", ["X", "axes"], ["Y"], keepdims=1)],
+            [helper.make_tensor("axes", TensorProto.INT64, [1], [0])],
+        ),  # fmt: skip
+        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 100000 }\n",
+    )
+    gru = _save(root, "gru", _gru_with_unnamed_time_output(),
+                'parameters { key: "lengths_input" value { string_value: "len" } }\n'
+                "dynamic_batching { max_queue_delay_microseconds: 50000 }\n")  # fmt: skip
+    reps = helper.make_tensor_value_info("reps", TensorProto.INT64, [2])
+    xt = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])
+    yt = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["a", "b"])
+    _save(root, "tile", _graph("tile", [xt, reps], [yt], [helper.make_node("Tile", ["X", "reps"], ["Y"])]))
+    u8 = helper.make_tensor_value_info("u", TensorProto.UINT8, ["batch"])
+    b = helper.make_tensor_value_info("b", TensorProto.BOOL, ["batch"])
+    outs = [helper.make_tensor_value_info("uo", TensorProto.UINT8, ["batch"]),
+            helper.make_tensor_value_info("bo", TensorProto.BOOL, ["batch"])]  # fmt: skip
+    _save(root, "narrow", _graph("narrow", [u8, b], outs, [helper.make_node("Identity", ["u"], ["uo"]),
+                                                            helper.make_node("Not", ["b"], ["bo"])]))  # fmt: skip
+    srv = _start(root, max_message_mb=1)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        # 1. never merged: each request gets its own sum (the probe saw Y not follow the batch)
+        got = _concurrently(target, "sum0", [{"X": np.full((1, 4), i + 1, np.float32)} for i in range(4)])
+        assert [g["Y"].tolist() for g in got] == [[[i + 1.0] * 4] for i in range(4)]
+        # 2. a merged ragged run cuts y (time axis found by the probe) back to each request's length
+        session = _session(gru)
+        rng = np.random.default_rng(2)
+        reqs = [{"x": rng.standard_normal((1, t, 3)).astype(np.float32), "len": np.array([t])} for t in range(1, 9)]
+        for r, g in zip(reqs, _concurrently(target, "gru", reqs)):
+            want = dict(zip(["y", "h"], session.run(None, r)))
+            assert g["y"].shape == want["y"].shape and np.abs(g["y"] - want["y"]).max() <= TOL
+        from server.client import LSTMClient
+
+        with LSTMClient(target) as c:
+            # 4. an output sized by input values is checked after it is computed
+            with pytest.raises(grpc.RpcError) as err:
+                c.infer_tensors("tile", {"X": np.ones((1, 4), np.float32), "reps": np.array([600, 200])})
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-message-mb" in err.value.details()
+            # 7. the model's own refusal of a value is the client's error, not INTERNAL
+            with pytest.raises(grpc.RpcError) as err:
+                c.infer_tensors("tile", {"X": np.ones((1, 4), np.float32), "reps": np.array([1, -1])})
+            assert (
+                err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ONNX Runtime refused" in err.value.details()
+            )
+            # 5. typed narrow integers are range-checked; 6. raw BOOL bytes are 0 or 1
+            req = c.tensors_request(
+                "narrow", {"u": np.array([1, 2], np.uint8), "b": np.array([True, False])}, raw=False
+            )
+            req.inputs[0].contents.uint_contents[0] = 300
+            with pytest.raises(grpc.RpcError) as err:
+                c.stub.ModelInfer(req)
+            assert "contents value 300 at index 0 is out of the UINT8 range 0..255" in err.value.details()
+            req = c.tensors_request("narrow", {"u": np.array([1, 2], np.uint8), "b": np.array([True, False])})
+            req.raw_input_contents[1] = b"\x02\x00"
+            with pytest.raises(grpc.RpcError) as err:
+                c.stub.ModelInfer(req)
+            assert "raw BOOL content holds bytes other than 0 and 1" in err.value.details()
+            # 9. config.pbtxt max_batch_size is a per-request limit, as in Triton
+            with pytest.raises(grpc.RpcError) as err:
+                c.infer_tensors("sum0", {"X": np.ones((9, 4), np.float32)})
+            assert "batch size 9 is more than its config.pbtxt max_batch_size 8" in err.value.details()
+            assert c.live()
+    finally:
+        srv.stop(1)
+
+
+def test_review_findings_at_load_and_decode(tmp_path):
+    from server.codec import MAX_BYTES_ELEMENTS, Limits, decode_inputs
+    from server.errors import ResourceExhausted
+
+    # 8. optional in config.pbtxt for an input the graph requires: refused at load, naming it
+    root = tmp_path / "models"
+    xy = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch"]) for n in ("X", "Y")]
+    z = helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["batch"])
+    _save(root, "add", _graph("add", xy, [z], [helper.make_node("Add", ["X", "Y"], ["Z"])]),
+          "input [{ name: 'Y' data_type: TYPE_FP32 dims: [-1] optional: true }]")  # fmt: skip
+    from server.errors import StartupError
+
+    with pytest.raises(StartupError, match="add/1/model.onnx: input .Y.: optional in config.pbtxt, but model.onnx requires it"):
+        _start(root)
+    # 3. BYTES elements per tensor are bounded before anything is decoded
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="s", datatype="BYTES", shape=[MAX_BYTES_ELEMENTS + 1])
+    req.raw_input_contents.append(b"\0\0\0\0" * (MAX_BYTES_ELEMENTS + 1))
+    with pytest.raises(ResourceExhausted, match=f"more than the limit of {MAX_BYTES_ELEMENTS} per tensor"):
+        decode_inputs(req, Limits())

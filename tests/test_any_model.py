@@ -749,7 +749,9 @@ def test_review_findings_at_load_and_decode(tmp_path):
           "input [{ name: 'Y' data_type: TYPE_FP32 dims: [-1] optional: true }]")  # fmt: skip
     from server.errors import StartupError
 
-    with pytest.raises(StartupError, match="add/1/model.onnx: input 'Y': optional in config.pbtxt, but model.onnx requ"):
+    with pytest.raises(
+        StartupError, match="add/1/model.onnx: input 'Y': optional in config.pbtxt, but model.onnx requ"
+    ):
         _start(root)
     # 3. BYTES elements per tensor are bounded before anything is decoded
     req = pb.ModelInferRequest(model_name="m")

@@ -750,6 +750,10 @@ class DataPlane:
         if triton is not None:
             params.update(triton.parameters)
         params["execution_provider"] = rt.provider
+        if rt.provider_note:
+            params["execution_provider_note"] = rt.provider_note
+        if "lstm.precision" in rt.export_metadata:
+            params["precision"] = rt.export_metadata["lstm.precision"]
         if sig.static_length is not None:
             params["static_length"] = str(sig.static_length)
         params["axes"] = json.dumps(sig.axes_json(), sort_keys=True)
@@ -778,6 +782,8 @@ class DataPlane:
         headers = {
             "lstm-export-metadata": json.dumps(rt.export_metadata, sort_keys=True),
             "lstm-provider": rt.provider,
+            "lstm-provider-note": rt.provider_note,
+            "lstm-precision": rt.export_metadata.get("lstm.precision", ""),
             "lstm-static-length": str(sig.static_length or ""),
             "lstm-model-version": str(rt.version),
             "lstm-batching": json.dumps(dataclasses.asdict(policy), sort_keys=True),

@@ -192,6 +192,7 @@ class ModelRuntime:
     retired: bool = False  # replaced or unloaded: requests that still hold it run alone
     output_layout: dict = field(default_factory=dict)  # {output: ['batch'|'time'|size, ...]} probed at load
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    provider_note: str = ""  # where part of the graph runs elsewhere than `provider` (int8 LSTM on CUDA)
 
     def retire(self) -> None:
         """This version was replaced or unloaded: close its batcher (queued requests still run, then
@@ -313,6 +314,13 @@ def load_model(
         types = {t.name: t.datatype for t in signature.all_inputs + signature.all_outputs}
         raise ValueError(f"{path}: tensor(s) {', '.join(f'{n} ({types[n]})' for n in unknown)} have a type the "
                          f"inference protocol cannot carry (it has {', '.join(DATATYPES)})")  # fmt: skip
+    provider = session.get_providers()[0]
+    note = ""
+    if provider == "CUDAExecutionProvider" and meta.get("lstm.precision") == "int8":
+        # ONNX Runtime has no CUDA kernel for com.microsoft.DynamicQuantizeLSTM: those nodes, the bulk
+        # of the work, run on the CPU provider (with copies between the two)
+        note = "int8 twin: its DynamicQuantizeLSTM nodes run on CPUExecutionProvider (no CUDA kernel)"
+        log.info("%s version %d: %s", name, version, note)
     return ModelRuntime(
         name=name,
         version=version,
@@ -320,6 +328,7 @@ def load_model(
         session=session,
         signature=signature,
         export_metadata=meta,
-        provider=session.get_providers()[0],
+        provider=provider,
         model_config=config,
+        provider_note=note,
     )

@@ -177,6 +177,8 @@ class LSTMClient:
             "outputs": tensors(response.outputs),
             "export": json.loads(headers.get("lstm-export-metadata", "{}")),
             "provider": headers.get("lstm-provider", ""),
+            "provider_note": headers.get("lstm-provider-note", ""),
+            "precision": headers.get("lstm-precision", ""),
             "static_length": int(headers["lstm-static-length"]) if headers.get("lstm-static-length") else None,
             "axes": json.loads(headers["lstm-axes"]) if headers.get("lstm-axes") else None,
             "roles": json.loads(headers["lstm-roles"]) if headers.get("lstm-roles") else None,

@@ -27,6 +27,7 @@ from server.config import Settings
 from server.errors import StartupError
 from server.factory import build_plane
 from server.handlers import Admission
+from server.memory import budget_from_settings
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.rest import RestApp, RestServer
@@ -73,6 +74,10 @@ class InferenceServer:
         # inference calls in progress over both frontends (RESOURCE_EXHAUSTED beyond; idle or
         # half-open connections and calls waiting for their request are not counted)
         self.admission = Admission(limit=settings.grpc_workers + settings.max_queue)
+        # bytes the accepted calls hold until their replies are sent (server.memory)
+        self.budget = budget_from_settings(settings, self.metrics)
+        self._metrics_sock = None
+        self._metrics_server: asyncio.AbstractServer | None = None
         self._draining = threading.Event()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -160,12 +165,13 @@ class InferenceServer:
             self.port = self._run(self._bind_grpc(tokens, creds))
             if s.http_port >= 0:
                 app = RestApp(self.plane, self.is_ready, self.admission, tokens, max_body=s.max_message_mb << 20,
-                              max_concurrent=s.grpc_workers + s.max_queue)  # fmt: skip
-                self.rest = RestServer(app)
+                              max_concurrent=s.grpc_workers + s.max_queue, budget=self.budget)  # fmt: skip
+                self.rest = RestServer(app, send_timeout_s=s.send_timeout_s, metrics=self.metrics)
                 self.http_port = self.rest.bind(s.host, s.http_port, reuse_port=s.workers > 1)
             if s.metrics_port >= 0:
                 try:
-                    self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+                    self._metrics_sock = self.metrics.bind(s.host, s.metrics_port)  # served by _serve
+                    self.metrics_port = self._metrics_sock.getsockname()[1]
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
                         raise StartupError(f"port {s.metrics_port} busy (--metrics-port on {s.host})") from None
@@ -209,9 +215,11 @@ class InferenceServer:
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
                 ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+                *_connection_limits(s),
             ],
         )
-        add_to_server(InferenceServicer(self.plane, self.is_ready, self.admission), server)
+        servicer = InferenceServicer(self.plane, self.is_ready, self.admission, self.budget, tokens_on=bool(tokens))
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -233,6 +241,8 @@ class InferenceServer:
 
     async def _serve(self, tls) -> None:
         await self._grpc.start()
+        if self._metrics_sock is not None:
+            self._metrics_server = await self.metrics.serve_async(self._metrics_sock)
         if self.rest is not None:
             await self.rest.start(tls)
         for name in self.repository.ready_models():
@@ -245,6 +255,7 @@ class InferenceServer:
         if self._loop is not None and self._loop.is_running():
 
             async def close() -> None:
+                self._close_metrics()
                 if self.rest is not None:
                     await self.rest.shutdown(0)
                 if self._grpc is not None:
@@ -328,11 +339,31 @@ class InferenceServer:
         if self.rest is not None:
             jobs.append(self.rest.shutdown(left()))
         await asyncio.gather(*jobs, return_exceptions=True)
+        self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        elif self._metrics_sock is not None:
+            self._metrics_sock.close()
 
     def wait(self) -> None:
         """Block until `stop` has finished (at once if the server never started)."""
         if self._loop is not None:
             self._stopped.wait()
+
+
+def _connection_limits(s: Settings) -> list[tuple[str, int]]:
+    """grpc options bounding what one HTTP/2 connection holds: its concurrent streams, and its age
+    (GOAWAY, then the grace for its calls, then closed: a client that never reads its replies is
+    cut off and what they held is returned; clients that read reconnect transparently)."""
+    options = [("grpc.max_concurrent_streams", s.max_streams_per_connection)]
+    if s.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, int(s.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", max(1, int(s.connection_age_grace_s * 1000))),
+        ]
+    return options
 
 
 def _raise_open_files_limit() -> None:

@@ -70,6 +70,43 @@ class Settings:
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus HTTP port; 0 = any free port; -1 = off"})
     max_sequences: int = field(default=1024, metadata={"help": "live stateful sequences (sequence_id) at most"})
     sequence_idle_s: float = field(default=60.0, metadata={"help": "free a sequence after this many idle seconds"})
+    sequence_client_share: float = field(
+        default=0.25,
+        metadata={"help": "fraction of --max-sequences one client (its bearer token, else its connection) may "
+                  "hold: the rest stay free for others"},
+    )  # fmt: skip
+    memory_budget_mb: int = field(
+        default=0,
+        metadata={"help": "memory (MiB) the inference calls in progress may hold at once: request, estimated "
+                  "ONNX Runtime working memory and response, until the response is sent (then the call waits "
+                  "within its deadline, or RESOURCE_EXHAUSTED); 0 = 60 percent of the machine's or the cgroup's "
+                  "memory, shared among --workers"},
+    )  # fmt: skip
+    memory_client_share: float = field(
+        default=0.5,
+        metadata={"help": "fraction of the memory budget one client (its bearer token, else its connection) may "
+                  "hold; a request needing more is refused"},
+    )  # fmt: skip
+    memory_wait_s: float = field(
+        default=30.0,
+        metadata={"help": "longest wait for memory budget by a call without a deadline (with one: its deadline)"},
+    )
+    max_streams_per_connection: int = field(
+        default=128, metadata={"help": "gRPC: concurrent calls one HTTP/2 connection may have open"}
+    )
+    max_connection_age_s: float = field(
+        default=600.0,
+        metadata={"help": "gRPC: connections get GOAWAY after this many seconds (clients reconnect; 0 = never); "
+                  "with --connection-age-grace-s it cuts off a client whose replies are not being read"},
+    )  # fmt: skip
+    connection_age_grace_s: float = field(
+        default=60.0,
+        metadata={"help": "gRPC: seconds the calls of a connection past its age get to finish before it is closed"},
+    )
+    send_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "HTTP/REST: a connection whose client takes none of its reply for this long is closed"},
+    )
     tls_cert: str = field(default="", metadata={"help": "PEM server certificate (chain): turns TLS on"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(default="", metadata={"help": "PEM CA: require client certificates signed by it"})
@@ -137,6 +174,12 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "max_sequences": (0, None),
     "drain_delay_s": (0, None),
     "poll_s": (0, None),
+    "memory_budget_mb": (0, None),
+    "memory_wait_s": (0, 86400),
+    "max_streams_per_connection": (1, 2**31 - 1),
+    "max_connection_age_s": (0, 2**31 / 1000),
+    "connection_age_grace_s": (0, 2**31 / 1000),
+    "send_timeout_s": (0.1, None),
     "workers": (1, None),
 }
 _CHOICES = {
@@ -156,6 +199,10 @@ def field_problem(name: str, value) -> str | None:
     if name == "sequence_idle_s":
         if not 0 < value <= 10**9:  # NaN fails too
             return f"must be a number of seconds in (0, 1e9], got {value:g}"
+        return None
+    if name in ("sequence_client_share", "memory_client_share"):
+        if not 0 < value <= 1:  # NaN fails too
+            return f"must be a fraction in (0, 1], got {value:g}"
         return None
     if name == "device":
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value).strip().lower()):

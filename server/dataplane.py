@@ -53,7 +53,8 @@ class Prepared:
 class InferRequest:
     """One inference request as a frontend hands it over. `inputs`: numpy arrays by name;
     `outputs`: the output names asked for ([] = all); `parameters`: OIP request parameters as plain
-    values (bool, int, float, str); `deadline`: time.monotonic() by which the client stops waiting."""
+    values (bool, int, float, str); `deadline`: time.monotonic() by which the client stops waiting;
+    `client`: who sent it (bearer token or connection, `memory.client_key`) for per-client shares."""
 
     model_name: str
     model_version: str = ""
@@ -62,6 +63,7 @@ class InferRequest:
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, object] = field(default_factory=dict)
     deadline: float | None = None
+    client: str = ""
 
 
 @dataclass
@@ -629,7 +631,7 @@ class DataPlane:
         initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
         triton = rt.model_config.get("triton")
         idle_s = triton.idle_us / 1e6 if triton is not None and triton.idle_us else None
-        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s)
+        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
         stored: dict[str, np.ndarray] = {}
         pairs = sig.states
         try:

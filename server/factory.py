@@ -72,7 +72,9 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
         Limits(settings.max_elements, settings.max_request_batch),
         policy,
         metrics,
-        SequenceStore(settings.max_sequences, settings.sequence_idle_s, sequences_changed),
+        SequenceStore(
+            settings.max_sequences, settings.sequence_idle_s, sequences_changed, settings.sequence_client_share
+        ),
         max_message_bytes=settings.max_message_mb << 20,
         # ONNX Runtime runs (batching off, or a retired version's late requests), request decoding
         # of large inputs and model loads: off the event loop. ORT releases the GIL while it runs.

@@ -44,6 +44,7 @@ import tempfile
 import time
 from urllib.parse import unquote
 
+import httptools
 import numpy as np
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -54,6 +55,7 @@ from server.dataplane import InferRequest, InferResponse
 from server.dtypes import OBJECT, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, clip
 from server.handlers import error_status
+from server.memory import JSON_RESPONSE_FACTOR, call_cost, client_key
 from server.security import bearer_matches
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,11 @@ SPOOL_BYTES = 256 << 10  # bodies larger than this wait for their last byte in a
 IDLE_S = 60  # an idle keep-alive connection, or one that never sends a request, is closed after this
 HEADERS_S = 60  # a request's headers must be complete this long after its first byte
 BODY_IDLE_S = 60.0  # a body that stops arriving for this long is answered 408 and its connection closed
+MAX_URL = 8 << 10  # request line (uvicorn accumulates it): 414 beyond
+MAX_HEADER = 8 << 10  # one header line, name and value: 431 beyond
+MAX_HEAD = 64 << 10  # the whole request head: 431 beyond
+HEAD_SLICE = 4 << 10  # a request head is fed to the parser this many bytes at a time
+MAX_PIPELINED = 4  # requests parsed ahead of their answers on one connection (then not read)
 DRAIN_BEFORE_CLOSE = 64 << 10  # an unread body up to this size is read before a closing answer (no RST)
 LARGE = 256 << 10  # JSON parsing and encoding above this size run on an executor thread
 
@@ -313,6 +320,7 @@ class _Exchange:
     def __init__(self, app: RestApp, scope, receive, send) -> None:
         self.app, self.receive, self.send = app, receive, send
         self.method = scope["method"]
+        self.peer = scope.get("client")  # (host, port)
         self.raw_path = scope.get("raw_path") or scope["path"].encode()
         self.headers: dict[str, list[str]] = {}
         for key, value in scope["headers"]:
@@ -387,7 +395,13 @@ class _Exchange:
             out.append((b"connection", b"close"))
         self.started = True
         await self.send({"type": "http.response.start", "status": status, "headers": out})
-        await self.send({"type": "http.response.body", "body": body})
+        if len(body) <= DRAIN_BEFORE_CLOSE:
+            await self.send({"type": "http.response.body", "body": body})
+            return
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        # the closing (empty) part waits until the socket has taken the reply (uvicorn drains a
+        # paused transport first): a reply's memory stays held in the budget until then
+        await self.send({"type": "http.response.body", "body": b""})
 
     async def error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         if self.started:
@@ -411,8 +425,9 @@ class RestApp:
     `max_spooled` bytes of bodies wait in temporary files at once (then 429)."""
 
     def __init__(self, plane, is_ready, admission, tokens: list[str], max_body: int, max_json: int = 32 << 20,
-                 max_concurrent: int = 1056, max_spooled: int | None = None) -> None:  # fmt: skip
+                 max_concurrent: int = 1056, max_spooled: int | None = None, budget=None) -> None:  # fmt: skip
         self.plane, self.is_ready, self.admission = plane, is_ready, admission
+        self.budget = budget  # server.memory.MemoryBudget: what an inference call holds until sent
         self.tokens = [t.encode() for t in tokens]
         self.max_body = max_body
         self.max_json = min(max_json, max_body)
@@ -555,12 +570,25 @@ class RestApp:
                 return await ex.respond(200, b"{}")
         raise HttpError(404, f"no such endpoint /v2/repository/{clip('/'.join(parts))}")
 
+    async def _hold(self, request: InferRequest, body_bytes: int, binary_outputs: dict[str, bool],
+                    binary_all: bool) -> _Held:  # fmt: skip
+        """Reserve the call's memory in the budget (waiting within its deadline): its body, ORT's
+        working memory and its response (JSON text: JSON_RESPONSE_FACTOR x the outputs' bytes)."""
+        if self.budget is None:
+            return _Held(None)
+        rt = self.plane.repository.get(request.model_name, request.model_version)
+        binary = all(binary_outputs.get(n, binary_all) for n in request.outputs) if request.outputs else binary_all
+        cost = call_cost(rt, request.inputs, request.outputs, body_bytes, 1 if binary else JSON_RESPONSE_FACTOR)
+        return _Held(await self.budget.hold(cost, request.client, request.deadline))
+
     async def _infer(self, ex: _Exchange, model: str, version: str) -> None:
         header_len = ex.header(HEADER_LENGTH)
         n = None
         if header_len is not None:
             if not header_len.isascii() or not header_len.strip().isdigit():
                 raise HttpError(400, f"{HEADER_LENGTH} {clip(header_len)} must be a non-negative integer")
+            if len(header_len.strip()) > 20:  # int() refuses over 4,300 digits; no body is that long
+                raise HttpError(400, f"{HEADER_LENGTH} has {len(header_len.strip())} digits: at most 20 are accepted")
             n = int(header_len)
         deadline = None
         timeout = ex.header("Inference-Timeout-Ms")  # optional, like a gRPC deadline
@@ -594,8 +622,10 @@ class RestApp:
                 at = time.monotonic() + timeout_us / 1e6
                 deadline = at if deadline is None else min(deadline, at)
             request.deadline = deadline
+            request.client = client_key(f"{ex.peer[0]}:{ex.peer[1]}" if ex.peer else "", ex.header("Authorization"),
+                                        bool(self.tokens))  # fmt: skip
             # admitted until the reply is written: a drain waits for it, so no reply is cut short
-            with self.admission.call():
+            with self.admission.call(), await self._hold(request, len(body), binary_outputs, binary_all):
                 response = await self.plane.infer_async(request)
                 size = sum(a.nbytes for a in response.outputs.values())
                 encode = (response_body, response, binary_outputs, binary_all)
@@ -606,6 +636,17 @@ class RestApp:
                     await ex.respond(200, payload)
                 else:
                     await ex.respond(200, payload, "application/octet-stream", {HEADER_LENGTH: str(json_len)})
+
+
+class _Held(contextlib.AbstractContextManager):
+    """A memory hold as a context manager: released on exit, however the exchange ends."""
+
+    def __init__(self, hold) -> None:
+        self.hold = hold
+
+    def __exit__(self, *exc) -> None:
+        if self.hold is not None:
+            self.hold.release()
 
 
 def _parse(body: bytes, n: int, model: str, version: str, limits: Limits):
@@ -620,29 +661,164 @@ def _parse(body: bytes, n: int, model: str, version: str, limits: Limits):
         raise HttpError(400, f"request not valid: {clip(str(exc), 200)}") from None
 
 
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: the request head is over a limit (answered, then closed)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+_REASONS = {413: b"Content Too Large", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+
 class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the two timers it lacks: a connection that never sends a
-    request is closed after its keep-alive timeout (uvicorn arms that timer only after a response),
-    and a request's headers must be complete HEADERS_S after its first byte (a trickle is closed)."""
+    """uvicorn's httptools protocol with the limits it lacks, per connection:
+
+    - timers: a connection that never sends a request is closed after its keep-alive timeout
+      (uvicorn arms that timer only after a response), and a request's headers must be complete
+      HEADERS_S after its first byte (a trickle is closed);
+    - a bounded head: request line MAX_URL bytes (414), each header MAX_HEADER (431), the whole
+      head MAX_HEAD (431), then the connection is closed; the parser is fed a head HEAD_SLICE bytes
+      at a time, so an endless line or value costs at most MAX_HEAD of buffering (httptools and
+      uvicorn grow them by concatenation: quadratic in their length);
+    - bounded pipelining: beyond MAX_PIPELINED requests parsed ahead of their answers, the rest of
+      what the client sent waits unparsed and the connection is not read (a client that pipelines
+      and never reads holds a few requests, not all it sent);
+    - a send timeout: a connection whose reply the client takes none of for `send_timeout_s` is
+      closed, and the memory its reply held is returned."""
 
     _headers_due: asyncio.TimerHandle | None = None
+    _send_due: asyncio.TimerHandle | None = None
+    send_timeout_s: float = 60.0
+    metrics = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._head_bytes = 0
+        self._in_head = False  # inside a request head (from its first byte to its blank line)
+        self._body_left: int | None = None  # body bytes still to come (known length), else None
+        self._chunked = False  # the body of the request being parsed is chunked (length unknown)
+        self._backlog = b""  # received, not parsed yet (pipelining bound)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
+    # -- feeding the parser -------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._backlog or len(self.pipeline) >= MAX_PIPELINED:
+            self._backlog += data
+            self.flow.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        while data and self.parser is not None and not self.transport.is_closing():
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self._backlog = data
+                self.flow.pause_reading()
+                return
+            if self._body_left:
+                piece, data = data[: self._body_left], data[self._body_left :]
+            elif self._chunked and not self._in_head:
+                piece, data = data, b""  # a chunked body (refused by the app): its length is unknown
+            else:
+                piece, data = data[:HEAD_SLICE], data[HEAD_SLICE:]
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(piece)
+            except _HeadTooLarge as exc:
+                return self._refuse_head(exc.status, exc.message)
+            except httptools.HttpParserError as exc:
+                if isinstance(exc.__context__, _HeadTooLarge):
+                    return self._refuse_head(exc.__context__.status, exc.__context__.message)
+                self.logger.warning("Invalid HTTP request received.")
+                return self.send_400_response("Invalid HTTP request received.")
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    return self.handle_websocket_upgrade()
+                self._unsupported_upgrade_warning()
+            if self._in_head:
+                self._head_bytes += len(piece)  # counts at most HEAD_SLICE bytes before the head
+                if self._head_bytes > MAX_HEAD:
+                    return self._refuse_head(431, f"request head over {MAX_HEAD} bytes")
+
+    def _refuse_head(self, status: int, message: str) -> None:
+        body = f"{message}\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+        )
+        self.transport.close()
+        self.parser = None
+
+    # -- parser callbacks ---------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_head, self._head_bytes, self._body_left, self._chunked = True, 0, None, False
         self._headers_due = self.loop.call_later(HEADERS_S, self.timeout_keep_alive_handler)
 
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > MAX_URL:
+            raise _HeadTooLarge(414, f"request line over {MAX_URL} bytes")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_HEADER:
+            raise _HeadTooLarge(431, f"header {clip(name.decode('latin-1'), 40)} over {MAX_HEADER} bytes")
+        if name.lower() == b"content-length" and value.strip().isdigit() and len(value) <= 20:
+            self._body_left = int(value)
+        elif name.lower() == b"transfer-encoding":
+            self._chunked = True
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._chunked:
+            self._body_left = None
         if self._headers_due is not None:
             self._headers_due.cancel()
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if self._body_left:
+            self._body_left = max(0, self._body_left - len(body))
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._body_left, self._chunked = None, False
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._backlog and len(self.pipeline) < MAX_PIPELINED and not self.transport.is_closing():
+            backlog, self._backlog = self._backlog, b""
+            self.flow.resume_reading()
+            self._feed(backlog)
+
+    # -- the send timeout -----------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_due is None:
+            self._send_due = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        if self._send_due is not None:
+            self._send_due.cancel()
+            self._send_due = None
+        super().resume_writing()
+
+    def _send_timed_out(self) -> None:
+        self._send_due = None
+        if not self.transport.is_closing():
+            log.info("HTTP connection %s took none of its reply for %g s: closed", self.client, self.send_timeout_s)
+            if self.metrics is not None:
+                self.metrics.connections_cut.inc()
+            self.transport.abort()
+
     def connection_lost(self, exc) -> None:
-        if self._headers_due is not None:
-            self._headers_due.cancel()
+        for timer in (self._headers_due, self._send_due):
+            if timer is not None:
+                timer.cancel()
+        self._backlog = b""
         super().connection_lost(exc)
 
 
@@ -656,8 +832,10 @@ class RestServer:
     """The HTTP/REST port: a socket bound up front (before models load), then uvicorn serving
     `app` on the caller's event loop until `shutdown`."""
 
-    def __init__(self, app: RestApp) -> None:
+    def __init__(self, app: RestApp, send_timeout_s: float = 60.0, metrics=None) -> None:
         self.app = app
+        # the protocol class of this port: its send timeout and where it counts cut connections
+        self._protocol = type("_Protocol", (_HttpProtocol,), {"send_timeout_s": send_timeout_s, "metrics": metrics})
         self.port: int | None = None
         self._sock: socket.socket | None = None
         self._server: _Uvicorn | None = None
@@ -687,7 +865,7 @@ class RestServer:
     async def start(self, tls=None) -> None:
         config = uvicorn.Config(
             self.app,
-            http=_HttpProtocol,
+            http=self._protocol,
             ws="none",
             lifespan="off",
             interface="asgi3",

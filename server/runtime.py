@@ -25,6 +25,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import InvalidArgument, StartupError, clip
+from server.memory import batch_and_time, run_options, working_bytes
 from server.onnxfile import graph_nodes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
@@ -248,7 +249,7 @@ class ModelRuntime:
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = _reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         try:
-            results = self.session.run(outputs, feeds)
+            results = self.session.run(outputs, feeds, _run_options(self, feeds))
         except (OrtFail, OrtInvalidArgument) as exc:  # the model refused these values (a shape it checks)
             raise InvalidArgument(
                 f"model '{self.name}': ONNX Runtime refused this input: {clip(str(exc), 300)}"
@@ -265,6 +266,13 @@ class ModelRuntime:
                 value = to_bytes_array(value)
             out[name] = value
         return out
+
+
+def _run_options(rt: ModelRuntime, feeds: dict[str, np.ndarray]):
+    """RunOptions for one run: a run needing much working memory shrinks ONNX Runtime's CPU arena
+    afterwards, so memory a large request grew it by is returned (`server.memory.run_options`)."""
+    batch, steps = batch_and_time(rt, feeds)
+    return run_options(working_bytes(rt, sum(a.nbytes for a in feeds.values()), batch, steps))
 
 
 def _reshape(array: np.ndarray, shape: list[int], batch_axis: int | None) -> np.ndarray:

@@ -10,6 +10,10 @@ Sequences idle longer than `idle_s` are freed; a later chunk is told so.
 Bounded memory whatever clients send: a string id is at most MAX_ID_BYTES (UTF-8), and the ids of
 freed sequences remembered for that message are capped by count and by bytes (the oldest are
 forgotten first; a forgotten one is then answered "unknown sequence").
+
+Shared fairly: one client (its bearer token, else its connection: `InferRequest.client`) holds at
+most `client_share` of the `max_sequences` slots, so a client that starts sequences and keeps them
+alive cannot lock the others out; its next start is refused while the others' still succeed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SequenceState:
     idle_s: float | None = None  # this model's idle timeout (config.pbtxt); None: the store's
     pending_start: bool = False  # started by the chunk in flight: undone if that chunk fails
     previous: SequenceState | None = None  # what a restart replaced (restored if the chunk fails)
+    client: str = ""  # who started it (`InferRequest.client`): counted against that client's share
 
 
 def parse_sequence(parameters: dict[str, object]) -> tuple[object, bool, bool] | None:
@@ -71,8 +76,10 @@ def parse_sequence(parameters: dict[str, object]) -> tuple[object, bool, bool] |
 
 
 class SequenceStore:
-    def __init__(self, max_sequences: int = 1024, idle_s: float = 60.0, on_change=lambda live, evicted: None):
+    def __init__(self, max_sequences: int = 1024, idle_s: float = 60.0, on_change=lambda live, evicted: None,
+                 client_share: float = 1.0) -> None:  # fmt: skip
         self.max_sequences = max_sequences
+        self.client_share = client_share
         self.idle_s = idle_s
         self._lock = threading.Lock()
         self._live: dict[tuple[str, object], SequenceState] = {}
@@ -86,11 +93,30 @@ class SequenceStore:
         with self._lock:
             return len(self._live)
 
+    @property
+    def client_limit(self) -> int:
+        """Live sequences one named client may hold (at least 1)."""
+        return max(1, int(self.max_sequences * self.client_share))
+
+    def _check_share(self, client: str, replacing: SequenceState | None) -> None:
+        """RESOURCE_EXHAUSTED when `client` already holds its share (a restart of one of its own
+        sequences takes no new slot). Unnamed callers (in-process, Ray) are not counted."""
+        if not client or self.client_share >= 1 or (replacing is not None and replacing.client == client):
+            return
+        mine = sum(1 for state in self._live.values() if state.client == client)
+        if mine >= self.client_limit:
+            raise ResourceExhausted(
+                f"this client holds {mine} live sequences: its share of the {self.max_sequences} slots "
+                f"(--sequence-client-share {self.client_share:g} = {self.client_limit}); end sequences with "
+                "sequence_end or wait for idle ones to be freed"
+            )
+
     def acquire(self, model: str, version: int, seq_id, start: bool, initial: dict[str, np.ndarray],
-                idle_s: float | None = None):  # fmt: skip
+                idle_s: float | None = None, client: str = ""):  # fmt: skip
         """Mark the sequence busy and return it; on start its state is `initial` (zeros, the
         config's initial_state, or what the client sent). `idle_s`: the model's own idle timeout
-        (config.pbtxt max_sequence_idle_microseconds), None: the store's."""
+        (config.pbtxt max_sequence_idle_microseconds), None: the store's. `client`: who starts it,
+        counted against its share of the slots (`client_share` of `max_sequences`)."""
         key = (model, seq_id)
         now = time.monotonic()
         with self._lock:
@@ -107,8 +133,9 @@ class SequenceStore:
                         f"{len(self._live)} live sequences: the limit ({self.max_sequences}) is reached; "
                         "end sequences with sequence_end or wait for idle ones to be freed"
                     )
+                self._check_share(client, state)
                 state = SequenceState(
-                    model, version, dict(initial), now, idle_s=idle_s, pending_start=True, previous=state
+                    model, version, dict(initial), now, idle_s=idle_s, pending_start=True, previous=state, client=client
                 )
                 self._live[key] = state
                 self._forget_evicted(key)

@@ -20,6 +20,7 @@ from server.codec import decode_inputs, describe_output, encode_output, serializ
 from server.dataplane import DataPlane, InferRequest, InferResponse
 from server.errors import InvalidArgument
 from server.handlers import Admission, error_status
+from server.memory import Hold, MemoryBudget, call_cost, client_key
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -170,10 +171,13 @@ def _unary(method):
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None) -> None:
+    def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None,
+                 budget: MemoryBudget | None = None, tokens_on: bool = False) -> None:  # fmt: skip
         self.plane = plane
         self.is_ready = is_ready  # callable: False while draining
         self.admission = admission or Admission()
+        self.budget = budget  # None: calls hold no memory budget (tests, minimal servers)
+        self.tokens_on = tokens_on
         self._last_end = 0.0  # time.monotonic() when the last inference call ended
         self._busy_until = 0.0  # no inference on the loop before this time.monotonic()
 
@@ -208,8 +212,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         return handlers.model_config(self.plane, request.name, request.version)
 
-    async def _infer(self, request: pb.ModelInferRequest, context) -> InferResponse:
+    async def _hold(self, infer: InferRequest, context) -> Hold | None:
+        """Reserve the call's memory (request, working memory, response) in the budget, waiting
+        within its deadline; None without a budget. Also names the call's client."""
+        metadata = dict(context.invocation_metadata() or ())
+        infer.client = client_key(context.peer() or "", metadata.get("authorization"), self.tokens_on)
+        if self.budget is None:
+            return None
+        rt = self.plane.repository.get(infer.model_name, infer.model_version)
+        return await self.budget.hold(call_cost(rt, infer.inputs, infer.outputs), infer.client, infer.deadline)
+
+    async def _infer(self, request: pb.ModelInferRequest, context, stream: bool = False):
+        """Run one request; (response, memory hold). A unary call's hold is returned when the RPC
+        ends (its reply sent, or the call cancelled); a stream returns it after its write."""
         with self.admission.call():
+            try:
+                deadline = _deadline(context)
+                if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
+                    loop = asyncio.get_running_loop()
+                    infer = await loop.run_in_executor(self.plane.executor, to_infer_request, request, self.plane,
+                                                       deadline)  # fmt: skip
+                else:
+                    infer = to_infer_request(request, self.plane, deadline)
+                hold = await self._hold(infer, context)
+            except BaseException:
+                self._last_end = time.monotonic()
+                raise
+            if hold is not None and not stream:
+                context.add_done_callback(hold.release)
             # The only call in progress, and the previous one ended a while ago (a call that was
             # waiting while the loop ran the last one starts right after it): a small request may
             # run on the loop, saving the hop to a batcher thread and back. A call that starts
@@ -222,21 +252,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._busy_until = now + INLINE_QUIET_S
             alone = self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S and now > self._busy_until
             try:
-                deadline = _deadline(context)
-                if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
-                    loop = asyncio.get_running_loop()
-                    decoded = await loop.run_in_executor(self.plane.executor, to_infer_request, request, self.plane,
-                                                         deadline)  # fmt: skip
-                else:
-                    decoded = to_infer_request(request, self.plane, deadline)
-                result = await self.plane.infer_async(decoded, alone)
+                result = await self.plane.infer_async(infer, alone)
+            except BaseException:
+                if hold is not None:
+                    hold.release()
+                raise
             finally:
                 self._last_end = time.monotonic()
-        return result
+        return result, hold
 
     @_unary
     async def ModelInfer(self, request, context):
-        return to_infer_response_bytes(await self._infer(request, context), request)
+        result, _ = await self._infer(request, context)
+        return to_infer_response_bytes(result, request)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Answers each request in order; a bad one gets an `error_message` and the stream goes on
@@ -259,8 +287,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         pb.ModelStreamInferResponse(error_message=f"INVALID_ARGUMENT: {request.message}")
                     )
                     continue
+                hold = None
                 try:
-                    result = await self._infer(request, context)
+                    result, hold = await self._infer(request, context, stream=True)
                     response = pb.ModelStreamInferResponse(infer_response=to_infer_response(result, request))
                 except Exception as exc:  # noqa: BLE001 - reported in the stream, which goes on
                     code, _, message = error_status(exc)
@@ -270,7 +299,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             model_name=request.model_name, model_version=request.model_version, id=request.id
                         ),
                     )
-                await context.write(response)
+                try:
+                    await context.write(response)
+                finally:
+                    if hold is not None:
+                        hold.release()
         finally:
             refused.cancel()
 

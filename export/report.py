@@ -1,4 +1,5 @@
-"""Static vs dynamic comparison: what unrolling costs in bytes, nodes, export, load, memory, latency.
+"""Static vs dynamic comparison: what unrolling costs in bytes, nodes, export, load, memory, latency;
+and the precision axis: the same model as dynamic fp32, int8 and fp16 twins, and static fp32.
 
 Every figure is measured here: export seconds in this process, load/memory/latency in a fresh
 process per file (`export.probe`). Writes report.json, report.md and report.png.
@@ -11,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -21,9 +23,38 @@ from export.onnx_export import ExportResult, describe
 from export.verify import ExportError
 
 LATENCY_BATCH = 8
+PRECISION_THREADS = 1  # the precision rows run ORT on one thread: int8 vs float32 kernels, not thread scaling
 
 
-def _probe(path: Path, times: list[int], probe_lengths: list[int]) -> dict:
+@dataclass
+class PrecisionRow:
+    """One file of the precision table: a model at one precision (or its static float32 twin)."""
+
+    model: str
+    precision: str  # fp32 | int8 | fp16
+    path: Path
+    steps: int  # the latency T
+    static: bool = False
+    max_abs: float | None = None  # vs the float32 model, from the twin's gate
+    max_scaled: float | None = None
+    accuracy: float | None = None
+    checked_on: str = ""
+    export_s: float | None = None
+
+    @classmethod
+    def of_twin(cls, twin, steps: int) -> PrecisionRow:
+        """From an export.precision.TwinResult."""
+        acc = twin.accuracy.twin if twin.accuracy is not None else None
+        p = twin.parity
+        return cls(twin.twin_of, twin.precision, twin.path, steps, False, p.max_abs, p.max_scaled, acc, p.provider,
+                   twin.seconds)  # fmt: skip
+
+    @property
+    def variant(self) -> str:
+        return f"static {self.precision} T={self.steps}" if self.static else f"dynamic {self.precision}"
+
+
+def _probe(path: Path, times: list[int], probe_lengths: list[int], threads: int = 0) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -31,6 +62,8 @@ def _probe(path: Path, times: list[int], probe_lengths: list[int]) -> dict:
         str(path),
         "--batch",
         str(LATENCY_BATCH),
+        "--threads",
+        str(threads),
         "--probe-lengths",
         ",".join(map(str, probe_lengths)),
     ]
@@ -55,7 +88,34 @@ def _accepts_text(accepts: dict[str, bool], static_len: int | None) -> str:
     return f"only T={static_len} (lengths 1..{static_len}); refused T={', '.join(refused)}"
 
 
-def build_report(dynamic: ExportResult, statics: list[ExportResult], out_dir: Path) -> dict:
+def measure_precision(rows: list[PrecisionRow]) -> list[dict]:
+    """Bytes, nodes, load time and latency of each file, each in a fresh process, one ORT thread."""
+    out = []
+    for row in rows:
+        pr = _probe(row.path, [row.steps], [], threads=PRECISION_THREADS)
+        out.append(
+            {
+                "model": row.model,
+                "variant": row.variant,
+                "precision": row.precision,
+                "static": row.static,
+                "T": row.steps,
+                **describe(row.path),
+                "load_s": pr["load_s"],
+                "latency_ms": pr["latency_ms"][str(row.steps)],
+                "max_abs": row.max_abs,
+                "max_scaled": row.max_scaled,
+                "accuracy": row.accuracy,
+                "checked_on": row.checked_on,
+                "provider": pr["providers"][0],
+            }
+        )
+    return out
+
+
+def build_report(
+    dynamic: ExportResult, statics: list[ExportResult], out_dir: Path, precision: list[PrecisionRow] | None = None
+) -> dict:
     lengths = sorted(r.steps for r in statics if r.steps is not None)
     rows = []
     dyn_probe = _probe(dynamic.path, lengths, [1, 7, 1000])
@@ -98,6 +158,8 @@ def build_report(dynamic: ExportResult, statics: list[ExportResult], out_dir: Pa
         "provider": dyn_probe["providers"][0],
         "latency_batch": LATENCY_BATCH,
         "rows": rows,
+        "precision": measure_precision(precision or []),
+        "precision_threads": PRECISION_THREADS,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -130,7 +192,34 @@ def markdown(report: dict) -> str:
             f"| {r['export_s']:.2f} | {r['load_s']:.2f} | {r['load_peak_mib']:.1f} | {lat} | {same} "
             f"| {r['accepts']} |"
         )
+    if report.get("precision"):
+        lines += ["", *precision_markdown(report)]
     return "\n".join(lines) + "\n"
+
+
+def precision_markdown(report: dict) -> list[str]:
+    """The precision table: each model's dynamic fp32 row is the 1.00x of its ratios."""
+    rows = report["precision"]
+    base = {r["model"]: r for r in rows if r["variant"] == "dynamic fp32"}
+    lines = [
+        f"Precision (ONNX Runtime on {report['precision_threads']} thread, batch {report['latency_batch']}; error: "
+        "max |twin - fp32| on the export gate's ragged batches, and as a fraction of the output's range):",
+        "",
+        "| model | variant | bytes on disk | weights | graph | nodes | load s | latency ms (T) "
+        "| max abs error (of range) | accuracy | ran on |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        b = base.get(r["model"], r)
+        err = "-" if r["max_abs"] is None else f"{r['max_abs']:.2e} ({r['max_scaled']:.2e})"
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['bytes_total']:,} ({r['bytes_total'] / b['bytes_total']:.2f}x) "
+            f"| {r['bytes_weights']:,} | {r['bytes_graph']:,} | {r['nodes']:,} | {r['load_s']:.3f} "
+            f"| {r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x; T={r['T']}) | {err} | {acc} "
+            f"| {r['provider']} |"
+        )
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -142,7 +231,9 @@ def plot(report: dict, path: Path) -> None:
     dyn = report["rows"][0]
     stat = [r for r in report["rows"] if r["T"] is not None]
     ts = [r["T"] for r in stat]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    prec = report.get("precision") or []
+    fig, grid = plt.subplots(2, 3 if prec else 2, figsize=(15 if prec else 10, 7))
+    axes = grid[:, :2] if prec else grid
     panels = [
         ("bytes_total", "file size (MB)", 1e-6),
         ("nodes", "graph nodes", 1.0),
@@ -157,7 +248,37 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)  # from zero: a 1.3x size growth must not look like 10x
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
-    fig.suptitle("Static vs dynamic ONNX export of the same recurrent weights")
+    if prec:
+        _precision_bars(grid[0, 2], prec, "bytes_total", "file size, x dynamic fp32")
+        _precision_bars(grid[1, 2], prec, "latency_ms", "latency (batch 8, 1 thread), x dynamic fp32")
+    fig.suptitle("Static vs dynamic ONNX export of the same recurrent weights, and the precision twins")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _precision_bars(ax, rows: list[dict], key: str, label: str) -> None:
+    """Grouped bars: one group per variant (dynamic fp32/int8/fp16, static fp32), one bar per model,
+    each relative to that model's dynamic fp32 (the absolute value written on the bar)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    variants = ["dynamic fp32", "dynamic int8", "dynamic fp16", "static fp32"]
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        mine = {("static fp32" if r["static"] else r["variant"]): r for r in rows if r["model"] == model}
+        base = mine.get("dynamic fp32")
+        if base is None:
+            continue
+        xs = [j + i * width for j, v in enumerate(variants) if v in mine]
+        vals = [mine[v][key] / base[key] for v in variants if v in mine]
+        bars = ax.bar(xs, vals, width, label=model)
+        for bar, v in zip(bars, (v for v in variants if v in mine)):
+            value = mine[v][key]
+            text = f"{value / 1e6:.2g} MB" if key == "bytes_total" else f"{value:.3g} ms"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=6, rotation=90)  # fmt: skip
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], [v.replace(" ", "\n") for v in variants])
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel(label)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)

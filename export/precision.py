@@ -1,0 +1,533 @@
+"""Precision twins: `NAME_int8` and `NAME_fp16`, copies of an exported float32 model in lower
+precision, each checked against that float model (the reference) before it is written.
+
+int8: ONNX Runtime's dynamic quantization (`quantize_dynamic`, QInt8 weights per tensor, uint8
+activations quantized on every run): each `LSTM` becomes `com.microsoft.DynamicQuantizeLSTM`
+(`sequence_lens` kept), each MatMul with a constant weight (and each Gemm, rewritten as MatMul +
+Add first) a dynamically quantized MatMul. ONNX Runtime has no quantized GRU or RNN kernel, so a
+model with a GRU or RNN layer is refused rather than written as a float copy named `_int8`.
+
+fp16: float16 weights and activations (`onnxruntime.transformers.float16`, ONNX Runtime's copy of
+onnxconverter-common's converter, so no extra package), float32 `x` and outputs at the boundary
+unless `io_float16`. It is meant for the CUDA provider; without a usable GPU it is checked on the
+CPU provider, which runs float16 LSTM/GRU/RNN nodes by casting them back to float32, and says so.
+
+The gate: the twin and the float model run on the same seeded ragged batches and every output
+must satisfy max |twin - float| <= TOLERANCE[precision] * max(1, max |float|), per output and
+batch (see TOLERANCE for the measure and why these numbers); for a classifier with labelled
+data, the accuracy of both is measured and a drop of more than MAX_ACCURACY_DROP points refuses
+the twin. The measured figures are printed either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.verify import ExportError, ragged_batches
+
+PRECISIONS = ("fp32", "int8", "fp16")
+TWINS = ("int8", "fp16")
+# The gate's measure: |twin - float| / max(1, max |float|), the max taken over that output in that
+# batch (int8 steps are per tensor, so the error follows the tensor's range, not each value).
+# Measured before choosing (ORT 1.31, this machine): int8 twins of 9 LSTM encoder shapes (3-512
+# units, 1-3 layers, uni/bi, with and without bias, 5-512 inputs; two seeds each) on
+# standard-normal ragged batches up to T = 200: 0.005-0.018 (the family encoder 0.008; it grows
+# with the input width, 0.018 at 512 inputs; per-channel weights did no better); the speaker
+# classifier's logits, whose head multiplies the LSTM's error: 0.033 on those batches and 0.022
+# on its real test data (0.23 of max |logit| 10.4), where its accuracy is unchanged. 0.1 leaves room
+# above that while a wrong weight, gate order or direction (errors of 30-100% of the range)
+# still fails; a classifier's accuracy gate is the finer check. fp16: float16 rounds each value
+# by up to 2^-11 (4.9e-4 relative); the CPU provider's run of the family models measured
+# 1.3e-4 to 6.0e-4, and 1e-2 allows the half arithmetic of CUDA's kernels to accumulate ~20 such
+# roundings over a sequence (not measured on a GPU here).
+TOLERANCE = {"int8": 1e-1, "fp16": 1e-2}
+MAX_ACCURACY_DROP = 0.5  # accuracy points (percent) a twin may lose on labelled data
+QUANTIZED_OPS = ("LSTM", "MatMul")  # op types handed to quantize_dynamic (Gemm is rewritten first)
+INT8_KERNELS = {"LSTM": "com.microsoft.DynamicQuantizeLSTM"}  # ORT's only quantized recurrent kernel
+RECURRENT = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
+
+
+def twin_name(name: str, precision: str) -> str:
+    return f"{name}_{precision}"
+
+
+def parse_precisions(text: str) -> list[str]:
+    """'fp32,int8' -> ['fp32', 'int8']; ValueError naming an unknown one."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part not in PRECISIONS:
+            raise ValueError(f"precision {part!r}: expected {', '.join(PRECISIONS)} (comma-separated, e.g. fp32,int8)")
+        if part not in out:
+            out.append(part)
+    if not out:
+        raise ValueError(f"no precision given: expected {', '.join(PRECISIONS)}")
+    return out
+
+
+# -- providers ---------------------------------------------------------------------------------
+def cuda_usable() -> tuple[bool, str]:
+    """(True, "") where ONNX Runtime can really run on a GPU here, else (False, why). onnxruntime-gpu
+    lists CUDAExecutionProvider even where no GPU exists, so a one-node session is created to see."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDAExecutionProvider"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False, "no CUDA driver (libcuda.so.1 does not load): no usable GPU on this machine"
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])
+    probe = helper.make_model(
+        helper.make_graph([helper.make_node("Add", ["a", "a"], ["b"])], "probe", [a], [b]),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        return False, f"a CUDA session failed ({type(exc).__name__})"
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return False, f"a CUDA session fell back to {session.get_providers()}"
+    return True, ""
+
+
+def check_provider(precision: str) -> tuple[list, str]:
+    """(providers, note) the gate runs `precision` on: int8 on the CPU provider (its only kernels);
+    fp16 on CUDA where usable, else on the CPU provider with a note that says what that measures."""
+    if precision == "fp16":
+        ok, why = cuda_usable()
+        if ok:
+            return [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"], ""
+        return ["CPUExecutionProvider"], (
+            f"fp16 is for ONNX Runtime's CUDA provider, and {why}: checked on the CPU provider, which runs "
+            "float16 LSTM/GRU/RNN nodes by casting to float32 (this measures float16 weights and the float16 "
+            "values between nodes, not CUDA's half kernels)"
+        )
+    return ["CPUExecutionProvider"], ""
+
+
+def _session(path: Path, providers: list):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+# -- conversions ------------------------------------------------------------------------------------
+def _weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    return {t.name: numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+
+
+def _gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(A, B const, C) with alpha = beta = 1 and no transA as MatMul(A, B') + C, which
+    dynamic quantization covers (its Gemm kernel is static-only). Returns the nodes rewritten."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or node.domain or not plain or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = weight.T if attrs.get("transB", 0) else weight  # (K, N)
+        name = f"{node.input[1]}_as_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return rewritten
+
+
+def _int8_refusal(model: onnx.ModelProto, name: str) -> str | None:
+    """Why `model` gets no int8 twin (a GRU or RNN layer: no quantized kernel), or None."""
+    other = [n.op_type for n in model.graph.node if n.op_type in ("GRU", "RNN")]
+    if not other:
+        return None
+    sizes = _weight_bytes(model)
+    total = sum(sizes.values()) or 1
+    dense = sum(
+        sizes.get(n.input[1], 0) for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+    )
+    kinds = ", ".join(f"{other.count(k)} {k}" for k in sorted(set(other)))
+    return (
+        f"{name}: int8 refused: ONNX Runtime quantizes no GRU or RNN (its one quantized recurrent kernel is "
+        f"DynamicQuantizeLSTM), so the recurrence ({kinds} node(s)) would stay float32 and only the MatMul/Gemm "
+        f"weights ({100 * dense / total:.1f}% of the weight bytes) could be int8: {twin_name(name, 'int8')} would "
+        f"be a float copy in all but name. Serve {name} (float32), or --precision fp16 for a GPU"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """quantize_dynamic logs "Please consider to run pre-processing" on the root logger every
+    time; pre-processing (symbolic shape inference, ORT graph fusion) is for static quantization of
+    CNNs and changes nothing here. Errors still show."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(src: Path, dst: Path, name: str) -> list[str]:
+    """Write the int8 twin of `src` to `dst`; return what was quantized, in words.
+    ExportError (nothing written) where it cannot be done."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    why = _int8_refusal(model, name)
+    if why:
+        raise ExportError(why)
+    gemms = _gemm_to_matmul(model)
+    with _quiet_root_logger():
+        quantize_dynamic(
+            model,
+            str(dst),
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            weight_type=QuantType.QInt8,
+            per_channel=False,  # measured: per-channel weights did not reduce the error (TOLERANCE)
+            reduce_range=False,
+            extra_options={"MatMulConstBOnly": True},  # activation x activation products stay float
+        )
+    out = onnx.load(str(dst))
+    left = [n.name or n.op_type for n in out.graph.node if n.op_type == "LSTM"]
+    if left:
+        raise ExportError(
+            f"{name}: int8: LSTM node(s) {left[:4]} kept float32 weights (not constant initializers?); "
+            "refused rather than write a partly quantized twin"
+        )
+    lstm = [n for n in out.graph.node if n.op_type == "DynamicQuantizeLSTM"]
+    unfed = [n.name for n in lstm if len(n.input) < 5 or not n.input[4]]
+    if unfed:
+        raise ExportError(f"{name}: int8: quantized LSTM node(s) {unfed} lost their sequence_lens input")
+    matmuls = sum(1 for n in out.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+    done = [f"{len(lstm)} LSTM -> com.microsoft.DynamicQuantizeLSTM"] if lstm else []
+    if matmuls:
+        done.append(f"{matmuls} MatMul -> MatMulInteger" + (f" ({gemms} of them Gemm)" if gemms else ""))
+    if not done:
+        raise ExportError(f"{name}: int8: nothing in the graph could be quantized; refused (it would be a float copy)")
+    return done
+
+
+def _topological(graph: onnx.GraphProto) -> None:
+    """The converter appends its boundary Casts at the end of the node list; ONNX wants producers first."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError(f"fp16: the converted graph has a cycle or a missing input at {rest[0].name!r}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def convert_fp16(src: Path, dst: Path, io_float16: bool = False) -> list[str]:
+    """Write the float16 twin of `src` to `dst` (float32 x and outputs unless `io_float16`)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    meta = list(model.metadata_props)
+    with _quiet_root_logger():
+        half = convert_float_to_float16(model, keep_io_types=not io_float16)
+    _topological(half.graph)
+    del half.metadata_props[:]
+    half.metadata_props.extend(meta)
+    onnx.checker.check_model(half, full_check=True)
+    onnx.save(half, str(dst))
+    halves = sum(1 for t in half.graph.initializer if t.data_type == TensorProto.FLOAT16)
+    boundary = "float16 x and outputs" if io_float16 else "float32 x and outputs (Cast at the boundary)"
+    return [f"{halves} float16 weight tensor(s), {boundary}"]
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+@dataclass
+class TwinParity:
+    max_abs: float  # largest |twin - float| over every output and batch
+    max_scaled: float  # largest max|twin - float| / max(1, max|float|) per output and batch: the checked quantity
+    tolerance: float
+    batches: int
+    longest: int  # the longest T among the batches
+    outputs: list[str]
+    provider: str  # what ran the twin
+
+    def line(self, reference: str) -> str:
+        return (
+            f"parity vs {reference} (float32): max abs error {self.max_abs:.2e}, {self.max_scaled:.2e} of the "
+            f"output's range ({self.batches} ragged batches up to T={self.longest}, outputs {', '.join(self.outputs)}; "
+            f"tolerance {self.tolerance:g}) on {self.provider}"
+        )
+
+
+def twin_batches(features: int, seed: int = 1234) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The float gate's ragged batches (verify.ragged_batches) and two long ones: a lower precision's
+    error builds up over time steps, and the float gate's longest T is 13."""
+    batches = ragged_batches(features, None, seed)
+    rng = np.random.default_rng(seed + 1)
+    for batch, steps in ((8, 50), (2, 200)):
+        lengths = rng.integers(1, steps + 1, size=batch).astype(np.int64)
+        lengths[0] = steps
+        batches.append((rng.standard_normal((batch, steps, features)).astype(np.float32), lengths))
+    return batches
+
+
+def _feeds(session, x: np.ndarray, lengths: np.ndarray, states: dict[str, np.ndarray]) -> dict:
+    out = {}
+    for inp in session.get_inputs():
+        value = {"x": x, "lengths": lengths}.get(inp.name, states.get(inp.name))
+        if value is None:
+            raise ExportError(f"input {inp.name!r}: the precision gate feeds x, lengths and initial states only")
+        out[inp.name] = value.astype(np.float16) if inp.type == "tensor(float16)" else value
+    return out
+
+
+def _state_values(session, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random initial states (L*D, batch, H) for every input after x and lengths, as the float gate feeds."""
+    states = {}
+    for inp in session.get_inputs()[2:]:
+        ld, _, hidden = inp.shape
+        states[inp.name] = (0.5 * rng.standard_normal((ld, batch, hidden))).astype(np.float32)
+    return states
+
+
+def check_twin(reference: Path, twin: Path, precision: str, name: str, providers: list) -> TwinParity:
+    """Run the float model and its twin on the same batches; ExportError past TOLERANCE[precision]."""
+    ref = _session(reference, ["CPUExecutionProvider"])
+    got = _session(twin, providers)
+    names = [o.name for o in ref.get_outputs()]
+    features = ref.get_inputs()[0].shape[2]
+    tolerance = TOLERANCE[precision]
+    rng = np.random.default_rng(99)
+    max_abs = max_scaled = 0.0
+    batches = twin_batches(features)
+    for x, lengths in batches:
+        states = _state_values(ref, x.shape[0], rng)
+        want = dict(zip(names, ref.run(names, _feeds(ref, x, lengths, states))))
+        have = dict(zip(names, got.run(names, _feeds(got, x, lengths, states))))
+        for out in names:
+            a, b = have[out].astype(np.float64), want[out].astype(np.float64)
+            where = f"output '{out}' for x{list(x.shape)}, lengths {lengths.tolist()[:8]}"
+            if a.shape != b.shape:
+                raise ExportError(f"{name}: {where}: shape {list(a.shape)}, the float32 model's {list(b.shape)}")
+            if not np.isfinite(a).all() and np.isfinite(b).all():
+                raise ExportError(
+                    f"{name}: {where}: non-finite values where the float32 model has none (float16 overflow?); "
+                    "the file was not written"
+                )
+            diff = np.abs(a - b)
+            diff = np.where(np.isnan(a) & np.isnan(b), 0.0, diff)
+            largest = float(diff.max(initial=0.0))
+            scale = max(1.0, float(np.abs(b[np.isfinite(b)]).max(initial=0.0)))  # the output's range
+            max_abs, worst = max(max_abs, largest), largest / scale
+            max_scaled = max(max_scaled, worst)
+            if worst > tolerance:
+                raise ExportError(
+                    f"{name}: {where}: the {precision} twin differs from the float32 model by {largest:.3g} "
+                    f"({worst:.3g} of max(1, max |output|); tolerance {tolerance:g} for {precision}); "
+                    "the file was not written"
+                )
+    longest = max(x.shape[1] for x, _ in batches)
+    return TwinParity(max_abs, max_scaled, tolerance, len(batches), longest, names, got.get_providers()[0])
+
+
+@dataclass
+class LabelledData:
+    """Sequences with class labels, for the accuracy gate of a classifier twin."""
+
+    name: str  # e.g. "Japanese Vowels test split"
+    sequences: Sequence[np.ndarray]  # each (T_i, features) float32
+    labels: np.ndarray  # (N,) int64
+    output: str = "logits"  # the output whose argmax is the predicted class
+
+
+def japanese_vowels_test() -> LabelledData | None:
+    """The speaker model's held-out data, or None where sktime (which ships it) is not installed."""
+    from export import japanese_vowels
+
+    try:
+        sequences, labels = japanese_vowels.load("test")
+    except RuntimeError:
+        return None
+    return LabelledData("Japanese Vowels test split", sequences, labels)
+
+
+def scores(path: Path, data: LabelledData, providers: list | None = None) -> np.ndarray:
+    """`data.output` (N, classes) for every sequence of `data`: one padded batch, in-process."""
+    session = _session(path, providers or ["CPUExecutionProvider"])
+    steps = max(len(s) for s in data.sequences)
+    x = np.zeros((len(data.sequences), steps, data.sequences[0].shape[1]), np.float32)  # (N, T, F)
+    for i, seq in enumerate(data.sequences):
+        x[i, : len(seq)] = seq
+    lengths = np.array([len(s) for s in data.sequences], np.int64)
+    (out,) = session.run([data.output], _feeds(session, x, lengths, {}))
+    return out.astype(np.float32)
+
+
+def accuracy(path: Path, data: LabelledData, providers: list | None = None) -> float:
+    """Fraction of `data` whose argmax of `data.output` is the label."""
+    return float((scores(path, data, providers).argmax(axis=1) == data.labels).mean())
+
+
+@dataclass
+class Accuracy:
+    data: str
+    count: int
+    reference: float  # the float32 model's accuracy
+    twin: float
+    output: str = "logits"
+    max_abs: float = 0.0  # max |twin - float| of that output on the data
+    max_output: float = 0.0  # max |float| of that output on the data
+
+    @property
+    def drop_points(self) -> float:
+        return 100.0 * (self.reference - self.twin)
+
+    def line(self, reference: str, precision: str) -> str:
+        return (
+            f"accuracy on the {self.data} ({self.count} sequences): {reference} (float32) {self.reference:.4f}, "
+            f"{precision} {self.twin:.4f} (drop {self.drop_points:+.2f} points; at most {MAX_ACCURACY_DROP:g} "
+            f"allowed); max |{self.output}| error {self.max_abs:.3g} (max |{self.output}| {self.max_output:.3g})"
+        )
+
+
+def check_accuracy(
+    reference: Path, twin: Path, data: LabelledData, twin_of: str, precision: str, providers: list
+) -> Accuracy:
+    """Accuracy of both on `data`; ExportError when the twin loses more than MAX_ACCURACY_DROP points."""
+    want, have = scores(reference, data), scores(twin, data, providers)
+    right = lambda s: float((s.argmax(axis=1) == data.labels).mean())  # noqa: E731
+    result = Accuracy(
+        data.name, len(data.labels), right(want), right(have), data.output,
+        float(np.abs(have - want).max()), float(np.abs(want).max()),
+    )  # fmt: skip
+    if result.drop_points > MAX_ACCURACY_DROP:
+        raise ExportError(
+            f"{twin_name(twin_of, precision)}: {result.line(twin_of, precision)}: refused; the file was not written"
+        )
+    return result
+
+
+# -- one twin, end to end ---------------------------------------------------------------------------
+@dataclass
+class TwinResult:
+    name: str
+    path: Path
+    precision: str
+    twin_of: str
+    seconds: float
+    parity: TwinParity
+    accuracy: Accuracy | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self, reference_bytes: int | None = None) -> list[str]:
+        size = self.path.stat().st_size
+        ratio = f", {size / reference_bytes:.2f}x {self.twin_of}" if reference_bytes else ""
+        out = [
+            f"{self.name}: {self.precision} twin of {self.twin_of} -> {self.path} ({self.seconds:.2f} s; "
+            f"{size:,} bytes{ratio})",
+            f"  {self.parity.line(self.twin_of)}",
+        ]
+        if self.accuracy is not None:
+            out.append(f"  {self.accuracy.line(self.twin_of, self.precision)}")
+        out += [f"  {note}" for note in self.notes]
+        return out
+
+
+def _set_metadata(path: Path, values: dict[str, str]) -> None:
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "lstm-serve"
+    onnx.save(model, str(path))
+
+
+def make_twin(
+    reference: Path,
+    precision: str,
+    path: Path,
+    twin_of: str,
+    data: LabelledData | None = None,
+    io_float16: bool = False,
+) -> TwinResult:
+    """Write the `precision` twin of the float32 file `reference` (model `twin_of`) to `path`,
+    atomically, after the parity gate (and the accuracy gate where `data` is given) pass."""
+    from export.onnx_export import _atomic_path
+
+    if precision not in TWINS:
+        raise ExportError(f"precision {precision!r}: twins are {', '.join(TWINS)}")
+    name = twin_name(twin_of, precision)
+    start = time.perf_counter()
+    providers, note = check_provider(precision)
+    notes = [note] if note else []
+    with _atomic_path(path) as tmp:
+        if precision == "int8":
+            done = quantize_int8(reference, tmp, twin_of)
+            notes.append(
+                "DynamicQuantizeLSTM has CPU kernels only: a server on --device cuda runs these nodes on its CPU"
+            )
+            method = (
+                "onnxruntime quantize_dynamic: QInt8 weights per tensor, uint8 activations quantized per run (so a "
+                "sequence's result depends slightly on the batch it runs in); " + "; ".join(done)
+            )
+        else:
+            done = convert_fp16(reference, tmp, io_float16)
+            method = "onnxruntime.transformers.float16: " + "; ".join(done)
+            if io_float16:
+                notes.append("x and outputs are float16: the server serves FP32 inputs only (its load refuses this)")
+        parity = check_twin(reference, tmp, precision, name, providers)
+        result = TwinResult(name, path, precision, twin_of, 0.0, parity, notes=notes)
+        if data is not None:
+            result.accuracy = check_accuracy(reference, tmp, data, twin_of, precision, providers)
+        meta = {
+            "lstm.precision": precision,
+            "lstm.twin_of": twin_of,
+            "lstm.precision_method": method,
+            "lstm.precision_tolerance": f"{parity.tolerance:g}",
+            "lstm.precision_max_abs_error": f"{parity.max_abs:.3e}",
+            "lstm.precision_checked_on": parity.provider,
+        }
+        if result.accuracy is not None:
+            acc = result.accuracy
+            meta["lstm.precision_accuracy"] = (
+                f"{acc.data}: float32 {acc.reference:.4f}, {precision} {acc.twin:.4f} ({acc.count} sequences)"
+            )
+        _set_metadata(tmp, meta)
+    result.seconds = time.perf_counter() - start
+    return result

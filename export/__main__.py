@@ -454,16 +454,17 @@ def _main(args) -> int:
                 results.append(export_static(encoder, steps, path))
                 written.files.append(path)
         written.files = [r.path for r in results]
+        made = []
+        for precision in twins or ():  # twins of the dynamic model, checked against it before anything is said
+            path = family.model_path(args.out, twin_name(args.name, precision), args.model_version)
+            made.append(make_twin(results[0].path, precision, path, args.name, io_float16=args.fp16_io_float16))
         for res in results:
             what = "dynamic" if res.steps is None else f"static T={res.steps}"
             print(f"{args.name}: {what} -> {res.path} ({res.seconds:.2f} s; {res.path.stat().st_size:,} bytes)")
             if res.parity is not None:
                 print(f"  {res.parity.line()}")
-        made = []
-        for precision in twins or ():  # twins of the dynamic model, checked against it
-            path = family.model_path(args.out, twin_name(args.name, precision), args.model_version)
-            made.append(make_twin(results[0].path, precision, path, args.name, io_float16=args.fp16_io_float16))
-            _print_twin(made[-1], results[0].path)
+        for twin in made:
+            _print_twin(twin, results[0].path)
         if args.report:
             from export.report import PrecisionRow, build_report
 

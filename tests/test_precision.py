@@ -1,0 +1,351 @@
+"""Precision twins (`--precision int8,fp16`): each twin is written and within its stated tolerance of
+the float32 model, or refused in one line (exit 2) with nothing written; the accuracy gate refuses a
+broken classifier twin; a served int8 twin answers what ONNX Runtime gives in-process on the same
+file (1e-5: the server adds no error of its own). Tolerances: export.precision.TOLERANCE (int8 0.1,
+fp16 0.01 of max(1, max |output|), chosen from measurements written there)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from export import family, precision
+from export.__main__ import main as export_main
+from export.verify import ExportError
+from tests.conftest import TOL
+
+FEATURES, HIDDEN = 5, 6
+LAYERS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+def run_export(*args: str) -> int:
+    try:
+        return export_main(list(args))
+    except SystemExit as exc:  # argparse errors
+        return int(exc.code)
+
+
+def session(path: Path, providers=("CPUExecutionProvider",)) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=list(providers))
+
+
+def metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def range_error(reference: Path, twin: Path, features: int, seed: int) -> float:
+    """The gate's measure on batches the gate never saw: max |twin - fp32| / max(1, max |fp32|)."""
+    ref, got = session(reference), session(twin)
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for batch, steps in ((3, 17), (6, 64), (1, 120)):
+        x = rng.standard_normal((batch, steps, features)).astype(np.float32)
+        lengths = rng.integers(1, steps + 1, batch).astype(np.int64)
+        lengths[0] = steps
+        feeds = {"x": x, "lengths": lengths}
+        for a, b in zip(got.run(None, feeds), ref.run(None, feeds)):
+            worst = max(worst, float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for i, (cell, layer) in enumerate(LAYERS.items()):
+        torch.manual_seed(i)
+        kwargs = {"bidirectional": True} if cell != "rnn" else {"nonlinearity": "tanh"}
+        out[cell] = root / f"{cell}.pt"
+        torch.save(layer(FEATURES, HIDDEN, 2, **kwargs).state_dict(), out[cell])
+    return out
+
+
+def test_int8_and_fp16_twins_of_an_lstm_state_dict(checkpoints, tmp_path, capsys):
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints["lstm"]), "--name", "enc", "--out", str(repo),
+                      "--precision", "fp32,int8", "--precision", "fp16") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    base = family.model_path(repo, "enc")
+    for prec in ("int8", "fp16"):
+        path = family.model_path(repo, f"enc_{prec}")
+        meta = metadata(path)
+        assert meta["lstm.precision"] == prec and meta["lstm.twin_of"] == "enc"
+        assert float(meta["lstm.precision_tolerance"]) == precision.TOLERANCE[prec]
+        assert float(meta["lstm.precision_max_abs_error"]) > 0  # a lower precision: never bit-equal
+        assert meta["lstm.precision_checked_on"] == "CPUExecutionProvider" or precision.cuda_usable()[0]
+        assert meta["lstm.config"] == metadata(base)["lstm.config"]  # the float model's own keys are kept
+        assert f"enc_{prec}: {prec} twin of enc" in printed
+        err = range_error(base, path, FEATURES, seed=7)
+        assert 0 < err <= precision.TOLERANCE[prec], (prec, err)
+    assert "lstm.precision" not in metadata(base)  # the reference stays what it was
+    q = onnx.load(str(family.model_path(repo, "enc_int8")))
+    lstm = [n for n in q.graph.node if n.op_type == "DynamicQuantizeLSTM"]
+    assert len(lstm) == 2 and not [n for n in q.graph.node if n.op_type == "LSTM"]
+    assert all(n.domain == "com.microsoft" and n.input[4] for n in lstm)  # sequence_lens kept
+    h = onnx.load(str(family.model_path(repo, "enc_fp16")))
+    assert {t.data_type for t in h.graph.initializer if t.name.startswith("onnx::LSTM")} == {onnx.TensorProto.FLOAT16}
+    assert [i.type.tensor_type.elem_type for i in h.graph.input] == [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64]
+    assert {o.type.tensor_type.elem_type for o in h.graph.output} == {onnx.TensorProto.FLOAT}
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_gru_and_rnn_int8_refused_in_one_line_nothing_written(checkpoints, tmp_path, capsys, cell):
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints[cell]), "--name", "m", "--out", str(repo),
+                      "--precision", "fp32,int8") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: m: int8 refused: ONNX Runtime quantizes no GRU or RNN")
+    assert f"{cell.upper()} node(s)" in err[0] and "float copy" in err[0]
+    assert not repo.exists()  # neither the float model nor a twin
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_gru_and_rnn_fp16_twins_written_within_tolerance(checkpoints, tmp_path, cell):
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints[cell]), "--name", "m", "--out", str(repo),
+                      "--precision", "fp16") == 0  # fmt: skip
+    path = family.model_path(repo, "m_fp16")
+    assert metadata(path)["lstm.precision"] == "fp16"
+    assert [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type in ("GRU", "RNN")] == [cell.upper()] * 2
+    err = range_error(family.model_path(repo, "m"), path, FEATURES, seed=3)
+    assert 0 < err <= precision.TOLERANCE["fp16"], err
+
+
+def test_twins_of_a_user_module(tmp_path, capsys):
+    """An LSTM module with Linear layers gets both twins (its MatMuls quantized too); the same module
+    with a GRU gets an fp16 twin and a one-line int8 refusal that says how little could be int8."""
+    repo = tmp_path / "m"
+    args = ["--feature-size", "6", "--output-names", "logits,tags", "--precision", "int8,fp16"]
+    assert run_export("--module", "tests.own_modules:lstm_tagger", "--name", "tag", "--out", str(repo), *args) == 0
+    ops = {n.op_type for n in onnx.load(str(family.model_path(repo, "tag_int8"))).graph.node}
+    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= ops and "LSTM" not in ops
+    for prec in ("int8", "fp16"):
+        err = range_error(family.model_path(repo, "tag"), family.model_path(repo, f"tag_{prec}"), 6, seed=11)
+        assert 0 < err <= precision.TOLERANCE[prec], (prec, err)
+    capsys.readouterr()
+    assert run_export("--module", "tests.own_modules:gru_classifier", "--name", "gru", "--out", str(repo),
+                      "--feature-size", "6", "--precision", "int8") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8 refused" in err[0] and "% of the weight bytes" in err[0], err
+    assert not (repo / "gru").exists() and not (repo / "gru_int8").exists()
+    assert run_export("--module", "tests.own_modules:gru_classifier", "--name", "gru", "--out", str(repo),
+                      "--feature-size", "6", "--precision", "fp16") == 0  # fmt: skip
+    err = range_error(family.model_path(repo, "gru"), family.model_path(repo, "gru_fp16"), 6, seed=12)
+    assert 0 < err <= precision.TOLERANCE["fp16"]
+
+
+def test_fp16_with_float16_inputs_and_outputs(checkpoints, tmp_path):
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints["lstm"]), "--name", "h", "--out", str(repo),
+                      "--precision", "fp16", "--fp16-io-float16") == 0  # fmt: skip
+    s = session(family.model_path(repo, "h_fp16"))
+    assert [i.type for i in s.get_inputs()] == ["tensor(float16)", "tensor(int64)"]
+    assert {o.type for o in s.get_outputs()} == {"tensor(float16)"}
+
+
+def test_parity_gate_refuses_past_its_tolerance(checkpoints, tmp_path, capsys, monkeypatch):
+    """The gate can fail: with a tolerance below int8's real error the twin is refused, nothing written."""
+    monkeypatch.setitem(precision.TOLERANCE, "int8", 1e-4)
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints["lstm"]), "--name", "e", "--out", str(repo),
+                      "--precision", "int8") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the int8 twin differs from the float32 model by" in err[0], err
+    assert err[0].endswith("tolerance 0.0001 for int8); the file was not written")
+    assert not repo.exists()
+
+
+def test_bad_precision_values_exit_2_one_line(checkpoints, tmp_path, capsys):
+    for args, message in (
+        (["--precision", "int4"], "argument --precision: precision 'int4': expected fp32, int8, fp16"),
+        (["--precision", ","], "argument --precision: no precision given"),
+        (["--precision", "int8", "--fp16-io-float16"], "--fp16-io-float16 applies to fp16 twins"),
+    ):
+        code = run_export("--weights", str(checkpoints["lstm"]), "--name", "b", "--out", str(tmp_path / "m"), *args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (args, err)
+    assert not (tmp_path / "m").exists()
+
+
+# -- the speaker classifier: the accuracy gate ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def speaker(tmp_path_factory) -> Path:
+    from export.onnx_export import export_classifier
+    from export.train import CHECKPOINT, load_checkpoint
+
+    model, _ = load_checkpoint(CHECKPOINT)
+    return export_classifier(model, family.model_path(tmp_path_factory.mktemp("sp"), "speaker_id")).path
+
+
+def test_speaker_int8_accuracy_measured_and_kept(speaker, tmp_path):
+    data = precision.japanese_vowels_test()
+    twin = precision.make_twin(speaker, "int8", tmp_path / "speaker_id_int8" / "1" / "model.onnx", "speaker_id", data)
+    acc = twin.accuracy
+    assert acc is not None and acc.count == 370 and acc.reference >= 0.97 and acc.drop_points <= 0.5
+    assert any("accuracy on the Japanese Vowels test split (370 sequences)" in line for line in twin.lines())
+    assert "Japanese Vowels test split: float32" in metadata(twin.path)["lstm.precision_accuracy"]
+    assert precision.accuracy(twin.path, data) == acc.twin  # the file on disk is the one measured
+
+
+def test_accuracy_gate_refuses_a_broken_twin(speaker, tmp_path, monkeypatch):
+    """A twin whose head swaps two speakers: the parity gate is opened wide so that only the accuracy
+    gate stands between it and the disk; it refuses, naming both accuracies."""
+    real = precision.quantize_int8
+
+    def swapped_head(src: Path, dst: Path, name: str) -> list[str]:
+        model = onnx.load(str(src))
+        gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+        for key in (gemm.input[1], gemm.input[2]):  # weight (C, K) with transB, bias (C,)
+            t = next(t for t in model.graph.initializer if t.name == key)
+            w = onnx.numpy_helper.to_array(t).copy()
+            w[[0, 1]] = w[[1, 0]]
+            t.CopyFrom(onnx.numpy_helper.from_array(w, key))
+        broken = dst.with_name("broken.onnx")
+        onnx.save(model, str(broken))
+        try:
+            return real(broken, dst, name)
+        finally:
+            broken.unlink()
+
+    monkeypatch.setattr(precision, "quantize_int8", swapped_head)
+    monkeypatch.setitem(precision.TOLERANCE, "int8", float("inf"))
+    target = tmp_path / "speaker_id_int8" / "1" / "model.onnx"
+    with pytest.raises(ExportError) as info:
+        precision.make_twin(speaker, "int8", target, "speaker_id", precision.japanese_vowels_test())
+    text = str(info.value)
+    assert text.startswith("speaker_id_int8: accuracy on the Japanese Vowels test split (370 sequences)")
+    assert "speaker_id (float32) 0.9784" in text and "refused; the file was not written" in text
+    drop = float(text.split("(drop ")[1].split(" points")[0])
+    assert drop > precision.MAX_ACCURACY_DROP
+    assert not target.exists() and not list(target.parent.iterdir())  # no temporary file left either
+
+
+# -- served: the server adds no error ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def twin_repo(tmp_path_factory, speaker) -> Path:
+    from export.onnx_export import export_dynamic
+
+    repo = tmp_path_factory.mktemp("twins")
+    member = family.FAMILY[0]  # the family encoder: bidirectional 2 x 256, 80 inputs
+    base = export_dynamic(family.build(member), family.model_path(repo, "encoder")).path
+    precision.make_twin(base, "int8", family.model_path(repo, "encoder_int8"), "encoder")
+    sp = family.model_path(repo, "speaker_id")
+    sp.parent.mkdir(parents=True)
+    sp.write_bytes(speaker.read_bytes())
+    precision.make_twin(sp, "int8", family.model_path(repo, "speaker_id_int8"), "speaker_id")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def twin_server(twin_repo):
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(
+        Settings(port=0, model_repository=twin_repo, device="cpu", log_level="WARNING", metrics_port=0, instances=2)
+    )
+    srv.start()
+    yield srv
+    srv.stop(grace=1)
+
+
+@pytest.fixture()
+def twin_client(twin_server):
+    from server.client import LSTMClient
+
+    with LSTMClient(f"127.0.0.1:{twin_server.port}", timeout=60) as c:
+        yield c
+
+
+def _requests(count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        lengths = rng.integers(1, 51, size=1 + i % 4).astype(np.int64)
+        x = rng.standard_normal((len(lengths), int(lengths.max()), 80)).astype(np.float32)
+        for j, n in enumerate(lengths):
+            x[j, n:] = 0.0
+        out.append((x, lengths))
+    return out
+
+
+def test_served_int8_encoder_equals_in_process(twin_repo, twin_client):
+    """One request at a time: the server runs each request's own padded batch, so its answer must be
+    what ORT gives in-process on the same file and batch, to 1e-5."""
+    path = family.model_path(twin_repo, "encoder_int8")
+    local = session(path)
+    for x, lengths in _requests(8, seed=5):
+        want = dict(zip([o.name for o in local.get_outputs()], local.run(None, {"x": x, "lengths": lengths})))
+        got = twin_client.infer_batch("encoder_int8", x, lengths)
+        assert set(got) == set(want) == {"y", "h_n", "c_n"}
+        for name, value in want.items():
+            assert got[name].shape == value.shape
+            assert np.abs(got[name] - value).max() <= TOL, name
+
+
+def test_served_int8_concurrent_within_tolerance(twin_repo, twin_client):
+    """Concurrent requests are merged into one run; int8 activations are quantized per run, so a
+    request's answer may move a little with its batch-mates (float32 does not), within int8's tolerance."""
+    base = session(family.model_path(twin_repo, "encoder"))
+    reqs = _requests(24, seed=9)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda r: twin_client.infer_batch("encoder_int8", *r), reqs))
+    for (x, lengths), got in zip(reqs, results):
+        want = base.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})
+        for name, value in zip(("y", "h_n", "c_n"), want):
+            assert np.abs(got[name] - value).max() <= precision.TOLERANCE["int8"] * max(1.0, np.abs(value).max())
+
+
+def test_served_twin_metadata_says_precision(twin_client):
+    meta = twin_client.metadata("encoder_int8")
+    assert meta["export"]["lstm.precision"] == "int8" and meta["export"]["lstm.twin_of"] == "encoder"
+    assert [i["datatype"] for i in meta["inputs"]] == ["FP32", "INT64"]
+    params = twin_client.config("encoder_int8")["parameters"]
+    assert params["export.lstm.precision"]["string_value"] == "int8"
+    assert params["export.lstm.twin_of"]["string_value"] == "encoder"
+
+
+def test_served_speaker_int8_accuracy(twin_client):
+    """The served int8 classifier on the held-out split, 16 sequences per request: >= 0.97."""
+    data = precision.japanese_vowels_test()
+    right = 0
+    for start in range(0, len(data.labels), 16):
+        seqs = data.sequences[start : start + 16]
+        results = twin_client.infer("speaker_id_int8", list(seqs), outputs=["logits"])
+        right += sum(int(r["logits"].argmax() == label) for r, label in zip(results, data.labels[start:]))
+    assert right / len(data.labels) >= 0.97, right
+
+
+def test_report_gains_the_precision_axis(checkpoints, tmp_path):
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints["lstm"]), "--name", "r", "--out", str(repo), "--static", "6",
+                      "--report", "--precision", "int8,fp16") == 0  # fmt: skip
+    report = json.loads((repo / "report" / "r" / "report.json").read_text())
+    rows = {r["variant"]: r for r in report["precision"]}
+    assert list(rows) == ["dynamic fp32", "dynamic int8", "dynamic fp16", "static fp32 T=6"]
+    assert rows["dynamic int8"]["bytes_weights"] < rows["dynamic fp32"]["bytes_weights"]
+    assert rows["static fp32 T=6"]["nodes"] > rows["dynamic fp32"]["nodes"]
+    assert all(r["latency_ms"] > 0 and r["load_s"] > 0 for r in rows.values())
+    assert rows["dynamic int8"]["max_abs"] > 0 and rows["dynamic fp32"]["max_abs"] is None
+    md = (repo / "report" / "r" / "report.md").read_text()
+    assert "| r | dynamic int8 |" in md and "Precision (ONNX Runtime on 1 thread" in md
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not precision.cuda_usable()[0], reason="fp16 on CUDA needs a usable GPU")
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_fp16_twin_checked_on_cuda(checkpoints, tmp_path, cell):
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints[cell]), "--name", "g", "--out", str(repo),
+                      "--precision", "fp16") == 0  # fmt: skip
+    assert metadata(family.model_path(repo, "g_fp16"))["lstm.precision_checked_on"] == "CUDAExecutionProvider"

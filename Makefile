@@ -53,10 +53,12 @@ proto: $(VENV)/.installed ## regenerate the gRPC stubs in server/proto from prot
 proto-check: $(VENV)/.installed ## fail if the committed stubs differ from what protos/ generates
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check
 
-export: $(VENV)/.installed ## export the default model family and the static-vs-dynamic report into models/
+export: $(VENV)/.installed ## export the default family with its int8 twins, and the static/dynamic/precision report, into models/
 	$(PY) -m export --out $(MODELS)
 
-DEFAULT_MODELS := $(MODELS)/encoder/1/model.onnx $(MODELS)/speaker_id/1/model.onnx
+# the int8 twins are served beside their float models (make serve) and measured by make bench
+DEFAULT_MODELS := $(MODELS)/encoder/1/model.onnx $(MODELS)/speaker_id/1/model.onnx \
+	$(MODELS)/encoder_int8/1/model.onnx $(MODELS)/speaker_id_int8/1/model.onnx
 
 $(DEFAULT_MODELS) &: | $(VENV)/.installed
 	$(PY) -m export --out $(MODELS) --no-report
@@ -70,7 +72,7 @@ serve-envoy: $(VENV)/.installed $(DEFAULT_MODELS) ## 2 server replicas behind En
 train: $(VENV)/.installed ## retrain the speaker-ID classifier (Japanese Vowels, ~15 s) into export/checkpoints/
 	$(PY) -m export.train
 
-bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static; writes docs/bench.{md,json}
+bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static, int8; writes docs/bench.{md,json}
 	$(PY) -m bench --models $(MODELS)
 
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift

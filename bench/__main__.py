@@ -5,6 +5,8 @@ Lines, on the same model (default `encoder`) and the same seeded requests:
   (c) server, batching off                            (d) server, batching on
   (e) the static T=50 model served (payloads that fit)  [(d2) batching on, 2 workers: --lines]
   (t) the gRPC transport alone: a no-model server on the server's CPU, single50 at c=64 (targets)
+  (i) the int8 twin (`encoder_int8`) and its float model served by one server, single50 at c=1/16/64,
+      and in-process at batch 1/16/64; the int8 speaker classifier's served accuracy (bench.precision)
   (f) the float32 matmul ceiling: every line shows achieved GFLOP/s and its fraction of it.
 LSTM FLOPs: 2 x 4H x (input + H) per valid step, per direction, per layer, per sequence.
 
@@ -55,6 +57,12 @@ def _load() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
+
+
+def _cpu() -> dict:
+    from bench.precision import cpu_features
+
+    return cpu_features()
 
 
 def lstm_flops_per_step(cfg) -> float:
@@ -154,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--static-model", default="encoder_static_t50")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--payloads", default="short,long,mixed")
-    parser.add_argument("--lines", default="a,b,c,d,e")
+    parser.add_argument("--lines", default="a,b,c,d,e,i")
+    parser.add_argument("--int8-model", default=None, help="line (i): the int8 twin (default: MODEL_int8)")
+    parser.add_argument("--classifier", default="speaker_id", help="line (i): the classifier whose _int8 twin's "
+                        "served accuracy is measured")  # fmt: skip
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--client-processes", type=int, default=2)
@@ -311,6 +322,23 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 srv.stop()
 
+    int8 = {}
+    if "i" in lines:
+        from bench import precision
+
+        int8 = precision.run_line(
+            args.models, args.model, args.int8_model or f"{args.model}_int8", args.classifier,
+            server=lambda flags: ServerProcess(args.models, base + flags, server_cpus),
+            load=lambda target, model, payload, conc: run_grpc_load(
+                target, model, payload, cfg.input_size, conc, args.warmup, args.duration, args.client_processes,
+                cpus=client_cpus),
+            record=record,
+            inprocess=lambda run, batch: batch_throughput(run, cfg.input_size, batch, PAYLOADS["single50"][0],
+                                                          0.5 if args.quick else 3.0),
+            concurrency=list(dict.fromkeys([tc["c1"], tc["c16"], tc["c64"]])),
+            batches=list(dict.fromkeys([1, tc["c16"], tc["c64"]])), threads=threads,
+        )  # fmt: skip
+
     floor = None
     if targets_on:
         # The transport alone, on the same core and with the same clients: a minimal grpc.aio server
@@ -404,10 +432,14 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(t)
         else:
             targets = figures(served[""], "")
-        for t in targets:
-            was = f"before {t['before']:.2f} ({t['before_detail']}); " if "before" in t else ""
-            met = "MET " if t["ok"] else "MISS"
-            print(f"target {met} {t['target']}: {was}{t['value']:.2f} ({t['goal']}; {t['detail']})")
+    if targets_on and int8:
+        from bench import precision
+
+        targets += precision.targets(int8, precision.cpu_features(), judged=tc["c16"])
+    for t in targets:
+        was = f"before {t['before']:.2f} ({t['before_detail']}); " if "before" in t else ""
+        met = "INFO" if t["ok"] is None else ("MET " if t["ok"] else "MISS")
+        print(f"target {met} {t['target']}: {was}{t['value']:.2f} ({t['goal']}; {t['detail']})")
 
     import grpc
 
@@ -423,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": (f"server, in-process lines and ceiling on CPU {SERVER_CPU} with 1 thread; load generator on "
                     f"CPUs {sorted(client_cpus)}") if pin else "none (all processes share all CPUs)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": _cpu(),
     }  # fmt: skip
     write_report(info, rows, targets, args.out)
     print(f"wrote {args.out}.json, {args.out}.md and {args.out}.png", flush=True)

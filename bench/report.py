@@ -13,7 +13,17 @@ LINES = {
     "d2": "server, batching on, 2 workers",
     "e": "static T=50 model served",
     "t": "gRPC transport alone (no model; bench.transport noop)",
+    "i32": "server, batching on, float32 model (beside its int8 twin)",
+    "i8": "server, batching on, int8 twin (same server)",
 }
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "NO")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _header(info: dict) -> str:
@@ -27,6 +37,10 @@ def _header(info: dict) -> str:
         f" {info['duration_s']} s measured per line; 1-4 sequences per request (single50: one of T = 50); gRPC"
         f" load from {info['client_processes']} client processes. {info['date']}."
     )
+    cpu = info.get("cpu")
+    if cpu:
+        flags = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in ("avx2", "avx512_vnni", "amx_int8") if f in cpu)
+        text += f" CPU: {cpu['model_name']} ({flags})."
     if info.get("load_average"):
         text += f" Load average at the end: {info['load_average']}."
     if info.get("before"):
@@ -44,7 +58,8 @@ def _rate(r: dict | None) -> str:
 
 
 def _name(r: dict) -> str:
-    return f"({r['line']}) {LINES.get(r['line'], r['line'])}"
+    model = f" `{r['model']}`" if r.get("model") else ""
+    return f"({r['line']}) {LINES.get(r['line'], r['line'])}{model}"
 
 
 def _single(rows: list[dict]) -> list[str]:
@@ -112,15 +127,13 @@ def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
                     "|---|---:|---:|---|---|---|---|"]  # fmt: skip
             for t in targets:
                 out.append(
-                    f"| {t['target']} | {t['before']:.2f} | {t['value']:.2f} | {t['goal']} "
-                    f"| {'yes' if t['ok'] else 'NO'} | {t['detail']} | {t['before_detail']} |"
+                    f"| {t['target']} | {_num(t.get('before'))} | {t['value']:.2f} | {t['goal']} "
+                    f"| {_met(t['ok'])} | {t['detail']} | {t.get('before_detail', '-')} |"
                 )
         else:
             out += ["", "| target | measured | goal | met | figures |", "|---|---:|---|---|---|"]
             for t in targets:
-                out.append(
-                    f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['ok'] else 'NO'} | {t['detail']} |"
-                )
+                out.append(f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {_met(t['ok'])} | {t['detail']} |")
     return "\n".join(out) + "\n"
 
 

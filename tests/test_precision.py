@@ -326,6 +326,37 @@ def test_served_speaker_int8_accuracy(twin_client):
     assert right / len(data.labels) >= 0.97, right
 
 
+def test_bench_int8_line_quick(twin_repo, tmp_path):
+    """`make bench` line (i) in quick mode: float32 and int8 served by one server, the in-process pair,
+    the ratio rows and the served classifier's accuracy (speed is not asserted: the benchmark says it)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--lines", "i", "--models", str(twin_repo), "--out", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    served = [r for r in report["rows"] if r["line"] in ("i32", "i8")]
+    assert {(r["line"], r["model"], r["concurrency"]) for r in served} == {
+        (line, model, c) for line, model in (("i32", "encoder"), ("i8", "encoder_int8")) for c in (1, 4)
+    }
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in served)
+    targets = {t["key"]: t for t in report["targets"] if t["key"].startswith("int8_")}
+    assert set(targets) == {"int8_served_c1", "int8_served_c4", "int8_inprocess_b1", "int8_inprocess_b4",
+                            "int8_accuracy"}  # fmt: skip
+    assert all(t["value"] > 0 for t in targets.values())
+    assert targets["int8_accuracy"]["value"] >= 0.97 and targets["int8_accuracy"]["ok"]
+    assert (
+        report["info"]["cpu"]["model_name"]
+        and "served encoder_int8 / served encoder" in out.with_suffix(".md").read_text()
+    )
+
+
 def test_report_gains_the_precision_axis(checkpoints, tmp_path):
     repo = tmp_path / "m"
     assert run_export("--weights", str(checkpoints["lstm"]), "--name", "r", "--out", str(repo), "--static", "6",

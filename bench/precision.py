@@ -1,0 +1,137 @@
+"""`make bench` line (i): the int8 twin against its float32 model, side by side in one run.
+
+Served: one server (batching on, the benchmark's pinning) serves both files; single-sequence T = 50
+requests at c = 1, 16 and 64, float32 then int8 at each concurrency, so the two rates share the
+machine's state. In-process: ONNX Runtime sessions of both files at batch 1, 16 and 64, one
+thread. Then the classifier twin's accuracy served, on its held-out data, beside its float model's.
+Ratios go into the targets table; int8 at c=16 must reach 2x float32 where the CPU has AVX-512 VNNI
+(or AMX); elsewhere the ratio is reported, not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+INT8_SERVED_GOAL = 2.0  # served int8 / served float32 at c=16, on AVX-512 VNNI or AMX machines
+ACCURACY_GOAL = 0.97  # served int8 classifier on its held-out data
+
+
+def cpu_features() -> dict[str, object]:
+    """The CPU's model name and the flags that decide int8 speed (`lscpu` reads the same file)."""
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return {"model_name": name, **{f: f in flags for f in wanted}}
+
+
+def _int8_fast(cpu: dict) -> bool:
+    return bool(cpu.get("avx512_vnni") or cpu.get("amx_int8"))
+
+
+def served_accuracy(target: str, model: str, data, per_request: int = 16) -> float:
+    """Accuracy of a served classifier on `data` (export.precision.LabelledData), requests in turn."""
+    from server.client import LSTMClient
+
+    right = 0
+    with LSTMClient(target, timeout=60) as client:
+        for start in range(0, len(data.labels), per_request):
+            seqs = list(data.sequences[start : start + per_request])
+            results = client.infer(model, seqs, outputs=[data.output])
+            right += sum(int(r[data.output].argmax() == y) for r, y in zip(results, data.labels[start:]))
+    return right / len(data.labels)
+
+
+def run_line(
+    models: Path,
+    model: str,
+    int8_model: str,
+    classifier: str,
+    server: Callable,  # (flags) -> a started bench ServerProcess
+    load: Callable,  # (target, model, payload, concurrency) -> LoadResult
+    record: Callable,  # bench's record(line, payload, conc, res, note, **extra) -> row
+    inprocess: Callable,  # (run, batch) -> (seq/s, median ms)
+    concurrency: list[int],
+    batches: list[int],
+    threads: int,
+) -> dict:
+    """Line (i): rows recorded through `record`; returns the figures its targets need."""
+    import onnxruntime as ort
+
+    files = {m: models / m / "1" / "model.onnx" for m in (model, int8_model)}
+    missing = [m for m, f in files.items() if not f.is_file()]
+    if missing:
+        for conc in concurrency:
+            record("i8", "single50", conc, None, f"no {missing[0]} in {models} (make export writes it)")
+        return {}
+    out: dict = {"served": {}, "inprocess": {}, "accuracy": {}}
+    srv = server(["--batching"])
+    try:
+        for conc in concurrency:
+            for line, name in (("i32", model), ("i8", int8_model)):
+                row = record(line, "single50", conc, load(srv.target, name, "single50", conc), model=name)
+                out["served"][(name, conc)] = row["seq_per_s"]
+        from export.precision import japanese_vowels_test
+
+        data = japanese_vowels_test()
+        for name in (classifier, f"{classifier}_int8"):
+            if data is not None and (models / name / "1" / "model.onnx").is_file():
+                out["accuracy"][name] = served_accuracy(srv.target, name, data)
+                print(f"served accuracy of {name} on the {data.name}: {out['accuracy'][name]:.4f}", flush=True)
+    finally:
+        srv.stop()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    for name, path in files.items():
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+        def run(x, lengths, session=session) -> None:
+            session.run(None, {"x": x, "lengths": lengths})
+
+        for batch in batches:
+            rate, ms = inprocess(run, batch)
+            out["inprocess"][(name, batch)] = rate
+            print(f"in-process {name:14} batch {batch:<3} {rate:8.1f} seq/s  median {ms:7.2f} ms", flush=True)
+    out.update(models=(model, int8_model, classifier), concurrency=concurrency, batches=batches)
+    return out
+
+
+def targets(result: dict, cpu: dict, judged: int) -> list[dict]:
+    """Ratio rows: served int8 / served float32 at each concurrency (the goal at `judged`, c=16),
+    the in-process pair, the served classifier's accuracy."""
+    if not result:
+        return []
+    model, int8_model, classifier = result["models"]
+    concurrency, batches = result["concurrency"], result["batches"]
+    fast = _int8_fast(cpu)
+    isa = "AVX-512 VNNI" if cpu.get("avx512_vnni") else ("AMX" if cpu.get("amx_int8") else "AVX2 only")
+    rows = []
+    for conc in concurrency:
+        a, b = result["served"][(model, conc)], result["served"][(int8_model, conc)]
+        goal = f">= {INT8_SERVED_GOAL:g}" if conc == judged and fast else "measured"
+        ok = (b / a >= INT8_SERVED_GOAL) if conc == judged and fast else None
+        rows.append({"key": f"int8_served_c{conc}", "target": f"served {int8_model} / served {model}, c={conc} "
+                     "(same server, batching on, single50)", "value": b / a, "goal": goal, "ok": ok,
+                     "detail": f"{b:.0f} vs {a:.0f} seq/s; CPU {isa}"})  # fmt: skip
+    for batch in batches:
+        a, b = result["inprocess"][(model, batch)], result["inprocess"][(int8_model, batch)]
+        rows.append({"key": f"int8_inprocess_b{batch}", "target": f"in-process {int8_model} / {model}, batch {batch}, "
+                     "T=50", "value": b / a, "goal": "measured", "ok": None,
+                     "detail": f"{b:.0f} vs {a:.0f} seq/s"})  # fmt: skip
+    acc = result["accuracy"]
+    twin = f"{classifier}_int8"
+    if twin in acc:
+        ref = acc.get(classifier, float("nan"))
+        rows.append({"key": "int8_accuracy", "target": f"served {twin} accuracy, Japanese Vowels test split",
+                     "value": acc[twin], "goal": f">= {ACCURACY_GOAL:g}", "ok": acc[twin] >= ACCURACY_GOAL,
+                     "detail": f"{acc[twin]:.4f}; served {classifier} (float32): {ref:.4f}"})  # fmt: skip
+    return rows

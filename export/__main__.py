@@ -126,7 +126,7 @@ def _export_family(
     speaker = _export_speaker_id(out, twins, io16)
     if not report:
         return
-    from export.report import PrecisionRow, build_report
+    from export.report import build_report, family_precision_rows
 
     # The comparison files live under report/, which has no version folders: not served. They
     # are measured, not served: the parity check of the served twins covers their arithmetic, and
@@ -143,41 +143,9 @@ def _export_family(
             statics.append(
                 export_static(encoder, steps, report_dir / f"encoder_static_t{steps}" / "model.onnx", verify=False)
             )
-    # The precision axis: every precision of the large encoder and of a small model (whose unrolled
-    # graph, not its weights, fills the file), and the speaker classifier with its accuracy. Twins
-    # are written here with their gate (fp16 on the CPU provider where no GPU is usable).
-    rows: list[PrecisionRow] = []
-    small, steps = family.REPORT_SMALL, family.PRECISION_REPORT_T
-    with step(f"report: {small.name} dynamic and static T={steps} export"):
-        small_dyn = export_dynamic(family.build(small), report_dir / f"{small.name}_dynamic" / "model.onnx")
-        small_static = export_static(
-            family.build(small), steps, report_dir / f"{small.name}_static_t{steps}" / "model.onnx", verify=False
-        )
-    encoder_static = next((r for r in statics if r.steps == steps), None)
-    for model, base, static in (("encoder", dyn, encoder_static), (small.name, small_dyn, small_static)):
-        rows.append(PrecisionRow(model, "fp32", base.path, steps))
-        for precision in ("int8", "fp16"):
-            with step(f"report: {model} {precision} twin + parity check"):
-                twin = make_twin(base.path, precision, report_dir / f"{model}_{precision}" / "model.onnx", model)
-            rows.append(PrecisionRow.of_twin(twin, steps))
-        if static is not None:
-            rows.append(PrecisionRow(model, "fp32", static.path, static.steps or 0, static=True))
-    if speaker is not None:
-        base, twins_made = speaker
-        steps = SPEAKER_ID_STATIC_T
-        made = {t.precision: t for t in twins_made}
-        if "fp16" not in made:
-            with step("report: speaker_id fp16 twin + parity and accuracy check"):
-                made["fp16"] = make_twin(
-                    base, "fp16", report_dir / "speaker_id_fp16" / "model.onnx", "speaker_id",
-                    data=_speaker_data(),
-                )  # fmt: skip
-        rows.append(PrecisionRow("speaker_id", "fp32", base, steps, accuracy=_speaker_accuracy(list(made.values()))))
-        for precision in ("int8", "fp16"):
-            if precision in made:
-                rows.append(PrecisionRow.of_twin(made[precision], steps))
-        static_path = family.model_path(out, family.static_name("speaker_id", steps))
-        rows.append(PrecisionRow("speaker_id", "fp32", static_path, steps, static=True))
+    static = family.model_path(out, family.static_name("speaker_id", SPEAKER_ID_STATIC_T))
+    speaker_files = (*speaker, static, SPEAKER_ID_STATIC_T) if speaker is not None else None
+    rows = family_precision_rows(report_dir, dyn, statics, speaker_files)
     build_report(dyn, statics, report_dir, rows)
     print((report_dir / "report.md").read_text())
 
@@ -190,10 +158,6 @@ def _speaker_data():
     from export.precision import japanese_vowels_test
 
     return japanese_vowels_test()
-
-
-def _speaker_accuracy(twins: list) -> float | None:
-    return next((t.accuracy.reference for t in twins if t.accuracy is not None), None)
 
 
 def _export_speaker_id(out: Path, twins: list[str] = (), io16: bool = False) -> tuple[Path, list] | None:

@@ -54,6 +54,54 @@ class PrecisionRow:
         return f"static {self.precision} T={self.steps}" if self.static else f"dynamic {self.precision}"
 
 
+def family_precision_rows(
+    report_dir: Path,
+    encoder: ExportResult,
+    statics: list[ExportResult],
+    speaker: tuple[Path, list, Path, int] | None,
+) -> list[PrecisionRow]:
+    """The family report's precision axis: every precision of the large encoder and of a small model
+    (whose unrolled graph, not its weights, fills its file), and the speaker classifier with its
+    accuracy: `speaker` = (its float file, the twins the family made, its static file, that T).
+    Twins missing from the family are written into `report_dir` with their gate (fp16 on the CPU
+    provider where no GPU is usable)."""
+    from export import family
+    from export.onnx_export import export_dynamic, export_static
+    from export.precision import japanese_vowels_test, make_twin
+    from export.progress import step
+
+    rows: list[PrecisionRow] = []
+    small, steps = family.REPORT_SMALL, family.PRECISION_REPORT_T
+    with step(f"report: {small.name} dynamic and static T={steps} export"):
+        small_dyn = export_dynamic(family.build(small), report_dir / f"{small.name}_dynamic" / "model.onnx")
+        small_static = export_static(
+            family.build(small), steps, report_dir / f"{small.name}_static_t{steps}" / "model.onnx", verify=False
+        )
+    encoder_static = next((r for r in statics if r.steps == steps), None)
+    for model, base, static in (("encoder", encoder, encoder_static), (small.name, small_dyn, small_static)):
+        rows.append(PrecisionRow(model, "fp32", base.path, steps))
+        for precision in ("int8", "fp16"):
+            with step(f"report: {model} {precision} twin + parity check"):
+                twin = make_twin(base.path, precision, report_dir / f"{model}_{precision}" / "model.onnx", model)
+            rows.append(PrecisionRow.of_twin(twin, steps))
+        if static is not None:
+            rows.append(PrecisionRow(model, "fp32", static.path, static.steps or 0, static=True))
+    if speaker is None:
+        return rows
+    base, twins, static_path, steps = speaker
+    made = {t.precision: t for t in twins}
+    for precision in ("int8", "fp16"):
+        if precision not in made:
+            with step(f"report: speaker_id {precision} twin + parity and accuracy check"):
+                target = report_dir / f"speaker_id_{precision}" / "model.onnx"
+                made[precision] = make_twin(base, precision, target, "speaker_id", japanese_vowels_test())
+    accuracy = next((t.accuracy.reference for t in made.values() if t.accuracy is not None), None)
+    rows.append(PrecisionRow("speaker_id", "fp32", base, steps, accuracy=accuracy))
+    rows += [PrecisionRow.of_twin(made[p], steps) for p in ("int8", "fp16")]
+    rows.append(PrecisionRow("speaker_id", "fp32", static_path, steps, static=True))
+    return rows
+
+
 def _probe(path: Path, times: list[int], probe_lengths: list[int], threads: int = 0) -> dict:
     cmd = [
         sys.executable,

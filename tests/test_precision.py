@@ -177,6 +177,24 @@ def test_bad_precision_values_exit_2_one_line(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_family_writes_int8_twins_and_says_why_no_fp16(tmp_path, capsys, monkeypatch):
+    """`make export` (the family, here with one small member in the encoder's place): the int8 twins of
+    the encoder-like member and of speaker_id beside their float models; fp16 skipped in one line
+    where no GPU is usable (written, and checked where one is)."""
+    small = family.FamilyMember("enc", family.LSTMConfig(6, 8, 2, True), seed=0, twins=("int8", "fp16"))
+    monkeypatch.setattr(family, "FAMILY", (small,))
+    assert run_export("--out", str(tmp_path), "--no-report") == 0
+    printed = capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    gpu = precision.cuda_usable()[0]
+    twins = ["enc_fp16", "enc_int8", "speaker_id_fp16", "speaker_id_int8"] if gpu else ["enc_int8", "speaker_id_int8"]
+    assert names == sorted(["enc", "speaker_id", "speaker_id_static_t29", *twins])
+    assert gpu or "fp16 twins skipped: fp16 is for ONNX Runtime's CUDA provider" in printed
+    meta = metadata(family.model_path(tmp_path, "speaker_id_int8"))
+    assert meta["lstm.twin_of"] == "speaker_id" and "Japanese Vowels test split" in meta["lstm.precision_accuracy"]
+    assert "speaker_id_int8: int8 twin of speaker_id" in printed and "accuracy on the Japanese Vowels" in printed
+
+
 # -- the speaker classifier: the accuracy gate ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def speaker(tmp_path_factory) -> Path:

@@ -291,15 +291,20 @@ class TwinParity:
         )
 
 
-def twin_batches(features: int, seed: int = 1234) -> list[tuple[np.ndarray, np.ndarray]]:
+def twin_batches(features: int, seed: int = 1234, vocab_size: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The float gate's ragged batches (verify.ragged_batches) and two long ones: a lower precision's
-    error builds up over time steps, and the float gate's longest T is 13."""
-    batches = ragged_batches(features, None, seed)
+    error builds up over time steps, and the float gate's longest T is 13. With `vocab_size`, x is
+    token ids (batch, time) below it."""
+    batches = ragged_batches(features, None, seed, vocab_size=vocab_size)
     rng = np.random.default_rng(seed + 1)
     for batch, steps in ((8, 50), (2, 200)):
         lengths = rng.integers(1, steps + 1, size=batch).astype(np.int64)
         lengths[0] = steps
-        batches.append((rng.standard_normal((batch, steps, features)).astype(np.float32), lengths))
+        if vocab_size is not None:
+            x = rng.integers(0, vocab_size, size=(batch, steps), dtype=np.int64)
+        else:
+            x = rng.standard_normal((batch, steps, features)).astype(np.float32)
+        batches.append((x, lengths))
     return batches
 
 
@@ -327,11 +332,12 @@ def check_twin(reference: Path, twin: Path, precision: str, name: str, providers
     ref = _session(reference, ["CPUExecutionProvider"])
     got = _session(twin, providers)
     names = [o.name for o in ref.get_outputs()]
-    features = ref.get_inputs()[0].shape[2]
+    vocab = ref.get_modelmeta().custom_metadata_map.get("lstm.vocab_size")  # token ids (export.user)
+    features = 0 if vocab else ref.get_inputs()[0].shape[2]
     tolerance = TOLERANCE[precision]
     rng = np.random.default_rng(99)
     max_abs = max_scaled = 0.0
-    batches = twin_batches(features)
+    batches = twin_batches(features, vocab_size=int(vocab) if vocab else None)
     for x, lengths in batches:
         states = _state_values(ref, x.shape[0], rng)
         want = dict(zip(names, ref.run(names, _feeds(ref, x, lengths, states))))

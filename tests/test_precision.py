@@ -144,6 +144,19 @@ def test_twins_of_a_user_module(tmp_path, capsys):
     assert 0 < err <= precision.TOLERANCE["fp16"]
 
 
+def test_twins_of_a_token_module(tmp_path):
+    """Token ids in (nn.Embedding first): the gate feeds ids below the vocabulary, as the float gate does."""
+    repo = tmp_path / "m"
+    assert run_export("--module", "tests.token_modules:bilstm_tagger", "--name", "tok", "--out", str(repo),
+                      "--precision", "int8,fp16") == 0  # fmt: skip
+    for prec in ("int8", "fp16"):
+        twin = family.model_path(repo, f"tok_{prec}")
+        meta = metadata(twin)
+        assert meta["lstm.precision"] == prec and meta["lstm.vocab_size"] == "50"
+        assert 0 < float(meta["lstm.precision_max_abs_error"]) <= precision.TOLERANCE[prec]
+        assert session(twin).get_inputs()[0].type == "tensor(int64)"
+
+
 def test_fp16_with_float16_inputs_and_outputs(checkpoints, tmp_path):
     repo = tmp_path / "m"
     assert run_export("--weights", str(checkpoints["lstm"]), "--name", "h", "--out", str(repo),

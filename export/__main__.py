@@ -277,8 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fp16-io-float16",
         action="store_true",
-        help="fp16 twins take and return float16 (default: float32 x and outputs, cast at the boundary; the "
-        "server serves FP32 inputs only)",
+        help="fp16 twins take and return float16 (default: float32 x and outputs, cast at the boundary)",
     )
     parser.add_argument("--no-report", action="store_true", help="family only: skip the comparison")
     parser.add_argument(

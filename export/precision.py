@@ -515,10 +515,7 @@ def make_twin(
             done = convert_fp16(reference, tmp, io_float16)
             method = "onnxruntime.transformers.float16: " + "; ".join(done)
             if io_float16:
-                notes.append(
-                    "x and outputs are float16: this server loads FP32 inputs only, so it refuses this file (and, "
-                    "with --exit-on-error, its default, does not start): keep it out of a served repository"
-                )
+                notes.append("x and outputs are float16: clients send FP16 and get FP16 back")
         parity = check_twin(reference, tmp, precision, name, providers)
         result = TwinResult(name, path, precision, twin_of, 0.0, parity, notes=notes)
         if data is not None:

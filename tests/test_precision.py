@@ -274,6 +274,10 @@ def twin_repo(tmp_path_factory, speaker) -> Path:
     sp.parent.mkdir(parents=True)
     sp.write_bytes(speaker.read_bytes())
     precision.make_twin(sp, "int8", family.model_path(repo, "speaker_id_int8"), "speaker_id")
+    precision.make_twin(base, "fp16", family.model_path(repo, "encoder_fp16"), "encoder")
+    half = export_dynamic(family.build(family.FamilyMember("half", family.LSTMConfig(5, 6, 1, True), 4)),
+                          family.model_path(repo, "half")).path  # fmt: skip
+    precision.make_twin(half, "fp16", family.model_path(repo, "half_fp16"), "half", io_float16=True)
     return repo
 
 
@@ -322,6 +326,21 @@ def test_served_int8_encoder_equals_in_process(twin_repo, twin_client):
         for name, value in want.items():
             assert got[name].shape == value.shape
             assert np.abs(got[name] - value).max() <= TOL, name
+
+
+def test_served_fp16_twins_equal_in_process(twin_repo, twin_client):
+    """fp16 with float32 boundaries (x FP32 in, FP32 out) and with float16 ones (FP16 both ways): the
+    served answer is ORT's in-process one on the same file."""
+    rng = np.random.default_rng(2)
+    for model, features, dtype in (("encoder_fp16", 80, np.float32), ("half_fp16", 5, np.float16)):
+        local = session(family.model_path(twin_repo, model))
+        x = rng.standard_normal((3, 17, features)).astype(dtype)
+        lengths = np.array([17, 4, 9], np.int64)
+        want = dict(zip([o.name for o in local.get_outputs()], local.run(None, {"x": x, "lengths": lengths})))
+        got = twin_client.infer_tensors(model, {"x": x, "lengths": lengths})
+        for name, value in want.items():
+            assert got[name].dtype == value.dtype == dtype, (model, name)
+            assert np.abs(got[name].astype(np.float32) - value.astype(np.float32)).max() <= TOL, (model, name)
 
 
 def test_served_int8_concurrent_within_tolerance(twin_repo, twin_client):

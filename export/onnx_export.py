@@ -73,6 +73,7 @@ def build_metadata(
         "lstm.config": config.to_json(),
         "lstm.param_count": str(sum(p.numel() for p in module.parameters())),
         "lstm.export_mode": mode,
+        "lstm.precision": "fp32",  # export.precision writes the int8/fp16 twins, with lstm.twin_of
         "lstm.static_length": str(steps) if steps is not None else "",
         "lstm.torch_version": torch.__version__,
         "lstm.onnx_version": onnx.__version__,

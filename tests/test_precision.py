@@ -87,7 +87,7 @@ def test_int8_and_fp16_twins_of_an_lstm_state_dict(checkpoints, tmp_path, capsys
         assert f"enc_{prec}: {prec} twin of enc" in printed
         err = range_error(base, path, FEATURES, seed=7)
         assert 0 < err <= precision.TOLERANCE[prec], (prec, err)
-    assert "lstm.precision" not in metadata(base)  # the reference stays what it was
+    assert metadata(base)["lstm.precision"] == "fp32" and "lstm.twin_of" not in metadata(base)  # the reference
     q = onnx.load(str(family.model_path(repo, "enc_int8")))
     lstm = [n for n in q.graph.node if n.op_type == "DynamicQuantizeLSTM"]
     assert len(lstm) == 2 and not [n for n in q.graph.node if n.op_type == "LSTM"]

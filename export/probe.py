@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, action="append", required=True)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=0.0, help="keep repeating until this long (median)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--probe-lengths", default="")
     parser.add_argument(
@@ -79,7 +80,8 @@ def main() -> None:
         for _ in range(3):  # warm-up, excluded
             session.run(None, feeds)
         runs = []
-        for _ in range(args.repeats):
+        end = time.perf_counter() + args.seconds
+        while len(runs) < args.repeats or time.perf_counter() < end:
             t0 = time.perf_counter()
             session.run(None, feeds)
             runs.append(time.perf_counter() - t0)

@@ -25,6 +25,7 @@ from export.verify import ExportError
 LATENCY_BATCH = 8
 PRECISION_THREADS = 1  # the precision rows run ORT on one thread: int8 vs float32 kernels, not thread scaling
 PRECISION_ROUNDS = 2  # each precision row's file is probed this often, in turn with the others; best kept
+PRECISION_SECONDS = 0.3  # each probe's latency: the median of runs over at least this long (and 20 runs)
 
 
 @dataclass
@@ -103,7 +104,7 @@ def family_precision_rows(
     return rows
 
 
-def _probe(path: Path, times: list[int], probe_lengths: list[int], threads: int = 0) -> dict:
+def _probe(path: Path, times: list[int], probe_lengths: list[int], threads: int = 0, seconds: float = 0.0) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -113,6 +114,8 @@ def _probe(path: Path, times: list[int], probe_lengths: list[int], threads: int 
         str(LATENCY_BATCH),
         "--threads",
         str(threads),
+        "--seconds",
+        str(seconds),
         "--probe-lengths",
         ",".join(map(str, probe_lengths)),
     ]
@@ -144,7 +147,7 @@ def measure_precision(rows: list[PrecisionRow]) -> list[dict]:
     best: dict[int, dict] = {}
     for _ in range(PRECISION_ROUNDS):
         for i, row in enumerate(rows):
-            pr = _probe(row.path, [row.steps], [], threads=PRECISION_THREADS)
+            pr = _probe(row.path, [row.steps], [], threads=PRECISION_THREADS, seconds=PRECISION_SECONDS)
             if i not in best:
                 best[i] = pr
             else:
@@ -222,6 +225,7 @@ def build_report(
         "precision": measure_precision(precision or []),
         "precision_threads": PRECISION_THREADS,
         "precision_rounds": PRECISION_ROUNDS,
+        "precision_seconds": PRECISION_SECONDS,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -264,7 +268,8 @@ def precision_markdown(report: dict) -> list[str]:
     rows = report["precision"]
     base = {r["model"]: r for r in rows if r["variant"] == "dynamic fp32"}
     lines = [
-        f"Precision (ONNX Runtime on {report['precision_threads']} thread, batch {report['latency_batch']}, best of "
+        f"Precision (ONNX Runtime on {report['precision_threads']} thread, batch {report['latency_batch']}; latency: "
+        f"the median of >= {report.get('precision_seconds', 0):g} s of runs, best of "
         f"{report.get('precision_rounds', 1)} rounds of every file in turn; error: "
         "max |twin - fp32| on the export gate's ragged batches, and as a fraction of the output's range):",
         "",

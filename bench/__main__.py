@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if targets_on and int8:
         from bench import precision
 
-        targets += precision.targets(int8, precision.cpu_features(), judged=tc["c16"])
+        transport = floor["seq_per_s"] if floor and floor.get("seq_per_s") else None
+        targets += precision.targets(int8, precision.cpu_features(), judged=tc["c16"], transport=transport)
     for t in targets:
         was = f"before {t['before']:.2f} ({t['before_detail']}); " if "before" in t else ""
         met = "INFO" if t["ok"] is None else ("MET " if t["ok"] else "MISS")

@@ -105,9 +105,10 @@ def run_line(
     return out
 
 
-def targets(result: dict, cpu: dict, judged: int) -> list[dict]:
+def targets(result: dict, cpu: dict, judged: int, transport: float | None = None) -> list[dict]:
     """Ratio rows: served int8 / served float32 at each concurrency (the goal at `judged`, c=16),
-    the in-process pair, the served classifier's accuracy."""
+    the bound on that ratio from the in-process rates and `transport` (line t's calls/s: what a
+    call costs with no model), the in-process pair, the served classifier's accuracy."""
     if not result:
         return []
     model, int8_model, classifier = result["models"]
@@ -122,6 +123,22 @@ def targets(result: dict, cpu: dict, judged: int) -> list[dict]:
         rows.append({"key": f"int8_served_c{conc}", "target": f"served {int8_model} / served {model}, c={conc} "
                      "(same server, batching on, single50)", "value": b / a, "goal": goal, "ok": ok,
                      "detail": f"{b:.0f} vs {a:.0f} seq/s; CPU {isa}"})  # fmt: skip
+    if transport and (model, judged) in result["inprocess"]:
+        # each served sequence costs its run plus one call's transport, which int8 does not shrink
+        a, b = result["inprocess"][(model, judged)], result["inprocess"][(int8_model, judged)]
+        bound = (1 / a + 1 / transport) / (1 / b + 1 / transport)
+        goal = f">= {INT8_SERVED_GOAL:g} (else out of reach of this transport)" if fast else "measured"
+        rows.append(
+            {
+                "key": "int8_served_bound",
+                "target": f"bound on the c={judged} ratio above: (fp32 in-process time per sequence at batch "
+                f"{judged} + transport-alone time per call) / (int8's + the same)",
+                "value": bound,
+                "goal": goal,
+                "ok": bound >= INT8_SERVED_GOAL if fast else None,
+                "detail": f"1/{a:.0f} s and 1/{b:.0f} s per sequence; 1/{transport:.0f} s per call (line t)",
+            }
+        )
     for batch in batches:
         a, b = result["inprocess"][(model, batch)], result["inprocess"][(int8_model, batch)]
         rows.append({"key": f"int8_inprocess_b{batch}", "target": f"in-process {int8_model} / {model}, batch {batch}, "

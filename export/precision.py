@@ -182,6 +182,18 @@ def _int8_refusal(model: onnx.ModelProto, name: str) -> str | None:
 
 
 @contextlib.contextmanager
+def _tool(name: str, what: str) -> Iterator[None]:
+    """An ONNX Runtime or onnx tool failing on a graph it does not handle: one ExportError line."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the tool raises, the export is refused in one line
+        detail = " ".join(str(exc).split())[:240]
+        raise ExportError(f"{name}: {what} failed ({type(exc).__name__}: {detail}); nothing written") from None
+
+
+@contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     """quantize_dynamic logs "Please consider to run pre-processing" on the root logger every
     time; pre-processing (symbolic shape inference, ORT graph fusion) is for static quantization of
@@ -205,7 +217,7 @@ def quantize_int8(src: Path, dst: Path, name: str) -> list[str]:
     if why:
         raise ExportError(why)
     gemms = _gemm_to_matmul(model)
-    with _quiet_root_logger():
+    with _quiet_root_logger(), _tool(name, "int8: onnxruntime quantize_dynamic"):
         quantize_dynamic(
             model,
             str(dst),
@@ -254,18 +266,18 @@ def _topological(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def convert_fp16(src: Path, dst: Path, io_float16: bool = False) -> list[str]:
+def convert_fp16(src: Path, dst: Path, name: str, io_float16: bool = False) -> list[str]:
     """Write the float16 twin of `src` to `dst` (float32 x and outputs unless `io_float16`)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
     meta = list(model.metadata_props)
-    with _quiet_root_logger():
+    with _quiet_root_logger(), _tool(name, "fp16: the float16 conversion"):
         half = convert_float_to_float16(model, keep_io_types=not io_float16)
-    _topological(half.graph)
-    del half.metadata_props[:]
-    half.metadata_props.extend(meta)
-    onnx.checker.check_model(half, full_check=True)
+        _topological(half.graph)
+        del half.metadata_props[:]
+        half.metadata_props.extend(meta)
+        onnx.checker.check_model(half, full_check=True)
     onnx.save(half, str(dst))
     halves = sum(1 for t in half.graph.initializer if t.data_type == TensorProto.FLOAT16)
     boundary = "float16 x and outputs" if io_float16 else "float32 x and outputs (Cast at the boundary)"
@@ -330,7 +342,8 @@ def _state_values(session, batch: int, rng: np.random.Generator) -> dict[str, np
 def check_twin(reference: Path, twin: Path, precision: str, name: str, providers: list) -> TwinParity:
     """Run the float model and its twin on the same batches; ExportError past TOLERANCE[precision]."""
     ref = _session(reference, ["CPUExecutionProvider"])
-    got = _session(twin, providers)
+    with _tool(name, f"ONNX Runtime loading the {precision} twin"):
+        got = _session(twin, providers)
     names = [o.name for o in ref.get_outputs()]
     vocab = ref.get_modelmeta().custom_metadata_map.get("lstm.vocab_size")  # token ids (export.user)
     features = 0 if vocab else ref.get_inputs()[0].shape[2]
@@ -512,7 +525,7 @@ def make_twin(
                 "sequence's result depends slightly on the batch it runs in); " + "; ".join(done)
             )
         else:
-            done = convert_fp16(reference, tmp, io_float16)
+            done = convert_fp16(reference, tmp, twin_of, io_float16)
             method = "onnxruntime.transformers.float16: " + "; ".join(done)
             if io_float16:
                 notes.append("x and outputs are float16: clients send FP16 and get FP16 back")

@@ -178,6 +178,22 @@ def test_parity_gate_refuses_past_its_tolerance(checkpoints, tmp_path, capsys, m
     assert not repo.exists()
 
 
+def test_a_converter_failure_is_one_line_and_leaves_nothing(checkpoints, tmp_path, capsys, monkeypatch):
+    import onnxruntime.transformers.float16 as f16
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an op this converter cannot handle\n(second line)")
+
+    monkeypatch.setattr(f16, "convert_float_to_float16", broken)
+    repo = tmp_path / "m"
+    assert run_export("--weights", str(checkpoints["lstm"]), "--name", "c", "--out", str(repo),
+                      "--precision", "fp16") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: c: fp16: the float16 conversion failed (RuntimeError: an op this converter cannot "
+                   "handle (second line)); nothing written"], err  # fmt: skip
+    assert not repo.exists()
+
+
 def test_bad_precision_values_exit_2_one_line(checkpoints, tmp_path, capsys):
     for args, message in (
         (["--precision", "int4"], "argument --precision: precision 'int4': expected fp32, int8, fp16"),

@@ -375,10 +375,12 @@ def test_served_int8_concurrent_within_tolerance(twin_repo, twin_client):
 def test_served_twin_metadata_says_precision(twin_client):
     meta = twin_client.metadata("encoder_int8")
     assert meta["export"]["lstm.precision"] == "int8" and meta["export"]["lstm.twin_of"] == "encoder"
+    assert meta["precision"] == "int8" and twin_client.metadata("encoder")["precision"] == "fp32"
     assert [i["datatype"] for i in meta["inputs"]] == ["FP32", "INT64"]
     params = twin_client.config("encoder_int8")["parameters"]
     assert params["export.lstm.precision"]["string_value"] == "int8"
     assert params["export.lstm.twin_of"]["string_value"] == "encoder"
+    assert params["precision"]["string_value"] == "int8"
 
 
 def test_served_speaker_int8_accuracy(twin_client):

@@ -274,6 +274,8 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
             )
         else:
             metavar = {"int": "N", "float": "SECONDS", "Path": "DIR"}.get(str(f.type))
+            if f.name.endswith("_share"):
+                metavar = "FRACTION"
             parser.add_argument(
                 flag_name(f.name), dest=f.name, type=_caster(f), default=None, metavar=metavar, help=help_text
             )

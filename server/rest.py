@@ -707,6 +707,17 @@ class _HttpProtocol(HttpToolsProtocol):
         self._chunked = False  # the body of the request being parsed is chunked (length unknown)
         self._backlog = b""  # received, not parsed yet (pipelining bound)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        # uvicorn resumes reading whenever the app reads a body or a response completes, whatever
+        # is waiting unparsed: while a backlog waits, the socket stays unread (only
+        # on_response_complete, which parses the backlog first, reads on)
+        resume = self.flow.resume_reading
+
+        def resume_unless_backlogged() -> None:
+            if not self._backlog:
+                resume()
+
+        self.flow.resume_reading = resume_unless_backlogged
+        self._resume = resume
 
     # -- feeding the parser -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -717,15 +728,16 @@ class _HttpProtocol(HttpToolsProtocol):
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        data = memoryview(data)  # slices of a view copy nothing (bytes slices would: quadratic in a backlog)
         while data and self.parser is not None and not self.transport.is_closing():
             if len(self.pipeline) >= MAX_PIPELINED:
-                self._backlog = data
+                self._backlog = bytes(data)
                 self.flow.pause_reading()
                 return
             if self._body_left:
                 piece, data = data[: self._body_left], data[self._body_left :]
             elif self._chunked and not self._in_head:
-                piece, data = data, b""  # a chunked body (refused by the app): its length is unknown
+                piece, data = data, data[:0]  # a chunked body (refused by the app): its length is unknown
             else:
                 piece, data = data[:HEAD_SLICE], data[HEAD_SLICE:]
             self._unset_keepalive_if_required()
@@ -797,8 +809,9 @@ class _HttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._backlog and len(self.pipeline) < MAX_PIPELINED and not self.transport.is_closing():
             backlog, self._backlog = self._backlog, b""
-            self.flow.resume_reading()
             self._feed(backlog)
+            if not self._backlog:
+                self._resume()
 
     # -- the send timeout -----------------------------------------------------------------------
     def pause_writing(self) -> None:

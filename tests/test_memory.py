@@ -527,6 +527,37 @@ def test_pipelining_client_that_never_reads_is_bounded_and_cut_off(served):
     assert closed == 10 and cut >= 1
 
 
+def test_pipelining_small_replies_reads_nothing_ahead(served):
+    """One connection pipelines requests with ~100 KB bodies and tiny replies, never reading: the
+    server parses a few ahead and leaves the rest in the socket (it neither buffers what the client
+    sends nor re-copies a growing backlog), and other clients are served meanwhile."""
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4000, 5], "datatype": "FP32",
+                                   "data": [0.25] * 20000}], "outputs": [{"name": "h_n"}]}).encode()  # fmt: skip
+    one = b"POST /v2/models/uni/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    base = served.rss()
+    s = socket.create_connection(("127.0.0.1", served.http))
+    s.settimeout(0.2)
+    sent, health = 0, []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            s.sendall(one)
+            sent += len(one)
+        except OSError:
+            pass
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.http}/v2/health/live", timeout=10) as resp:
+            resp.read()
+        health.append(time.perf_counter() - t0)
+    peak = served.rss()
+    s.close()
+    health.sort()
+    print(f"pipelining small replies: {sent / 1e6:.1f} MB sent, RSS {base:.0f} -> {peak:.0f} MiB, "
+          f"health p50 {1e3 * health[len(health) // 2]:.1f} ms over {len(health)} calls")  # fmt: skip
+    assert peak < base + 15, (base, peak)  # before the fix: +30 MiB in these 3 s, growing
+    assert health[len(health) // 2] < 0.1
+
+
 def test_one_client_cannot_take_every_sequence_slot(served):
     """An attacker starting sequences on one connection gets its share (10 of 40); an honest client
     on another connection still starts its own."""

@@ -90,8 +90,22 @@ class Work:
     outputs: list[str]  # outputs to compute
     rows: int  # sequences (size of the batch axis; 1 for a model without one)
     steps: int | None = None  # the ragged input's time size (None: the model has no ragged input)
-    key: tuple = ()  # requests merge only with equal keys (dtypes and the dims that must agree)
+    key: tuple | None = None  # requests merge only with equal keys (None: computed when first needed)
     cells: int = 0  # elements one row contributes per time step (ragged) or in all (equal)
+    signature: Signature | None = None  # what the key is computed from
+
+    def merge_key(self) -> tuple:
+        """Dtypes and every dim that is not the batch (nor the ragged input's time axis), per feed:
+        computed only when the batcher has another request to compare with."""
+        if self.key is None:
+            sig = self.signature
+            key = []
+            for name in sorted(self.feeds):
+                spec, array = sig.input(name), self.feeds[name]
+                skip = (spec.batch_axis, spec.time_axis if name == sig.ragged else None)
+                key.append((name, array.dtype.str, tuple(d for i, d in enumerate(array.shape) if i not in skip)))
+            self.key = tuple(key)
+        return self.key
 
 
 @dataclass
@@ -305,7 +319,7 @@ class Batcher:
             # cost beyond that, and short requests never wait on a very long run), and the merged
             # x stays within max_cells (no request-driven memory blow-up).
             for item in sorted(self._queue, key=lambda i: (abs(i.steps - oldest.steps), i.enqueued)):
-                if item.work.key != oldest.work.key or rows + item.rows > policy.max_batch:
+                if rows + item.rows > policy.max_batch or item.work.merge_key() != oldest.work.merge_key():
                     continue
                 if max(item.steps, oldest.steps) > MAX_STRETCH * min(item.steps, oldest.steps):
                     continue

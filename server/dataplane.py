@@ -191,65 +191,52 @@ def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None
     return out
 
 
-def _work_key(sig: Signature, feeds: dict[str, np.ndarray]) -> tuple:
-    """Requests merge only when every dim that is not the batch (nor the ragged input's time
-    axis) agrees, and datatypes too."""
-    key = []
-    for name in sorted(feeds):
-        spec = sig.input(name)
-        array = feeds[name]
-        skip = {spec.batch_axis}
-        if name == sig.ragged:
-            skip.add(spec.time_axis)
-        key.append((name, array.dtype.str, tuple(d for i, d in enumerate(array.shape) if i not in skip)))
-    return tuple(key)
-
-
 def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
     """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
     signature; fill in what may be left out (lengths: full; states: initial). Messages name the
     input and what was expected."""
     sig = rt.signature
-    known = [t.name for t in sig.all_inputs]
     for name in arrays:
-        if name not in known:
+        if sig.input(name) is None:
             raise InvalidArgument(f"unknown input {clip(name)} for model '{rt.name}'; expected {sig.input_names}")
-    for spec in sig.inputs:
-        if not spec.optional and spec.name not in arrays:
+    for spec in sig.required_inputs:
+        if spec.name not in arrays:
             raise InvalidArgument(
                 f"missing required input '{spec.name}' ({spec.datatype}, shape {spec.shape}) for model '{rt.name}'"
             )
     rows, rows_from, steps = None, None, None
     for name, array in arrays.items():
         spec = sig.input(name)
-        want = numpy_dtype(spec.datatype)
+        want = spec.dtype
         if array.dtype != want and not (want == OBJECT and array.dtype.kind in "OSU"):
             raise InvalidArgument(f"input '{name}': datatype must be {spec.datatype}, got {_oip(array.dtype)}")
-        if array.ndim != spec.rank:
+        shape = array.shape
+        if len(shape) != spec.rank:
             raise InvalidArgument(
-                f"input '{name}': expected rank {spec.rank} (shape {spec.shape}), got shape {list(array.shape)}"
+                f"input '{name}': expected rank {spec.rank} (shape {spec.shape}), got shape {list(shape)}"
             )
         if name == sig.lengths:
             continue  # checked below, against the ragged input
-        for axis, (got, expected) in enumerate(zip(array.shape, spec.shape)):
-            if axis == spec.batch_axis:
-                if rows is None:
-                    rows, rows_from = got, name
-                elif got != rows:
-                    raise InvalidArgument(
-                        f"input '{name}': batch size {got} (axis {axis}) differs from input '{rows_from}' ({rows})"
-                    )
-            elif name == sig.ragged and axis == spec.time_axis:
-                steps = got
-                if sig.static_length is not None and got > sig.static_length:
-                    raise InvalidArgument(
-                        f"input '{name}': {got} time steps, but static model '{rt.name}' takes at most "
-                        f"{sig.static_length} (its fixed T); use the dynamic model for longer sequences"
-                    )
-            elif expected >= 0 and got != expected:
+        axis = spec.batch_axis
+        if axis is not None:
+            if rows is None:
+                rows, rows_from = shape[axis], name
+            elif shape[axis] != rows:
+                raise InvalidArgument(
+                    f"input '{name}': batch size {shape[axis]} (axis {axis}) differs from input '{rows_from}' ({rows})"
+                )
+        if name == sig.ragged:
+            steps = shape[spec.time_axis]
+            if sig.static_length is not None and steps > sig.static_length:
+                raise InvalidArgument(
+                    f"input '{name}': {steps} time steps, but static model '{rt.name}' takes at most "
+                    f"{sig.static_length} (its fixed T); use the dynamic model for longer sequences"
+                )
+        for axis, expected in spec.fixed_dims(sig.ragged):
+            if shape[axis] != expected:
                 raise InvalidArgument(
                     f"input '{name}': dim {axis} must be {expected} (model '{rt.name}' takes shape {spec.shape}), "
-                    f"got shape {list(array.shape)}"
+                    f"got shape {list(shape)}"
                 )
     if rows is not None and rows < 1 or steps is not None and steps < 1:
         which = rows_from if rows is not None and rows < 1 else sig.ragged
@@ -269,8 +256,10 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
                     f"input '{sig.lengths}': expected shape [{rows}] (one length per sequence of '{sig.ragged}'), "
                     f"got {list(lengths.shape)}"
                 )
-            bad = np.flatnonzero((lengths < 1) | (lengths > steps))
-            if bad.size:
+            bad = (
+                np.flatnonzero((lengths < 1) | (lengths > steps)) if lengths.min() < 1 or lengths.max() > steps else ()
+            )
+            if len(bad):
                 i = int(bad[0])
                 raise InvalidArgument(
                     f"input '{sig.lengths}': every length must be in 1..{steps} (the time size of '{sig.ragged}'); "
@@ -282,7 +271,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
     for pair in sig.states:
         if pair.input in feeds and not pair.implicit:  # a recurrent export's h0/c0
             _check_finite(pair.input, feeds[pair.input], sig.input(pair.input))
-    for name, array in feeds.items():
+    for name, array in feeds.items() if sig.checks_values else ():
         spec = sig.input(name)
         if spec.model_shape is not None:  # config.pbtxt reshape: refused here, not inside the run
             target = list(spec.model_shape)
@@ -295,7 +284,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
                     f"input '{name}': shape {list(array.shape)} cannot be reshaped to the model's {spec.model_shape} "
                     f"(config.pbtxt reshape)"
                 ) from None
-    for name, array in feeds.items():
+    for name, array in feeds.items() if sig.checks_values else ():
         spec = sig.input(name)
         if spec.value_range is not None and array.size:
             lo, hi = spec.value_range
@@ -320,8 +309,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
         cells = x.size // max(1, rows * steps)
     else:
         cells = max((a.size // rows for a in feeds.values()), default=1)
-    key = _work_key(sig, feeds) if sig.batching_rule != "none" else ()
-    return Prepared(rt, Work(feeds, outputs, rows, steps if sig.ragged is not None else None, key, cells))
+    return Prepared(rt, Work(feeds, outputs, rows, steps if sig.ragged is not None else None, None, cells, sig))
 
 
 class DataPlane:
@@ -652,9 +640,8 @@ class DataPlane:
                 returned = prepared.outputs
                 feeds = {**prepared.feeds, **state.state}
                 work = dataclasses.replace(
-                    prepared.work, feeds=feeds, outputs=sorted(set(returned) | {p.output for p in pairs}),
-                    key=_work_key(sig, feeds) if prepared.work.key else (),
-                )  # fmt: skip
+                    prepared.work, feeds=feeds, outputs=sorted(set(returned) | {p.output for p in pairs}), key=None
+                )
 
                 def keep(outputs):
                     stored.update({p.input: outputs[p.output] for p in pairs})

@@ -50,7 +50,7 @@ _OIP_OF = {dtype: name for name, (dtype, _, _) in DATATYPES.items()}
 
 def contiguous(array: np.ndarray) -> np.ndarray:
     """C-contiguous, same shape (np.ascontiguousarray makes a scalar's shape (1,))."""
-    return np.ascontiguousarray(array).reshape(array.shape)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
 
 
 def numpy_dtype(datatype: str) -> np.dtype:

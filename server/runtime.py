@@ -245,7 +245,7 @@ class ModelRuntime:
                 pad = list(x.shape)
                 pad[spec.time_axis] = sig.static_length - steps
                 feeds[sig.ragged] = np.concatenate([x, np.zeros(pad, x.dtype)], axis=spec.time_axis)
-        for spec in sig.all_inputs:
+        for spec in sig.all_inputs if sig.checks_values else ():
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = _reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         try:

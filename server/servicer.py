@@ -140,9 +140,12 @@ _TYPED_INLINE = 1 << 16  # typed values decoded on the loop at most (raw content
 
 def _costly_to_decode(request: pb.ModelInferRequest) -> bool:
     """BYTES tensors are decoded element by element, typed contents value by value."""
+    raw = bool(request.raw_input_contents)  # then no typed contents (decode_inputs refuses the mix)
     for t in request.inputs:
         if t.datatype == "BYTES":
             return True
+        if raw:
+            continue
         c = t.contents
         typed = len(c.fp32_contents) + len(c.int64_contents) + len(c.int_contents) + len(c.fp64_contents)
         if typed + len(c.uint_contents) + len(c.uint64_contents) + len(c.bool_contents) > _TYPED_INLINE:
@@ -215,8 +218,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _hold(self, infer: InferRequest, context) -> Hold | None:
         """Reserve the call's memory (request, working memory, response) in the budget, waiting
         within its deadline; None without a budget. Also names the call's client."""
-        metadata = dict(context.invocation_metadata() or ())
-        infer.client = client_key(context.peer() or "", metadata.get("authorization"), self.tokens_on)
+        authorization = None
+        if self.tokens_on:  # the per-client key is the token then (reading metadata costs: not otherwise)
+            authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        infer.client = client_key(context.peer() or "", authorization, self.tokens_on)
         if self.budget is None:
             return None
         rt = self.plane.repository.get(infer.model_name, infer.model_version)

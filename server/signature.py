@@ -48,6 +48,21 @@ class TensorSpec:
     def rank(self) -> int:
         return len(self.shape)
 
+    @property
+    def dtype(self) -> np.dtype:
+        return numpy_dtype(self.datatype)
+
+    def fixed_dims(self, ragged: str | None) -> list[tuple[int, int]]:
+        """(axis, size) of every fixed dim a request must match: not the batch axis, nor the time
+        axis of the ragged input (a static model's fixed T is an upper bound, checked apart)."""
+        key = (ragged, tuple(self.shape), self.batch_axis, self.time_axis)
+        cached = self.__dict__.get("_fixed")
+        if cached is None or cached[0] != key:
+            skip = {self.batch_axis, self.time_axis if self.name == ragged else None}
+            cached = (key, [(a, d) for a, d in enumerate(self.shape) if d >= 0 and a not in skip])
+            self.__dict__["_fixed"] = cached
+        return cached[1]
+
 
 @dataclass(frozen=True)
 class StatePair:
@@ -71,11 +86,18 @@ class Signature:
     max_batch_size: int = 0  # Triton's: > 0 when config.pbtxt says so (dims then leave out the batch)
     merge: bool = True  # False: the batch axes were guessed (the file names none): never merged
 
+    def __post_init__(self) -> None:
+        # by name, for the per-request lookups (the lists are fixed once built; specs are shared)
+        self._inputs = {t.name: t for t in self.inputs + self.hidden_inputs}
+        self._outputs = {t.name: t for t in self.outputs + self.hidden_outputs}
+        self.checks_values = any(t.value_range is not None or t.model_shape is not None for t in self._inputs.values())
+        self.required_inputs = [t for t in self.inputs if not t.optional]
+
     def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs + self.hidden_inputs if t.name == name), None)
+        return self._inputs.get(name)
 
     def output(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.outputs + self.hidden_outputs if t.name == name), None)
+        return self._outputs.get(name)
 
     @property
     def all_inputs(self) -> list[TensorSpec]:
@@ -95,8 +117,10 @@ class Signature:
 
     @property
     def batchable(self) -> bool:
-        """Requests can be merged only where every tensor has a batch axis."""
-        return all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
+        """Requests can be merged only where every tensor has a batch axis (fixed once built)."""
+        if "_batchable" not in self.__dict__:
+            self._batchable = all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
+        return self._batchable
 
     @property
     def batching_rule(self) -> str:

@@ -5,13 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TRITON_VENV := .venv-triton
 RAY_VENV := .venv-ray
+DOCS_VENV := .venv-docs
 MODELS ?= models
+# what `make serve` (and serve-envoy, serve-ray, bench, soak) need: exported when missing; the int8
+# twins are served beside their float models and measured by make bench. Defined before any rule
+# names it: make expands a rule's prerequisites as it reads the rule.
+DEFAULT_MODELS := $(MODELS)/encoder/1/model.onnx $(MODELS)/speaker_id/1/model.onnx \
+	$(MODELS)/encoder_int8/1/model.onnx $(MODELS)/speaker_id_int8/1/model.onnx
 PROTO_OUT := server/proto
 SERVE_ARGS ?=
 HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-ray bench soak train lint clean triton-venv
+.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-fast test-ray bench soak train lint clean triton-venv docs docs-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +47,17 @@ $(RAY_VENV)/.installed: requirements-ray.txt requirements-server.txt
 
 ray-venv: $(RAY_VENV)/.installed ## separate venv with ray[serve] (~500 MB; optional extra)
 
+$(DOCS_VENV)/.installed: requirements-docs.txt
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q -r requirements-docs.txt
+	touch $@
+
+docs-venv: $(DOCS_VENV)/.installed ## separate venv with mkdocs-material (pinned in requirements-docs.txt)
+
+docs: $(DOCS_VENV)/.installed ## build the docs site into site/ (mkdocs --strict: a broken link or page fails)
+	$(DOCS_VENV)/bin/python -m mkdocs build --strict --quiet --site-dir site
+	@echo "docs: site/index.html"
+
 serve-ray: $(RAY_VENV)/.installed $(DEFAULT_MODELS) ## the data plane on Ray Serve: 2 local nodes, 2 replicas, gRPC proxy on :9000
 	PYTHONPATH=. $(RAY_VENV)/bin/python -m scale.ray_serve --models $(MODELS)
 
@@ -56,10 +73,6 @@ proto-check: $(VENV)/.installed ## fail if the committed stubs differ from what 
 export: $(VENV)/.installed ## export the default family with its int8 twins, and the static/dynamic/precision report, into models/
 	$(PY) -m export --out $(MODELS)
 
-# the int8 twins are served beside their float models (make serve) and measured by make bench
-DEFAULT_MODELS := $(MODELS)/encoder/1/model.onnx $(MODELS)/speaker_id/1/model.onnx \
-	$(MODELS)/encoder_int8/1/model.onnx $(MODELS)/speaker_id_int8/1/model.onnx
-
 $(DEFAULT_MODELS) &: | $(VENV)/.installed
 	$(PY) -m export --out $(MODELS) --no-report
 
@@ -72,22 +85,25 @@ serve-envoy: $(VENV)/.installed $(DEFAULT_MODELS) ## 2 server replicas behind En
 train: $(VENV)/.installed ## retrain the speaker-ID classifier (Japanese Vowels, ~15 s) into export/checkpoints/
 	$(PY) -m export.train
 
-bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static, int8; writes docs/bench.{md,json}
+bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static, int8; writes docs/bench.{json,png} (make docs: the performance page)
 	$(PY) -m bench --models $(MODELS)
 
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift
 	$(PY) -m bench.soak --models $(MODELS) --out docs/soak.json
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed ## run the test suite (proto check, export, server, tritonclient); Ray: make test-ray
+test: $(VENV)/.installed $(TRITON_VENV)/.installed docs ## run the whole test suite (proto check, docs build, export, server, tritonclient); Ray: make test-ray
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q --durations=10 --ignore=tests/test_ray.py
+
+test-fast: $(VENV)/.installed $(TRITON_VENV)/.installed ## the tests not marked slow (under a minute): the edit loop; make test runs all
+	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q -m "not slow" --durations=5 --ignore=tests/test_ray.py
 
 test-ray: $(VENV)/.installed $(TRITON_VENV)/.installed $(RAY_VENV)/.installed ## the Ray Serve tests (builds .venv-ray, ~800 MB)
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python $(PY) -m pytest -q tests/test_ray.py
 
 lint: $(VENV)/.installed ## ruff check and format check
-	$(PY) -m ruff check export server bench scale deploy tests
-	$(PY) -m ruff format --check export server bench scale deploy tests
+	$(PY) -m ruff check export server bench scale deploy tests docs/hooks
+	$(PY) -m ruff format --check export server bench scale deploy tests docs/hooks
 
 clean: ## remove generated models and caches (keeps the venvs)
-	rm -rf $(MODELS)/*/ .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(MODELS)/*/ site .pytest_cache .ruff_cache .hypothesis

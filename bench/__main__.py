@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": _cpu(),
     }  # fmt: skip
     write_report(info, rows, targets, args.out)
-    print(f"wrote {args.out}.json, {args.out}.md and {args.out}.png", flush=True)
+    print(f"wrote {args.out}.json and {args.out}.png (make docs renders the performance page)", flush=True)
     return 0
 
 

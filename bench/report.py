@@ -1,4 +1,5 @@
-"""Write the benchmark's JSON, Markdown table and PNG plots (the README quotes the Markdown)."""
+"""Write the benchmark's JSON and PNG plots; render them as Markdown (`page`: the docs' performance page,
+built from docs/bench.json by `make docs`, so no table of figures is ever copied by hand)."""
 
 from __future__ import annotations
 
@@ -109,11 +110,25 @@ def _side_by_side(rows: list[dict]) -> list[str]:
     return out
 
 
-def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
-    paired = any(r.get("variant") for r in rows)
-    out = [_header(info), ""] + (_side_by_side(rows) if paired else _single(rows))
-    threads = info.get("server_threads") or {}
-    for variant, report in threads.items():
+def _targets(targets: list[dict]) -> list[str]:
+    if any("before" in t for t in targets):
+        out = ["| target | before | after | goal | met (after) | figures after | figures before |",
+               "|---|---:|---:|---|---|---|---|"]  # fmt: skip
+        for t in targets:
+            out.append(
+                f"| {t['target']} | {_num(t.get('before'))} | {t['value']:.2f} | {t['goal']} "
+                f"| {_met(t['ok'])} | {t['detail']} | {t.get('before_detail', '-')} |"
+            )
+        return out
+    out = ["| target | measured | goal | met | figures |", "|---|---:|---|---|---|"]
+    for t in targets:
+        out.append(f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {_met(t['ok'])} | {t['detail']} |")
+    return out
+
+
+def _threads(info: dict) -> list[str]:
+    out = []
+    for variant, report in (info.get("server_threads") or {}).items():
         tasks = report["threads"]
         out += [
             "",
@@ -121,20 +136,38 @@ def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
             f"{report['outside']} outside the server's CPU. "
             + "; ".join(f"{t['name']} (may run on {t['cpus_allowed']}, last on {t['last_cpu']})" for t in tasks),
         ]
+    return out
+
+
+def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
+    """The run's description, its table of every line and its targets, as Markdown."""
+    paired = any(r.get("variant") for r in rows)
+    out = [_header(info), ""] + (_side_by_side(rows) if paired else _single(rows)) + _threads(info)
     if targets:
-        if any("before" in t for t in targets):
-            out += ["", "| target | before | after | goal | met (after) | figures after | figures before |",
-                    "|---|---:|---:|---|---|---|---|"]  # fmt: skip
-            for t in targets:
-                out.append(
-                    f"| {t['target']} | {_num(t.get('before'))} | {t['value']:.2f} | {t['goal']} "
-                    f"| {_met(t['ok'])} | {t['detail']} | {t.get('before_detail', '-')} |"
-                )
-        else:
-            out += ["", "| target | measured | goal | met | figures |", "|---|---:|---|---|---|"]
-            for t in targets:
-                out.append(f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {_met(t['ok'])} | {t['detail']} |")
+        out += [""] + _targets(targets)
     return "\n".join(out) + "\n"
+
+
+def page(data: dict) -> str:
+    """The performance page's generated part: one run (`{"info", "rows", "targets"}` as in
+    docs/bench.json): when and where it ran, its targets, then every line and the plot."""
+    info, rows, targets = data["info"], data["rows"], data["targets"]
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    out = [
+        f"**Run:** {info['date']}, commit `{(info.get('after') or 'unknown').split()[0]}`. "
+        f"**Machine:** {info['machine']}; device {info['device']}. **Versions:** {versions}.",
+        "",
+    ]
+    if info.get("quick"):
+        out += ["!!! warning", "    This run is a `--quick` harness check, not a measurement.", ""]
+    paired = any(r.get("variant") for r in rows)
+    if targets:
+        out += ["## Targets", "", "Ratios from this same run, so the machine's speed cancels out.", ""]
+        out += _targets(targets) + [""]
+    out += ["## Every line", "", _header(info), ""]
+    out += (_side_by_side(rows) if paired else _single(rows)) + _threads(info)
+    out += ["", "![throughput and latency by concurrency, per payload](bench.png)", ""]
+    return "\n".join(out)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -178,5 +211,4 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_report(info: dict, rows: list[dict], targets: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows, "targets": targets}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(info, rows, targets))
     plot(rows, out.with_suffix(".png"))

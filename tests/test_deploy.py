@@ -154,6 +154,7 @@ BAD_KSERVE = [
 @pytest.mark.parametrize(
     "name,change,expected", BAD_KSERVE, ids=[f"{n.split('.')[0]}-{e[:30]}" for n, _, e in BAD_KSERVE]
 )
+@pytest.mark.slow
 def test_kserve_schema_rejects(name, change, expected):
     errors = dv.validate_doc(_mutated(name, change))
     assert errors and any(expected in e for e in errors), errors

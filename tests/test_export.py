@@ -75,6 +75,7 @@ def test_static_matches_dynamic_and_torch(repo, encoders):
 
 
 @pytest.mark.parametrize("steps", [3, 8, 20])
+@pytest.mark.slow
 def test_static_each_T_and_refuses_other_T(tmp_path, encoders, steps):
     enc = encoders["bi"]
     path = export_static(enc, steps, tmp_path / "m.onnx").path
@@ -154,6 +155,7 @@ def test_dynamic_graph_structure(repo, name):
     assert model.ir_version <= 13  # what onnxruntime 1.31 loads
 
 
+@pytest.mark.slow
 def test_dynamic_node_count_independent_of_T_static_grows(tmp_path, encoders):
     enc = encoders["bi"]
     dyn = onnx.load(str(export_dynamic(enc, tmp_path / "d.onnx").path))
@@ -227,6 +229,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--model-version", "0"], "model-version"),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_config(tmp_path, args, needle):
     out = tmp_path / "out"
     res = _cli("--name", "m", "--out", str(out), *args, cwd=tmp_path)
@@ -236,6 +239,7 @@ def test_cli_bad_config(tmp_path, args, needle):
     assert not out.exists() or not any(out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_cli_exports_one_model(tmp_path):
     res = _cli(
         "--name",

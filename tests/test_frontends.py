@@ -134,6 +134,7 @@ class _Attacker:
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["open", "tokens"])
+@pytest.mark.slow
 def test_half_open_calls_and_idle_streams(repo, tokens, capsys):
     """1,000 half-open health calls, 200 idle ModelStreamInfer streams and 100 half-open ModelInfer
     calls, from clients without a token: health and an (authenticated) ModelInfer still answer
@@ -185,6 +186,7 @@ def _http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_stalled_uploads_hold_little_memory(repo, capsys):
     """4 uploads announcing 200 MiB that stop one byte short: the server holds their bytes in
     temporary files, not memory (< 64 MiB more RSS), and keeps answering health and inference."""
@@ -220,6 +222,7 @@ def test_stalled_uploads_hold_little_memory(repo, capsys):
     assert rss["during"] - rss["before"] < 64, rss
 
 
+@pytest.mark.slow
 def test_idle_connections_do_not_stop_health(repo, capsys):
     """1,000 idle REST connections and 100 that trickle half a request line: health, readiness
     and inference still answer within 1 s (no connection cap refuses them: an idle connection costs
@@ -263,6 +266,7 @@ def test_idle_connections_do_not_stop_health(repo, capsys):
         print("\n  1,100 idle REST connections: server RSS MiB " + json.dumps(rss))
 
 
+@pytest.mark.slow
 def test_drain_under_load_cancels_nothing(repo):
     """SIGTERM under 12 gRPC and 4 REST clients: every gRPC call ends OK or UNAVAILABLE (none
     CANCELLED), every REST request gets 200 or 503 (after the drain began, with `Connection:
@@ -351,6 +355,7 @@ def _server(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_startup_errors_before_models_load(repo, tmp_path):
     """A busy port, a missing token or TLS file, a missing repository: exit 2 with one line naming
     it, before any model is loaded (the files are checked and the ports bound first)."""

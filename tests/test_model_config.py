@@ -233,6 +233,7 @@ def test_config_pbtxt_takes_effect(repo, tmp_path, encoders):
         ("max_batch_size: 8", '{"batching": {"max_batch": 8}}', "has both config.json and config.pbtxt: keep one"),
     ],
 )
+@pytest.mark.slow
 def test_unsupported_config_pbtxt_refuses_the_model(repo, tmp_path, pbtxt, config_json, needle):
     from server.client import LSTMClient
     from server.errors import StartupError
@@ -251,6 +252,7 @@ def test_unsupported_config_pbtxt_refuses_the_model(repo, tmp_path, pbtxt, confi
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_editing_config_pbtxt_reloads_the_model(repo, tmp_path):
     """The repository notices a new or changed config.pbtxt (model control mode poll)."""
     from server.client import LSTMClient

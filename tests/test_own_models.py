@@ -401,6 +401,7 @@ def test_bad_input_exit_2_one_line_nothing_written(bad_files, tmp_path, capsys, 
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_bad_input_real_process(bad_files, tmp_path):
     """The same through a real `python -m export` process: exit status 2 and one stderr line."""
     res = subprocess.run(
@@ -500,6 +501,7 @@ def test_report_needs_static_lengths(tmp_path, capsys):
     assert not any(tmp_path.rglob("*"))
 
 
+@pytest.mark.slow
 def test_cli_output_is_ours_and_files_are_readable(tmp_path):
     """A real `python -m export` of a module that uses only the final state (the export retries past
     a torch exporter failure): stdout and stderr hold our lines only (no C++ shape-inference warnings,
@@ -532,6 +534,7 @@ def test_static_length_bounded(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.slow
 def test_signal_mid_export_leaves_nothing(tmp_path, signame, code):
     """SIGTERM (timeout, a cancelled job) or Ctrl-C while a static twin is being written: the export
     exits 143 / 130 and removes what it wrote, the dynamic file already in place included (it used to
@@ -639,6 +642,7 @@ def test_file_without_named_axes_served_unbatched(own, tmp_path):
             assert got["logits"].shape == (3,) and np.abs(got["logits"] - logits[0].numpy()).max() <= TOL
 
 
+@pytest.mark.slow
 def test_report_for_a_user_module(tmp_path):
     """--report measures static vs dynamic for the user's own model, as for the built-in family."""
     rc = run_export("--module", "tests.own_modules:relu_last_state", "--feature-size", "6", "--name", "last",

@@ -100,6 +100,7 @@ def stub(target):
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=_requests())
+@pytest.mark.slow
 def test_fuzzed_requests_get_a_status(stub, request):
     try:
         stub.ModelInfer(request, timeout=20)
@@ -141,6 +142,7 @@ def _spawn(repo: Path, *args: str) -> tuple[subprocess.Popen, int]:
     return replica.proc, replica.port
 
 
+@pytest.mark.slow
 def test_graceful_drain_on_sigterm(repo):
     """SIGTERM under load: health NOT_SERVING first while calls still succeed, then new calls get
     UNAVAILABLE, accepted calls complete, exit 0 within the grace period."""
@@ -203,6 +205,7 @@ def test_graceful_drain_on_sigterm(repo):
     assert any(c == "UNAVAILABLE" and t > not_serving_at for t, c in outcomes)
 
 
+@pytest.mark.slow
 def test_hot_reload_under_load(tmp_path, repo):
     """A new version dropped into the repository while clients call: zero failed calls, answers
     switch to the new version atomically; a corrupt version is refused, the old one keeps serving."""

@@ -278,6 +278,7 @@ def _exchange_then(port: int, data: bytes, then: bytes = b"") -> tuple[bytes, by
     return first, b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_unread_body_does_not_become_the_next_request(rest):
     """An error answered before the body is read: the HTTP parser (uvicorn's) still knows the
     body's length and skips it, so the body is never parsed as a request of its own, and the
@@ -360,6 +361,7 @@ def test_repository_over_rest(repo):
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_drain_waits_for_rest_replies_being_written(repo):
     """A reply still being serialized/written when the drain starts is finished, not cut short."""
     import threading
@@ -538,6 +540,7 @@ def _bodies(draw):
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=_bodies(), model=st.sampled_from(["bi", "uni", "suni", "nope"]), tail=st.binary(max_size=64))
+@pytest.mark.slow
 def test_fuzzed_rest_bodies_get_a_clear_status(rest, body, model, tail):
     head = json.dumps(body).encode()
     headers = {"Inference-Header-Content-Length": str(len(head))} if tail else {}
@@ -593,6 +596,7 @@ def _recv_all(sock) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_truncated_and_stalled_bodies(repo):
     """A body is admitted (size checked, request slot taken) before it is read: stalled uploads
     hold slots (then 429 for inference), never health; a stall is answered 408 and the slot freed.

@@ -353,6 +353,7 @@ def test_unloaded_model_is_unavailable(server, client):
         del server.repository._models["ghost"]
 
 
+@pytest.mark.slow
 def test_concurrent_clients(target, encoders):
     """16 threads x 50 requests of mixed lengths and models: every answer correct."""
 

@@ -53,6 +53,7 @@ def _ort_predict(path, seqs, steps=None) -> tuple[np.ndarray, np.ndarray]:
     return logits.argmax(1), probs
 
 
+@pytest.mark.slow
 def test_loader_matches_sktime():
     from sktime.datasets import load_japanese_vowels
 
@@ -67,6 +68,7 @@ def test_loader_matches_sktime():
     assert len(test) == 370 and {len(s) for s in ours + test} <= set(range(7, 30))
 
 
+@pytest.mark.slow
 def test_committed_checkpoint_accuracy_and_identical_predictions(speaker_repo, checkpoint, data):
     model, result = checkpoint
     seqs, labels = data
@@ -82,6 +84,7 @@ def test_committed_checkpoint_accuracy_and_identical_predictions(speaker_repo, c
     assert meta["classifier.num_classes"] == "9" and "inside the graph" in meta["classifier.normalisation"]
 
 
+@pytest.mark.slow
 def test_server_predictions_identical_under_concurrency(speaker_repo, checkpoint, data):
     """The gRPC server answering a mix of concurrent requests (1-7 utterances each, raw coefficients)."""
     from server.app import InferenceServer

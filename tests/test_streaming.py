@@ -167,6 +167,7 @@ def test_store_refuses_concurrent_chunks_and_limit():
         store.acquire("m", 1, "c", True, {"h0": z, "c0": z})
 
 
+@pytest.mark.slow
 def test_idle_eviction_and_limit_over_grpc(repo):
     from server.app import InferenceServer
     from server.config import Settings
@@ -196,6 +197,7 @@ def test_idle_eviction_and_limit_over_grpc(repo):
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_restart_loses_sequences_cleanly(repo):
     def spawn(port: int):
         replica = start_replica(repo, ["--port", str(port)])  # the last --port wins

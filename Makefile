@@ -55,7 +55,7 @@ $(DOCS_VENV)/.installed: requirements-docs.txt
 docs-venv: $(DOCS_VENV)/.installed ## separate venv with mkdocs-material (pinned in requirements-docs.txt)
 
 docs: $(DOCS_VENV)/.installed ## build the docs site into site/ (mkdocs --strict: a broken link or page fails)
-	$(DOCS_VENV)/bin/python -m mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/python -m mkdocs build --strict --site-dir site
 	@echo "docs: site/index.html"
 
 serve-ray: $(RAY_VENV)/.installed $(DEFAULT_MODELS) ## the data plane on Ray Serve: 2 local nodes, 2 replicas, gRPC proxy on :9000

@@ -148,9 +148,40 @@ def markdown(info: dict, rows: list[dict], targets: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _compact(rows: list[dict]) -> list[str]:
+    """Every line of one run, one row per (line, payload, clients); lines by letter (named above)."""
+    paired = any(r.get("variant") for r in rows)
+    head = "| line | payload | clients | seq/s | p50 ms | p99 ms | GFLOP/s (of ceiling) | errors |"
+    out = [head if not paired else head.replace("| line |", "| line | variant |"),
+           "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if paired else "")]  # fmt: skip
+    for r in rows:
+        cells = [f"({r['line']})"] + ([r.get("variant") or "after"] if paired else [])
+        cells += [r["payload"], str(r["concurrency"])]
+        if "seq_per_s" not in r:
+            cells += ["n/a", "", "", "", r["note"]]
+        else:
+            gflops = f"{r['gflops']:.1f} ({100 * r['ceiling_fraction']:.0f}%)"
+            cells += [_rate(r), f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", gflops, str(r["errors"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _threads_summary(info: dict) -> list[str]:
+    out = []
+    for variant, report in (info.get("server_threads") or {}).items():
+        tasks = report["threads"]
+        allowed = sorted({t["cpus_allowed"] for t in tasks})
+        last = sorted({t["last_cpu"] for t in tasks})
+        out.append(
+            f"Server threads ({variant}, line d, after its load): {len(tasks)}, {report['outside']} outside the "
+            f"server's CPU; allowed on CPUs {', '.join(allowed)}, last ran on {', '.join(map(str, last))}."
+        )
+    return out
+
+
 def page(data: dict) -> str:
     """The performance page's generated part: one run (`{"info", "rows", "targets"}` as in
-    docs/bench.json): when and where it ran, its targets, then every line and the plot."""
+    docs/bench.json): when and where it ran, its targets, the plot, then every line."""
     info, rows, targets = data["info"], data["rows"], data["targets"]
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     out = [
@@ -160,13 +191,11 @@ def page(data: dict) -> str:
     ]
     if info.get("quick"):
         out += ["!!! warning", "    This run is a `--quick` harness check, not a measurement.", ""]
-    paired = any(r.get("variant") for r in rows)
     if targets:
         out += ["## Targets", "", "Ratios from this same run, so the machine's speed cancels out.", ""]
         out += _targets(targets) + [""]
-    out += ["## Every line", "", _header(info), ""]
-    out += (_side_by_side(rows) if paired else _single(rows)) + _threads(info)
-    out += ["", "![throughput and latency by concurrency, per payload](bench.png)", ""]
+    out += ["## Throughput and latency", "", "![throughput and latency by concurrency, per payload](bench.png)", ""]
+    out += ["## Every line", "", _header(info), ""] + _threads_summary(info) + [""] + _compact(rows) + [""]
     return "\n".join(out)
 
 

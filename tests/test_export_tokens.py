@@ -235,6 +235,7 @@ def test_refusals_exit_2_one_line_nothing_written(tmp_path, capsys, args, messag
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
+@pytest.mark.slow
 def test_bad_input_dtype_from_python_and_a_real_process(tmp_path):
     with pytest.raises(ExportError, match=r"^--input-dtype int32: not supported; expected float32"):
         export_module(token_modules.bilstm_tagger(), tmp_path / "m" / "1" / "model.onnx", input_dtype="int32")

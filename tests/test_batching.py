@@ -161,6 +161,7 @@ def slow_batch_server(repo):
     srv.stop(grace=1)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_merge_exactly(slow_batch_server, encoders):
     from server.client import LSTMClient
 
@@ -292,6 +293,7 @@ def test_closed_batcher_runs_late_requests_directly(runtime, encoders):
     assert np.abs(got["h_n"] - reference(encoders["bi"], x, lengths)["h_n"]).max() <= TOL
 
 
+@pytest.mark.slow
 def test_bad_batching_config_fails_the_load(repo, tmp_path):
     import shutil
 

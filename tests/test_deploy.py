@@ -71,6 +71,7 @@ def test_kubernetes_manifests_validate(path):
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.slow
 def test_manifest_validates_against_schema(path):
     docs = _docs(path)
     assert docs

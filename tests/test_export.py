@@ -63,6 +63,7 @@ def test_dynamic_unsorted_and_padding_invariant(repo, encoders):
     _assert_close(a, reference(encoders["bi"], x, lengths), lengths)
 
 
+@pytest.mark.slow
 def test_static_matches_dynamic_and_torch(repo, encoders):
     static = _session(repo / f"bi_static_t{STATIC_T}" / "1" / "model.onnx")
     dynamic = _session(repo / "bi" / "1" / "model.onnx")

@@ -195,6 +195,7 @@ def test_send_failure_hook_moves_a_success_to_fail(repo):
 # -- readiness, --exit-on-error -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_model_makes_the_server_not_ready(repo, tmp_path):
     root = _repo_with_broken(repo, tmp_path)
     srv = _start(root, exit_on_error=False, model_control_mode="explicit", http_port=0)
@@ -241,6 +242,7 @@ def test_failed_model_makes_the_server_not_ready(repo, tmp_path):
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_exit_on_error_is_the_default(repo, tmp_path):
     root = _repo_with_broken(repo, tmp_path)
     proc = _server_cmd("--model-repository", str(root))
@@ -281,6 +283,7 @@ def test_missing_token_file_refuses_to_start(tmp_path):
 # -- model control --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_control_none_refuses_load_and_unload(repo):
     srv = _start(repo, http_port=0)
     try:

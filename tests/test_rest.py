@@ -329,6 +329,7 @@ def test_chunked_upload_needs_a_length(rest):
     assert reply.count(b"HTTP/1.1 ") == 1 and b"<timeout>" not in reply, reply
 
 
+@pytest.mark.slow
 def test_rest_headers_405_401(repo):
     srv = _start(repo, auth_tokens="t0k")
     try:
@@ -340,6 +341,7 @@ def test_rest_headers_405_401(repo):
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_repository_over_rest(repo):
     srv = _start(repo, model_control_mode="explicit")
     port = srv.http_port
@@ -395,6 +397,7 @@ def test_drain_waits_for_rest_replies_being_written(repo):
     assert [o["name"] for o in outputs] == ["y", "h_n", "c_n"] and len(outputs[0]["data"]) == 120_000 * 16
 
 
+@pytest.mark.slow
 def test_oversize_body_refused_before_reading(repo):
     srv = _start(repo, max_message_mb=1)
     try:
@@ -460,6 +463,7 @@ def test_tritonclient_http(rest, encoders, tmp_path):
         assert np.array_equal(got[f"bin_{name}"], got[f"json_{name}"]), name
 
 
+@pytest.mark.slow
 def test_rest_tls_and_tokens(repo, pki):  # noqa: F811
     srv = _start(repo, tls_cert=str(pki["server_path"]), tls_key=str(pki["server_key_path"]),
                  tls_client_ca=str(pki["ca_path"]), auth_tokens="rest-token")  # fmt: skip
@@ -484,6 +488,7 @@ def test_rest_tls_and_tokens(repo, pki):  # noqa: F811
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_drain_refuses_rest_inference(repo):
     srv = _start(repo)
     port = srv.http_port
@@ -635,6 +640,7 @@ def test_truncated_and_stalled_bodies(repo):
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_expect_100_refused_early(repo):
     srv = _start(repo, auth_tokens="t0k")
     try:
@@ -649,6 +655,7 @@ def test_expect_100_refused_early(repo):
         srv.stop(1)
 
 
+@pytest.mark.slow
 def test_rest_odds_and_ends(repo):
     """Review findings: unsigned 64-bit sequence ids, bodyless repository POSTs, load overrides,
     zero statistics for models that never ran, rank limit (gRPC too), non-string ids."""

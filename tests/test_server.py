@@ -490,6 +490,7 @@ def test_cuda_fails_fast_with_clear_message(repo):
     assert proc.returncode == 2 and "expected auto, cpu, cuda or cuda:N" in out
 
 
+@pytest.mark.slow
 def test_subprocess_server_serves_and_drains(repo, encoders):
     """`python -m server` on port 0: prints its port, serves, SIGTERM -> exit 0, no error log."""
     proc = _popen_server("--model-repository", str(repo), "--port", "0", "--metrics-port", "-1", "--grace-s", "5")

@@ -220,6 +220,7 @@ def test_restart_loses_sequences_cleanly(repo):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_chunks_of_different_sequences_are_batched_together(repo, stateful_encoders):
     """With a 30 ms batching window, chunks of 8 concurrent sequences share runs (each row with its own
     state) and every sequence still equals its whole run."""

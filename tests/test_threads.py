@@ -34,6 +34,7 @@ def test_available_cpus_follows_the_affinity_mask():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin the server to one of them")
+@pytest.mark.slow
 def test_default_server_pinned_to_one_cpu_keeps_every_thread_there(repo):
     """`taskset -c 0 python -m server` with the default settings: every thread on CPU 0."""
     cpu = min(os.sched_getaffinity(0))

@@ -52,7 +52,7 @@ def test_settings_rows_show_the_defaults_help_prints():
     rows = {}
     for line in hooks.settings_table().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split(" | ")]
-        rows[FLAG.findall(cells[0])[0]] = cells[2].strip("`")
+        rows[FLAG.findall(cells[0])[0]] = cells[1].strip("`")
     for action in build_parser()._actions:
         if action.dest in ("help", "version"):
             continue

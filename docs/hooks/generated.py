@@ -65,15 +65,15 @@ def settings_table() -> str:
             continue
         flags[action.dest] = action.option_strings
     rows = [
-        "| flag | environment | default | accepts | what |",
-        "|---|---|---|---|---|",
+        "| flag and environment variable | default | what |",
+        "|---|---|---|",
     ]
     for f in dataclasses.fields(config.Settings):
-        names = " / ".join(f"`{o}`" for o in flags[f.name])
-        env = f"`{config.ENV_PREFIX}{f.name.upper()}`"
-        rows.append(
-            f"| {names} | {env} | {_default(f)} | {_cell(_accepts(config, f.name))} | {_cell(f.metadata['help'])} |"
-        )
+        names = " / ".join(f'<code class="nowrap">{o}</code>' for o in flags[f.name])
+        env = f'<code class="nowrap">{config.ENV_PREFIX}{f.name.upper()}</code>'
+        accepts = _accepts(config, f.name)
+        what = _cell(f.metadata["help"]) + (f" (accepts {_cell(accepts)})" if accepts else "")
+        rows.append(f"| {names}<br>{env} | {_default(f)} | {what} |")
     return "\n".join(rows)
 
 

@@ -110,6 +110,7 @@ def _dynamo_encoder(path: Path):
     return module
 
 
+@pytest.mark.slow
 def test_dynamo_export_served_concurrently_equals_ort(tmp_path):
     root = tmp_path / "models"
     path = root / "dyn" / "1" / "model.onnx"
@@ -394,6 +395,7 @@ def test_implicit_state_chunks_equal_whole(stateful):
         assert np.abs(np.concatenate(got, axis=1) - whole).max() <= TOL
 
 
+@pytest.mark.slow
 def test_implicit_state_sequences_stay_apart_and_idle_ones_are_freed(stateful):
     from server.client import LSTMClient
 
@@ -431,6 +433,7 @@ def test_tritons_implicit_state_example_config_parses():
     assert state.datatype == "INT32" and state.dims == (1,)  # dims [-1] made concrete by initial_state
 
 
+@pytest.mark.slow
 def test_tritons_implicit_state_example_config_loads_and_keeps_state(tmp_path):
     """The same example as the config.pbtxt of a model it fits (OUTPUT = OUTPUT_STATE = INPUT +
     INPUT_STATE, INT32 [1]): a three-chunk sequence accumulates, starting from the zero state."""
@@ -468,6 +471,7 @@ def test_tritons_ragged_batching_example_config_is_refused_by_name():
 # -- a token-id tagger exported with the project's exporter ------------------------------------------
 
 
+@pytest.mark.slow
 def test_token_tagger_served_ragged_equals_eager(tmp_path):
     import torch
 
@@ -546,6 +550,7 @@ sequence_batching {
 """
 
 
+@pytest.mark.slow
 def test_silero_vad_from_its_pypi_package_streams_like_ort(tmp_path):
     """Silero VAD (inputs input [batch, samples], sr a scalar, state [2, batch, 128]; outputs output,
     stateN) with Triton's implicit state: 512-sample windows of a signal streamed through the server
@@ -584,6 +589,7 @@ def test_silero_vad_from_its_pypi_package_streams_like_ort(tmp_path):
     assert max(float(np.abs(w - f).max()) for w, f in zip(want, fresh)) > 10 * TOL
 
 
+@pytest.mark.slow
 def test_cli_sends_named_tensors(mixed, tmp_path):
     """`python -m server.client --input NAME=FILE.npy ...` calls any model and prints every output."""
     import sys

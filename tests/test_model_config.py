@@ -173,6 +173,7 @@ def _server(root: Path, **settings):
     return srv
 
 
+@pytest.mark.slow
 def test_config_pbtxt_takes_effect(repo, tmp_path, encoders):
     """max_batch_size 2 with a 2 s queue delay: 6 concurrent single-sequence calls are merged in
     pairs, never more (with the file ignored the server would not batch at all: --no-batching)."""

@@ -665,6 +665,7 @@ def _concurrently(target: str, model: str, requests: list[dict]) -> list:
         return list(pool.map(call, requests))
 
 
+@pytest.mark.slow
 def test_review_findings_on_a_real_server(tmp_path):
     root = tmp_path / "models"
     # a model that sums over axis 0, served with Triton's rule (max_batch_size > 0: axis 0 is the batch)

@@ -370,6 +370,7 @@ class _H2:
         return self.conn.open_outbound_streams
 
 
+@pytest.mark.slow
 def test_stalled_reader_is_bounded_cut_off_and_its_memory_returned(served):
     """A client announcing a zero receive window keeps asking for large `y` outputs and never reads:
     what its replies hold stays within its share of the budget, honest calls go on, and its
@@ -442,6 +443,7 @@ def test_rest_head_limits(served):
     assert ok.startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 def test_endless_request_heads_cost_nothing(served):
     """Endless header lines, an endless header value and an endless URL, sent as fast as the socket
     takes them on 3 connections for 2 s: each is cut at the head limit; RSS and health unharmed."""
@@ -486,6 +488,7 @@ def test_endless_request_heads_cost_nothing(served):
     assert len(answers) > 3 and not odd, odd[:5]
 
 
+@pytest.mark.slow
 def test_pipelining_client_that_never_reads_is_bounded_and_cut_off(served):
     """10 connections pipeline up to 500 inference requests each and never read: the server parses a
     few per connection, holds one reply each, and closes them after the send timeout."""
@@ -646,6 +649,7 @@ def test_metrics_port_needs_no_thread_per_connection(served):
     assert re.search(r"\d", str(served.metric("process_resident_memory_bytes")))
 
 
+@pytest.mark.slow
 def test_rapid_reset_cancels_no_honest_call(served):
     """One connection opens ModelInfer streams and resets them at once, as fast as it can, for 3 s:
     with --max-streams-per-connection advertised, grpc refuses the streams still being torn down,

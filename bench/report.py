@@ -155,7 +155,8 @@ def _compact(rows: list[dict]) -> list[str]:
     out = [head if not paired else head.replace("| line |", "| line | variant |"),
            "|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if paired else "")]  # fmt: skip
     for r in rows:
-        cells = [f"({r['line']})"] + ([r.get("variant") or "after"] if paired else [])
+        line = f"({r['line']})" + (f" `{r['model']}`" if r.get("model") else "")
+        cells = [line] + ([r.get("variant") or "after"] if paired else [])
         cells += [r["payload"], str(r["concurrency"])]
         if "seq_per_s" not in r:
             cells += ["n/a", "", "", "", r["note"]]
@@ -179,9 +180,9 @@ def _threads_summary(info: dict) -> list[str]:
     return out
 
 
-def page(data: dict) -> str:
-    """The performance page's generated part: one run (`{"info", "rows", "targets"}` as in
-    docs/bench.json): when and where it ran, its targets, the plot, then every line."""
+def page(data: dict, plot: str | None = "bench.png", heading: str = "##") -> str:
+    """A docs page's generated part for one run (`{"info", "rows", "targets"}` as in docs/bench.json):
+    when and where it ran, its targets, the plot (a PNG beside the page; None: none), every line."""
     info, rows, targets = data["info"], data["rows"], data["targets"]
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     out = [
@@ -192,10 +193,16 @@ def page(data: dict) -> str:
     if info.get("quick"):
         out += ["!!! warning", "    This run is a `--quick` harness check, not a measurement.", ""]
     if targets:
-        out += ["## Targets", "", "Ratios from this same run, so the machine's speed cancels out.", ""]
+        out += [f"{heading} Targets", "", "Ratios from this same run, so the machine's speed cancels out.", ""]
         out += _targets(targets) + [""]
-    out += ["## Throughput and latency", "", "![throughput and latency by concurrency, per payload](bench.png)", ""]
-    out += ["## Every line", "", _header(info), ""] + _threads_summary(info) + [""] + _compact(rows) + [""]
+    if plot:
+        out += [
+            f"{heading} Throughput and latency",
+            "",
+            f"![throughput and latency by concurrency, per payload]({plot})",
+            "",
+        ]
+    out += [f"{heading} Every line", "", _header(info), ""] + _threads_summary(info) + [""] + _compact(rows) + [""]
     return "\n".join(out)
 
 

@@ -70,6 +70,14 @@ def test_performance_page_is_rendered_from_bench_json():
     assert _hooks().BENCH_MARKER in (ROOT / "docs" / "performance.md").read_text()
 
 
+def test_precision_page_is_rendered_from_bench_int8_json():
+    """The precision page's served run is docs/bench_int8.json, targets and all."""
+    data = json.loads((ROOT / "docs" / "bench_int8.json").read_text())
+    body = _hooks().precision_body()
+    assert data["info"]["date"] in body and all(t["target"] in body for t in data["targets"])
+    assert _hooks().INT8_MARKER in (ROOT / "docs" / "precision.md").read_text()
+
+
 def test_every_page_is_in_the_nav():
     """mkdocs --strict warns about a page left out of the nav; this says which one, without mkdocs."""
     nav = (ROOT / "mkdocs.yml").read_text()

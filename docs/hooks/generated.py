@@ -3,7 +3,8 @@
 - settings.md: the table of every server setting, from the fields and help text of
   `server.config.Settings` and the flags of `server.config.build_parser` (what `python -m server
   --help` prints), so the page cannot drift from the code;
-- performance.md: the last `make bench` run, from docs/bench.json (`bench.report.page`).
+- performance.md: the last `make bench` run, from docs/bench.json (`bench.report.page`);
+- precision.md: the served int8 run, from docs/bench_int8.json (`python -m bench --lines i`).
 
 Each page holds a marker comment that is replaced here; a page without its marker fails the build.
 Standard library only (plus the repository's own stdlib-only modules): it runs in the docs venv.
@@ -22,6 +23,7 @@ if str(ROOT) not in sys.path:
 
 SETTINGS_MARKER = "<!-- generated: settings table (docs/hooks/generated.py) -->"
 BENCH_MARKER = "<!-- generated: benchmark (docs/hooks/generated.py, from docs/bench.json) -->"
+INT8_MARKER = "<!-- generated: int8 benchmark (docs/hooks/generated.py, from docs/bench_int8.json) -->"
 
 
 def _cell(text: str) -> str:
@@ -83,6 +85,12 @@ def performance_body() -> str:
     return page(json.loads((ROOT / "docs" / "bench.json").read_text()))
 
 
+def precision_body() -> str:
+    from bench.report import page
+
+    return page(json.loads((ROOT / "docs" / "bench_int8.json").read_text()), plot=None, heading="###")
+
+
 def _replace(markdown: str, marker: str, content: str, name: str) -> str:
     if marker not in markdown:
         raise ValueError(f"docs/{name} lost its marker {marker!r}: the generated part has nowhere to go")
@@ -95,4 +103,6 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001
         return _replace(markdown, SETTINGS_MARKER, settings_table(), name)
     if name == "performance.md":
         return _replace(markdown, BENCH_MARKER, performance_body(), name)
+    if name == "precision.md":
+        return _replace(markdown, INT8_MARKER, precision_body(), name)
     return markdown

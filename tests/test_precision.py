@@ -206,6 +206,7 @@ def test_bad_precision_values_exit_2_one_line(checkpoints, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_family_writes_int8_twins_and_says_why_no_fp16(tmp_path, capsys, monkeypatch):
     """`make export` (the family, here with one small member in the encoder's place): the int8 twins of
     the encoder-like member and of speaker_id beside their float models; fp16 skipped in one line
@@ -394,12 +395,15 @@ def test_served_speaker_int8_accuracy(twin_client):
     assert right / len(data.labels) >= 0.97, right
 
 
+@pytest.mark.slow
 def test_bench_int8_line_quick(twin_repo, tmp_path):
     """`make bench` line (i) in quick mode: float32 and int8 served by one server, the in-process pair,
     the ratio rows and the served classifier's accuracy (speed is not asserted: the benchmark says it)."""
     import os
     import subprocess
     import sys
+
+    from bench.report import markdown  # what the docs render from the JSON
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench"
@@ -419,12 +423,11 @@ def test_bench_int8_line_quick(twin_repo, tmp_path):
                             "int8_inprocess_b4", "int8_accuracy"}  # fmt: skip
     assert all(t["value"] > 0 for t in targets.values())
     assert targets["int8_accuracy"]["value"] >= 0.97 and targets["int8_accuracy"]["ok"]
-    assert (
-        report["info"]["cpu"]["model_name"]
-        and "served encoder_int8 / served encoder" in out.with_suffix(".md").read_text()
-    )
+    md = markdown(report["info"], report["rows"], report["targets"])
+    assert report["info"]["cpu"]["model_name"] and "served encoder_int8 / served encoder" in md
 
 
+@pytest.mark.slow
 def test_report_gains_the_precision_axis(checkpoints, tmp_path):
     repo = tmp_path / "m"
     assert run_export("--weights", str(checkpoints["lstm"]), "--name", "r", "--out", str(repo), "--static", "6",

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and load to separate CPUs")
     parser.add_argument("--no-targets", action="store_true")
     parser.add_argument("--server-args", default="", help="extra flags for every server line")
-    parser.add_argument("--quick", action="store_true", help="a few seconds: keeps the harness working (CI)")
+    parser.add_argument("--quick", action="store_true", help="about a minute: a harness check (tests)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--before", type=Path, default=os.environ.get("BENCH_BEFORE") or None,
                         help="an earlier checkout: its server runs each server line too ($BENCH_BEFORE)")  # fmt: skip

@@ -530,6 +530,7 @@ def test_pipelining_client_that_never_reads_is_bounded_and_cut_off(served):
     assert closed == 10 and cut >= 1
 
 
+@pytest.mark.slow
 def test_pipelining_small_replies_reads_nothing_ahead(served):
     """One connection pipelines requests with ~100 KB bodies and tiny replies, never reading: the
     server parses a few ahead and leaves the rest in the socket (it neither buffers what the client

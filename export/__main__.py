@@ -232,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Export PyTorch recurrent models to ONNX (dynamic: native LSTM/GRU/RNN nodes; static: "
         "unrolled). With no --name: the default family and the static-vs-dynamic report.",
         epilog="Your own model: --weights FILE (a state dict of an nn.LSTM/GRU/RNN, or of a model holding one) "
-        "or --module package.module:factory [--weights FILE] --feature-size N. See README, 'Export your own model'.",
+        "or --module package.module:factory [--weights FILE] --feature-size N. See docs/export.md.",
     )
     parser.add_argument("--out", type=Path, default=Path("models"), help="model repository folder (default: models)")
     parser.add_argument("--name", type=_name, help="export one model with this name instead of the family")

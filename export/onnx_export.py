@@ -2,7 +2,7 @@
 
 Both paths go through `torch.onnx.export` with the TorchScript exporter (`dynamo=False`): it is
 the one exporter in torch 2.13 that turns pack_padded_sequence -> nn.LSTM -> pad_packed_sequence
-into native ONNX `LSTM` nodes fed by `sequence_lens` (see README, "Why this exporter"); the same
+into native ONNX `LSTM` nodes fed by `sequence_lens` (see docs/export.md); the same
 holds for nn.GRU (ONNX `GRU`, linear_before_reset=1) and nn.RNN (ONNX `RNN`, Tanh or Relu).
 Files are written atomically: a temporary file in the target folder, checked (`export.verify`:
 native recurrent nodes with sequence_lens, parity with eager PyTorch), then `os.replace`.

@@ -177,7 +177,7 @@ def call_cost(rt, inputs: dict[str, np.ndarray], outputs: list[str], request_byt
 def run_options(working: int):
     """ONNX Runtime RunOptions for a run of `working` estimated bytes: above SHRINK_ABOVE the CPU
     arena gives back what the run grew it by (measured: 504 MB held after an encoder run of 16 x
-    2000 steps with the arena, 28 MB with shrinkage; README "Memory budget"); None below."""
+    2000 steps with the arena, 28 MB with shrinkage; docs/behaviour.md, memory budget); None below."""
     if working <= SHRINK_ABOVE:
         return None
     import onnxruntime as ort

@@ -88,7 +88,7 @@ def available_cpus() -> tuple[int, str]:
 # ORT's memory-reuse planner (SessionOptions.enable_mem_reuse) is super-linear in graph size: on this
 # project's static T=50 encoder (8,327 nodes) it is 24 of the 26 s the session takes to create
 # (2.0 s with it off), on the T=29 classifier (4,825 nodes) 9 of 10 s; run time and peak memory
-# were the same either way (README, "Loading an unrolled graph"). The native-LSTM models have
+# were the same either way (docs/static-vs-dynamic.md). The native-LSTM models have
 # under 100 nodes. Above this many nodes `auto` turns the planner off.
 LARGE_GRAPH_NODES = 1000
 

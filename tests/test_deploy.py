@@ -37,7 +37,7 @@ def _server_args(args: list[str]) -> None:
 # The server answers gRPC (health included) only after every model has loaded. On this 2-core
 # machine ONNX Runtime loads the default family's static T=50 model in ~2 s and a static T=200 one
 # in ~14 s with the server's default --ort-memory-reuse auto, but in 26 s and 360 s with ORT's own
-# defaults (--ort-memory-reuse on; README, "Loading an unrolled graph"), and a slower node or a
+# defaults (--ort-memory-reuse on; docs/static-vs-dynamic.md), and a slower node or a
 # larger model of the user's takes longer: the startup probe must leave minutes before liveness
 # may kill the pod.
 STARTUP_BUDGET_S = 120

@@ -485,7 +485,9 @@ def test_module_with_nan_weights_or_float64_output_refused(tmp_path):
     nan = r"^_NaNWeights: rnn.bias_hh_l0 holds 1 non-finite value\(s\) as float32, first \[3\] = nan"
     with pytest.raises(ExportError, match=nan):
         export_module(_NaNWeights().eval(), path, 6)
-    with pytest.raises(ExportError, match=r"^output 'output_0' is torch.float64; the server serves float32 outputs"):
+    with pytest.raises(
+        ExportError, match=r"^output 'output_0' is torch.float64; the export's parity gate compares float32 outputs"
+    ):
         export_module(_Float64Output().eval(), path, 6)
     assert not any(tmp_path.rglob("*.onnx"))
 

@@ -401,7 +401,8 @@ def probe_axes(
             raise ExportError(f"output '{name}': its rank or dtype changes with the input size")
         if a.dtype != torch.float32:
             raise ExportError(
-                f"output '{name}' is {a.dtype}; the export's parity gate compares float32 outputs (return it as .float())"
+                f"output '{name}' is {a.dtype}; the export's parity gate compares float32 outputs "
+                "(return it as .float())"
             )
         dims = {}
         for axis, (da, db) in enumerate(zip(a.shape, b.shape)):

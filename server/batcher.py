@@ -218,6 +218,12 @@ def merge_and_run(
     return results, BatchInfo(len(works), total, steps, padding, infer_ns)
 
 
+def run_alone(work: Work, run: Callable, signature: Signature) -> tuple[dict[str, np.ndarray], BatchInfo]:
+    """One request run by itself (no batcher): its outputs and what the run looked like."""
+    results, info = merge_and_run([_Item(work, None)], run, signature)
+    return results[0], info
+
+
 class Batcher:
     """One queue and `instances` worker threads for one model version."""
 

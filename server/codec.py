@@ -239,3 +239,22 @@ def encode_input(request: pb.ModelInferRequest, name: str, array: np.ndarray, ra
         request.raw_input_contents.append(serialize_bytes(array) if datatype == "BYTES" else array.tobytes())
     else:
         getattr(tensor.contents, DATATYPES[datatype][1]).extend(array.ravel().tolist())
+
+
+def to_parameter(key: str, value) -> pb.InferParameter:
+    """A plain parameter value as OIP's InferParameter (an integer of 2**63 or more as uint64)."""
+    if value is None:
+        return pb.InferParameter()
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return pb.InferParameter(int64_param=value)
+        if 2**63 <= value < 2**64:
+            return pb.InferParameter(uint64_param=value)
+        raise InvalidArgument(f"parameter '{key}': integers must fit in 64 bits, got {value}")
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    if isinstance(value, str):
+        return pb.InferParameter(string_param=value)
+    raise InvalidArgument(f"parameter '{key}': expected a bool, integer, number or string, got {type(value).__name__}")

@@ -14,20 +14,19 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.batcher import Batcher, BatchInfo, BatchPolicy, Work
+from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
 from server.metrics import Metrics
-from server.repository import ModelRepository
-from server.runtime import ModelRuntime
+from server.repository import ModelRepository, output_dims
+from server.runtime import ModelRuntime, reshape
 from server.sequences import SequenceStore, parse_sequence
 from server.signature import Signature, TensorSpec
 from server.stats import Statistics
@@ -232,7 +231,7 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
                     f"input '{name}': {steps} time steps, but static model '{rt.name}' takes at most "
                     f"{sig.static_length} (its fixed T); use the dynamic model for longer sequences"
                 )
-        for axis, expected in spec.fixed_dims(sig.ragged):
+        for axis, expected in sig.fixed_dims[name]:
             if shape[axis] != expected:
                 raise InvalidArgument(
                     f"input '{name}': dim {axis} must be {expected} (model '{rt.name}' takes shape {spec.shape}), "
@@ -274,11 +273,8 @@ def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[st
     for name, array in feeds.items() if sig.checks_values else ():
         spec = sig.input(name)
         if spec.model_shape is not None:  # config.pbtxt reshape: refused here, not inside the run
-            target = list(spec.model_shape)
-            if spec.batch_axis is not None:
-                target[spec.batch_axis] = rows
             try:
-                array.reshape(target)
+                reshape(array, spec.model_shape, spec.batch_axis)
             except ValueError:
                 raise InvalidArgument(
                     f"input '{name}': shape {list(array.shape)} cannot be reshaped to the model's {spec.model_shape} "
@@ -334,7 +330,6 @@ class DataPlane:
         self.limits = limits
         self.policy = policy or BatchPolicy(enabled=False)
         self.metrics = metrics or Metrics()
-        self._lock = threading.Lock()
         self.sequences = sequences if sequences is not None else SequenceStore()
 
     # -- batching ---------------------------------------------------------------------------
@@ -381,14 +376,9 @@ class DataPlane:
             result, queue_ns, info = yield _Wait(future, deadline, rt.name)
             self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
             return result, max(queue_ns, 0), info.infer_ns
-        t0 = time.perf_counter_ns()
-        out = yield _Call(rt.run, (p.feeds, p.outputs))
-        infer_ns = time.perf_counter_ns() - t0
-        steps = p.work.steps or 1
-        sig = rt.signature
-        pad = 1.0 - float(p.feeds[sig.lengths].sum()) / (p.work.rows * steps) if sig.lengths in p.feeds else 0.0
-        self._on_batch(rt, BatchInfo(1, p.work.rows, steps, pad, infer_ns))
-        return out, 0, infer_ns
+        out, info = yield _Call(run_alone, (p.work, rt.run, rt.signature))
+        self._on_batch(rt, info)
+        return out, 0, info.infer_ns
 
     # -- requests ---------------------------------------------------------------------------
     def infer(self, request: InferRequest) -> InferResponse:
@@ -526,16 +516,12 @@ class DataPlane:
         layout probed when the model version loaded (`repository.probe_output_layout`), before
         anything runs; None when that version's outputs could not be probed (or are strings)."""
         rt = prepared.runtime
-        layout = rt.output_layout
-        if not layout or any(n not in layout for n in names):
-            return None
-        size = {"batch": prepared.work.rows, "time": prepared.work.steps or 1}
         shapes = {}
         for name in names:
             spec = rt.signature.output(name)
-            if spec is None or spec.datatype == "BYTES":
+            dims = output_dims(rt, name, prepared.work.rows, prepared.work.steps or 1)
+            if dims is None or spec is None or spec.datatype == "BYTES":
                 return None
-            dims = [size.get(axis, axis) for axis in layout[name]]
             shapes[name] = (dims, math.prod(dims) * numpy_dtype(spec.datatype).itemsize)
         return shapes
 

@@ -127,17 +127,17 @@ def output_bytes(rt, outputs: list[str], batch: int | None, steps: int | None) -
     """Bytes of the outputs asked for ([] = all), from the layout probed when the version loaded
     (`repository.probe_output_layout`); 0 where it is unknown (strings, an unprobed version)."""
     from server.dtypes import DATATYPES, numpy_dtype
+    from server.repository import output_dims
 
-    layout = getattr(rt, "output_layout", None) or {}
-    size = {"batch": batch or 1, "time": steps or 1}
     total = 0
-    for name in outputs or list(layout):
-        if name not in layout:
+    for name in outputs or list(rt.output_layout):
+        dims = output_dims(rt, name, batch or 1, steps or 1)
+        if dims is None:
             continue
         spec = rt.signature.output(name)
         dtype = numpy_dtype(spec.datatype) if spec is not None and spec.datatype in DATATYPES else None
         itemsize = dtype.itemsize if dtype is not None and dtype.kind not in "OUS" else 64  # a string: a guess
-        total += math.prod(size.get(a, 1) if isinstance(a, str) else int(a) for a in layout[name]) * itemsize
+        total += math.prod(dims) * itemsize
     return total
 
 

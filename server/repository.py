@@ -213,6 +213,16 @@ def _no_layout(rt: ModelRuntime) -> None:
         sig.merge = False
 
 
+def output_dims(rt: ModelRuntime, name: str, rows: int, steps: int) -> list[int] | None:
+    """The shape output `name` of `rt` will have for `rows` sequences of `steps` steps, from the
+    layout probed when the version loaded; None when the layout does not know it."""
+    axes = rt.output_layout.get(name)
+    if axes is None:
+        return None
+    size = {"batch": rows, "time": steps}
+    return [size[a] if isinstance(a, str) else a for a in axes]
+
+
 def _axes_from_layout(rt: ModelRuntime, layout: dict[str, list[str | int]]) -> None:
     """What the probe saw, against what the signature says: an output's time axis the file does
     not name is taken from the probe (so merged ragged runs cut it back per request); an output

@@ -225,11 +225,6 @@ class ModelRuntime:
         """Requests to this version may be merged (see Signature.batching_rule)."""
         return self.signature.batching_rule != "none"
 
-    @property
-    def output_axes(self) -> dict[str, tuple[int | None, int | None]]:
-        """{output: (batch axis, time axis)} of every output, hidden state outputs included."""
-        return {o.name: (o.batch_axis, o.time_axis) for o in self.signature.all_outputs}
-
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run once on complete feeds (every input the session needs). A static model's ragged
         input is padded to its fixed T and outputs with a time axis are cut back; config.pbtxt
@@ -247,7 +242,7 @@ class ModelRuntime:
                 feeds[sig.ragged] = np.concatenate([x, np.zeros(pad, x.dtype)], axis=spec.time_axis)
         for spec in sig.all_inputs if sig.checks_values else ():
             if spec.model_shape is not None and spec.name in feeds:
-                feeds[spec.name] = _reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
+                feeds[spec.name] = reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         try:
             results = self.session.run(outputs, feeds, _run_options(self, feeds))
         except (OrtFail, OrtInvalidArgument) as exc:  # the model refused these values (a shape it checks)
@@ -258,7 +253,7 @@ class ModelRuntime:
         for name, value in zip(outputs, results):
             spec = sig.output(name)
             if spec is not None and spec.model_shape is not None:
-                value = _reshape(value, spec.shape, spec.batch_axis)
+                value = reshape(value, spec.shape, spec.batch_axis)
             cut = steps is not None and spec is not None and spec.time_axis is not None
             if cut and value.shape[spec.time_axis] != steps:
                 value = value[(slice(None),) * spec.time_axis + (slice(0, steps),)]
@@ -275,7 +270,7 @@ def _run_options(rt: ModelRuntime, feeds: dict[str, np.ndarray]):
     return run_options(working_bytes(rt, sum(a.nbytes for a in feeds.values()), batch, steps))
 
 
-def _reshape(array: np.ndarray, shape: list[int], batch_axis: int | None) -> np.ndarray:
+def reshape(array: np.ndarray, shape: list[int], batch_axis: int | None) -> np.ndarray:
     """`array` to `shape` (-1 at the batch axis: this batch's size)."""
     target = list(shape)
     if batch_axis is not None:

@@ -16,9 +16,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server import handlers
-from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response
+from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
-from server.errors import InvalidArgument
 from server.handlers import Admission, error_status
 from server.memory import Hold, MemoryBudget, call_cost, client_key
 from server.proto import grpc_service_pb2 as pb
@@ -67,25 +66,6 @@ def add_to_server(servicer: InferenceServicer, server) -> None:
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, methods),))
     server.add_registered_method_handlers(SERVICE.full_name, methods)
-
-
-def to_parameter(key: str, value) -> pb.InferParameter:
-    """A plain parameter value as OIP's InferParameter (an integer of 2**63 or more as uint64)."""
-    if value is None:
-        return pb.InferParameter()
-    if isinstance(value, bool):
-        return pb.InferParameter(bool_param=value)
-    if isinstance(value, int):
-        if -(2**63) <= value < 2**63:
-            return pb.InferParameter(int64_param=value)
-        if 2**63 <= value < 2**64:
-            return pb.InferParameter(uint64_param=value)
-        raise InvalidArgument(f"parameter '{key}': integers must fit in 64 bits, got {value}")
-    if isinstance(value, float):
-        return pb.InferParameter(double_param=value)
-    if isinstance(value, str):
-        return pb.InferParameter(string_param=value)
-    raise InvalidArgument(f"parameter '{key}': expected a bool, integer, number or string, got {type(value).__name__}")
 
 
 def parameter_value(p: pb.InferParameter):

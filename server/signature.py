@@ -52,17 +52,6 @@ class TensorSpec:
     def dtype(self) -> np.dtype:
         return numpy_dtype(self.datatype)
 
-    def fixed_dims(self, ragged: str | None) -> list[tuple[int, int]]:
-        """(axis, size) of every fixed dim a request must match: not the batch axis, nor the time
-        axis of the ragged input (a static model's fixed T is an upper bound, checked apart)."""
-        key = (ragged, tuple(self.shape), self.batch_axis, self.time_axis)
-        cached = self.__dict__.get("_fixed")
-        if cached is None or cached[0] != key:
-            skip = {self.batch_axis, self.time_axis if self.name == ragged else None}
-            cached = (key, [(a, d) for a, d in enumerate(self.shape) if d >= 0 and a not in skip])
-            self.__dict__["_fixed"] = cached
-        return cached[1]
-
 
 @dataclass(frozen=True)
 class StatePair:
@@ -92,6 +81,15 @@ class Signature:
         self._outputs = {t.name: t for t in self.outputs + self.hidden_outputs}
         self.checks_values = any(t.value_range is not None or t.model_shape is not None for t in self._inputs.values())
         self.required_inputs = [t for t in self.inputs if not t.optional]
+        # per input, the (axis, size) of every fixed dim a request must match: not the batch axis,
+        # nor the ragged input's time axis (a static model's fixed T is an upper bound, checked apart)
+        self.fixed_dims = {
+            t.name: [(a, d) for a, d in enumerate(t.shape)
+                     if d >= 0 and a != t.batch_axis and not (t.name == self.ragged and a == t.time_axis)]
+            for t in self._inputs.values()
+        }  # fmt: skip
+        # requests can be merged only where every tensor has a batch axis
+        self.batchable = all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
 
     def input(self, name: str) -> TensorSpec | None:
         return self._inputs.get(name)
@@ -114,13 +112,6 @@ class Signature:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
-
-    @property
-    def batchable(self) -> bool:
-        """Requests can be merged only where every tensor has a batch axis (fixed once built)."""
-        if "_batchable" not in self.__dict__:
-            self._batchable = all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
-        return self._batchable
 
     @property
     def batching_rule(self) -> str:
@@ -201,6 +192,19 @@ def _roles_from_export(meta: dict, inputs: list[TensorSpec], outputs: list[Tenso
     return roles
 
 
+def _export_time_axes(meta: dict, inputs: list[TensorSpec], outputs: list[TensorSpec], unnamed: bool) -> None:
+    """Time axes this project's exports have by convention where the file does not name them: in a
+    file that names no axis (`unnamed`) x is (batch, time, features), and in exports before
+    `lstm.axes` existed y is (batch, time, D*H)."""
+    for t in inputs if unnamed else ():
+        if t.name == "x" and t.rank >= 2 and t.shape[1] < 0 and t.time_axis is None:
+            t.time_axis = 1
+    if "lstm.axes" not in meta:
+        for t in outputs:
+            if t.name == "y" and t.rank == 3 and t.time_axis is None:
+                t.time_axis = 1
+
+
 def _check_dims(what: str, file_shape: list[int], config_shape: list[int]) -> None:
     if len(file_shape) != len(config_shape):
         raise SignatureError(
@@ -232,10 +236,6 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
     inputs = [_spec(n, recorded) for n in session.get_inputs()]
     outputs = [_spec(n, recorded) for n in session.get_outputs()]
     project = "lstm.export_mode" in meta or "lstm.config" in meta
-    if project and "lstm.axes" not in meta:  # exports before lstm.axes existed: y is (batch, time, D*H)
-        for t in outputs:
-            if t.name == "y" and t.rank == 3 and t.time_axis is None:
-                t.time_axis = 1
     triton = triton or TritonConfig()
     named = any(t.batch_axis is not None for t in inputs + outputs)
     guessed = False
@@ -245,10 +245,8 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
         for t in inputs + outputs:
             if t.shape and t.shape[0] < 0:
                 t.batch_axis, guessed = 0, True
-        if project:
-            for t in inputs:  # this project's x is (batch, time, features) whatever the file names
-                if t.name == "x" and t.rank >= 2 and t.shape[1] < 0 and t.time_axis is None:
-                    t.time_axis = 1
+    if project:
+        _export_time_axes(meta, inputs, outputs, unnamed=not named and triton.max_batch_size == 0)
     if triton.max_batch_size > 0 and not named:
         for t in inputs + outputs:  # Triton's rule: axis 0 of every tensor is the batch
             if not t.shape:

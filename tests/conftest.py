@@ -49,6 +49,16 @@ def ragged(rng: np.random.Generator, batch: int, steps: int, features: int, full
     return x, lengths
 
 
+def run_export(*args: str) -> int:
+    """`python -m export ARGS` in this process: its exit status (argparse errors included)."""
+    from export.__main__ import main as export_main
+
+    try:
+        return export_main(list(args))
+    except SystemExit as exc:  # argparse errors
+        return int(exc.code)
+
+
 @pytest.fixture(scope="session")
 def encoders() -> dict[str, LSTMEncoder]:
     return {name: make_encoder(cfg) for name, cfg in SMALL.items()}

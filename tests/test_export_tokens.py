@@ -15,22 +15,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.__main__ import main as export_main
 from export.onnx_export import OPSET, read_metadata
 from export.user import export_module, resolve_input_dtype
 from export.verify import ExportError
 from tests import own_modules, token_modules
-from tests.conftest import TOL
+from tests.conftest import TOL, run_export
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC_T = 6
-
-
-def run_export(*args: str) -> int:
-    try:
-        return export_main(list(args))
-    except SystemExit as exc:  # argparse errors
-        return int(exc.code)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from export.__main__ import main as export_main
-from tests.conftest import TOL
+from tests.conftest import TOL, run_export
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -81,13 +80,6 @@ def eager(layer: nn.RNNBase, x: np.ndarray, lengths: np.ndarray, h0=None) -> dic
     if isinstance(layer, nn.LSTM):
         return {"y": y.numpy(), "h_n": state[0].numpy(), "c_n": state[1].numpy()}
     return {"y": y.numpy(), "h_n": state.numpy()}
-
-
-def run_export(*args: str) -> int:
-    try:
-        return export_main(list(args))
-    except SystemExit as exc:  # argparse errors
-        return int(exc.code)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from server.codec import decode_outputs, encode_input
+from server.codec import decode_outputs, encode_input, to_parameter
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -60,7 +60,14 @@ DEFAULT_ROLES = {
     "lengths": "lengths",
     "states": [{"input": n, "output": n[0] + "_n", "implicit": False} for n in ("h0", "c0")],
 }
+
 DEFAULT_AXES = {"y": {"batch": 0, "time": 1}, "h_n": {"batch": 1}, "c_n": {"batch": 1}}
+
+
+def _sequence_inputs(roles: dict) -> tuple[str, str]:
+    """The input the sequences go in and its lengths input; this project's names where the model
+    has none (a model without a ragged input whose sequence input is called x still answers)."""
+    return roles.get("ragged") or DEFAULT_ROLES["ragged"], roles.get("lengths") or DEFAULT_ROLES["lengths"]
 
 
 def split_outputs(
@@ -220,10 +227,11 @@ class LSTMClient:
         or the names the server's metadata gives): x keeps its dtype if it is integer (token ids)."""
         known = getattr(self, "_axes", None) or {}  # also callable unbound (LSTMClient.request(None, ...))
         roles = known.get((model, version), {}).get("roles") or DEFAULT_ROLES
+        x_name, lengths_name = _sequence_inputs(roles)
         x = np.asarray(x)
-        inputs = {roles["ragged"] or "x": x if x.dtype.kind in "iu" else np.asarray(x, np.float32)}
+        inputs = {x_name: x if x.dtype.kind in "iu" else np.asarray(x, np.float32)}
         if lengths is not None:
-            inputs[roles["lengths"] or "lengths"] = np.asarray(lengths, np.int64)
+            inputs[lengths_name] = np.asarray(lengths, np.int64)
         return LSTMClient.tensors_request(model, inputs, outputs, raw=raw, version=version, request_id=request_id)
 
     @staticmethod
@@ -244,18 +252,7 @@ class LSTMClient:
         for name in outputs or ():
             req.outputs.add(name=name)
         for key, value in (parameters or {}).items():
-            p = req.parameters[key]
-            if isinstance(value, bool):
-                p.bool_param = value
-            elif isinstance(value, int):
-                if value >= 2**63:
-                    p.uint64_param = value
-                else:
-                    p.int64_param = value
-            elif isinstance(value, float):
-                p.double_param = value
-            else:
-                p.string_param = str(value)
+            req.parameters[key].CopyFrom(to_parameter(key, value))
         return req
 
     def infer_tensors(
@@ -362,8 +359,9 @@ class SequenceStream:
             chunk = np.asarray(chunk, np.float32)
             if chunk.ndim != 2 or chunk.shape[0] < 1:
                 raise ValueError(f"chunk: expected shape (time >= 1, features), got {chunk.shape}")
-            encode_input(req, roles["ragged"] or "x", chunk[None])
-            encode_input(req, roles["lengths"] or "lengths", np.array([chunk.shape[0]], np.int64))
+            x_name, lengths_name = _sequence_inputs(roles)
+            encode_input(req, x_name, chunk[None])
+            encode_input(req, lengths_name, np.array([chunk.shape[0]], np.int64))
             if not self._started:
                 states = [s["input"] for s in roles["states"] if not s["implicit"]]
                 for name, value in zip(states, self._initial):

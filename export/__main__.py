@@ -18,25 +18,19 @@ from pathlib import Path
 # before torch is imported.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
+from contract.cli import fail
+from contract.cli import version as package_version
+from contract.graphs import MAX_STATIC_T
 from export import family
 from export.verify import ExportError
-
-MAX_STATIC_T = 1000  # export.onnx_export.MAX_STATIC_T, without importing torch for argument checks
 
 # torch and the exporters are imported after the arguments are checked: --help and a mistyped
 # flag answer at once.
 
 
-def _program_version() -> str:
-    from server.cli import version
-
-    return version()
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(fail(message))
 
 
 def _lengths(text: str) -> list[int]:
@@ -86,7 +80,7 @@ def _report_line(res) -> None:
 
 def _family_twins(requested: list[str] | None) -> list[str]:
     """The family's twins: as asked with --precision, else int8, and fp16 where CUDA is usable."""
-    from export.precision import cuda_usable
+    from contract.cuda import cuda_usable
 
     if requested is not None:
         return requested
@@ -131,7 +125,7 @@ def _export_family(
     # The comparison files live under report/, which has no version folders: not served. They
     # are measured, not served: the parity check of the served twins covers their arithmetic, and
     # checking them too would load each unrolled file once more (seconds; minutes before the
-    # server's memory-reuse policy, see server.runtime.LARGE_GRAPH_NODES).
+    # server's memory-reuse policy, see contract.graphs.LARGE_GRAPH_NODES).
     member = family.FAMILY[0]
     encoder = family.build(member)
     report_dir = out / "report"
@@ -237,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("models"), help="model repository folder (default: models)")
     parser.add_argument("--name", type=_name, help="export one model with this name instead of the family")
     parser.add_argument("--model-version", type=int, default=1, help="the model's version folder to write (default: 1)")
-    parser.add_argument("--version", action="version", version=f"python -m export {_program_version()}",
+    parser.add_argument("--version", action="version", version=f"python -m export {package_version()}",
                         help="print the program's version and exit")  # fmt: skip
     own = parser.add_argument_group("your own model")
     own.add_argument("--weights", type=Path, help="checkpoint: torch.save(layer.state_dict()) or a model's state dict")
@@ -350,11 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     except OSError as exc:
-        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return fail(f"{exc.filename or args.out}: {exc.strerror or exc}")
     except KeyboardInterrupt:  # Ctrl-C: what this run wrote is already removed; no traceback
         print("error: interrupted; the files of this export were removed", file=sys.stderr)
         return 130

@@ -25,19 +25,17 @@ import numpy as np
 import onnx
 import torch
 
+from contract import metadata as keys
+from contract.graphs import MAX_STATIC_T
 from export.model import ExportView, RecurrentConfig, RecurrentEncoder, StatefulExportView, StaticUnrolledRNN
 from export.verify import ExportError, Parity, check_native_recurrence, check_parity
 
 OPSET = 17  # ORT's CUDA LSTM kernel covers LSTM-14..21; 17 is widely supported
 IR_VERSION = 8  # what opset 17 needs; onnxruntime 1.31 loads up to IR 13
-__all__ = ["ExportError", "ExportResult", "export_dynamic", "export_static", "export_classifier"]
+__all__ = ["ExportError", "ExportResult", "export_dynamic", "export_static", "export_classifier", "write_model"]
 INPUT_NAMES = ["x", "lengths"]
 OUTPUT_NAMES = ["y", "h_n", "c_n"]  # LSTM; GRU and RNN have no c_n (RecurrentConfig.output_names)
 STATE_NAMES = ["h0", "c0"]  # LSTM's initial-state inputs; GRU/RNN take h0 only (RecurrentConfig.state_names)
-# An unrolled graph holds T cells per layer and direction, and its cost grows faster than T (the
-# encoder: ONNX Runtime loads T = 50 in 7 s, T = 200 in 135 s; --static 100000 ran out of patience
-# at 2.6 GB after a minute). Longer sequences are what the dynamic model is for.
-MAX_STATIC_T = 1000
 # Named dims, the same names in code comments, ONNX files and server metadata.
 BATCH, TIME = "batch", "time"
 
@@ -70,16 +68,16 @@ def build_metadata(
 ) -> dict[str, str]:
     """`module` is what the parameter count and weights hash cover (encoder or whole classifier)."""
     meta = {
-        "lstm.config": config.to_json(),
-        "lstm.param_count": str(sum(p.numel() for p in module.parameters())),
-        "lstm.export_mode": mode,
-        "lstm.precision": "fp32",  # export.precision writes the int8/fp16 twins, with lstm.twin_of
-        "lstm.static_length": str(steps) if steps is not None else "",
-        "lstm.torch_version": torch.__version__,
-        "lstm.onnx_version": onnx.__version__,
-        "lstm.opset": str(OPSET),
-        "lstm.weights_sha256": weights_sha256(module),
-        "lstm.semantics": "dynamic_rnn: y zero past lengths; h_n/c_n at last valid step",
+        keys.CONFIG: config.to_json(),
+        keys.PARAM_COUNT: str(sum(p.numel() for p in module.parameters())),
+        keys.EXPORT_MODE: mode,
+        keys.PRECISION: "fp32",  # export.precision writes the int8/fp16 twins, with keys.TWIN_OF
+        keys.STATIC_LENGTH: str(steps) if steps is not None else "",
+        keys.TORCH_VERSION: torch.__version__,
+        keys.ONNX_VERSION: onnx.__version__,
+        keys.OPSET: str(OPSET),
+        keys.WEIGHTS_SHA256: weights_sha256(module),
+        keys.SEMANTICS: "dynamic_rnn: y zero past lengths; h_n/c_n at last valid step",
     }
     meta.update(extra or {})
     return meta
@@ -208,7 +206,7 @@ def _no_onnx_log():
         torch._C._jit_onnx_log = real
 
 
-def _write(
+def write_model(
     module: torch.nn.Module,
     args: tuple,
     path: Path,
@@ -233,7 +231,7 @@ def _write(
     if steps is not None and time_axes is None:  # the encoders' layout: x and y are (batch, time, ...)
         time_axes = {n: 1 for n in ("x", "y") if n in input_names + output_names}
     kept = axes if keep_outputs is None else {k: v for k, v in axes.items() if k in input_names + keep_outputs}
-    meta["lstm.axes"] = json.dumps(axes_of(kept, time_axes), sort_keys=True)  # of the file's own tensors
+    meta[keys.AXES] = json.dumps(axes_of(kept, time_axes), sort_keys=True)  # of the file's own tensors
     with _atomic_path(path) as tmp, torch.no_grad():
         _export(module, args, tmp, axes, output_names, input_names)
         model = _finish(tmp, meta, keep_outputs)
@@ -288,11 +286,13 @@ def export_dynamic(
         module = StatefulExportView(encoder)
         axes.update({name: {1: BATCH} for name in states})
         input_names = INPUT_NAMES + list(states)
-    extra = {"lstm.initial_state": ",".join(states), **(extra_metadata or {})}
+    extra = {keys.INITIAL_STATE: ",".join(states), **(extra_metadata or {})}
     check = (
         (lambda tmp: check_parity(tmp, encoder_reference(encoder), cfg.input_size, None, states)) if verify else None
     )
-    return _write(module, args, path, axes, encoder, cfg, None, extra, input_names, outputs, check if verify else None)
+    return write_model(
+        module, args, path, axes, encoder, cfg, None, extra, input_names, outputs, check if verify else None
+    )
 
 
 def check_static_length(steps: object) -> int:
@@ -327,7 +327,9 @@ def export_static(
         if verify
         else None
     )
-    return _write(static, (x, lengths), path, axes, encoder, cfg, steps, extra_metadata, INPUT_NAMES, outputs, check)
+    return write_model(
+        static, (x, lengths), path, axes, encoder, cfg, steps, extra_metadata, INPUT_NAMES, outputs, check
+    )
 
 
 CLASSIFIER_OUTPUTS = ["logits", "probs"]
@@ -367,7 +369,7 @@ def export_classifier(
 
     opt = "all" if steps is None else "disable"
     check = lambda tmp: check_parity(tmp, reference, cfg.input_size, steps, optimization=opt)  # noqa: E731
-    return _write(
+    return write_model(
         module, (x, lengths), path, axes, classifier, cfg, steps, extra, INPUT_NAMES, CLASSIFIER_OUTPUTS, check
     )
 
@@ -378,7 +380,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def config_from_metadata(meta: dict[str, str]) -> RecurrentConfig:
-    return RecurrentConfig.from_json(meta["lstm.config"])
+    return RecurrentConfig.from_json(meta[keys.CONFIG])
 
 
 def describe(path: Path) -> dict[str, object]:

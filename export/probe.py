@@ -56,8 +56,8 @@ def main() -> None:
         help="ORT's memory-reuse planner: auto = as the server loads the file (off above 1000 nodes)",
     )
     args = parser.parse_args()
-    from server.onnxfile import graph_nodes
-    from server.runtime import memory_reuse
+    from contract.graphs import memory_reuse
+    from contract.onnxfile import graph_nodes
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -24,16 +24,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contract import metadata as keys
 from export.model import CELLS, RecurrentConfig, RecurrentEncoder, StaticUnrolledRNN
 from export.onnx_export import (
     BATCH,
     INPUT_NAMES,
     TIME,
     ExportResult,
-    _write,
     check_static_length,
     export_dynamic,
     export_static,
+    write_model,
 )
 from export.verify import ExportError, check_parity
 
@@ -431,11 +432,11 @@ class _Padded:
 
 @contextlib.contextmanager
 def _unrolled(module: nn.Module, steps: int) -> Iterator[None]:
-    """Run `module` with every recurrent layer unrolled over `steps` (one cell per step):
-    pack_padded_sequence/pad_packed_sequence become pass-throughs of the padded batch, wherever
-    the user's code imported them from, and each layer runs `StaticUnrolledRNN` on it."""
-    import warnings
-
+    """Run `module` with every recurrent layer unrolled over `steps` (one cell per step): in the
+    namespaces of the user's own modules (those defining the classes of `module`, its submodules and
+    their bases, never torch's), the names bound to pack_padded_sequence/pad_packed_sequence become pass-throughs
+    of the padded batch while the block runs, and each layer runs `StaticUnrolledRNN` on it. torch
+    itself is left alone: other code in the process keeps the real functions."""
     import torch.nn.utils.rnn as rnn_utils
 
     real_pack, real_pad = rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence
@@ -451,10 +452,10 @@ def _unrolled(module: nn.Module, steps: int) -> Iterator[None]:
         return (data if batch_first else data.transpose(0, 1)), sequence.lengths
 
     patched: list[tuple[dict, str, object]] = []
-    namespaces = {id(vars(rnn_utils)): vars(rnn_utils)}
-    for sub in module.modules():
-        mod = sys.modules.get(type(sub).__module__)
-        if mod is not None:
+    namespaces = {}
+    for cls in {c for sub in module.modules() for c in type(sub).__mro__}:  # a forward may live in a base class
+        mod = sys.modules.get(cls.__module__)
+        if mod is not None and cls.__module__.split(".")[0] not in ("torch", "builtins"):
             namespaces[id(vars(mod))] = vars(mod)
     for ns in namespaces.values():
         for key, value in list(ns.items()):
@@ -538,8 +539,9 @@ def _unrolled_forward(layer: nn.RNNBase, steps: int):
     def forward(inp, hx=None):
         if not isinstance(inp, _Padded) or hx is not None:
             raise ExportError(
-                f"--static: the {config.cell.upper()} layer must be called as layer(pack_padded_sequence(...)) "
-                "with no initial state to be unrolled"
+                f"--static: the {config.cell.upper()} layer must be called as layer(pack_padded_sequence(...)), "
+                "with pack_padded_sequence imported by name into the module's file (from torch.nn.utils.rnn "
+                "import pack_padded_sequence) and no initial state, to be unrolled"
             )
         out = static(inp.data, inp.lengths)
         state = (out[1], out[2]) if config.cell == "lstm" else out[1]
@@ -566,6 +568,15 @@ def layer_config(layer: nn.RNNBase) -> RecurrentConfig:
         bias=layer.bias,
         nonlinearity=getattr(layer, "nonlinearity", "tanh") if cell == "rnn" else "tanh",
     )
+
+
+# How torch.onnx.export fails on a graph it cannot convert (an unsupported operator, the packed-output
+# bug above): RuntimeError, or IndexError where a C++ std::out_of_range surfaces through pybind11.
+_EXPORTER_FAILURES = (RuntimeError, IndexError)
+
+
+def _export_failed(exc: Exception) -> ExportError:
+    return ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
 
 
 def export_module(
@@ -616,27 +627,35 @@ def export_module(
         "export.source": f"module {type(module).__module__}.{type(module).__qualname__}",
         "export.recurrent_layers": json.dumps([json.loads(c.to_json()) for c in configs]),
         "export.outputs": ",".join(names),
-        **({"lstm.input": "tokens", "lstm.vocab_size": str(vocab)} if vocab is not None else {}),
+        **({keys.INPUT: "tokens", keys.VOCAB_SIZE: str(vocab)} if vocab is not None else {}),
         **(extra_metadata or {}),
     }
     x = torch.zeros(3, 5, dtype=torch.int64) if vocab is not None else torch.zeros(3, 5, feature_size)
     lengths = torch.tensor([5, 2, 4], dtype=torch.int64)
     check = lambda tmp: check_parity(tmp, reference, feature_size or 0, vocab_size=vocab)  # noqa: E731
     try:
-        results = [_write(module, (x, lengths), path, axes, module, configs[0], None, extra, INPUT_NAMES, names, check)]
-    except RuntimeError as exc:
-        if "_M_range_check" not in str(exc):
-            raise ExportError(f"torch.onnx.export failed: {' '.join(str(exc).split())[:300]}") from None
-        # torch 2.13's TorchScript exporter fails when a layer's packed output is never passed to
-        # pad_packed_sequence (a module that uses only the final state). Export with that output
-        # unpacked as extra graph outputs, then drop them and the nodes only they needed.
+        results = [
+            write_model(module, (x, lengths), path, axes, module, configs[0], None, extra, INPUT_NAMES, names, check)
+        ]
+    except _EXPORTER_FAILURES as exc:
+        # torch's TorchScript exporter fails when a layer's packed output is never passed to
+        # pad_packed_sequence (a module that uses only the final state): a C++ std::out_of_range
+        # ("vector::_M_range_check"), raised as RuntimeError up to torch 2.14 and as IndexError (pybind11's
+        # mapping of std::out_of_range) after. Export again with every packed output also unpacked as
+        # an extra graph output, then drop those and the nodes only they needed; if that fails too, the
+        # first failure is the one to report.
         view = _PaddedOutputsView(module, layers)
         extras = [f"_packed_output_{i}" for i in range(view.count(x, lengths))]
+        if not extras:
+            raise _export_failed(exc) from None
         extra_axes = {**axes, **{e: {0: BATCH, 1: TIME} for e in extras}}
-        results = [
-            _write(view, (x, lengths), path, extra_axes, module, configs[0], None, extra, INPUT_NAMES, names + extras,
-                   check, keep_outputs=names)
-        ]  # fmt: skip
+        try:
+            results = [
+                write_model(view, (x, lengths), path, extra_axes, module, configs[0], None, extra, INPUT_NAMES,
+                            names + extras, check, keep_outputs=names)
+            ]  # fmt: skip
+        except _EXPORTER_FAILURES:
+            raise _export_failed(exc) from None
     for steps in static:
         version_dir = path.parent
         static_path = (
@@ -651,7 +670,7 @@ def export_module(
         )
         view = _UnrolledView(module, steps)
         results.append(
-            _write(view, (xs, ls), static_path, static_axes, module, configs[0], steps, extra, INPUT_NAMES, names,
+            write_model(view, (xs, ls), static_path, static_axes, module, configs[0], steps, extra, INPUT_NAMES, names,
                    check_s, time_axes)
         )  # fmt: skip
     return results

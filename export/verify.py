@@ -105,8 +105,8 @@ def check_parity(
     `vocab_size`: x is token ids (batch, time) below it (`input_size` is then unused)."""
     import onnxruntime as ort
 
-    from server.onnxfile import graph_nodes
-    from server.runtime import memory_reuse
+    from contract.graphs import memory_reuse
+    from contract.onnxfile import graph_nodes
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

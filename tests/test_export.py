@@ -285,3 +285,65 @@ def test_bad_config_values():
         LSTMConfig.from_json('{"input_size": 3, "dropout": 0.1}')
     with pytest.raises(ValueError, match="T"):
         StaticUnrolledLSTM(LSTMEncoder(LSTMConfig(2, 2, 1, False)), 0)
+
+
+# -- the exporter stands alone -------------------------------------------------------------------
+def _local_imports(path: Path) -> set[str]:
+    """Modules of export/ and contract/ (and anything from server) that `path` imports, at any depth
+    (imports inside functions count)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from export import family` imports export.family; `from export.x import f` imports export.x
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in ("export", "contract", "server")}
+    return found
+
+
+def _package_modules(package: str) -> dict[str, Path]:
+    return {
+        package if p.stem == "__init__" else f"{package}.{p.stem}": p for p in sorted((ROOT / package).glob("*.py"))
+    }
+
+
+def test_exporter_imports_no_server_code_and_no_grpc():
+    """The offline exporter installs and runs without grpc or the stubs: no export/ module imports server/
+    (at any depth), and importing every one of them, in a fresh interpreter, loads no grpc."""
+    modules = {**_package_modules("export"), **_package_modules("contract")}
+    for name, path in modules.items():
+        reaches = sorted(m for m in _local_imports(path) if m.split(".")[0] == "server")
+        assert not reaches, f"{path.relative_to(ROOT)} imports {reaches}: export/ and contract/ stand alone"
+        if name.startswith("contract"):
+            assert not {m for m in _local_imports(path) if m.startswith("export")}, f"{name} imports export"
+    code = (
+        "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'server')))"
+    )
+    res = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+
+
+def test_no_import_cycle_among_export_and_contract_modules():
+    modules = {**_package_modules("export"), **_package_modules("contract")}
+    graph = {name: {m for m in _local_imports(path) if m in modules and m != name} for name, path in modules.items()}
+    assert graph["export.user"] >= {"export.onnx_export", "export.verify"}  # the walk sees real imports
+
+    def cycle_from(start: str, stack: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[start]):
+            if nxt in stack:
+                return [*stack[stack.index(nxt) :], nxt]
+            found = cycle_from(nxt, [*stack, nxt])
+            if found:
+                return found
+        return None
+
+    for name in modules:
+        cycle = cycle_from(name, [name])
+        assert cycle is None, " -> ".join(cycle)

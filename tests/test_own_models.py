@@ -705,3 +705,88 @@ def test_outputs_of_other_datatypes_are_served(tmp_path):
         for seq, got in zip(seqs, results):
             assert got["y64"].dtype == np.float64 and np.array_equal(got["y64"], seq.astype(np.float64))
             assert got["twice"].dtype == np.int64 and int(got["twice"]) == 2 * len(seq)
+
+
+class _FailsInExport(nn.Module):
+    """Eager PyTorch runs it; torch.onnx.export fails inside it with an IndexError, the shape newer torch's
+    TorchScript exporter gives its std::out_of_range (older ones: RuntimeError)."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        super().__init__()
+        self.error = error
+        torch.manual_seed(4)
+        self.rnn = nn.GRU(6, 3, batch_first=True)
+
+    def forward(self, x, lengths):
+        _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        if torch.onnx.is_in_onnx_export():
+            raise self.error("vector::_M_range_check: __n (which is 1) >= this->size() (which is 1)")
+        return h[-1]  # (B, 3)
+
+
+def index_error_module() -> nn.Module:
+    return _FailsInExport(IndexError)
+
+
+@pytest.mark.parametrize("error", [IndexError, RuntimeError])
+def test_exporter_failure_is_one_line_whatever_its_type(tmp_path, capsys, error):
+    """torch's exporter fails as RuntimeError or IndexError: both retry once through the unpacked-outputs
+    view and, failing again, become one ExportError naming the first failure (CLI: one line, exit 2)."""
+    from export.user import export_module
+    from export.verify import ExportError
+
+    path = tmp_path / "m" / "1" / "model.onnx"
+    with pytest.raises(ExportError, match=rf"^torch.onnx.export failed: {error.__name__}: vector::_M_range_check"):
+        export_module(_FailsInExport(error).eval(), path, 6)
+    rc = run_export("--module", "tests.test_own_models:index_error_module", "--feature-size", "6", "--name", "m",
+                    "--out", str(tmp_path))  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: torch.onnx.export failed: IndexError: "), err
+    assert not any(tmp_path.rglob("*.onnx"))
+
+
+_SEEN_BY_FORWARD: list[object] = []
+
+
+class _RecordsTorchsPack(nn.Module):
+    """Uses pack/pad imported by name (so --static can unroll it) and records, on each call, what torch's
+    own module holds under that name: other code in the process must keep the real function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.rnn = nn.LSTM(6, 4, batch_first=True)
+
+    def forward(self, x, lengths):
+        _SEEN_BY_FORWARD.append(torch.nn.utils.rnn.pack_padded_sequence)
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]  # (B, T, 4)
+
+
+class _AttributeStylePack(_RecordsTorchsPack):
+    def forward(self, x, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        return torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+
+@pytest.mark.slow
+def test_static_unrolling_leaves_torch_and_other_modules_alone(tmp_path):
+    """--static swaps pack/pad for pass-throughs only in the user's own module while it runs: torch's
+    namespace keeps the real functions throughout, and this file's names are restored afterwards."""
+    import torch.nn.utils.rnn as rnn_utils
+
+    from export.user import export_module
+    from export.verify import ExportError
+
+    real = rnn_utils.pack_padded_sequence
+    _SEEN_BY_FORWARD.clear()
+    results = export_module(_RecordsTorchsPack().eval(), tmp_path / "m" / "1" / "model.onnx", 6, static=(4,))
+    assert len(results) == 2 and (tmp_path / "m_static_t4" / "1" / "model.onnx").is_file()
+    assert _SEEN_BY_FORWARD and all(f is real for f in _SEEN_BY_FORWARD)
+    assert pack_padded_sequence is real and rnn_utils.pad_packed_sequence is pad_packed_sequence
+    # a module that reaches the functions through torch's namespace exports dynamically; --static says how to fix it
+    export_module(_AttributeStylePack().eval(), tmp_path / "a" / "1" / "model.onnx", 6)
+    with pytest.raises(ExportError, match=r"^--static: the LSTM layer must be called as layer\(pack_padded_sequence"):
+        export_module(_AttributeStylePack().eval(), tmp_path / "b" / "1" / "model.onnx", 6, static=(4,))
+    assert not any(tmp_path.glob("b_static_t4/**/*.onnx"))  # (the CLI also removes the dynamic file it wrote)

@@ -113,7 +113,7 @@ def _imports(folder: Path, skip: set[str] = frozenset()) -> dict[str, list[str]]
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in ("server", "export", "__future__"):
+                if top not in sys.stdlib_module_names and top not in ("contract", "server", "export", "__future__"):
                     found.setdefault(top, []).append(path.relative_to(ROOT).as_posix())
     return found
 
@@ -127,6 +127,7 @@ def test_everything_the_code_imports_is_declared():
     assert "torch" not in base and {"torch", "onnx", "sktime"} <= with_extras
     # the stub generator is a developer tool (make proto): grpcio-tools is in requirements-dev.txt
     for folder, declared, skip in (
+        ("contract", base, set()),
         ("server", base, {"server/proto/generate.py"}),
         ("export", with_extras, set()),
     ):
@@ -144,7 +145,7 @@ def _build_wheel(tmp: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, src / name)
-    for package in ("server", "export"):
+    for package in ("contract", "server", "export"):
         shutil.copytree(ROOT / package, src / package, ignore=ignore)
     out = tmp / "dist"
     cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", out]

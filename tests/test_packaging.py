@@ -10,6 +10,8 @@ imports from an undeclared distribution therefore fails here as it would after `
 from __future__ import annotations
 
 import ast
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ import sys
 import time
 import tomllib
 import zipfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from server.client import LSTMClient
@@ -86,16 +90,52 @@ PYPROJECT_REQUIRES = PROJECT["dependencies"] + [
 ]
 
 
-def test_declared_dependencies_pin_what_requirements_files_pin():
-    server_txt = (ROOT / "requirements-server.txt").read_text().splitlines()
-    assert _pins(PROJECT["dependencies"]) == _pins(server_txt)
-    full_txt = (ROOT / "requirements.txt").read_text().splitlines()
-    export = _pins(PROJECT["optional-dependencies"]["export"])
-    assert export and all(_pins(full_txt)[name] == version for name, version in export.items())
-    dev_txt = (ROOT / "requirements-dev.txt").read_text().splitlines()
-    train = _pins([r for r in PROJECT["optional-dependencies"]["train"] if not r.startswith(DIST)])
-    assert train and all(_pins(dev_txt)[name] == version for name, version in train.items())
+def _ranges(lines: list[str]) -> dict[str, SpecifierSet]:
+    """pyproject requirement lines -> {name: its range} of those that apply here (markers evaluated)."""
+    env = {**default_environment(), "extra": ""}
+    ranges = {}
+    for line in lines:
+        req = Requirement(line)
+        if canonicalize_name(req.name) != DIST and (req.marker is None or req.marker.evaluate(env)):
+            ranges[canonicalize_name(req.name)] = req.specifier
+    return ranges
+
+
+def _low(spec: SpecifierSet) -> str:
+    (low,) = [s.version for s in spec if s.operator == ">="]
+    return low
+
+
+def test_package_declares_ranges_and_requirements_files_pin_inside_them():
+    """pyproject: a range for each library (a lower and an upper bound, so it installs beside other
+    services); requirements*.txt: the exact pins `make venv` installs, each inside its range."""
+    server_txt = _pins((ROOT / "requirements-server.txt").read_text().splitlines())
+    full_txt = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    dev_txt = _pins((ROOT / "requirements-dev.txt").read_text().splitlines())
+    declared = {
+        "": (_ranges(PROJECT["dependencies"]), server_txt),
+        "export": (_ranges(PROJECT["optional-dependencies"]["export"]), full_txt),
+        "train": (_ranges(PROJECT["optional-dependencies"]["train"]), dev_txt),
+    }
+    assert set(declared[""][0]) == set(server_txt), "requirements-server.txt pins what the package declares"
+    for extra, (ranges, pins) in declared.items():
+        assert ranges, extra
+        for name, spec in ranges.items():
+            assert {s.operator for s in spec} == {">=", "<"}, f"{extra or 'base'}: {name}{spec}: give a range"
+            assert name in pins and spec.contains(pins[name]), f"{name}{spec}: pinned {pins.get(name)}"
     assert PROJECT["license"] == "Apache-2.0" and "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+def test_protobuf_and_grpcio_floors_are_the_stubs_own():
+    """The generated stubs refuse an older runtime at import: the declared floors are theirs, no lower
+    (pip would install a protobuf the stubs reject) and no higher (the package would refuse hosts it runs in)."""
+    ranges = _ranges(PROJECT["dependencies"])
+    pb2 = (ROOT / "server" / "proto" / "grpc_service_pb2.py").read_text()
+    major, minor, patch = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", pb2).groups()
+    assert _low(ranges["protobuf"]) == f"{major}.{minor}.{patch}"
+    grpc_stub = (ROOT / "server" / "proto" / "grpc_service_pb2_grpc.py").read_text()
+    (generated,) = re.findall(r"^GRPC_GENERATED_VERSION = '([\d.]+)'", grpc_stub, flags=re.M)
+    assert _low(ranges["grpcio"]) == generated
 
 
 def _imports(folder: Path, skip: set[str] = frozenset()) -> dict[str, list[str]]:
@@ -155,10 +195,14 @@ def _build_wheel(tmp: Path) -> Path:
     return wheel
 
 
-def _venv_with(tmp: Path, wheel: Path, extras: set[str]) -> tuple[Path, set[str]]:
+def _venv_with(
+    tmp: Path, wheel: Path, extras: set[str], own: dict[str, str] | None = None, label: str = ""
+) -> tuple[Path, set[str]]:
     """A fresh venv with the wheel (no deps) plus links to the files of exactly its declared
-    dependencies for `extras`, taken from .venv. Returns (its bin folder, the distributions linked)."""
-    venv = tmp / ("venv-" + ("-".join(sorted(extras)) or "base"))
+    dependencies for `extras`, taken from .venv; `own` {distribution: version}: installed into the
+    venv by pip at that version instead (from the index or pip's cache). Returns (its bin folder, the
+    distributions it has)."""
+    venv = tmp / ("venv-" + (label or "-".join(sorted(extras)) or "base"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     res = subprocess.run(
@@ -168,6 +212,15 @@ def _venv_with(tmp: Path, wheel: Path, extras: set[str]) -> tuple[Path, set[str]
         timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+    if own:
+        specs = [f"{name}=={version}" for name, version in sorted(own.items())]
+        res = subprocess.run(
+            [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", *specs],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, f"pip install {specs}: {res.stdout}{res.stderr}"
     site = Path(
         subprocess.check_output(
             [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
@@ -178,7 +231,7 @@ def _venv_with(tmp: Path, wheel: Path, extras: set[str]) -> tuple[Path, set[str]
     deps = tmp / ("deps-" + venv.name)
     deps.mkdir()
     owners = _top_level_owners()
-    for name in sorted(dists):
+    for name in sorted(dists - set(own or {})):
         dist = metadata.distribution(name)
         for top in sorted({f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}):
             if owners[top] == {name}:  # a folder (or module) of this distribution alone: link it whole
@@ -242,6 +295,17 @@ def test_pip_install_gives_working_commands_with_only_declared_dependencies(tmp_
     assert res.stdout.strip().startswith(str(tmp_path)), f"imported the checkout, not the wheel: {res.stdout}"
 
     # and it serves: the installed lstm-serve on a free port, called from here, answers exactly
+    with _serving(bin_dir, repo) as port:
+        x, lengths = ragged(np.random.default_rng(5), 3, 7, 6)
+        with LSTMClient(f"127.0.0.1:{port}", timeout=30) as client:
+            got = client.infer_batch("bi", x, lengths)
+        want = reference(encoders["bi"], x, lengths)
+        assert all(np.abs(got[k] - want[k]).max() <= TOL for k in ("y", "h_n", "c_n"))
+
+
+@contextlib.contextmanager
+def _serving(bin_dir: Path, repo: Path) -> Iterator[int]:
+    """The venv's lstm-serve on a free loopback port (yields it); stopped by SIGTERM, which must exit 0."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     args = ["--model-repository", str(repo), "--port", "0", "--metrics-port", "-1", "--device", "cpu"]
     proc = subprocess.Popen(
@@ -259,11 +323,7 @@ def test_pip_install_gives_working_commands_with_only_declared_dependencies(tmp_
             if match := re.match(r"listening on 127\.0\.0\.1:(\d+)", line):
                 break
         assert match, "".join(lines)
-        x, lengths = ragged(np.random.default_rng(5), 3, 7, 6)
-        with LSTMClient(f"127.0.0.1:{match.group(1)}", timeout=30) as client:
-            got = client.infer_batch("bi", x, lengths)
-        want = reference(encoders["bi"], x, lengths)
-        assert all(np.abs(got[k] - want[k]).max() <= TOL for k in ("y", "h_n", "c_n"))
+        yield int(match.group(1))
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
@@ -271,6 +331,57 @@ def test_pip_install_gives_working_commands_with_only_declared_dependencies(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _newest_in(ranges: dict[str, SpecifierSet]) -> dict[str, str]:
+    """The high end of each range: the release pip installs for it today (from the index or its cache)."""
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "-q"]
+    res = subprocess.run(
+        [*cmd, "--report", "-", *(f"{name}{spec}" for name, spec in ranges.items())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
+
+
+# Run by the venv's python: call the venv's lstm-serve with the venv's client, save what it answers and
+# print the versions this interpreter really imported.
+_CLIENT = """
+import json, sys
+from importlib import metadata
+import numpy as np
+from server.client import LSTMClient
+feeds = np.load(sys.argv[2])
+with LSTMClient(sys.argv[1], timeout=30) as client:
+    got = client.infer_batch("bi", feeds["x"], feeds["lengths"])
+np.savez(sys.argv[3], **got)
+print(json.dumps({name: metadata.version(name) for name in sys.argv[4:]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("end", ["low", "high"])
+def test_installs_and_serves_at_each_end_of_the_declared_ranges(tmp_path, wheel, repo, encoders, end):
+    """The package beside other services: at the low end of every declared range (numpy, grpcio,
+    protobuf, onnxruntime, uvicorn, ...), then at the high end (the newest the index offers in range),
+    the installed lstm-serve serves and the installed client, in the same venv, gets exact answers."""
+    ranges = _ranges(PROJECT["dependencies"])
+    versions = {name: _low(spec) for name, spec in ranges.items()} if end == "low" else _newest_in(ranges)
+    assert set(versions) == set(ranges) and all(ranges[n].contains(v) for n, v in versions.items()), versions
+    own = {name: version for name, version in versions.items() if metadata.version(name) != version}
+    bin_dir, _ = _venv_with(tmp_path, wheel, set(), own, label=end)
+    x, lengths = ragged(np.random.default_rng(6), 4, 9, 6)
+    np.savez(tmp_path / "feeds.npz", x=x, lengths=lengths)
+    with _serving(bin_dir, repo) as port:
+        res = _run(bin_dir / "python", "-c", _CLIENT, f"127.0.0.1:{port}", str(tmp_path / "feeds.npz"),
+                   str(tmp_path / "got.npz"), *versions)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == versions, "the venv runs other versions than asked"
+    got, want = np.load(tmp_path / "got.npz"), reference(encoders["bi"], x, lengths)
+    assert all(np.abs(got[k] - want[k]).max() <= TOL for k in ("y", "h_n", "c_n"))
 
 
 @pytest.mark.slow

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
+from contract.onnxfile import graph_nodes
+
 
 def _status_mib(field: str) -> float:
     with open("/proc/self/status") as fh:
@@ -53,12 +56,9 @@ def main() -> None:
         "--memory-reuse",
         choices=("auto", "on", "off"),
         default="auto",
-        help="ORT's memory-reuse planner: auto = as the server loads the file (off above 1000 nodes)",
+        help=f"ORT's memory-reuse planner: auto = as the server loads the file (off above {LARGE_GRAPH_NODES} nodes)",
     )
     args = parser.parse_args()
-    from contract.graphs import memory_reuse
-    from contract.onnxfile import graph_nodes
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = args.threads

@@ -347,3 +347,24 @@ def test_no_import_cycle_among_export_and_contract_modules():
     for name in modules:
         cycle = cycle_from(name, [name])
         assert cycle is None, " -> ".join(cycle)
+
+
+def test_contract_cuda_probe_answers_as_both_sides_did():
+    """contract.cuda is the one CUDA probe: its model is the one-node Add built here with onnx.helper, and
+    its answer is the one the server's and the exporter's own probes give on this machine."""
+    from contract.cuda import cuda_usable, probe_model_bytes
+    from export.precision import cuda_usable as exporter_cuda_usable
+    from server.runtime import _try_cuda
+
+    a = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])
+    b = onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "a"], ["b"])], "probe", [a], [b])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert probe_model_bytes() == model.SerializeToString()
+    ok, why = cuda_usable()
+    assert ok == exporter_cuda_usable()[0] == _try_cuda(0, False)[0]
+    assert (why == "") if ok else ("CUDA" in why or "GPU" in why), why
+    if ok:  # a device id that cannot exist is refused, by name
+        ok_far, why_far = cuda_usable(device_id=4096)
+        assert not ok_far and "4096" in why_far, why_far

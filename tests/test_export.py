@@ -312,6 +312,7 @@ def _package_modules(package: str) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~3 s
 def test_exporter_imports_no_server_code_and_no_grpc():
     """The offline exporter installs and runs without grpc or the stubs: no export/ module imports server/
     (at any depth), and importing every one of them, in a fresh interpreter, loads no grpc."""

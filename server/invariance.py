@@ -38,6 +38,7 @@ log = logging.getLogger("server.invariance")
 ALLOW = "allow_batch_dependent_results"
 FLOAT_BOUND = 1e-5  # this project's float32 exports: the parity every test of theirs holds
 ROWS = (1, 2, 1, 1)  # rows per checked request: merged, 5 rows of 4 requests
+SCALES = (1.0, 4.0, 0.25, 2.0)  # their values' scale: batch-mates differ in range, as real ones do
 FULL_ROWS = 32  # rows of the second merged run (at most the model's max_batch)
 STEPS = 8  # longest ragged row (lengths 1..STEPS): cheap, and still pads every shorter row
 FREE_DIM = 3  # size given to any other free dim (the same in every request, as merging requires)
@@ -76,9 +77,11 @@ def own_float_export(meta: dict) -> bool:
     return project_export(meta) and meta.get("lstm.precision", "fp32") == "fp32"
 
 
-def _random_request(rt, rng: np.random.Generator, rows: int, scale: float) -> Work:
+def _random_request(rt, rng: np.random.Generator, rows: int, scale: float, free_dim: int, ints: bool) -> Work:
     """Complete feeds for `rows` sequences of random values (floats scaled by `scale`, so that rows
-    differ in range as real batch-mates do); ragged rows of random lengths up to STEPS."""
+    differ in range as real batch-mates do); ragged rows of random lengths up to STEPS; other free
+    dims `free_dim`; integer inputs of unknown range 0 or 1 where `ints`, else zeros (an index or a
+    count: another value may be out of range)."""
     sig = rt.signature
     steps = None
     if sig.ragged is not None:
@@ -96,10 +99,10 @@ def _random_request(rt, rng: np.random.Generator, rows: int, scale: float) -> Wo
             elif spec.name == sig.ragged and axis == spec.time_axis:
                 shape[axis] = steps
             elif d < 0:
-                shape[axis] = FREE_DIM
+                shape[axis] = free_dim
         dtype = numpy_dtype(spec.datatype)
         if dtype == OBJECT:
-            value = np.full(shape, "", OBJECT)
+            value = rng.choice(np.array(["", "a", "bc", "d e"], OBJECT), shape)
         elif dtype.kind == "f":
             value = (rng.standard_normal(shape) * scale).astype(dtype)
         elif dtype.kind == "b":
@@ -108,7 +111,7 @@ def _random_request(rt, rng: np.random.Generator, rows: int, scale: float) -> Wo
             low, high = spec.value_range
             value = rng.integers(low, high + 1, shape).astype(dtype)
         else:
-            value = np.zeros(shape, dtype)  # an index or a count: any other value may be out of range
+            value = rng.integers(0, 2, shape).astype(dtype) if ints else np.zeros(shape, dtype)
         if spec.name == sig.ragged:
             for row, n in enumerate(lengths):  # padding is zeros, as the client would send
                 index = [slice(None)] * value.ndim
@@ -139,22 +142,50 @@ def _difference(alone: np.ndarray, merged: np.ndarray) -> tuple[float, float]:
     return worst, worst / scale
 
 
+def _rows_can_differ(rt, ints: bool) -> bool:
+    """Some input takes random values, so the random rows differ (else the check shows nothing)."""
+    sig = rt.signature
+    if sig.lengths is not None:
+        return True
+    for spec in sig.all_inputs:
+        kind = numpy_dtype(spec.datatype).kind
+        if kind in "fbcO" or spec.value_range is not None or (ints and kind in "iu"):
+            return True
+    return False
+
+
 def measure(rt, seed: int = 0, budget_s: float | None = None) -> tuple[float, float, str] | None:
     """Max difference (absolute, relative) between each random request run alone and merged with
     the others (as they are, then reversed behind a block of other rows, up to FULL_ROWS in all:
     kernels may change with the batch size and a row's offset), and the output where it was
-    largest; None when it could not finish in `budget_s`."""
-    rng = np.random.default_rng(seed)
-    works = [_random_request(rt, rng, rows, scale) for rows, scale in zip(ROWS, (1.0, 4.0, 0.25, 2.0))]
-    batches = [works]
-    max_batch = getattr(rt.policy, "max_batch", FULL_ROWS)
-    filler = min(FULL_ROWS, max_batch) - sum(ROWS)
-    if filler > 0:
-        batches.append([_random_request(rt, rng, filler, 1.0), *reversed(works)])
-    sig = rt.signature
+    largest; None when it could not finish in `budget_s`. Where the model refuses the random
+    values, free dims of FREE_DIM, then 32, then zeros for integers of unknown range are tried;
+    the last refusal is raised."""
     deadline = time.perf_counter() + (BUDGET_S if budget_s is None else budget_s)
+    failure: Exception = ValueError("no attempt")
+    for free_dim, ints in ((FREE_DIM, True), (32, True), (FREE_DIM, False)):
+        if not _rows_can_differ(rt, ints):
+            failure = ValueError("its random rows cannot differ (no float, bool, string or ranged integer input)")
+            continue
+        try:
+            return _measure(rt, np.random.default_rng(seed), deadline, free_dim, ints)
+        except Exception as exc:  # noqa: BLE001 - the model refused these values: try others
+            failure = exc
+        if time.perf_counter() > deadline:
+            return None
+    raise failure
+
+
+def _measure(rt, rng: np.random.Generator, deadline: float, free_dim: int, ints: bool):
+    """One attempt of `measure` with these feeds."""
+    requests = [_random_request(rt, rng, rows, scale, free_dim, ints) for rows, scale in zip(ROWS, SCALES)]
+    batches = [requests]
+    filler = min(FULL_ROWS, getattr(rt.policy, "max_batch", FULL_ROWS)) - sum(ROWS)
+    if filler > 0:
+        batches.append([_random_request(rt, rng, filler, 1.0, free_dim, ints), *reversed(requests)])
+    sig = rt.signature
     alone = {}
-    for work in works:
+    for work in requests:
         alone[id(work)] = merge_and_run([_Item(work, None)], rt.run, sig)[0][0]
         if time.perf_counter() > deadline:
             return None
@@ -216,13 +247,20 @@ def _judge(rt, where: str) -> Verdict:
     if relative <= bound:
         text = "bit-identical" if absolute == 0 else f"max diff {absolute:.1e} (within {FLOAT_BOUND:g})"
         return Verdict(True, text, absolute, output)
+    if not output:
+        what = "a merged run's outputs did not follow the batch"
+    elif np.isinf(absolute):
+        what = f"output '{output}' differs (a non-float value or a shape)"
+    else:
+        what = f"max diff {absolute:.1e}"
     if allowed(rt.model_config):
-        log.info("%s: merged results differ from single runs by up to %.2g (output '%s'); merged anyway (%s)",
-                 where, absolute, output, ALLOW)  # fmt: skip
-        return Verdict(True, f"opted in: max diff {absolute:.1e}", absolute, output)
+        log.info("%s: merged results differ from single runs (%s%s); merged anyway (%s)",
+                 where, what, f" on output '{output}'" if what.startswith("max") else "", ALLOW)  # fmt: skip
+        return Verdict(True, f"opted in: {what}", absolute, output)
     log.warning(
-        "%s: a request's outputs depend on its batch-mates (max diff %.2g on output '%s', alone vs merged with up to "
-        "%d other random rows; allowed: %s); requests are not merged (to merge anyway: %s)",
-        where, absolute, output, FULL_ROWS - 1, "1e-05 of the range" if own else "bit-identical", SWITCH,
+        "%s: a request's outputs depend on its batch-mates (%s%s, alone vs merged with up to %d other random rows; "
+        "allowed: %s); requests are not merged (to merge anyway: %s)",
+        where, what, f" on output '{output}'" if what.startswith("max") else "", FULL_ROWS - 1,
+        "1e-05 of the range" if own else "bit-identical", SWITCH,
     )  # fmt: skip
-    return Verdict(False, f"max diff {absolute:.1e} (not merged)", absolute, output)
+    return Verdict(False, f"{what} (not merged)", absolute, output)

@@ -88,6 +88,25 @@ def _models() -> dict[str, onnx.ModelProto]:
 ROW_WISE = ("layernorm", "layernorm_reducesum", "matmul")
 
 
+def _token_batch_mean() -> onnx.ModelProto:
+    """Token ids [batch, 4] (no declared range) -> embeddings minus their mean over the batch, and
+    the argmax of each: the check must vary integer rows too, and compare integer outputs exactly."""
+    table = _const("E", np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32))
+    node = helper.make_node
+    graph = helper.make_graph(
+        [node("Gather", ["E", "ids"], ["e"]), node("ReduceMean", ["e"], ["mu"], axes=[0], keepdims=1),
+         node("Sub", ["e", "mu"], ["Y"]), node("ArgMax", ["Y"], ["top"], axis=2, keepdims=0)],
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4, 8]),
+         helper.make_tensor_value_info("top", TensorProto.INT64, ["batch", 4])],
+        [table],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def _save(root: Path, name: str, model: onnx.ModelProto, pbtxt: str | None = None, config: dict | None = None):
     path = family.model_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +124,7 @@ def models_root(tmp_path_factory) -> Path:
     for name, model in models.items():
         _save(root, name, model, DYNAMIC)
     _save(root, "batch_mean_allowed", models["batch_mean"], DYNAMIC + ALLOW)
+    _save(root, "token_batch_mean", _token_batch_mean(), DYNAMIC)
     _save(root, "batch_mean_allowed_json", models["batch_mean"], config={"batching": {"enabled": True},
                                                                           invariance.ALLOW: True})  # fmt: skip
     _save(root, "batch_mean_no_config", models["batch_mean"])
@@ -178,6 +198,14 @@ def test_batch_mean_model_fails_the_check_and_is_not_merged(models_root, reposit
     assert len(lines) == 1, lines
     assert "model batch_mean version 1: a request's outputs depend on its batch-mates (max diff " in lines[0]
     assert "output 'Y'" in lines[0] and invariance.SWITCH in lines[0] and "requests are not merged" in lines[0]
+
+
+def test_integer_inputs_vary_too(repository):
+    """Token ids of unknown range are drawn 0 or 1 (zeros for every row would hide the batch mean)."""
+    rt = repository.get("token_batch_mean", "")
+    assert rt.signature.batching_rule == "none"
+    text = rt.batch_invariance
+    assert text == "output 'top' differs (a non-float value or a shape) (not merged)", text
 
 
 @pytest.mark.parametrize("name", ["batch_mean_allowed", "batch_mean_allowed_json"])

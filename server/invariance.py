@@ -11,9 +11,9 @@ The contract, and who merges:
   `max_batch_size > 0` gives one): bit-identical alone vs merged, or it is served unmerged; the
   project's twins (int8, fp16) included;
 - a file from elsewhere is merged only when its config turns batching on (config.pbtxt
-  `dynamic_batching`, `sequence_batching` or `max_batch_size > 0`, which the config reader maps to
-  `batching.enabled`, or config.json `{"batching": {"enabled": true}}`), as Triton merges only
-  models whose config asks for it; and then only when the check passes;
+  `dynamic_batching`, `sequence_batching`, `max_batch_size > 0` or `instance_group`, which the
+  config reader maps to `batching.enabled`, or config.json `{"batching": {"enabled": true}}`), as
+  Triton merges only models whose config asks for it; and then only when the check passes;
 - `ALLOW` (config.pbtxt `parameters { key: "allow_batch_dependent_results" value { string_value:
   "true" } }`, or config.json `{"allow_batch_dependent_results": true}`) merges a model that fails
   the check anyway; the measured difference is then reported as its bound.
@@ -214,7 +214,7 @@ def check(rt) -> Verdict:
     if sig.batching_rule == "none":
         verdict = Verdict(False, "not merged (batching_rule none)")
     elif policy is not None and not policy.enabled:
-        verdict = Verdict(False, "not checked (batching off)")
+        verdict = Verdict(sig.merge, "not checked (batching off)")  # nothing merges: no rule to change
     elif not project_export(rt.export_metadata) and not opted_in(config):
         log.info(
             "%s: its file names a batch axis but its config does not turn batching on (config.pbtxt "

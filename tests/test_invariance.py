@@ -277,7 +277,8 @@ def test_batching_off_is_not_checked(models_root):
     options = RuntimeOptions(device="cpu")
     repo = ModelRepository(models_root, select_providers(options), options, policy=BatchPolicy(enabled=False))
     repo.load("bi")
-    assert repo.get("bi", "").batch_invariance == "not checked (batching off)"
+    rt = repo.get("bi", "")
+    assert rt.batch_invariance == "not checked (batching off)" and rt.signature.batching_rule == "ragged"
 
 
 # -- a real server under concurrent load ---------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server import invariance
 from server import model_config as triton_config
 from server.batcher import BatchPolicy, policy_from_config
 from server.dtypes import OBJECT, numpy_dtype
@@ -427,6 +428,7 @@ class ModelRepository:
                     )
                     loaded[version].policy = policy
                     probe_output_layout(loaded[version])  # a first run: warms the session up, sizes responses
+                    invariance.check(loaded[version])  # alone vs merged: may turn merging off
                 except Exception as exc:  # noqa: BLE001
                     log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc)
                     reason = _load_failure(name, version, path, exc)

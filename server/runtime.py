@@ -194,6 +194,7 @@ class ModelRuntime:
     output_layout: dict = field(default_factory=dict)  # {output: ['batch'|'time'|size, ...]} probed at load
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     provider_note: str = ""  # where part of the graph runs elsewhere than `provider` (int8 LSTM on CUDA)
+    batch_invariance: str = ""  # alone vs merged, measured at load (server.invariance): ModelConfig says it
 
     def retire(self) -> None:
         """This version was replaced or unloaded: close its batcher (queued requests still run, then

@@ -73,7 +73,7 @@ class Signature:
     static_length: int | None = None  # T of an unrolled model: the ragged input is padded to it
     bidirectional: bool = False  # a backward direction reads the whole sequence: no chunked streaming
     max_batch_size: int = 0  # Triton's: > 0 when config.pbtxt says so (dims then leave out the batch)
-    merge: bool = True  # False: the batch axes were guessed (the file names none): never merged
+    merge: bool = True  # False: never merged (batch axes guessed, the load probe or server.invariance said no)
 
     def __post_init__(self) -> None:
         # by name, for the per-request lookups (the lists are fixed once built; specs are shared)
@@ -116,7 +116,8 @@ class Signature:
     @property
     def batching_rule(self) -> str:
         """'ragged': merge any lengths by padding the time axis; 'equal': merge requests whose
-        non-batch dims all agree (Triton's rule); 'none': each request runs alone."""
+        non-batch dims all agree (Triton's rule); 'none': each request runs alone (also where the
+        load-time check, server/invariance.py, found answers that depend on batch-mates)."""
         if not self.batchable or not self.merge:
             return "none"
         return "ragged" if self.ragged is not None else "equal"

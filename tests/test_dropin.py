@@ -7,6 +7,8 @@ tests read a message's leading words. Models are built here with onnx.helper.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,8 @@ from server.errors import InvalidArgument, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.rest import build_request, raw_request
+
+HERE = Path(__file__).resolve().parent
 
 # classes of the "cls" model's two rows (FP32 identity; the INT32 output is the same values cast)
 ROWS = np.array([[0.5, 3.25, -1.0, 3.25, 2.0], [7.0, 1.0, 0.0, 8.5, -2.5]], np.float32)
@@ -434,3 +438,27 @@ BAD_JSON = [
 def test_parser_texts_stay_out_of_messages(server, body, needle, leak):
     message = _error(server.http_port, "/v2/models/cls/infer", body, 400, {"Content-Type": "application/json"})
     assert needle in message and leak not in message, message
+
+
+# -- KServe's SDK itself --------------------------------------------------------------------------
+
+KSERVE_PYTHON = os.environ.get("KSERVE_PYTHON", "")
+
+
+def test_kserve_sdk_rest_and_grpc(server):
+    """KServe's InferenceRESTClient (v2) and InferenceGRPCClient, run from a venv holding `kserve`
+    (KSERVE_PYTHON; the SDK pulls in a large tree, so it is not in the project's venvs)."""
+    if not KSERVE_PYTHON or not Path(KSERVE_PYTHON).exists():
+        pytest.skip("set KSERVE_PYTHON to the python of a venv with kserve installed")
+    run = subprocess.run([KSERVE_PYTHON, str(HERE / "kserve_sdk_check.py"), str(server.port), str(server.http_port)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got == {
+        "rest_binary_False": True,
+        "rest_binary_True": True,
+        "rest_classification": ["3.25:1:dog", "3.25:3:fish", "8.5:3:fish", "7.0:0:cat"],
+        "grpc_ready": True,
+        "grpc": True,
+        "grpc_classification": ["3.25:1:dog", "8.5:3:fish"],
+    }, got

@@ -462,3 +462,31 @@ def test_kserve_sdk_rest_and_grpc(server):
         "grpc": True,
         "grpc_classification": ["3.25:1:dog", "8.5:3:fish"],
     }, got
+
+
+# -- tritonclient ---------------------------------------------------------------------------------
+
+TRITON_PYTHON = os.environ.get("TRITON_PYTHON") or str(HERE.parent / ".venv-triton" / "bin" / "python")
+
+
+def test_tritonclient_classification_and_load_config(server):
+    """Triton's own clients: `class_count` and `load_model(config=...)` on both protocols; a bad
+    config and `files` refused alike (StatusCode/HTTP status wording from tritonclient)."""
+    if not Path(TRITON_PYTHON).exists():
+        pytest.fail(f"tritonclient venv missing at {TRITON_PYTHON}: run `make triton-venv` (make test does)")
+    run = subprocess.run([TRITON_PYTHON, str(HERE / "tritonclient_dropin_check.py"), str(server.port),
+                          str(server.http_port)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    bad = "model 'cls' load parameter 'config' is not valid JSON (line 1 column 2)"
+    files = "'file:' parameters (model files sent with the load request) are not supported"
+    assert got.pop("grpc_bad_config").endswith(bad) and got.pop("http_bad_config").endswith(bad)
+    assert files in got.pop("grpc_file") and files in got.pop("http_file")
+    assert got == {
+        "grpc_classes": ["3.25:1:dog", "3.25:3:fish", "8.5:3:fish", "7.0:0:cat"],
+        "http_classes": ["3.25:1:dog", "3.25:3:fish", "8.5:3:fish", "7.0:0:cat"],
+        "grpc_load_config": 2,
+        "labels_after_grpc_load": ["3.25:1:b", "8.5:3:d"],
+        "http_load_config": 3,
+        "reloaded": 8,
+    }, got

@@ -628,8 +628,12 @@ class RestApp:
                 return await ex.respond(200, _dumps(index))
             if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
                 params = _params(options.get("parameters"), parts[2])
-                if parts[2] == "unload" and params:
-                    raise HttpError(400, f"unload parameters {clip(sorted(params))} are not supported")
+                if parts[2] == "unload":
+                    # tritonclient's unload_dependents: no model here has dependents (no ensembles)
+                    if not isinstance(params.pop("unload_dependents", False), bool):
+                        raise HttpError(400, "unload parameter 'unload_dependents' must be true or false")
+                    if params:
+                        raise HttpError(400, f"unload parameter(s) {clip(sorted(params))} are not supported")
                 with self.admission.call():
                     if parts[2] == "load":
                         await handlers.load_model(self.plane, parts[1], params)

@@ -490,3 +490,18 @@ def test_tritonclient_classification_and_load_config(server):
         "http_load_config": 3,
         "reloaded": 8,
     }, got
+
+
+def test_unload_parameters(server):
+    port = server.http_port
+    assert "unload parameter(s) ['x'] are not supported" in _error(
+        port, "/v2/repository/models/raw3/unload", {"parameters": {"x": 1}}, 400)  # fmt: skip
+    assert "'unload_dependents' must be true or false" in _error(
+        port, "/v2/repository/models/raw3/unload", {"parameters": {"unload_dependents": 1}}, 400)  # fmt: skip
+    assert _http(port, "/v2/models/raw3/ready", method="GET")[0] == 200  # nothing was unloaded
+    try:  # tritonclient's unload_model(unload_dependents=True): no model here has dependents
+        body = {"parameters": {"unload_dependents": True}}
+        assert _http(port, "/v2/repository/models/raw3/unload", body)[0] == 200
+        assert _http(port, "/v2/models/raw3/ready", method="GET")[0] == 503
+    finally:
+        assert _http(port, "/v2/repository/models/raw3/load", b"")[0] == 200

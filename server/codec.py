@@ -40,10 +40,18 @@ class Limits:
     max_batch: int = 4096  # sequences per request
 
 
-def check_shape(name: str, shape, limits: Limits) -> tuple[int, ...]:
+INT64_MAX = 2**63 - 1
+
+
+def check_shape(name: str, shape, limits: Limits, itemsize: int = 0) -> tuple[int, ...]:
     """The one element-limit check (gRPC, REST and the data plane): rank, negative dims, and
     --max-elements for the tensor and for each dim, with Python integers before anything of that
-    size is allocated. `name`: as the client sent it (clipped here)."""
+    size is allocated. `name`: as the client sent it (clipped here); `itemsize`: bytes per element
+    when known (0: BYTES or unknown).
+
+    A shape no tensor can have (element count or byte size past int64) is INVALID_ARGUMENT with
+    Triton's wording, since no retry can succeed; one over this server's --max-elements is
+    RESOURCE_EXHAUSTED, gRPC's status for a message over a size limit."""
     shape = tuple(int(d) for d in shape)
     if len(shape) > MAX_RANK:
         raise InvalidArgument(f"input {clip(name)}: {len(shape)} dimensions; at most {MAX_RANK} are accepted")
@@ -52,6 +60,16 @@ def check_shape(name: str, shape, limits: Limits) -> tuple[int, ...]:
     count = 1
     for d in shape:
         count *= d  # Python int: no overflow, no allocation
+    if count > INT64_MAX:
+        raise InvalidArgument(
+            f"invalid shape for input {clip(name)}: shape {clip(list(shape))} causes total element count to "
+            f"exceed maximum size of {INT64_MAX}"
+        )
+    if itemsize > 1 and count * itemsize > INT64_MAX:
+        raise InvalidArgument(
+            f"byte size overflow for input {clip(name)}: element count ({count}) * data type size ({itemsize}) "
+            f"exceeds maximum allowed size ({INT64_MAX})"
+        )
     # each dim too (a zero elsewhere makes the product small, but numpy refuses such a shape)
     if count > limits.max_elements or any(d > limits.max_elements for d in shape):
         raise ResourceExhausted(
@@ -106,7 +124,7 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
                 f"{', '.join(DATATYPES)}"
             )
         dtype, field = DATATYPES[tensor.datatype]
-        shape = check_shape(tensor.name, tensor.shape, limits)
+        shape = check_shape(tensor.name, tensor.shape, limits, dtype.itemsize if dtype != OBJECT else 0)
         count = math.prod(shape)  # shape checked above: small Python ints (np.prod costs ~10x)
         if raw:
             data = raw[index]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import classification
 from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
@@ -63,6 +64,7 @@ class InferRequest:
     parameters: dict[str, object] = field(default_factory=dict)
     deadline: float | None = None
     client: str = ""
+    output_parameters: dict[str, dict[str, object]] = field(default_factory=dict)  # per requested output
 
 
 @dataclass
@@ -502,6 +504,7 @@ class DataPlane:
             after(outputs)
         t_run = time.perf_counter_ns()
         response = InferResponse(rt.name, str(rt.version), request.id, {name: outputs[name] for name in names})
+        response.outputs = classification.apply(rt, request.output_parameters, response.outputs)
         # what came out, too: a prediction made on zeros cannot see outputs sized by input values (Tile, Range)
         self._check_size(sum(_nbytes(a) for a in response.outputs.values()), request, {
             n: (list(a.shape), _nbytes(a)) for n, a in response.outputs.items()})  # fmt: skip

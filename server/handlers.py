@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
+import re
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 
+from server import classification
+from server import model_config as triton_config
 from server.dataplane import DataPlane
-from server.errors import ResourceExhausted, Unavailable, to_status
+from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, clip, to_status
 from server.proto import grpc_service_pb2 as pb
+from server.repository import valid_name
 from server.stats import VersionStats
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "lstm-serve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
+EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
 
 # Every gRPC status code, as HTTP says it (Triton's choices where it makes one; 499 is the de-facto
 # "client closed request").
@@ -174,9 +180,72 @@ def repository_index(plane: DataPlane, ready_only: bool = False) -> pb.Repositor
     return response
 
 
-async def load_model(plane: DataPlane, name: str) -> None:
-    """(Re)load a model; ONNX Runtime sessions are built on an executor thread, not the loop."""
-    await asyncio.get_running_loop().run_in_executor(plane.executor, plane.repository.load, name)
+async def load_model(plane: DataPlane, name: str, parameters: dict | None = None) -> None:
+    """(Re)load a model; ONNX Runtime sessions are built on an executor thread, not the loop.
+
+    `parameters`: the load request's, as plain values (both frontends hand them over unchanged).
+    `config`: a JSON ModelConfig used for this load instead of the model's config.pbtxt, checked
+    exactly as a config.pbtxt is (JSON -> Triton's ModelConfig message -> `model_config.parse`);
+    its outputs' label_filename must name files in the model's folder. `file:<path>` (model files
+    sent with the request) is refused, as is any other key: nothing may look as if it took effect."""
+    parameters = parameters or {}
+    for key in parameters:
+        if key.startswith("file:"):
+            raise InvalidArgument(
+                f"load parameter {clip(key)}: 'file:' parameters (model files sent with the load request) are not "
+                "supported; put the files in the model repository and load without them"
+            )
+        if key != "config":
+            raise InvalidArgument(
+                f"unknown load parameter {clip(key)}; supported: 'config' (a JSON model configuration)"
+            )
+    config = None
+    if "config" in parameters:
+        if not valid_name(name):
+            raise InvalidArgument(f"model name {clip(name)} is not a model folder name")
+        where = f"model '{name}' load parameter 'config'"
+        text = parameters["config"]
+        if not isinstance(text, str):
+            raise InvalidArgument(f"{where} must be a string holding a JSON model configuration, got {clip(text)}")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{where} is not valid JSON (line {exc.lineno} column {exc.colno})") from None
+        except (ValueError, RecursionError):
+            raise InvalidArgument(f"{where} is not valid JSON") from None
+        if not isinstance(document, dict):
+            raise InvalidArgument(
+                f"{where} must be a JSON object (Triton's ModelConfig), got {type(document).__name__}"
+            )
+        message = pb.ModelConfig()
+        try:
+            json_format.ParseDict(document, message)
+        except json_format.ParseError as exc:
+            detail = str(exc)
+            unknown = re.search(r'Message type "inference\.(\w+)" has no field named "([^"]{0,64})"', detail)
+            bad = re.search(r"Failed to parse (\w+) field", detail)
+            if unknown:
+                inside = "" if unknown.group(1) == "ModelConfig" else f" in {unknown.group(1)}"
+                detail = f"unknown field {clip(unknown.group(2))}{inside} (not in Triton's ModelConfig)"
+            elif bad:
+                detail = f"field '{bad.group(1)}' has a value of the wrong type or out of range"
+            else:
+                detail = "not a valid Triton ModelConfig"
+            raise InvalidArgument(f"{where}: {detail}") from None
+        folder = plane.repository.root / name
+        try:
+            config = triton_config.parse(text_format.MessageToString(message), name, plane.repository.providers.kind,
+                                        folder)  # fmt: skip
+        except InvalidArgument as exc:  # the same checks as config.pbtxt's; the message says where it came from
+            raise InvalidArgument(exc.message.replace(f"model '{name}' {triton_config.FILENAME}", where, 1)) from None
+        config[classification.LABELS_KEY] = files = classification.label_files(message)
+        for output, filename in files.items():
+            try:
+                classification.label_path(name, output, folder, filename)
+            except FailedPrecondition as exc:
+                raise InvalidArgument(f"{where}: {exc.message}") from None
+    load = functools.partial(plane.repository.load, name, config)
+    await asyncio.get_running_loop().run_in_executor(plane.executor, load)
 
 
 async def unload_model(plane: DataPlane, name: str) -> None:

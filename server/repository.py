@@ -353,11 +353,13 @@ class ModelRepository:
                 "'_', '-' or '.', not starting with '.' or '-'"
             )
 
-    def load(self, name: str) -> ModelEntry:
-        """RepositoryModelLoad: allowed in explicit mode only (ModelControlDisabled otherwise)."""
+    def load(self, name: str, config: dict | None = None) -> ModelEntry:
+        """RepositoryModelLoad: allowed in explicit mode only (ModelControlDisabled otherwise).
+        `config`: a parsed configuration (`model_config.parse`) used for this load instead of the
+        model's files (the load request's `config` parameter); every version is then reloaded."""
         self._check_control("load")
         self._check_name(name)
-        return self._load(name)
+        return self._load(name, config)
 
     def unload(self, name: str) -> None:
         """RepositoryModelUnload: allowed in explicit mode only (ModelControlDisabled otherwise)."""
@@ -382,7 +384,7 @@ class ModelRepository:
         if changed:
             self.on_change(name, False)
 
-    def _load(self, name: str) -> ModelEntry:
+    def _load(self, name: str, config: dict | None = None) -> ModelEntry:
         """(Re)load every version of a model from disk; the old versions serve until the swap."""
         with self._load_lock:
             folder = self.root / name
@@ -391,10 +393,12 @@ class ModelRepository:
                 raise NotFound(f"model '{name}' has no <version>/model.onnx in the model repository")
             loaded = {}
             signature = _signature(folder)
+            if config is not None:  # given with the load request: nothing loaded before ran with it
+                signature["config"] = ("load request", id(config))
             with self._lock:
                 previous = self._models.get(name)
             try:
-                model_config = _read_config(name, folder, self.providers.kind)
+                model_config = config if config is not None else _read_config(name, folder, self.providers.kind)
                 policy = policy_from_config(self.policy, name, model_config)
             except InvalidArgument as exc:
                 self._fail(name, previous, signature, exc.message)

@@ -49,10 +49,10 @@ import numpy as np
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server import handlers
+from server import classification, handlers
 from server.codec import DATATYPES, MAX_RANK, Limits, check_bytes_count, check_shape
 from server.dataplane import InferRequest, InferResponse
-from server.dtypes import OBJECT, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
+from server.dtypes import OBJECT, TRITON_TO_OIP, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, clip
 from server.handlers import error_status
 from server.memory import JSON_RESPONSE_FACTOR, call_cost, client_key
@@ -117,9 +117,13 @@ def build_request(
     Binary tensors are zero-copy views of `binary`; shapes are checked before anything is built."""
     if not isinstance(header, dict):
         raise InvalidArgument("request body must be a JSON object with 'inputs'")
-    unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs"})
+    unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
     if unknown:
-        raise InvalidArgument(f"unknown request field(s) {clip(unknown)}; expected id, parameters, inputs, outputs")
+        raise InvalidArgument(
+            f"unknown request field(s) {clip(unknown)}; expected id, parameters, inputs, outputs (and model_name, "
+            "model_version matching the URL)"
+        )
+    version = _body_model(header, model, version)
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidArgument(f"'id' must be a string, got {clip(request_id)}")
@@ -150,9 +154,9 @@ def build_request(
             raise InvalidArgument(f"input {clip(name)}: 'shape' must be a list of integers, got {clip(shape)}")
         if len(shape) <= MAX_RANK and any(not 0 <= d < 2**63 for d in shape):
             raise InvalidArgument(f"input {clip(name)}: every dimension of shape {clip(shape)} must be in 0..2^63-1")
-        check_shape(name, shape, limits)  # before anything is allocated
-        count = math.prod(shape)
         dtype = DATATYPES[datatype][0]
+        check_shape(name, shape, limits, dtype.itemsize if dtype != OBJECT else 0)  # before anything is allocated
+        count = math.prod(shape)
         tparams = _params(tensor.get("parameters"), f"input {clip(name)}")
         size = tparams.get("binary_data_size")
         if size is not None:
@@ -186,19 +190,7 @@ def build_request(
                 check_bytes_count(name, count)
                 request.inputs[name] = _json_strings(name, tensor["data"], shape, count)
                 continue
-            try:
-                parsed = np.asarray(tensor["data"])
-                # e.g. 1.9 for INT64 is refused, not truncated
-                if parsed.size and parsed.dtype.kind not in _KINDS[dtype.kind]:
-                    raise TypeError(f"got {parsed.dtype.kind!r}-kind values")
-                with np.errstate(over="ignore", invalid="ignore"):  # FP32 overflow: inf, refused later
-                    array = parsed.astype(dtype)
-                if dtype.kind in "iu" and parsed.size and not np.array_equal(array, parsed):
-                    raise OverflowError(f"values out of the {datatype} range")
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise InvalidArgument(
-                    f"input {clip(name)}: 'data' is not a (nested) list of {datatype} values: {clip(str(exc), 200)}"
-                ) from None
+            array = _json_numbers(name, tensor["data"], datatype, dtype)
             if array.size != count:
                 raise InvalidArgument(
                     f"input {clip(name)}: shape {shape} holds {count} elements, 'data' has {array.size}"
@@ -214,6 +206,8 @@ def build_request(
     for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidArgument(f"outputs[{i}] must be an object with a string 'name'")
+        if out["name"] in request.outputs:  # Triton's words
+            raise InvalidArgument(f"output {clip(out['name'])} already exists in request")
         oparams = _params(out.get("parameters"), f"output {clip(out['name'])}")
         if "binary_data" in oparams:  # an explicit choice wins over binary_data_output
             choice = oparams.pop("binary_data")
@@ -222,20 +216,88 @@ def build_request(
                     f"output {clip(out['name'])}: binary_data must be true or false, got {clip(choice)}"
                 )
             binary_outputs[out["name"]] = choice
-        if "classification" in oparams:
-            raise InvalidArgument(f"output {clip(out['name'])}: the classification extension is not supported")
+        classification.class_count(out["name"], oparams)
         request.outputs.append(out["name"])
+        if oparams:
+            request.output_parameters[out["name"]] = oparams
     return request, binary_outputs, binary_all
+
+
+def _body_model(header: dict, model: str, version: str) -> str:
+    """KServe's SDK repeats the model (and version) in the body: accepted when they agree with the
+    URL; a body version names the version when the URL has none. Returns the version to run."""
+    name = header.get("model_name")
+    if name is not None and name != model:
+        raise InvalidArgument(
+            f"request body 'model_name' {clip(name)} contradicts the URL's model {clip(model)}; leave it out or "
+            "make it match"
+        )
+    body_version = header.get("model_version")
+    if body_version is None or body_version == "":
+        return version
+    if not isinstance(body_version, str):
+        raise InvalidArgument(f"request body 'model_version' must be a string, got {clip(body_version)}")
+    if version and body_version != version:
+        raise InvalidArgument(
+            f"request body 'model_version' {clip(body_version)} contradicts the URL's version {clip(version)}; "
+            "leave it out or make it match"
+        )
+    return body_version
+
+
+_KIND_WORDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "non-integer numbers", "U": "strings"}
+MAX_JSON_DEPTH = 100  # nesting of a tensor's 'data' (Triton's limit and words)
+
+
+def _json_numbers(name: str, data, datatype: str, dtype: np.dtype) -> np.ndarray:
+    """A numeric tensor's JSON 'data' (nested lists, any nesting that holds the right count) as a
+    flat-or-nested numpy array of `dtype`; messages say what was wrong in this server's words."""
+    depth, probe = 0, data
+    while isinstance(probe, list) and probe:
+        depth, probe = depth + 1, probe[0]
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument(
+                f"input {clip(name)}: JSON nesting depth exceeds maximum allowed limit ({MAX_JSON_DEPTH})"
+            )
+    if depth > 32:  # numpy takes at most 64 dimensions: flatten such (legal, if odd) nesting first
+        flat, stack = [], [data]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, list):
+                stack.extend(reversed(item))
+            else:
+                flat.append(item)
+        data = flat
+    expected = f"input {clip(name)}: 'data' must be a (nested) list of {datatype} values"
+    try:
+        parsed = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{expected} with lists of equal lengths at each level") from None
+    if parsed.size and parsed.dtype.kind not in _KINDS[dtype.kind]:  # e.g. 1.9 for INT64: refused, not cut
+        got = _KIND_WORDS.get(parsed.dtype.kind, "mixed or non-numeric values (or integers past 64 bits)")
+        raise InvalidArgument(f"{expected}, got {got}")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # FP32 overflow: inf, refused later
+            array = parsed.astype(dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidArgument(f"{expected}; some are out of its range") from None
+    if dtype.kind in "iu" and parsed.size and not np.array_equal(array, parsed):
+        raise InvalidArgument(f"{expected}; some are out of the {datatype} range")
+    return array
 
 
 def _json_strings(name: str, data, shape: list[int], count: int) -> np.ndarray:
     """BYTES 'data' in JSON: a (nested) list of strings (UTF-8 encoded), as Triton's REST API."""
     flat: list = []
-    stack = [data]
+    stack = [(data, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if isinstance(item, list):
-            stack.extend(reversed(item))
+            if depth >= MAX_JSON_DEPTH:
+                raise InvalidArgument(
+                    f"input {clip(name)}: JSON nesting depth exceeds maximum allowed limit ({MAX_JSON_DEPTH})"
+                )
+            stack.extend((x, depth + 1) for x in reversed(item))
         elif isinstance(item, str):
             flat.append(item.encode("utf-8"))
         else:
@@ -555,7 +617,7 @@ class RestApp:
             try:
                 options = json.loads(raw) if raw.strip() else {}
             except (ValueError, RecursionError) as exc:
-                raise HttpError(400, f"request body is not valid JSON: {clip(str(exc), 200)}") from None
+                raise HttpError(400, _json_error(exc)) from None
             if not isinstance(options, dict):
                 raise HttpError(400, "request body must be a JSON object")
             if parts == ["index"]:
@@ -565,11 +627,18 @@ class RestApp:
                 index = _to_json(handlers.repository_index(self.plane, ready_only))["models"]
                 return await ex.respond(200, _dumps(index))
             if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
-                if options.get("parameters"):
-                    raise HttpError(400, "load/unload parameters (config override, files) are not supported")
+                params = _params(options.get("parameters"), parts[2])
+                if parts[2] == "unload":
+                    # tritonclient's unload_dependents: no model here has dependents (no ensembles)
+                    if not isinstance(params.pop("unload_dependents", False), bool):
+                        raise HttpError(400, "unload parameter 'unload_dependents' must be true or false")
+                    if params:
+                        raise HttpError(400, f"unload parameter(s) {clip(sorted(params))} are not supported")
                 with self.admission.call():
-                    action = handlers.load_model if parts[2] == "load" else handlers.unload_model
-                    await action(self.plane, parts[1])
+                    if parts[2] == "load":
+                        await handlers.load_model(self.plane, parts[1], params)
+                    else:
+                        await handlers.unload_model(self.plane, parts[1])
                 return await ex.respond(200, b"{}")
         raise HttpError(404, f"no such endpoint /v2/repository/{clip('/'.join(parts))}")
 
@@ -655,16 +724,88 @@ class _Held(contextlib.AbstractContextManager):
             self.hold.release()
 
 
-def _parse(body: bytes, n: int, model: str, version: str, limits: Limits):
-    """Body -> (InferRequest, binary outputs, binary default); the first `n` bytes are the JSON."""
+def _parse(body: bytes, n: int, model: str, version: str, limits: Limits, plane=None):
+    """Body -> (InferRequest, binary outputs, binary default); the first `n` bytes are the JSON.
+    `n` 0: Triton's raw binary request, the body is the one input's bytes (`plane` gives the
+    model's configuration, from which its shape is deduced)."""
+    if n == 0:
+        if plane is None:
+            raise HttpError(400, f"{HEADER_LENGTH} 0 (a raw binary request) is not accepted here")
+        return raw_request(body, model, version, limits, plane.model_config(model, version))
     try:
         header = json.loads(body[:n] if n < len(body) else body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise HttpError(400, f"request body is not valid JSON: {clip(str(exc), 200)}") from None
+    except (ValueError, RecursionError) as exc:
+        raise HttpError(400, _json_error(exc)) from None
     try:
         return build_request(header, memoryview(body)[n:], model, version, limits)
-    except (UnicodeError, RecursionError) as exc:
-        raise HttpError(400, f"request not valid: {clip(str(exc), 200)}") from None
+    except UnicodeError:
+        raise HttpError(400, "request not valid: a string holds a lone surrogate (not encodable as UTF-8)") from None
+    except RecursionError:
+        raise HttpError(400, "request not valid: nested too deeply") from None
+
+
+def _json_error(exc: BaseException) -> str:
+    """Why a body is not JSON, in this server's words (the parser's own text stays out)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"request body is not valid JSON (line {exc.lineno} column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return "request body is not valid JSON: it is not UTF-8 text"
+    if isinstance(exc, RecursionError):
+        return "request body is not valid JSON: JSON nesting depth exceeds what the parser accepts"
+    return "request body is not valid JSON (a number too long to read, or text that is not UTF-8)"
+
+
+def raw_request(body: bytes, model: str, version: str, limits: Limits, config: dict):
+    """Triton's raw binary request: `body` is the bytes of the model's only input, its shape
+    deduced from the model's configuration (`config`, Triton's ModelConfig as plain data): at most
+    one variable dim (a BYTES input: shape [1], the body its one element); a batching model gets
+    a batch of 1. Every output comes back binary. Messages in Triton's words."""
+    inputs = config.get("input", [])
+    if len(inputs) != 1:
+        raise InvalidArgument(
+            f"Raw request must only have 1 input (found 1) to be deduced but got {len(inputs)} inputs in "
+            f"'{model}' model configuration"
+        )
+    name = inputs[0]["name"]
+    datatype = TRITON_TO_OIP.get(inputs[0]["data_type"], "")
+    shape = [1] if config.get("max_batch_size", 0) else []
+    dynamic, count = None, 1
+    for d in inputs[0].get("dims", []):
+        if d < 0:
+            if dynamic is not None:
+                raise InvalidArgument(
+                    f"The shape of the raw input '{name}' can not be deduced because there are more than one "
+                    "variable-sized dimension"
+                )
+            dynamic = len(shape)
+        else:
+            count *= d
+        shape.append(int(d))
+    if datatype == "BYTES":
+        if dynamic is not None or count != 1:
+            raise InvalidArgument(f"For BYTE datatype raw input '{name}', the model must have input shape [1]")
+        array = np.empty(1, OBJECT)
+        array[0] = bytes(body)
+        array = array.reshape(shape)
+    elif datatype in DATATYPES:
+        dtype = DATATYPES[datatype][0]
+        unit = count * dtype.itemsize
+        if dynamic is not None:
+            if unit == 0 or len(body) % unit:
+                raise InvalidArgument(
+                    f"raw input '{name}': {len(body)} bytes are not a whole number of {unit}-byte steps of its "
+                    f"variable dimension ({datatype}, shape {shape})"
+                )
+            shape[dynamic] = len(body) // unit
+        elif len(body) != unit:
+            raise InvalidArgument(
+                f"raw input '{name}': {len(body)} bytes, expected {unit} for shape {shape} of {datatype}"
+            )
+        check_shape(name, shape, limits, dtype.itemsize)
+        array = np.frombuffer(body, dtype.newbyteorder("<")).reshape(shape)
+    else:
+        raise InvalidArgument(f"raw input '{name}': datatype {clip(inputs[0]['data_type'])} cannot be sent raw")
+    return InferRequest(model_name=model, model_version=version, inputs={name: array}), {}, True
 
 
 class _HeadTooLarge(Exception):

@@ -15,9 +15,10 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from server import handlers
+from server import classification, handlers
 from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
+from server.errors import InvalidArgument, clip
 from server.handlers import Admission, error_status
 from server.memory import Hold, MemoryBudget, call_cost, client_key
 from server.proto import grpc_service_pb2 as pb
@@ -76,15 +77,24 @@ def parameter_value(p: pb.InferParameter):
 
 def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: float | None) -> InferRequest:
     """A ModelInferRequest as the data plane's request: tensors decoded (sizes checked before
-    anything is allocated), parameters as plain values."""
+    anything is allocated), parameters (the request's and each output's) as plain values."""
+    outputs, output_parameters = [], {}
+    for o in request.outputs:
+        if o.name in outputs:  # Triton's words
+            raise InvalidArgument(f"output {clip(o.name)} already exists in request")
+        outputs.append(o.name)
+        if o.parameters:
+            output_parameters[o.name] = {k: parameter_value(v) for k, v in o.parameters.items()}
+    classification.check(output_parameters)  # before anything runs
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
         inputs=decode_inputs(request, plane.limits),
-        outputs=[o.name for o in request.outputs],
+        outputs=outputs,
         parameters={k: parameter_value(v) for k, v in request.parameters.items()},
         deadline=deadline,
+        output_parameters=output_parameters,
     )
 
 
@@ -302,8 +312,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def RepositoryModelLoad(self, request, context):
+        """Load with the request's parameters as plain values (`config`: string_param, as
+        tritonclient sends it; `file:` ones, bytes_param, are refused by `handlers.load_model`)."""
+        parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
         with self.admission.call():
-            await handlers.load_model(self.plane, request.model_name)
+            await handlers.load_model(self.plane, request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     @_unary

@@ -428,5 +428,39 @@ class SharedMemoryRegistry:
                 os.close(region.fd)
 
 
+class ShmCall:
+    """The shared-memory side of one inference call, the same for both frontends: inputs read
+    out of their regions while the request is decoded, output regions checked before the run (a
+    bad one costs no run), outputs written only after the run succeeded."""
+
+    def __init__(self, registry: SharedMemoryRegistry, owner=None) -> None:
+        self.registry, self.owner = registry, owner
+        self.outputs: dict[str, ShmRef] = {}  # output name -> where it goes
+
+    def read_input(self, name: str, datatype: str, shape, params) -> np.ndarray | None:
+        """The input `name` from shared memory if its parameters name a region, else None (its data
+        is in the message)."""
+        ref = parse_params(name, params, "input")
+        if ref is None:
+            return None
+        return self.registry.read_input(ref.region, ref.offset, ref.byte_size, datatype, shape, self.owner, name)
+
+    def add_output(self, name: str, params) -> bool:
+        """Whether the requested output `name` goes to shared memory (its region checked now)."""
+        ref = parse_params(name, params, "output")
+        if ref is None:
+            return False
+        self.registry.check(ref.region, ref.offset, ref.byte_size, self.owner)
+        self.outputs[name] = ref
+        return True
+
+    def write(self, arrays) -> None:
+        """After the run succeeded: the shared-memory outputs among `arrays` (name -> array) into
+        their regions, all checked before the first is written."""
+        items = [(r.region, r.offset, r.byte_size, arrays[n], n) for n, r in self.outputs.items() if n in arrays]
+        if items:
+            self.registry.write_outputs(items, self.owner)
+
+
 def _by_name(item) -> str:
     return item[0][1]

@@ -22,6 +22,7 @@ from server.shm import (
     SHM_ROOT,
     AlreadyExists,
     SharedMemoryRegistry,
+    ShmCall,
     ShmRef,
     Unimplemented,
     cuda_shared_memory,
@@ -528,6 +529,37 @@ def test_parse_params():
     for params, message in cases:
         with pytest.raises(InvalidArgument, match=message):
             parse_params("x", params)
+
+
+def test_shm_call_reads_checks_and_writes(registry, make_object):
+    """One call as a frontend drives it: an input from shared memory and one inline, an output to
+    shared memory checked before the run and written after it, one output in the message."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    key_in, key_out = make_object(64, x.tobytes()), make_object(64)
+    registry.register("in", key_in, 0, 64)
+    registry.register("out", key_out, 0, 64)
+    call = ShmCall(registry)
+    region = {"shared_memory_region": "in", "shared_memory_byte_size": 24}
+    np.testing.assert_array_equal(call.read_input("x", "FP32", [2, 3], region), x)
+    assert call.read_input("lengths", "INT64", [2], {}) is None  # in the message
+    with pytest.raises(InvalidArgument, match="'shared_memory_byte_size' must be specified .* for input 'h0'"):
+        call.read_input("h0", "FP32", [1], {"shared_memory_region": "in"})
+    with pytest.raises(NotFound, match="Unable to find shared memory region: 'nope'"):  # refused before the run
+        call.add_output("y", {"shared_memory_region": "nope", "shared_memory_byte_size": 8})
+    out = {"shared_memory_region": "out", "shared_memory_byte_size": 32}
+    with pytest.raises(InvalidArgument, match="Invalid offset"):
+        call.add_output("y", {**out, "shared_memory_offset": 60})
+    assert call.add_output("y", {**out, "shared_memory_offset": 8})
+    assert not call.add_output("h_n", {"binary_data": True})
+    assert list(call.outputs) == ["y"]
+    y = np.full((2, 4), 2.5, np.float32)
+    call.write({"y": y, "h_n": np.zeros(3, np.float32)})
+    data = object_path(key_out).read_bytes()
+    assert data[:8] == bytes(8) and data[40:] == bytes(24)
+    np.testing.assert_array_equal(np.frombuffer(data[8:40], np.float32).reshape(2, 4), y)
+    other = ShmCall(registry, owner_of("Bearer t", True))  # another owner does not see the regions
+    with pytest.raises(NotFound):
+        other.read_input("x", "FP32", [2, 3], region)
 
 
 def test_cuda_shared_memory_is_refused_by_name():

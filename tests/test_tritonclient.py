@@ -92,3 +92,5 @@ def test_proto_matches_tritonclient_descriptors():
             problems.append(f"rpc {name}: ours {spec}, tritonclient {theirs['methods'].get(name)}")
     assert not problems, "\n".join(problems)
     assert len(ours["messages"]) >= 40 and "ModelConfig" in ours["methods"]  # the comparison covered the file
+    shm = {f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda") for verb in ("Status", "Register", "Unregister")}
+    assert shm <= set(ours["methods"]), sorted(shm - set(ours["methods"]))

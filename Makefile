@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TRITON_VENV := .venv-triton
 RAY_VENV := .venv-ray
+KSERVE_VENV := .venv-kserve
 DOCS_VENV := .venv-docs
 MODELS ?= models
 # what `make serve` (and serve-envoy, serve-ray, bench, soak) need: exported when missing; the int8
@@ -17,7 +18,7 @@ SERVE_ARGS ?=
 HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-fast test-ray bench soak train lint clean triton-venv docs docs-venv
+.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-fast test-ray bench soak train lint clean triton-venv kserve-venv docs docs-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +45,13 @@ $(RAY_VENV)/.installed: requirements-ray.txt requirements-server.txt
 	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
 	$(RAY_VENV)/bin/python -m pip install -q -r requirements-ray.txt
 	touch $@
+
+$(KSERVE_VENV)/.installed: requirements-kserve.txt
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q -r requirements-kserve.txt
+	touch $@
+
+kserve-venv: $(KSERVE_VENV)/.installed ## separate venv with KServe's Python SDK (~450 MB; its clients are tested against the server)
 
 ray-venv: $(RAY_VENV)/.installed ## separate venv with ray[serve] (~500 MB; optional extra)
 
@@ -91,9 +99,10 @@ bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift
 	$(PY) -m bench.soak --models $(MODELS) --out docs/soak.json
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed docs ## run the whole test suite (proto check, docs build, export, server, tritonclient); Ray: make test-ray
+test: $(VENV)/.installed $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed docs ## run the whole test suite (proto check, docs build, export, server, tritonclient); Ray: make test-ray
 	$(PY) -m server.proto.generate $(PROTO_OUT) --check
-	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q --durations=10 --ignore=tests/test_ray.py
+	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python \
+		$(PY) -m pytest -q --durations=10 --ignore=tests/test_ray.py
 
 test-fast: $(VENV)/.installed $(TRITON_VENV)/.installed ## the tests not marked slow (under a minute): the edit loop; make test runs all
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(PY) -m pytest -q -m "not slow" --durations=5 --ignore=tests/test_ray.py

@@ -116,6 +116,7 @@ def test_dynamo_export_served_concurrently_equals_ort(tmp_path):
     path = root / "dyn" / "1" / "model.onnx"
     path.parent.mkdir(parents=True)
     _dynamo_encoder(path)
+    (root / "dyn" / "config.json").write_text('{"batching": {"enabled": true}}')  # a file from elsewhere: opts in
     assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"LSTM"}  # native recurrent nodes
     session = _session(path)
     rng = np.random.default_rng(4)

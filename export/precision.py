@@ -261,9 +261,11 @@ def quantize_int8(src: Path, dst: Path, name: str) -> list[str]:
 # quantize a request with its batch-mates' range. ORT has no LSTM kernel with a fixed (calibrated)
 # activation scale, so the twin instead runs its quantized graph in an ONNX Loop over the batch,
 # each row cut to its own length: every scale is then that row's alone, and a request's answer is
-# the same bits alone or merged. Measured (ORT 1.31, 1 thread, T = 50): the encoder's twin keeps
-# 2.0x the float model's rate at batch 16 and 64 (the unrolled-per-row graph is not needed: the
-# Loop body is the quantized graph itself, so the file stays the same size).
+# the same bits alone or merged. The Loop body is the quantized graph itself (nothing unrolled, the
+# file stays the size it was). Measured (ORT 1.31, 1 thread, T = 50, a shared 2-CPU host): the
+# encoder's twin 1.9-2.3x the float model's rate at batch 16 and 64, the batch-dependent one
+# 2.6-2.7x; a fixed calibrated scale would leave the LSTMs float (no such ORT kernel): ~1.0x.
+# docs/precision.md has the figures.
 _ROW = "row_loop/"  # prefix of every name the Loop adds
 
 

@@ -465,15 +465,28 @@ def test_family_int8_twins_are_batch_invariant(twin_repo):
     assert batch_dependence(family.model_path(twin_repo, "speaker_id_int8"), 12) == 0.0
 
 
-def test_served_int8_concurrent_equals_alone(twin_repo, twin_client):
+def test_served_int8_concurrent_equals_alone(twin_repo, twin_server, twin_client):
     """Concurrent requests, which the server merges into shared runs: each answer is bit-identical to
     ONNX Runtime in-process on that request alone (the twin quantizes each row on its own), and within
     int8's tolerance of the float model."""
+    import grpc
+
+    from server.proto import grpc_service_pb2 as pb
+    from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+    def runs() -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{twin_server.port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            (ms,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="encoder_int8")).model_stats
+        return ms.execution_count
+
     twin, base = session(family.model_path(twin_repo, "encoder_int8")), session(family.model_path(twin_repo, "encoder"))
     reqs = _requests(24, seed=9)
     reqs[0][0][:] *= 10.0  # a loud batch-mate for whoever shares its run
+    before = runs()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda r: twin_client.infer_batch("encoder_int8", *r), reqs))
+    assert runs() - before < len(reqs), "no request was merged: the check below would prove nothing"
     for (x, lengths), got in zip(reqs, results):
         alone = twin.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})
         want = base.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})

@@ -4,8 +4,10 @@ Served: one server (batching on, the benchmark's pinning) serves both files; sin
 requests at c = 1, 16 and 64, float32 then int8 at each concurrency, so the two rates share the
 machine's state. In-process: ONNX Runtime sessions of both files at batch 1, 16 and 64, one
 thread. Then the classifier twin's accuracy served, on its held-out data, beside its float model's.
-Ratios go into the targets table; int8 at c=16 must reach 2x float32 where the CPU has AVX-512 VNNI
-(or AMX); elsewhere the ratio is reported, not judged.
+Ratios go into the targets table; int8 at c=16 must reach 1.8x float32 where the CPU has AVX-512
+VNNI (or AMX); elsewhere the ratio is reported, not judged. The int8 twin runs each batch row on
+its own (export.precision.row_loop), so the line also checks in-process that a row's answer is the
+same bits alone and in a batch of 16 with a louder batch-mate (goal: 0).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-INT8_SERVED_GOAL = 2.0  # served int8 / served float32 at c=16, on AVX-512 VNNI or AMX machines
+# served int8 / served float32 at c=16, on AVX-512 VNNI or AMX machines: the issue's goal with batch
+# invariance on. Batch-invariant int8 runs each row on its own (no int8 GEMM over the merged rows):
+# measured 1.64x, 1.70x and 1.87x served, 1.9x in-process at batch 16, on this project's 2-CPU host under
+# other load, against 2.4x served and 2.7x in-process for the batch-dependent twin it replaced.
+INT8_SERVED_GOAL = 1.8
 ACCURACY_GOAL = 0.97  # served int8 classifier on its held-out data
 
 
@@ -48,6 +54,30 @@ def served_accuracy(target: str, model: str, data, per_request: int = 16) -> flo
             results = client.infer(model, seqs, outputs=[data.output])
             right += sum(int(r[data.output].argmax() == y) for r, y in zip(results, data.labels[start:]))
     return right / len(data.labels)
+
+
+def batch_dependence(session, features: int, batch: int = 16, steps: int = 50, seed: int = 0) -> float:
+    """Largest |merged - alone| over `session`'s outputs: a ragged (batch, steps) batch whose row 1 is
+    10x louder, each row also run alone (cut to its length). 0.0 for a batch-invariant model."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, steps + 1, batch).astype(np.int64)
+    x = rng.standard_normal((batch, steps, features)).astype(np.float32)
+    x[1] *= 10.0
+    for i, n in enumerate(lengths):
+        x[i, n:] = 0.0
+    outputs = session.get_outputs()
+    merged = session.run(None, {"x": x, "lengths": lengths})
+    worst = 0.0
+    for i, n in enumerate(lengths):
+        alone = session.run(None, {"x": x[i : i + 1, :n], "lengths": lengths[i : i + 1]})
+        for out, whole, one in zip(outputs, merged, alone):
+            row = np.take(whole, [i], axis=out.shape.index("batch"))
+            if "time" in out.shape:
+                row = np.take(row, range(n), axis=out.shape.index("time"))
+            worst = max(worst, float(np.abs(row - one).max()))
+    return worst
 
 
 def run_line(
@@ -101,6 +131,9 @@ def run_line(
             rate, ms = inprocess(run, batch)
             out["inprocess"][(name, batch)] = rate
             print(f"in-process {name:14} batch {batch:<3} {rate:8.1f} seq/s  median {ms:7.2f} ms", flush=True)
+        if name == int8_model:
+            out["batch_dependence"] = batch_dependence(session, session.get_inputs()[0].shape[2])
+            print(f"in-process {name}: alone vs merged max |diff| {out['batch_dependence']:.3g}", flush=True)
     out.update(models=(model, int8_model, classifier), concurrency=concurrency, batches=batches)
     return out
 
@@ -144,6 +177,12 @@ def targets(result: dict, cpu: dict, judged: int, transport: float | None = None
         rows.append({"key": f"int8_inprocess_b{batch}", "target": f"in-process {int8_model} / {model}, batch {batch}, "
                      "T=50", "value": b / a, "goal": "measured", "ok": None,
                      "detail": f"{b:.0f} vs {a:.0f} seq/s"})  # fmt: skip
+    if "batch_dependence" in result:
+        diff = result["batch_dependence"]
+        detail = "bit-identical" if diff == 0.0 else f"differs by {diff:.3g}"
+        rows.append({"key": "int8_batch_invariant", "target": f"in-process {int8_model}: a row alone vs the same "
+                     "row in a batch of 16 with a 10x louder batch-mate, max |diff|", "value": diff, "goal": "= 0",
+                     "ok": diff == 0.0, "detail": detail})  # fmt: skip
     acc = result["accuracy"]
     twin = f"{classifier}_int8"
     if twin in acc:

@@ -137,6 +137,14 @@ def models_root(tmp_path_factory) -> Path:
     export_static(make_encoder(SMALL["bi"]), 12, family.model_path(root, "bi_static_t12"))
     for prec in ("int8", "fp16"):
         precision.make_twin(family.model_path(root, "bi"), prec, family.model_path(root, f"bi_{prec}"), "bi")
+    # an int8 twin as written before twins ran row by row: ORT's dynamic quantization over the whole
+    # batch (what an int8 file from elsewhere typically is)
+    row_loop = precision.row_loop
+    precision.row_loop = lambda model, name: model
+    try:
+        precision.make_twin(family.model_path(root, "bi"), "int8", family.model_path(root, "bi_int8_per_run"), "bi")
+    finally:
+        precision.row_loop = row_loop
     return root
 
 
@@ -237,10 +245,17 @@ def test_project_float_exports_still_merge(repository, name):
     assert found is not None and found[1] <= TOL, found
 
 
-def test_int8_twin_is_caught_and_served_unmerged(repository):
-    """ORT's DynamicQuantizeLSTM / DynamicQuantizeLinear pick one activation scale per run over the
-    whole batch: a row's answer moves with its batch-mates, so the twin runs each request alone."""
+def test_int8_twin_runs_row_by_row_and_merges(repository):
+    """The export's int8 twin quantizes each batch row on its own: bit-identical alone vs merged."""
     rt = repository.get("bi_int8", "")
+    assert rt.export_metadata["lstm.precision"] == "int8"
+    assert rt.signature.batching_rule == "ragged" and rt.batch_invariance == "bit-identical", rt.batch_invariance
+
+
+def test_batch_dependent_int8_is_caught_and_served_unmerged(repository):
+    """ORT's DynamicQuantizeLSTM / DynamicQuantizeLinear over a whole batch pick one activation scale
+    per run: a row's answer moves with its batch-mates, so such a file runs each request alone."""
+    rt = repository.get("bi_int8_per_run", "")
     assert rt.export_metadata["lstm.precision"] == "int8"
     assert rt.signature.batching_rule == "none" and rt.batch_invariance.endswith("(not merged)"), rt.batch_invariance
     assert 1e-4 < float(rt.batch_invariance.split()[2]) < precision.TOLERANCE["int8"]
@@ -337,7 +352,13 @@ def _sequences(seed: int, count: int, features: int) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("model", "kind", "bound"),
-    [("batch_mean", "rows", 0.0), ("layernorm", "rows", 0.0), ("bi", "seq", TOL), ("bi_int8", "seq", 0.0)],
+    [
+        ("batch_mean", "rows", 0.0),
+        ("layernorm", "rows", 0.0),
+        ("bi", "seq", TOL),
+        ("bi_int8", "seq", 0.0),
+        ("bi_int8_per_run", "seq", 0.0),
+    ],
 )
 def test_concurrent_answers_equal_alone_within_the_contract(models_root, repository, server, model, kind, bound):
     """12 clients at once: each answer equals its request run alone by the served version itself
@@ -378,7 +399,7 @@ def test_model_config_says_the_verdict(server):
     from server.client import LSTMClient
 
     with LSTMClient(f"127.0.0.1:{server.port}") as c:
-        for model in ("batch_mean", "batch_mean_allowed", "layernorm", "bi", "bi_int8"):
+        for model in ("batch_mean", "batch_mean_allowed", "layernorm", "bi", "bi_int8", "bi_int8_per_run"):
             params = c.config(model)["parameters"]
             assert params["batch_invariance"]["string_value"] == server.repository.get(model, "").batch_invariance
             assert params["batching_rule"]["string_value"] == server.repository.get(model, "").signature.batching_rule

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import control
 from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
@@ -190,14 +191,26 @@ def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None
     return out
 
 
-def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
+def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False) -> Prepared:
     """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
     signature; fill in what may be left out (lengths: full; states: initial). Messages name the
-    input and what was expected."""
+    input and what was expected. `sequence`: the request is a sequence's (the caller adds the
+    control inputs); a model with control inputs takes no other."""
     sig = rt.signature
+    if sig.controls and not sequence:
+        raise InvalidArgument(
+            f"inference request to model '{rt.name}' must specify a non-zero or non-empty correlation ID: it is a "
+            f"sequence model (its control inputs {[c.input for c in sig.controls]} are fed by the server); send "
+            "sequence_id, with sequence_start on a sequence's first request and sequence_end on its last"
+        )
     for name in arrays:
         if sig.input(name) is None:
             raise InvalidArgument(f"unknown input {clip(name)} for model '{rt.name}'; expected {sig.input_names}")
+        if name in sig.control_shapes:
+            raise InvalidArgument(
+                f"input '{name}' of model '{rt.name}' is a sequence control input: the server feeds it from "
+                f"sequence_id / sequence_start / sequence_end; send only {sig.input_names}"
+            )
     for spec in sig.required_inputs:
         if spec.name not in arrays:
             raise InvalidArgument(
@@ -595,7 +608,7 @@ class DataPlane:
             raise InvalidArgument(
                 f"missing required input(s) {required} (only a sequence_end request may carry no inputs)"
             )
-        prepared = validate(rt, arrays, list(request.outputs)) if arrays else None
+        prepared = validate(rt, arrays, list(request.outputs), sequence=True) if arrays else None
         if prepared is not None and prepared.work.rows != 1:
             first_batched = next((t.name for t in sig.inputs if t.batch_axis is not None and t.name in arrays), "")
             raise InvalidArgument(
@@ -605,6 +618,12 @@ class DataPlane:
         initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
         triton = rt.model_config.get("triton")
         idle_s = triton.idle_us / 1e6 if triton is not None and triton.idle_us else None
+        controls = control.feeds(sig.controls, sig.control_shapes, seq_id, first, last) if prepared else {}
+        slots = control.slots_for(self.sequences)
+        if first and triton is not None and triton.max_sequences:
+            live = lambda other: self.sequences.version_of(rt.name, other) is not None  # noqa: E731
+            why = "sequence_batching.oldest.max_candidate_sequences"
+            slots.take(rt.name, rt.version, seq_id, triton.max_sequences, live, why)
         state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
         stored: dict[str, np.ndarray] = {}
         pairs = sig.states
@@ -624,7 +643,7 @@ class DataPlane:
                 response = InferResponse(rt.name, str(rt.version), request.id, {n: current[n] for n in wanted})
             else:
                 returned = prepared.outputs
-                feeds = {**prepared.feeds, **state.state}
+                feeds = {**prepared.feeds, **state.state, **controls}
                 work = dataclasses.replace(
                     prepared.work, feeds=feeds, outputs=sorted(set(returned) | {p.output for p in pairs}), key=None
                 )
@@ -637,6 +656,8 @@ class DataPlane:
             self.sequences.release(rt.name, seq_id, None, False)
             raise
         self.sequences.release(rt.name, seq_id, stored, last)
+        if last:
+            slots.free(rt.name, rt.version, seq_id)
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
         response.parameters["sequence_end"] = last
         return response
@@ -755,7 +776,7 @@ class DataPlane:
         }
         policy = self.policy_for(rt)
         headers = {
-            "lstm-export-metadata": json.dumps(rt.export_metadata, sort_keys=True),
+            "lstm-export-metadata": _metadata_header(rt.export_metadata),
             "lstm-provider": rt.provider,
             "lstm-provider-note": rt.provider_note,
             "lstm-precision": rt.export_metadata.get("lstm.precision", ""),
@@ -766,7 +787,48 @@ class DataPlane:
             "lstm-axes": json.dumps(sig.axes_json(), sort_keys=True),
             "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
-        return metadata, headers
+        return metadata, _bounded(headers)
+
+
+# gRPC clients refuse response headers over 16 KB in all (some from ~8 KB): what this server adds
+# to ModelMetadata stays far below; the full export metadata is in ModelConfig's parameters
+HEADER_MAX_BYTES = 1024
+HEADERS_MAX_BYTES = 4096
+
+
+def _metadata_header(meta: dict[str, str]) -> str:
+    """The file's metadata_props as JSON within HEADER_MAX_BYTES: this project's `lstm.*` keys
+    first, then the others while they fit; "_omitted" counts the keys left out (ModelConfig's
+    `export.<key>` parameters have them all)."""
+    whole = json.dumps(meta, sort_keys=True)
+    if len(whole.encode()) <= HEADER_MAX_BYTES:
+        return whole
+    kept: dict[str, object] = {}
+    omitted = 0
+    for key in sorted(meta, key=lambda k: (not k.startswith("lstm."), k)):
+        trial = {**kept, key: meta[key], "_omitted": len(meta)}
+        if len(json.dumps(trial, sort_keys=True).encode()) <= HEADER_MAX_BYTES:
+            kept[key] = meta[key]
+        else:
+            omitted += 1
+    kept["_omitted"] = omitted
+    return json.dumps(kept, sort_keys=True)
+
+
+def _bounded(headers: dict[str, str]) -> dict[str, str]:
+    """Headers as gRPC sends them (ASCII), each within HEADER_MAX_BYTES and all within
+    HEADERS_MAX_BYTES: one that does not fit is left out whole (a cut JSON value would not parse;
+    clients treat a missing header as "not sent")."""
+    out: dict[str, str] = {}
+    total = 0
+    for key, value in headers.items():
+        value = value.encode("ascii", "backslashreplace").decode("ascii")
+        size = len(key) + len(value)
+        if len(value) > HEADER_MAX_BYTES or total + size > HEADERS_MAX_BYTES:
+            continue
+        out[key] = value
+        total += size
+    return out
 
 
 def _nbytes(array: np.ndarray) -> int:

@@ -833,7 +833,8 @@ def test_large_metadata_props_do_not_break_grpc_model_metadata(tmp_path):
         target = f"127.0.0.1:{srv.port}"
         inputs = {"a": np.array([1, 2], np.int32), "b": np.array([3, 4], np.int32), "c": np.array([5, 6], np.int32)}
         out, seen = _tritonclient("grpc", target, "big", inputs, tmp_path)
-        assert (out["b_out"] == inputs["b"]).all() and [i["name"] for i in seen["metadata"]["inputs"]] == ["a", "b", "c"]
+        assert (out["b_out"] == inputs["b"]).all()
+        assert [i["name"] for i in seen["metadata"]["inputs"]] == ["a", "b", "c"]
         assert seen["config"]["parameters"]["export.character"]["string_value"] == chars * 3
         with LSTMClient(target, timeout=30) as c:
             meta = c.metadata("big")

@@ -38,7 +38,8 @@ input [ { name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
 output [ { name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
 """
 # Triton's docs/examples/model_repository/simple_sequence/config.pbtxt (license header left out)
-SIMPLE_SEQUENCE = """name: "simple_sequence"
+SIMPLE_SEQUENCE = (
+    """name: "simple_sequence"
 platform: "onnxruntime_onnx"
 max_batch_size: 8
 sequence_batching {
@@ -47,22 +48,31 @@ sequence_batching {
     { name: "READY" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] }
   ]
 }
-""" + _TENSORS + """
+"""
+    + _TENSORS
+    + """
 instance_group [ { kind: KIND_CPU } ]
 """
+)
 # .../simple_dyna_sequence/config.pbtxt
-SIMPLE_DYNA_SEQUENCE = """name: "simple_dyna_sequence"
+SIMPLE_DYNA_SEQUENCE = (
+    """name: "simple_dyna_sequence"
 platform: "onnxruntime_onnx"
 max_batch_size: 8
 sequence_batching {
   max_sequence_idle_microseconds: 10000000
   oldest { max_candidate_sequences: 1024 max_queue_delay_microseconds: 10000 }
-""" + _CONTROLS % "TYPE_UINT64" + """
+"""
+    + _CONTROLS % "TYPE_UINT64"
+    + """
 }
-""" + _TENSORS + """
+"""
+    + _TENSORS
+    + """
 parameters [ { key: "execute_delay_ms" value: { string_value: "3" } } ]
 instance_group [ { count: 2 kind: KIND_CPU } ]
 """
+)
 # qa/L0_http's simple_string_dyna_sequence: the dyna config with CORRID TYPE_STRING; Triton's is a
 # C++ backend that accumulates, so the ONNX model here keeps its sum in an implicit state
 SIMPLE_STRING_DYNA_SEQUENCE = (
@@ -82,7 +92,10 @@ def _int(name: str, elem=TensorProto.INT32):
 
 def sequence_model() -> onnx.ModelProto:
     """gen_qa_sequence_models.py's ONNX model: OUTPUT = READY * (INPUT + START)."""
-    nodes = [helper.make_node("Add", ["INPUT", "START"], ["add"]), helper.make_node("Mul", ["READY", "add"], ["OUTPUT"])]
+    nodes = [
+        helper.make_node("Add", ["INPUT", "START"], ["add"]),
+        helper.make_node("Mul", ["READY", "add"], ["OUTPUT"]),
+    ]
     graph = helper.make_graph(nodes, "seq", [_int("INPUT"), _int("START"), _int("READY")], [_int("OUTPUT")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
@@ -275,11 +288,11 @@ def test_corrid_uint64_keeps_all_64_bits(tmp_path):
     from server.config import Settings
 
     nodes = [helper.make_node("Identity", ["CORRID"], ["ID"]), helper.make_node("Identity", ["INPUT"], ["OUTPUT"])]
-    graph = helper.make_graph(
-        nodes, "id", [_int("INPUT"), _int("CORRID", TensorProto.UINT64)], [_int("OUTPUT"), _int("ID", TensorProto.UINT64)]
-    )
+    inputs = [_int("INPUT"), _int("CORRID", TensorProto.UINT64)]
+    graph = helper.make_graph(nodes, "id", inputs, [_int("OUTPUT"), _int("ID", TensorProto.UINT64)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     (tmp_path / "corrid" / "1").mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(tmp_path / "corrid/1/model.onnx"))
+    onnx.save(model, str(tmp_path / "corrid/1/model.onnx"))
     (tmp_path / "corrid" / "config.pbtxt").write_text(
         'max_batch_size: 4\nsequence_batching { control_input [{ name: "CORRID" control [{ '
         "kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }] }] }\n"

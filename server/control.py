@@ -3,8 +3,8 @@ a stateful model on every request of a sequence; clients never send them.
 
 - CONTROL_SEQUENCE_START: true on a sequence's first request;
 - CONTROL_SEQUENCE_END: true on its last;
-- CONTROL_SEQUENCE_READY: true on a row that carries a request (every row this server feeds: a
-  merged run holds only rows with requests, so no row is an empty slot);
+- CONTROL_SEQUENCE_READY: true on a row that carries a request (every row this server feeds,
+  see the strategies below);
 - CONTROL_SEQUENCE_CORRID: the sequence's id, as the control's `data_type` (UINT64, INT64,
   UINT32, INT32 or STRING).
 
@@ -14,10 +14,15 @@ batch axis (when max_batch_size > 0) of size 1 per request and every other free 
 [1] (or [batch, 1]). Concurrent sequences' requests merge along the batch axis like any other
 input, so a row's controls travel with its data.
 
-Live sequences per model are bounded as in Triton: `oldest.max_candidate_sequences`, or for the
-`direct` strategy one slot per batch row of each instance (max_batch_size x instance count,
-at least 1). A start beyond that is refused (RESOURCE_EXHAUSTED) instead of waiting in a backlog;
-a slot frees when its sequence ends or is freed after max_sequence_idle_microseconds.
+Strategies. `oldest`: merged runs of the oldest sequences' next requests, waiting at most
+`oldest.max_queue_delay_microseconds` for company and aiming for `preferred_batch_size`; at most
+`max_candidate_sequences` sequences are live at once (a start beyond that is refused with
+RESOURCE_EXHAUSTED rather than held in a backlog; a slot frees when its sequence ends or is freed
+after max_sequence_idle_microseconds). `direct` (Triton's default): the same merged runs, with
+`direct.max_queue_delay_microseconds`. Triton's direct strategy pins each sequence to a batch slot
+so that a backend can keep per-slot state inside the model; an ONNX model keeps nothing between
+runs (its state is the `state` the server keeps per sequence), so a run here holds only rows that
+carry a request, READY is true on each, and no row is an empty slot fed READY false.
 """
 
 from __future__ import annotations

@@ -7,22 +7,28 @@ Every field set in the file is in exactly one of three lists:
   `max_batch_size`, `input` / `output` (`name`, `data_type`, `dims`, `optional`, `reshape`),
   `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size` = [max_batch_size]),
   `sequence_batching` (`max_sequence_idle_microseconds`, `state` with `initial_state`
-  `zero_data` / `data_file`, the `direct` / `oldest` strategies), `instance_group` (`count`,
-  `kind`, `name`), `version_policy`, `parameters`;
+  `zero_data` / `data_file`, `control_input` (server/control.py), the `direct` / `oldest`
+  strategies with their `max_queue_delay_microseconds`, `oldest.max_candidate_sequences` and
+  `oldest.preferred_batch_size`), `instance_group` (`count`, default as Triton's: 2 for a CPU
+  group of an onnxruntime model, 1 for a GPU group; `kind`, `name`), `version_policy`,
+  `parameters`;
 - IGNORED (nothing would change a result; logged once at load): `model_warmup`, the
   `optimization` hints (`graph`, `priority`, `cuda`, pinned memory, ...), `output.label_filename`,
-  `input.format`, `dynamic_batching.preserve_ordering` (each call gets its own answer anyway),
-  the fields inside `direct` / `oldest`, `instance_group.rate_limiter` / `profile` / `host_policy`,
+  `input.format`, `dynamic_batching.preserve_ordering` and `oldest.preserve_ordering` (each call
+  gets its own answer anyway), `direct.minimum_slot_utilization`, `instance_group.rate_limiter` /
+  `profile` / `host_policy`,
   `state.use_same_buffer_for_input_output` / `use_growable_memory`, `response_cache`,
   `metric_tags`, `model_metrics`, `runtime`;
 - REFUSED (the model does not load; the message names the field): everything else, e.g.
-  `batch_input`, `input.allow_ragged_batch`, `sequence_batching.control_input`,
+  `batch_input`, `input.allow_ragged_batch`, `sequence_batching.iterative_sequence`,
   `ensemble_scheduling`, `model_transaction_policy` (decoupled), `optimization.
   execution_accelerators`, `instance_group.gpus`, queue policies. A setting that would change what
   a model computes must not look as if it took effect.
 
 `max_batch_size > 0` is Triton's rule: axis 0 of every tensor is the batch, and `dims` leave it
-out. It also caps the sequences of one merged run (`batching.max_batch`), and, with
+out. An explicit `max_batch_size: 0` means no tensor has a batch axis (nothing guessed, nothing
+merged; zero-size dims are fine where the model takes them); a file that leaves the field out
+keeps the server's own reading of the ONNX file (a free axis 0 splits results, never merged). It also caps the sequences of one merged run (`batching.max_batch`), and, with
 `dynamic_batching` and `instance_group`, turns batching on for the model (even under
 `--no-batching`; merged runs give the same results as single ones). The tensors' names, types and
 shapes are checked against model.onnx when the model loads (server/signature.py).
@@ -97,7 +103,7 @@ _IGNORED = {
     ("response_cache",), ("metric_tags",), ("model_metrics",), ("runtime",),
 }  # fmt: skip
 _SUPPORTED = "supported: see server/model_config.py (input, output, max_batch_size, dynamic_batching, "
-_SUPPORTED += "sequence_batching with state, instance_group, version_policy, parameters)"
+_SUPPORTED += "sequence_batching with state and control_input, instance_group, version_policy, parameters)"
 _KINDS = {
     "CPUExecutionProvider": pb.ModelInstanceGroup.KIND_CPU,
     "CUDAExecutionProvider": pb.ModelInstanceGroup.KIND_GPU,

@@ -357,3 +357,100 @@ def test_control_inputs_cannot_be_sent_by_the_client(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(req, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "START" in err.value.details()
+
+
+def _serve(root: Path):
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(
+        Settings(port=0, http_port=0, model_repository=root, device="cpu", metrics_port=-1, log_level="WARNING")
+    )
+    srv.start()
+    return srv
+
+
+def test_oldest_strategy_candidates_and_preferred_batch_size(tmp_path):
+    """`max_candidate_sequences: 2`: a third live sequence is refused by name until one ends.
+    `preferred_batch_size: [2]` with a 0.5 s wait: 4 sequences stepping together run in pairs
+    (without it the wait would gather all 4 into one run)."""
+    pbtxt = SIMPLE_DYNA_SEQUENCE.replace(
+        "oldest { max_candidate_sequences: 1024 max_queue_delay_microseconds: 10000 }",
+        "oldest { max_candidate_sequences: 2 }",
+    ).replace("simple_dyna_sequence", "few")
+    paired = SIMPLE_DYNA_SEQUENCE.replace(
+        "oldest { max_candidate_sequences: 1024 max_queue_delay_microseconds: 10000 }",
+        "oldest { preferred_batch_size: [2] max_queue_delay_microseconds: 500000 }",
+    ).replace("simple_dyna_sequence", "paired")
+    for name, text in (("few", pbtxt), ("paired", paired)):
+        (tmp_path / name / "1").mkdir(parents=True)
+        onnx.save(dyna_model(), str(tmp_path / name / "1" / "model.onnx"))
+        (tmp_path / name / "config.pbtxt").write_text(text)
+    srv = _serve(tmp_path)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert _value(stub.ModelInfer(_request("few", 1, 11, start=True), timeout=30)) == 2
+            assert _value(stub.ModelInfer(_request("few", 1, 12, start=True), timeout=30)) == 2
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_request("few", 1, 13, start=True), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_candidate_sequences = 2" in err.value.details()
+            assert _value(stub.ModelInfer(_request("few", 1, 11, end=True), timeout=30)) == 12
+            assert _value(stub.ModelInfer(_request("few", 1, 13, start=True), timeout=30)) == 2
+
+            ids = [21, 22, 23, 24]
+            values = {i: [i, -i, 3] for i in ids}
+            barrier = threading.Barrier(len(ids))
+            channels = [grpc.insecure_channel(target) for _ in ids]
+            with ThreadPoolExecutor(len(ids)) as pool:
+                futures = {
+                    i: pool.submit(run_sequence, pb_grpc.GRPCInferenceServiceStub(c), "paired", i, values[i], barrier)
+                    for i, c in zip(ids, channels)
+                }
+                assert {i: f.result(timeout=60) for i, f in futures.items()} == {
+                    i: expected("simple_dyna_sequence", i, values[i]) for i in ids
+                }
+            for c in channels:
+                c.close()
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="paired"), timeout=10).model_stats[0]
+            sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+            assert sizes == {2: 6}, sizes
+    finally:
+        srv.stop(grace=1)
+
+
+def test_tritons_sequence_examples_pass_unchanged(tmp_path):
+    """Triton's 8 Python sequence examples (triton-inference-server/client src/python/examples),
+    run unchanged with tritonclient against this repository. They are Triton's files, not copied
+    here: set TRITON_CLIENT_EXAMPLES to a folder holding them (tests never download)."""
+    import os
+    import subprocess
+
+    folder = os.environ.get("TRITON_CLIENT_EXAMPLES")
+    if not folder:
+        pytest.skip("TRITON_CLIENT_EXAMPLES is not set (a folder with Triton's simple_*sequence*_client.py)")
+    from tests.test_any_model import TRITON_PYTHON
+
+    srv = _serve(triton_sequence_repository(tmp_path))
+    try:
+        grpc_url, http_url = f"localhost:{srv.port}", f"localhost:{srv.http_port}"
+        runs = [
+            (script, url, flag)
+            for script, url in (
+                ("simple_grpc_sequence_sync_infer_client.py", grpc_url),
+                ("simple_grpc_sequence_stream_infer_client.py", grpc_url),
+                ("simple_grpc_aio_sequence_stream_infer_client.py", grpc_url),
+                ("simple_http_sequence_sync_infer_client.py", http_url),
+            )
+            for flag in ([], ["-d"])
+        ]
+        for script, url, flag in runs:
+            res = subprocess.run(
+                [TRITON_PYTHON, str(Path(folder) / script), "-u", url, *flag],
+                capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
+            )  # fmt: skip
+            assert res.returncode == 0 and "PASS" in res.stdout, (script, flag, res.stdout[-2000:], res.stderr[-2000:])
+    finally:
+        srv.stop(grace=1)

@@ -611,8 +611,9 @@ class DataPlane:
         prepared = validate(rt, arrays, list(request.outputs), sequence=True) if arrays else None
         if prepared is not None and prepared.work.rows != 1:
             first_batched = next((t.name for t in sig.inputs if t.batch_axis is not None and t.name in arrays), "")
-            raise InvalidArgument(
-                f"input '{first_batched}': a sequence chunk carries one sequence (batch 1), got batch "
+            raise InvalidArgument(  # Triton's leading words: its clients and QA tests match them
+                f"inference request to model '{rt.name}' must specify batch-size 1 due to requirements of sequence "
+                f"batcher: input '{first_batched}': a sequence chunk carries one sequence (batch 1), got batch "
                 f"{prepared.work.rows}"
             )
         initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
@@ -624,7 +625,13 @@ class DataPlane:
             live = lambda other: self.sequences.version_of(rt.name, other) is not None  # noqa: E731
             why = "sequence_batching.oldest.max_candidate_sequences"
             slots.take(rt.name, rt.version, seq_id, triton.max_sequences, live, why)
-        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
+        try:
+            state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
+        except NotFound as exc:  # not live: Triton's leading words, then why (never started, freed when idle)
+            raise NotFound(
+                f"inference request for sequence {clip(seq_id)} to model '{rt.name}' must specify the START flag on "
+                f"the first request of the sequence: {exc.message}"
+            ) from None
         stored: dict[str, np.ndarray] = {}
         pairs = sig.states
         try:

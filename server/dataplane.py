@@ -746,6 +746,14 @@ class DataPlane:
                         del entry["initial_state"][0]["zero_data"]
                         entry["initial_state"][0]["data_file"] = f"{p.input}_initial"
                     seq["state"].append(entry)
+            if sig.controls:
+                seq["control_input"] = [_control_entry(c) for c in sig.controls]
+            if triton is not None and triton.strategy:
+                strategy: dict = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
+                if triton.strategy == "oldest":
+                    strategy["max_candidate_sequences"] = triton.max_sequences
+                    strategy["preferred_batch_size"] = list(policy.preferred_batch_size)
+                seq[triton.strategy] = strategy
             config["sequence_batching"] = seq
         elif policy.enabled:
             config["dynamic_batching"] = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
@@ -795,6 +803,19 @@ class DataPlane:
             "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
         return metadata, _bounded(headers)
+
+
+def _control_entry(c: control.Control) -> dict:
+    """One control input as Triton's ModelConfig writes it."""
+    kind = {control.START: "CONTROL_SEQUENCE_START", control.END: "CONTROL_SEQUENCE_END",
+            control.READY: "CONTROL_SEQUENCE_READY", control.CORRID: "CONTROL_SEQUENCE_CORRID"}[c.kind]  # fmt: skip
+    entry: dict = {"kind": kind}
+    if c.kind == control.CORRID:
+        entry["data_type"] = triton_type(c.datatype)
+    else:
+        field = {"INT32": "int32_false_true", "FP32": "fp32_false_true", "BOOL": "bool_false_true"}[c.datatype]
+        entry[field] = list(c.false_true)
+    return {"name": c.input, "control": [entry]}
 
 
 # gRPC clients refuse response headers over 16 KB in all (some from ~8 KB): what this server adds

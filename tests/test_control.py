@@ -266,6 +266,14 @@ def test_metadata_hides_the_control_inputs(stub):
     assert [t.name for t in meta.inputs] == ["INPUT"] and [t.name for t in meta.outputs] == ["OUTPUT"]
     config = stub.ModelConfig(pb.ModelConfigRequest(name="simple_sequence"), timeout=10).config
     assert [t.name for t in config.input] == ["INPUT"] and config.max_batch_size == 8
+    assert [c.name for c in config.sequence_batching.control_input] == ["START", "READY"]
+    assert list(config.sequence_batching.control_input[1].control[0].int32_false_true) == [0, 1]
+    config = stub.ModelConfig(pb.ModelConfigRequest(name="simple_dyna_sequence"), timeout=10).config
+    corrid = config.sequence_batching.control_input[3].control[0]
+    assert corrid.kind == pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID
+    assert corrid.data_type == pb.TYPE_UINT64
+    oldest = config.sequence_batching.oldest
+    assert (oldest.max_candidate_sequences, oldest.max_queue_delay_microseconds) == (1024, 10000)
 
 
 @pytest.mark.parametrize(

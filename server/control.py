@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.dtypes import TRITON_TO_OIP, numpy_dtype
+from server.dtypes import TRITON_TO_OIP, numpy_dtype, triton_type
 from server.errors import InvalidArgument, ResourceExhausted, clip
 from server.proto import grpc_service_pb2 as pb
 
@@ -137,6 +137,19 @@ def feeds(controls: list[Control], shapes: dict[str, list[int]], seq_id, start: 
         flag = {START: start, END: end, READY: True}[c.kind]
         out[c.input] = np.full(shapes[c.input], c.false_true[1 if flag else 0], dtype)
     return out
+
+
+def config_entry(c: Control) -> dict:
+    """One control input as Triton's ModelConfig (JSON form) writes it."""
+    kind = {START: "CONTROL_SEQUENCE_START", END: "CONTROL_SEQUENCE_END", READY: "CONTROL_SEQUENCE_READY",
+            CORRID: "CONTROL_SEQUENCE_CORRID"}[c.kind]  # fmt: skip
+    entry: dict = {"kind": kind}
+    if c.kind == CORRID:
+        entry["data_type"] = triton_type(c.datatype)
+    else:
+        field = {"INT32": "int32_false_true", "FP32": "fp32_false_true", "BOOL": "bool_false_true"}[c.datatype]
+        entry[field] = list(c.false_true)
+    return {"name": c.input, "control": [entry]}
 
 
 class Slots:

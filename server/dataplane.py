@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server import control
 from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
@@ -572,6 +571,8 @@ class DataPlane:
 
     def _sequence_steps(self, rt: ModelRuntime, request: InferRequest, sequence, start: int, inline: bool):
         """Steps of one chunk of a server-side stateful sequence (Triton's sequence_id/start/end)."""
+        from server import control  # the sequence control inputs (START, END, READY, CORRID)
+
         seq_id, first, last = sequence
         if not first:  # later chunks run, and are checked, on the version the sequence started on
             pinned = self.sequences.version_of(rt.name, seq_id)
@@ -682,6 +683,8 @@ class DataPlane:
         leave the batch (axis 0) out, as in the file. Everything else this server knows (export
         metadata, execution provider, static length, axes, the full batching policy) is in
         `parameters`, as strings."""
+        from server import control
+
         rt = self.repository.get(name, version)
         sig = rt.signature
         policy = self.policy_for(rt)
@@ -747,7 +750,7 @@ class DataPlane:
                         entry["initial_state"][0]["data_file"] = f"{p.input}_initial"
                     seq["state"].append(entry)
             if sig.controls:
-                seq["control_input"] = [_control_entry(c) for c in sig.controls]
+                seq["control_input"] = [control.config_entry(c) for c in sig.controls]
             if triton is not None and triton.strategy:
                 strategy: dict = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
                 if triton.strategy == "oldest":
@@ -777,7 +780,40 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str) -> tuple[dict, dict[str, str]]:
         """Model metadata as plain data ({name, versions, platform, inputs, outputs}) and what this
-        server adds (export metadata, provider, batching, axes) as headers."""
+        server adds (export metadata, provider, batching, axes) as headers.
+
+        gRPC clients refuse response headers over 16 KB in all (some from ~8 KB), so each header
+        stays within 1 KB and all within 4 KB: the file's metadata_props go out as JSON with this
+        project's `lstm.*` keys first, then the others while they fit, and `"_omitted"` counting
+        the keys left out (ModelConfig's `export.<key>` parameters carry them all); any other
+        header that would not fit is left out whole (a cut JSON value would not parse; clients
+        treat a missing header as "not sent")."""
+        one_max, all_max = 1024, 4096
+
+        def metadata_json(meta: dict[str, str]) -> str:
+            whole = json.dumps(meta, sort_keys=True)
+            if len(whole) <= one_max:
+                return whole
+            kept: dict[str, object] = {}
+            omitted = 0
+            for key in sorted(meta, key=lambda k: (not k.startswith("lstm."), k)):
+                if len(json.dumps({**kept, key: meta[key], "_omitted": len(meta)}, sort_keys=True)) <= one_max:
+                    kept[key] = meta[key]
+                else:
+                    omitted += 1
+            kept["_omitted"] = omitted
+            return json.dumps(kept, sort_keys=True)
+
+        def bounded(headers: dict[str, str]) -> dict[str, str]:
+            out: dict[str, str] = {}
+            total = 0
+            for key, value in headers.items():
+                value = value.encode("ascii", "backslashreplace").decode("ascii")  # what gRPC sends
+                if len(value) <= one_max and total + len(key) + len(value) <= all_max:
+                    out[key] = value
+                    total += len(key) + len(value)
+            return out
+
         rt = self.repository.get(name, version)
         entry = self.repository.entry(name)
         versions = sorted(entry.versions) if entry else [rt.version]
@@ -791,7 +827,7 @@ class DataPlane:
         }
         policy = self.policy_for(rt)
         headers = {
-            "lstm-export-metadata": _metadata_header(rt.export_metadata),
+            "lstm-export-metadata": metadata_json(rt.export_metadata),
             "lstm-provider": rt.provider,
             "lstm-provider-note": rt.provider_note,
             "lstm-precision": rt.export_metadata.get("lstm.precision", ""),
@@ -802,61 +838,7 @@ class DataPlane:
             "lstm-axes": json.dumps(sig.axes_json(), sort_keys=True),
             "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
-        return metadata, _bounded(headers)
-
-
-def _control_entry(c: control.Control) -> dict:
-    """One control input as Triton's ModelConfig writes it."""
-    kind = {control.START: "CONTROL_SEQUENCE_START", control.END: "CONTROL_SEQUENCE_END",
-            control.READY: "CONTROL_SEQUENCE_READY", control.CORRID: "CONTROL_SEQUENCE_CORRID"}[c.kind]  # fmt: skip
-    entry: dict = {"kind": kind}
-    if c.kind == control.CORRID:
-        entry["data_type"] = triton_type(c.datatype)
-    else:
-        field = {"INT32": "int32_false_true", "FP32": "fp32_false_true", "BOOL": "bool_false_true"}[c.datatype]
-        entry[field] = list(c.false_true)
-    return {"name": c.input, "control": [entry]}
-
-
-# gRPC clients refuse response headers over 16 KB in all (some from ~8 KB): what this server adds
-# to ModelMetadata stays far below; the full export metadata is in ModelConfig's parameters
-HEADER_MAX_BYTES = 1024
-HEADERS_MAX_BYTES = 4096
-
-
-def _metadata_header(meta: dict[str, str]) -> str:
-    """The file's metadata_props as JSON within HEADER_MAX_BYTES: this project's `lstm.*` keys
-    first, then the others while they fit; "_omitted" counts the keys left out (ModelConfig's
-    `export.<key>` parameters have them all)."""
-    whole = json.dumps(meta, sort_keys=True)
-    if len(whole.encode()) <= HEADER_MAX_BYTES:
-        return whole
-    kept: dict[str, object] = {}
-    omitted = 0
-    for key in sorted(meta, key=lambda k: (not k.startswith("lstm."), k)):
-        trial = {**kept, key: meta[key], "_omitted": len(meta)}
-        if len(json.dumps(trial, sort_keys=True).encode()) <= HEADER_MAX_BYTES:
-            kept[key] = meta[key]
-        else:
-            omitted += 1
-    kept["_omitted"] = omitted
-    return json.dumps(kept, sort_keys=True)
-
-
-def _bounded(headers: dict[str, str]) -> dict[str, str]:
-    """Headers as gRPC sends them (ASCII), each within HEADER_MAX_BYTES and all within
-    HEADERS_MAX_BYTES: one that does not fit is left out whole (a cut JSON value would not parse;
-    clients treat a missing header as "not sent")."""
-    out: dict[str, str] = {}
-    total = 0
-    for key, value in headers.items():
-        value = value.encode("ascii", "backslashreplace").decode("ascii")
-        size = len(key) + len(value)
-        if len(value) > HEADER_MAX_BYTES or total + size > HEADERS_MAX_BYTES:
-            continue
-        out[key] = value
-        total += size
-    return out
+        return metadata, bounded(headers)
 
 
 def _nbytes(array: np.ndarray) -> int:

@@ -13,6 +13,8 @@ Policy (per model version):
 - a request larger than `max_batch` runs alone (never refused for its size);
 - `preferred_batch_size` (Triton's): the wait also ends when the queued rows make one of these
   sizes, and a run takes the largest preferred size the queue can fill (else up to max_batch);
+  `ready_rows` (Triton's direct `minimum_slot_utilization` x max_batch_size): the wait also ends
+  once that many rows are queued;
 - the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
 - a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED), nor one whose
   caller cancelled its future while queued (an asyncio frontend whose client went away).
@@ -49,6 +51,7 @@ class BatchPolicy:
     instances: int = 1  # concurrent runs per model version
     max_cells: int = 64 * 1024 * 1024  # elements of a merged x (B x T x F) at most
     preferred_batch_size: tuple[int, ...] = ()  # row counts a run aims for (Triton's); (): max_batch
+    ready_rows: int = 0  # the wait for company ends once this many rows queue (0: max_batch decides)
 
     def __post_init__(self) -> None:
         preferred = self.preferred_batch_size
@@ -59,6 +62,8 @@ class BatchPolicy:
                 f"batching 'preferred_batch_size' must be a list of integers in 1..max_batch, got {preferred!r}"
             )
         object.__setattr__(self, "preferred_batch_size", tuple(sorted(set(preferred))))
+        if isinstance(self.ready_rows, bool) or not isinstance(self.ready_rows, int) or self.ready_rows < 0:
+            raise ValueError(f"batching 'ready_rows' must be an integer >= 0, got {self.ready_rows!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"batching 'enabled' must be true or false, got {self.enabled!r}")
         for name in ("max_batch", "max_queue", "instances", "max_cells"):
@@ -327,6 +332,7 @@ class Batcher:
                 remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - time.monotonic()
                 preferred = policy.preferred_batch_size
                 full = queued >= policy.max_batch or queued in preferred or bool(preferred) and queued >= preferred[-1]
+                full = full or 0 < policy.ready_rows <= queued
                 if full or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)

@@ -5,18 +5,18 @@ Every field set in the file is in exactly one of three lists:
 
 - READ (acts on it): `name`, `platform`, `backend`, `default_model_filename` ("model.onnx" only),
   `max_batch_size`, `input` / `output` (`name`, `data_type`, `dims`, `optional`, `reshape`),
-  `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size` = [max_batch_size]),
+  `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size`),
   `sequence_batching` (`max_sequence_idle_microseconds`, `state` with `initial_state`
   `zero_data` / `data_file`, `control_input` (server/control.py), the `direct` / `oldest`
-  strategies with their `max_queue_delay_microseconds`, `oldest.max_candidate_sequences` and
-  `oldest.preferred_batch_size`), `instance_group` (`count`, default as Triton's: 2 for a CPU
-  group of an onnxruntime model, 1 for a GPU group; `kind`, `name`), `version_policy`,
-  `parameters`;
+  strategies with their `max_queue_delay_microseconds`, `direct.minimum_slot_utilization` (the
+  wait ends once that share of max_batch_size rows is queued; 0: no wait, as in Triton),
+  `oldest.max_candidate_sequences` and `oldest.preferred_batch_size`), `instance_group`
+  (`count`, Triton's default when left out: 2 for a CPU group of an onnxruntime model, 1 for a
+  GPU group; `kind`, `name`), `version_policy`, `parameters`;
 - IGNORED (nothing would change a result; logged once at load): `model_warmup`, the
   `optimization` hints (`graph`, `priority`, `cuda`, pinned memory, ...), `output.label_filename`,
   `input.format`, `dynamic_batching.preserve_ordering` and `oldest.preserve_ordering` (each call
-  gets its own answer anyway), `direct.minimum_slot_utilization`, `instance_group.rate_limiter` /
-  `profile` / `host_policy`,
+  gets its own answer anyway), `instance_group.rate_limiter` / `profile` / `host_policy`,
   `state.use_same_buffer_for_input_output` / `use_growable_memory`, `response_cache`,
   `metric_tags`, `model_metrics`, `runtime`;
 - REFUSED (the model does not load; the message names the field): everything else, e.g.
@@ -26,16 +26,18 @@ Every field set in the file is in exactly one of three lists:
   a model computes must not look as if it took effect.
 
 `max_batch_size > 0` is Triton's rule: axis 0 of every tensor is the batch, and `dims` leave it
-out. An explicit `max_batch_size: 0` means no tensor has a batch axis (nothing guessed, nothing
-merged; zero-size dims are fine where the model takes them); a file that leaves the field out
-keeps the server's own reading of the ONNX file (a free axis 0 splits results, never merged). It also caps the sequences of one merged run (`batching.max_batch`), and, with
+out. It also caps the sequences of one merged run (`batching.max_batch`), and, with
 `dynamic_batching` and `instance_group`, turns batching on for the model (even under
-`--no-batching`; merged runs give the same results as single ones). The tensors' names, types and
-shapes are checked against model.onnx when the model loads (server/signature.py).
+`--no-batching`; merged runs give the same results as single ones). An explicit
+`max_batch_size: 0` means no tensor has a batch axis (nothing guessed, nothing merged; zero-size
+dims are fine where the model takes them); a file that leaves the field out keeps the server's
+own reading of the ONNX file (a free axis 0 splits results, never merged). The tensors' names,
+types and shapes are checked against model.onnx when the model loads (server/signature.py).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,7 @@ _READ = {
     ("sequence_batching", "control_input", "control", "bool_false_true"),
     ("sequence_batching", "control_input", "control", "data_type"),
     ("sequence_batching", "direct", "max_queue_delay_microseconds"),
+    ("sequence_batching", "direct", "minimum_slot_utilization"),
     ("sequence_batching", "oldest", "max_candidate_sequences"),
     ("sequence_batching", "oldest", "preferred_batch_size"),
     ("sequence_batching", "oldest", "max_queue_delay_microseconds"),
@@ -95,7 +98,6 @@ _IGNORED = {
     ("optimization", "cuda"), ("optimization", "input_pinned_memory"), ("optimization", "output_pinned_memory"),
     ("optimization", "gather_kernel_buffer_threshold"), ("optimization", "eager_batching"),
     ("output", "label_filename"), ("input", "format"), ("dynamic_batching", "preserve_ordering"),
-    ("sequence_batching", "direct", "minimum_slot_utilization"),
     ("sequence_batching", "oldest", "preserve_ordering"),
     ("instance_group", "rate_limiter"), ("instance_group", "profile"), ("instance_group", "host_policy"),
     ("sequence_batching", "state", "use_same_buffer_for_input_output"),
@@ -262,7 +264,19 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
                     f"{where}: sequence_batching.{triton.strategy}.max_queue_delay_microseconds {delay}: at most "
                     f"{MAX_DELAY_US} (10 s)"
                 )
-            if delay > 0:
+            if triton.strategy == "direct":
+                # Triton: a run waits (up to the delay) only while fewer than this share of the slots
+                # (max_batch_size rows) are ready; 0, the default, runs as soon as one is
+                share = seq.direct.minimum_slot_utilization
+                if not 0 <= share <= 1:
+                    raise InvalidArgument(
+                        f"{where}: sequence_batching.direct.minimum_slot_utilization {share:g}: must be in 0..1"
+                    )
+                rows = math.ceil(share * max(1, config.max_batch_size))
+                if share > 0 and delay > 0:
+                    batching["max_queue_delay_us"] = delay
+                    batching["ready_rows"] = max(1, rows)
+            elif delay > 0:
                 batching["max_queue_delay_us"] = delay
         if triton.strategy == "oldest":
             if seq.oldest.max_candidate_sequences < 0:

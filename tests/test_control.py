@@ -9,6 +9,7 @@ running that sequence alone."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -460,5 +461,49 @@ def test_tritons_sequence_examples_pass_unchanged(tmp_path):
                 capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
             )  # fmt: skip
             assert res.returncode == 0 and "PASS" in res.stdout, (script, flag, res.stdout[-2000:], res.stderr[-2000:])
+    finally:
+        srv.stop(grace=1)
+
+
+def test_direct_strategy_waits_only_below_its_minimum_slot_utilization(tmp_path):
+    """Triton's direct strategy: `max_queue_delay_microseconds` is how long a run may wait while
+    fewer than `minimum_slot_utilization` x max_batch_size rows are ready. At 0 (the default) a
+    lone request runs at once despite a 3 s delay; at 0.5 of 4 slots two sequences stepping
+    together run in pairs, without waiting out the delay."""
+    base = SIMPLE_SEQUENCE.replace("max_batch_size: 8", "max_batch_size: 4")
+    eager = base.replace(
+        "sequence_batching {",
+        "sequence_batching {\n  direct { max_queue_delay_microseconds: 3000000 minimum_slot_utilization: 0 }",
+    ).replace("simple_sequence", "eager")
+    half = eager.replace("minimum_slot_utilization: 0", "minimum_slot_utilization: 0.5").replace("eager", "half")
+    assert "max_queue_delay_us" not in parse(eager, "eager", CPU)["batching"]
+    assert parse(half, "half", CPU)["batching"]["ready_rows"] == 2
+    for name, text in (("eager", eager), ("half", half)):
+        (tmp_path / name / "1").mkdir(parents=True)
+        onnx.save(sequence_model(), str(tmp_path / name / "1" / "model.onnx"))
+        (tmp_path / name / "config.pbtxt").write_text(text)
+    srv = _serve(tmp_path)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            t0 = time.monotonic()
+            assert run_sequence(stub, "eager", 5, [4, 5]) == [5, 5]
+            assert time.monotonic() - t0 < 2.0
+            barrier = threading.Barrier(2)
+            channels = [grpc.insecure_channel(target) for _ in range(2)]
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(2) as pool:
+                futures = [
+                    pool.submit(run_sequence, pb_grpc.GRPCInferenceServiceStub(c), "half", 30 + i, [i, 7, 8], barrier)
+                    for i, c in enumerate(channels)
+                ]
+                assert [f.result(timeout=60) for f in futures] == [[1, 7, 8], [2, 7, 8]]
+            elapsed = time.monotonic() - t0
+            for c in channels:
+                c.close()
+            assert elapsed < 2.5, elapsed  # three steps, none waited out the 3 s delay
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="half"), timeout=10).model_stats[0]
+            assert {b.batch_size: b.compute_infer.count for b in stats.batch_stats} == {2: 3}
     finally:
         srv.stop(grace=1)

@@ -20,10 +20,11 @@ Strategies. `oldest`: merged runs of the oldest sequences' next requests, waitin
 RESOURCE_EXHAUSTED rather than held in a backlog; a slot frees when its sequence ends or is freed
 after max_sequence_idle_microseconds). `direct` (Triton's default): the same merged runs,
 waiting up to `direct.max_queue_delay_microseconds` only while fewer than
-`minimum_slot_utilization` x max_batch_size rows are ready (server/model_config.py). Triton's direct strategy pins each sequence to a batch slot
-so that a backend can keep per-slot state inside the model; an ONNX model keeps nothing between
-runs (its state is the `state` the server keeps per sequence), so a run here holds only rows that
-carry a request, READY is true on each, and no row is an empty slot fed READY false.
+`minimum_slot_utilization` x max_batch_size rows are ready (server/model_config.py). Triton's
+direct strategy pins each sequence to a batch slot so that a backend can keep per-slot state
+inside the model; an ONNX model keeps nothing between runs (its state is the `state` the server
+keeps per sequence), so a run here holds only rows that carry a request, READY is true on each,
+and no row is an empty slot fed READY false.
 """
 
 from __future__ import annotations

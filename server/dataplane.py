@@ -797,7 +797,9 @@ class DataPlane:
             kept: dict[str, object] = {}
             omitted = 0
             for key in sorted(meta, key=lambda k: (not k.startswith("lstm."), k)):
-                if len(json.dumps({**kept, key: meta[key], "_omitted": len(meta)}, sort_keys=True)) <= one_max:
+                trial = {**kept, key: meta[key], "_omitted": len(meta)}
+                # the cheap test first: a large value is never serialized
+                if len(key) + len(meta[key]) < one_max and len(json.dumps(trial, sort_keys=True)) <= one_max:
                     kept[key] = meta[key]
                 else:
                     omitted += 1

@@ -162,16 +162,21 @@ class Slots:
         self._lock = threading.Lock()
         self._held: dict[tuple[str, int], set] = {}
 
-    def take(self, model: str, version: int, seq_id, capacity: int, live, why: str) -> None:
+    def take(self, model: str, version: int, seq_id, capacity: int, live, why: str, sweep=lambda: 0) -> None:
         """On a sequence's start: RESOURCE_EXHAUSTED when `capacity` other live sequences hold
-        the model's slots; `why` names the setting that sets the capacity."""
+        the model's slots; `why` names the setting that sets the capacity; `sweep()` frees the
+        store's idle sequences (called when the slots look full)."""
         with self._lock:
             held = self._held.setdefault((model, version), set())
             if seq_id in held or capacity <= 0:
                 held.add(seq_id)
                 return
-            for other in [s for s in held if not live(s)]:
-                held.discard(other)
+            for attempt in (0, 1):
+                for other in [s for s in held if not live(s)]:
+                    held.discard(other)
+                if len(held) < capacity or attempt:
+                    break
+                sweep()
             if len(held) >= capacity:
                 raise ResourceExhausted(
                     f"model '{model}' has {len(held)} live sequences, all its sequence slots ({why} = {capacity}); "

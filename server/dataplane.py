@@ -625,7 +625,7 @@ class DataPlane:
         if first and triton is not None and triton.max_sequences:
             live = lambda other: self.sequences.version_of(rt.name, other) is not None  # noqa: E731
             why = "sequence_batching.oldest.max_candidate_sequences"
-            slots.take(rt.name, rt.version, seq_id, triton.max_sequences, live, why)
+            slots.take(rt.name, rt.version, seq_id, triton.max_sequences, live, why, self.sequences.sweep)
         try:
             state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
         except NotFound as exc:  # not live: Triton's leading words, then why (never started, freed when idle)

@@ -507,3 +507,41 @@ def test_direct_strategy_waits_only_below_its_minimum_slot_utilization(tmp_path)
             assert {b.batch_size: b.compute_infer.count for b in stats.batch_stats} == {2: 3}
     finally:
         srv.stop(grace=1)
+
+
+def test_an_idle_sequence_gives_its_slot_back(tmp_path):
+    """`max_candidate_sequences: 1` with `max_sequence_idle_microseconds: 300000`: a second
+    sequence is refused while the first is live, starts once the first has been idle 0.3 s, and
+    the first's next request is told to start again, in Triton's words."""
+    text = SIMPLE_DYNA_SEQUENCE.replace(
+        "oldest { max_candidate_sequences: 1024 max_queue_delay_microseconds: 10000 }",
+        "oldest { max_candidate_sequences: 1 }",
+    ).replace("max_sequence_idle_microseconds: 10000000", "max_sequence_idle_microseconds: 300000")
+    text = text.replace("simple_dyna_sequence", "one")
+    (tmp_path / "one" / "1").mkdir(parents=True)
+    onnx.save(dyna_model(), str(tmp_path / "one" / "1" / "model.onnx"))
+    (tmp_path / "one" / "config.pbtxt").write_text(text)
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    srv = InferenceServer(Settings(port=0, model_repository=tmp_path, device="cpu", metrics_port=-1,
+                                   log_level="WARNING", sequence_idle_s=600))  # fmt: skip
+    srv.start()  # the server's own sweep runs every second: the start below frees the idle one itself
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert _value(stub.ModelInfer(_request("one", 1, 41, start=True), timeout=30)) == 2
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_request("one", 1, 42, start=True), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            time.sleep(0.4)
+            assert _value(stub.ModelInfer(_request("one", 5, 42, start=True), timeout=30)) == 6
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_request("one", 1, 41), timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert err.value.details().startswith(
+                "inference request for sequence 41 to model 'one' must specify the START flag on the first request"
+            )
+            assert "freed after 0.3 s idle" in err.value.details()
+    finally:
+        srv.stop(grace=1)

@@ -545,3 +545,13 @@ def test_an_idle_sequence_gives_its_slot_back(tmp_path):
             assert "freed after 0.3 s idle" in err.value.details()
     finally:
         srv.stop(grace=1)
+
+
+def test_batch_policy_checks_preferred_sizes_and_ready_rows():
+    from server.batcher import BatchPolicy, policy_from_config
+
+    policy = policy_from_config(BatchPolicy(), "m", {"batching": {"max_batch": 8, "preferred_batch_size": [4, 2, 4]}})
+    assert policy.preferred_batch_size == (2, 4)
+    for bad in ({"preferred_batch_size": [9]}, {"preferred_batch_size": [0]}, {"ready_rows": -1}):
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
+            policy_from_config(BatchPolicy(), "m", {"batching": {"max_batch": 8, **bad}})

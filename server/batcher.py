@@ -11,6 +11,10 @@ Policy (per model version):
   the default 0, a request that finds the model idle runs at once in its own thread (no hand-off),
   and requests that arrive while a run is in progress are merged into the next run;
 - a request larger than `max_batch` runs alone (never refused for its size);
+- `preferred_batch_size` (Triton's): the wait also ends when the queued rows make one of these
+  sizes, and a run takes the largest preferred size the queue can fill (else up to max_batch);
+  `ready_rows` (Triton's direct `minimum_slot_utilization` x max_batch_size): the wait also ends
+  once that many rows are queued;
 - the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
 - a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED), nor one whose
   caller cancelled its future while queued (an asyncio frontend whose client went away).
@@ -46,8 +50,20 @@ class BatchPolicy:
     max_queue: int = 1024  # queued requests before RESOURCE_EXHAUSTED
     instances: int = 1  # concurrent runs per model version
     max_cells: int = 64 * 1024 * 1024  # elements of a merged x (B x T x F) at most
+    preferred_batch_size: tuple[int, ...] = ()  # row counts a run aims for (Triton's); (): max_batch
+    ready_rows: int = 0  # the wait for company ends once this many rows queue (0: max_batch decides)
 
     def __post_init__(self) -> None:
+        preferred = self.preferred_batch_size
+        if not isinstance(preferred, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= self.max_batch for v in preferred
+        ):
+            raise ValueError(
+                f"batching 'preferred_batch_size' must be a list of integers in 1..max_batch, got {preferred!r}"
+            )
+        object.__setattr__(self, "preferred_batch_size", tuple(sorted(set(preferred))))
+        if isinstance(self.ready_rows, bool) or not isinstance(self.ready_rows, int) or self.ready_rows < 0:
+            raise ValueError(f"batching 'ready_rows' must be an integer >= 0, got {self.ready_rows!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"batching 'enabled' must be true or false, got {self.enabled!r}")
         for name in ("max_batch", "max_queue", "instances", "max_cells"):
@@ -314,18 +330,23 @@ class Batcher:
                 oldest = self._queue[0]
                 queued = sum(i.rows for i in self._queue)
                 remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - time.monotonic()
-                if queued >= policy.max_batch or remaining <= 0 or self._closed:
+                preferred = policy.preferred_batch_size
+                full = queued >= policy.max_batch or queued in preferred or bool(preferred) and queued >= preferred[-1]
+                full = full or 0 < policy.ready_rows <= queued
+                if full or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
             self._queue.pop(0)
             batch = [oldest]
             rows, longest = oldest.rows, oldest.steps
+            # Triton's preferred sizes: the largest one the queue can fill, else all that fits
+            cap = max((p for p in policy.preferred_batch_size if p <= queued), default=policy.max_batch)
             # closest time sizes first: small padding waste. Only requests within a factor
             # MAX_STRETCH of the oldest's time size join it (so padding never multiplies a request's
             # cost beyond that, and short requests never wait on a very long run), and the merged
             # x stays within max_cells (no request-driven memory blow-up).
             for item in sorted(self._queue, key=lambda i: (abs(i.steps - oldest.steps), i.enqueued)):
-                if rows + item.rows > policy.max_batch or item.work.merge_key() != oldest.work.merge_key():
+                if rows + item.rows > cap or item.work.merge_key() != oldest.work.merge_key():
                     continue
                 if max(item.steps, oldest.steps) > MAX_STRETCH * min(item.steps, oldest.steps):
                     continue

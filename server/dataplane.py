@@ -192,14 +192,26 @@ def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None
     return out
 
 
-def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str]) -> Prepared:
+def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False) -> Prepared:
     """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
     signature; fill in what may be left out (lengths: full; states: initial). Messages name the
-    input and what was expected."""
+    input and what was expected. `sequence`: the request is a sequence's (the caller adds the
+    control inputs); a model with control inputs takes no other."""
     sig = rt.signature
+    if sig.controls and not sequence:
+        raise InvalidArgument(
+            f"inference request to model '{rt.name}' must specify a non-zero or non-empty correlation ID: it is a "
+            f"sequence model (its control inputs {[c.input for c in sig.controls]} are fed by the server); send "
+            "sequence_id, with sequence_start on a sequence's first request and sequence_end on its last"
+        )
     for name in arrays:
         if sig.input(name) is None:
             raise InvalidArgument(f"unknown input {clip(name)} for model '{rt.name}'; expected {sig.input_names}")
+        if name in sig.control_shapes:
+            raise InvalidArgument(
+                f"input '{name}' of model '{rt.name}' is a sequence control input: the server feeds it from "
+                f"sequence_id / sequence_start / sequence_end; send only {sig.input_names}"
+            )
     for spec in sig.required_inputs:
         if spec.name not in arrays:
             raise InvalidArgument(
@@ -562,6 +574,8 @@ class DataPlane:
 
     def _sequence_steps(self, rt: ModelRuntime, request: InferRequest, sequence, start: int, inline: bool):
         """Steps of one chunk of a server-side stateful sequence (Triton's sequence_id/start/end)."""
+        from server import control  # the sequence control inputs (START, END, READY, CORRID)
+
         seq_id, first, last = sequence
         if not first:  # later chunks run, and are checked, on the version the sequence started on
             pinned = self.sequences.version_of(rt.name, seq_id)
@@ -598,17 +612,30 @@ class DataPlane:
             raise InvalidArgument(
                 f"missing required input(s) {required} (only a sequence_end request may carry no inputs)"
             )
-        prepared = validate(rt, arrays, list(request.outputs)) if arrays else None
+        prepared = validate(rt, arrays, list(request.outputs), sequence=True) if arrays else None
         if prepared is not None and prepared.work.rows != 1:
             first_batched = next((t.name for t in sig.inputs if t.batch_axis is not None and t.name in arrays), "")
-            raise InvalidArgument(
-                f"input '{first_batched}': a sequence chunk carries one sequence (batch 1), got batch "
+            raise InvalidArgument(  # Triton's leading words: its clients and QA tests match them
+                f"inference request to model '{rt.name}' must specify batch-size 1 due to requirements of sequence "
+                f"batcher: input '{first_batched}': a sequence chunk carries one sequence (batch 1), got batch "
                 f"{prepared.work.rows}"
             )
         initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
         triton = rt.model_config.get("triton")
         idle_s = triton.idle_us / 1e6 if triton is not None and triton.idle_us else None
-        state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
+        controls = control.feeds(sig.controls, sig.control_shapes, seq_id, first, last) if prepared else {}
+        slots = control.slots_for(self.sequences)
+        if first and triton is not None and triton.max_sequences:
+            live = lambda other: self.sequences.version_of(rt.name, other) is not None  # noqa: E731
+            why = "sequence_batching.oldest.max_candidate_sequences"
+            slots.take(rt.name, rt.version, seq_id, triton.max_sequences, live, why, self.sequences.sweep)
+        try:
+            state = self.sequences.acquire(rt.name, rt.version, seq_id, first, initial, idle_s, client=request.client)
+        except NotFound as exc:  # not live: Triton's leading words, then why (never started, freed when idle)
+            raise NotFound(
+                f"inference request for sequence {clip(seq_id)} to model '{rt.name}' must specify the START flag on "
+                f"the first request of the sequence: {exc.message}"
+            ) from None
         stored: dict[str, np.ndarray] = {}
         pairs = sig.states
         try:
@@ -627,7 +654,7 @@ class DataPlane:
                 response = InferResponse(rt.name, str(rt.version), request.id, {n: current[n] for n in wanted})
             else:
                 returned = prepared.outputs
-                feeds = {**prepared.feeds, **state.state}
+                feeds = {**prepared.feeds, **state.state, **controls}
                 work = dataclasses.replace(
                     prepared.work, feeds=feeds, outputs=sorted(set(returned) | {p.output for p in pairs}), key=None
                 )
@@ -640,6 +667,8 @@ class DataPlane:
             self.sequences.release(rt.name, seq_id, None, False)
             raise
         self.sequences.release(rt.name, seq_id, stored, last)
+        if last:
+            slots.free(rt.name, rt.version, seq_id)
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
         response.parameters["sequence_end"] = last
         return response
@@ -657,6 +686,8 @@ class DataPlane:
         leave the batch (axis 0) out, as in the file. Everything else this server knows (export
         metadata, execution provider, static length, axes, the full batching policy) is in
         `parameters`, as strings."""
+        from server import control
+
         rt = self.repository.get(name, version)
         sig = rt.signature
         policy = self.policy_for(rt)
@@ -721,6 +752,14 @@ class DataPlane:
                         del entry["initial_state"][0]["zero_data"]
                         entry["initial_state"][0]["data_file"] = f"{p.input}_initial"
                     seq["state"].append(entry)
+            if sig.controls:
+                seq["control_input"] = [control.config_entry(c) for c in sig.controls]
+            if triton is not None and triton.strategy:
+                strategy: dict = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
+                if triton.strategy == "oldest":
+                    strategy["max_candidate_sequences"] = triton.max_sequences
+                    strategy["preferred_batch_size"] = list(policy.preferred_batch_size)
+                seq[triton.strategy] = strategy
             config["sequence_batching"] = seq
         elif policy.enabled:
             config["dynamic_batching"] = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
@@ -744,7 +783,42 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str) -> tuple[dict, dict[str, str]]:
         """Model metadata as plain data ({name, versions, platform, inputs, outputs}) and what this
-        server adds (export metadata, provider, batching, axes) as headers."""
+        server adds (export metadata, provider, batching, axes) as headers.
+
+        gRPC clients refuse response headers over 16 KB in all (some from ~8 KB), so each header
+        stays within 1 KB and all within 4 KB: the file's metadata_props go out as JSON with this
+        project's `lstm.*` keys first, then the others while they fit, and `"_omitted"` counting
+        the keys left out (ModelConfig's `export.<key>` parameters carry them all); any other
+        header that would not fit is left out whole (a cut JSON value would not parse; clients
+        treat a missing header as "not sent")."""
+        one_max, all_max = 1024, 4096
+
+        def metadata_json(meta: dict[str, str]) -> str:
+            whole = json.dumps(meta, sort_keys=True)
+            if len(whole) <= one_max:
+                return whole
+            kept: dict[str, object] = {}
+            omitted = 0
+            for key in sorted(meta, key=lambda k: (not k.startswith("lstm."), k)):
+                trial = {**kept, key: meta[key], "_omitted": len(meta)}
+                # the cheap test first: a large value is never serialized
+                if len(key) + len(meta[key]) < one_max and len(json.dumps(trial, sort_keys=True)) <= one_max:
+                    kept[key] = meta[key]
+                else:
+                    omitted += 1
+            kept["_omitted"] = omitted
+            return json.dumps(kept, sort_keys=True)
+
+        def bounded(headers: dict[str, str]) -> dict[str, str]:
+            out: dict[str, str] = {}
+            total = 0
+            for key, value in headers.items():
+                value = value.encode("ascii", "backslashreplace").decode("ascii")  # what gRPC sends
+                if len(value) <= one_max and total + len(key) + len(value) <= all_max:
+                    out[key] = value
+                    total += len(key) + len(value)
+            return out
+
         rt = self.repository.get(name, version)
         entry = self.repository.entry(name)
         versions = sorted(entry.versions) if entry else [rt.version]
@@ -758,7 +832,7 @@ class DataPlane:
         }
         policy = self.policy_for(rt)
         headers = {
-            "lstm-export-metadata": json.dumps(rt.export_metadata, sort_keys=True),
+            "lstm-export-metadata": metadata_json(rt.export_metadata),
             "lstm-provider": rt.provider,
             "lstm-provider-note": rt.provider_note,
             "lstm-precision": rt.export_metadata.get("lstm.precision", ""),
@@ -769,7 +843,7 @@ class DataPlane:
             "lstm-axes": json.dumps(sig.axes_json(), sort_keys=True),
             "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
-        return metadata, headers
+        return metadata, bounded(headers)
 
 
 def _nbytes(array: np.ndarray) -> int:

@@ -5,18 +5,22 @@ Every field set in the file is in exactly one of three lists:
 
 - READ (acts on it): `name`, `platform`, `backend`, `default_model_filename` ("model.onnx" only),
   `max_batch_size`, `input` / `output` (`name`, `data_type`, `dims`, `optional`, `reshape`),
-  `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size` = [max_batch_size]),
+  `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size`),
   `sequence_batching` (`max_sequence_idle_microseconds`, `state` with `initial_state`
-  `zero_data` / `data_file`, the `direct` / `oldest` strategies), `instance_group` (`count`,
-  `kind`, `name`), `version_policy`, `parameters`;
+  `zero_data` / `data_file`, `control_input` (server/control.py), the `direct` / `oldest`
+  strategies with their `max_queue_delay_microseconds`, `direct.minimum_slot_utilization` (the
+  wait ends once that share of max_batch_size rows is queued; 0: no wait, as in Triton),
+  `oldest.max_candidate_sequences` and `oldest.preferred_batch_size`), `instance_group`
+  (`count`, Triton's default when left out: 2 for a CPU group of an onnxruntime model, 1 for a
+  GPU group; `kind`, `name`), `version_policy`, `parameters`;
 - IGNORED (nothing would change a result; logged once at load): `model_warmup`, the
   `optimization` hints (`graph`, `priority`, `cuda`, pinned memory, ...), `output.label_filename`,
-  `input.format`, `dynamic_batching.preserve_ordering` (each call gets its own answer anyway),
-  the fields inside `direct` / `oldest`, `instance_group.rate_limiter` / `profile` / `host_policy`,
+  `input.format`, `dynamic_batching.preserve_ordering` and `oldest.preserve_ordering` (each call
+  gets its own answer anyway), `instance_group.rate_limiter` / `profile` / `host_policy`,
   `state.use_same_buffer_for_input_output` / `use_growable_memory`, `response_cache`,
   `metric_tags`, `model_metrics`, `runtime`;
 - REFUSED (the model does not load; the message names the field): everything else, e.g.
-  `batch_input`, `input.allow_ragged_batch`, `sequence_batching.control_input`,
+  `batch_input`, `input.allow_ragged_batch`, `sequence_batching.iterative_sequence`,
   `ensemble_scheduling`, `model_transaction_policy` (decoupled), `optimization.
   execution_accelerators`, `instance_group.gpus`, queue policies. A setting that would change what
   a model computes must not look as if it took effect.
@@ -24,18 +28,24 @@ Every field set in the file is in exactly one of three lists:
 `max_batch_size > 0` is Triton's rule: axis 0 of every tensor is the batch, and `dims` leave it
 out. It also caps the sequences of one merged run (`batching.max_batch`), and, with
 `dynamic_batching` and `instance_group`, turns batching on for the model (even under
-`--no-batching`; merged runs give the same results as single ones). The tensors' names, types and
-shapes are checked against model.onnx when the model loads (server/signature.py).
+`--no-batching`; merged runs give the same results as single ones). An explicit
+`max_batch_size: 0` means no tensor has a batch axis (nothing guessed, nothing merged; zero-size
+dims are fine where the model takes them); a file that leaves the field out keeps the server's
+own reading of the ONNX file (a free axis 0 splits results, never merged). The tensors' names,
+types and shapes are checked against model.onnx when the model loads (server/signature.py).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 
+from server import control
+from server.control import Control
 from server.dtypes import TRITON_TO_OIP
 from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
@@ -65,6 +75,17 @@ _READ = {
     ("sequence_batching", "state", "initial_state", "data_file"),
     ("sequence_batching", "state", "initial_state", "name"),
     ("sequence_batching", "direct"), ("sequence_batching", "oldest"),
+    ("sequence_batching", "control_input"), ("sequence_batching", "control_input", "name"),
+    ("sequence_batching", "control_input", "control"), ("sequence_batching", "control_input", "control", "kind"),
+    ("sequence_batching", "control_input", "control", "int32_false_true"),
+    ("sequence_batching", "control_input", "control", "fp32_false_true"),
+    ("sequence_batching", "control_input", "control", "bool_false_true"),
+    ("sequence_batching", "control_input", "control", "data_type"),
+    ("sequence_batching", "direct", "max_queue_delay_microseconds"),
+    ("sequence_batching", "direct", "minimum_slot_utilization"),
+    ("sequence_batching", "oldest", "max_candidate_sequences"),
+    ("sequence_batching", "oldest", "preferred_batch_size"),
+    ("sequence_batching", "oldest", "max_queue_delay_microseconds"),
     ("optimization",),  # a container: what is set inside it is ignored or refused field by field
     ("instance_group",), ("instance_group", "name"), ("instance_group", "count"), ("instance_group", "kind"),
     ("version_policy",), ("version_policy", "latest"), ("version_policy", "latest", "num_versions"),
@@ -77,11 +98,6 @@ _IGNORED = {
     ("optimization", "cuda"), ("optimization", "input_pinned_memory"), ("optimization", "output_pinned_memory"),
     ("optimization", "gather_kernel_buffer_threshold"), ("optimization", "eager_batching"),
     ("output", "label_filename"), ("input", "format"), ("dynamic_batching", "preserve_ordering"),
-    ("sequence_batching", "direct", "max_queue_delay_microseconds"),
-    ("sequence_batching", "direct", "minimum_slot_utilization"),
-    ("sequence_batching", "oldest", "max_candidate_sequences"),
-    ("sequence_batching", "oldest", "preferred_batch_size"),
-    ("sequence_batching", "oldest", "max_queue_delay_microseconds"),
     ("sequence_batching", "oldest", "preserve_ordering"),
     ("instance_group", "rate_limiter"), ("instance_group", "profile"), ("instance_group", "host_policy"),
     ("sequence_batching", "state", "use_same_buffer_for_input_output"),
@@ -89,7 +105,7 @@ _IGNORED = {
     ("response_cache",), ("metric_tags",), ("model_metrics",), ("runtime",),
 }  # fmt: skip
 _SUPPORTED = "supported: see server/model_config.py (input, output, max_batch_size, dynamic_batching, "
-_SUPPORTED += "sequence_batching with state, instance_group, version_policy, parameters)"
+_SUPPORTED += "sequence_batching with state and control_input, instance_group, version_policy, parameters)"
 _KINDS = {
     "CPUExecutionProvider": pb.ModelInstanceGroup.KIND_CPU,
     "CUDAExecutionProvider": pb.ModelInstanceGroup.KIND_GPU,
@@ -121,11 +137,15 @@ class StateConfig:
 @dataclass
 class TritonConfig:
     max_batch_size: int = 0
+    batch_declared: bool = False  # max_batch_size is written in the file (an explicit 0: no batch axis)
     inputs: list[TensorConfig] = field(default_factory=list)
     outputs: list[TensorConfig] = field(default_factory=list)
     sequence: bool = False  # sequence_batching given
     idle_us: int = 0  # max_sequence_idle_microseconds (0: the server's --sequence-idle-s)
     states: list[StateConfig] = field(default_factory=list)
+    controls: list[Control] = field(default_factory=list)  # sequence_batching.control_input
+    strategy: str = ""  # "direct" | "oldest" ("": none given; Triton's default is direct)
+    max_sequences: int = 0  # live sequences at most (oldest.max_candidate_sequences; 0: not set)
     version_policy: tuple = ("all",)  # ("all",) | ("latest", n) | ("specific", (v, ...))
     parameters: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # field paths set but without effect
@@ -202,6 +222,8 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
     if config.max_batch_size < 0:
         raise InvalidArgument(f"{where}: max_batch_size must be >= 0, got {config.max_batch_size}")
     triton.max_batch_size = config.max_batch_size
+    # proto3 cannot tell an explicit 0 from a field left out: the text can
+    triton.batch_declared = re.search(r"(?m)^[^#\n]*\bmax_batch_size\s*:", text) is not None
     for kind, entries, target in (("input", config.input, triton.inputs), ("output", config.output, triton.outputs)):
         seen = set()
         for i, t in enumerate(entries):
@@ -227,17 +249,44 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
             )
         if dyn.max_queue_delay_microseconds > 0:
             batching["max_queue_delay_us"] = dyn.max_queue_delay_microseconds
-        preferred = list(dyn.preferred_batch_size)
-        if preferred and (config.max_batch_size < 1 or preferred != [config.max_batch_size]):
-            raise InvalidArgument(
-                f"{where}: dynamic_batching.preferred_batch_size {preferred} is not supported: the batcher "
-                "always aims for max_batch_size (leave preferred_batch_size out, or set it to "
-                "[max_batch_size] with max_batch_size set)"
-            )
+        _preferred(where, "dynamic_batching", dyn.preferred_batch_size, config.max_batch_size, batching)
     if config.HasField("sequence_batching"):
         seq = config.sequence_batching
         triton.sequence = True
         triton.idle_us = seq.max_sequence_idle_microseconds
+        triton.controls = control.parse(where, seq)
+        triton.strategy = seq.WhichOneof("strategy_choice") or ""
+        strategy = getattr(seq, triton.strategy) if triton.strategy else None
+        if strategy is not None:
+            delay = strategy.max_queue_delay_microseconds
+            if delay > MAX_DELAY_US:
+                raise InvalidArgument(
+                    f"{where}: sequence_batching.{triton.strategy}.max_queue_delay_microseconds {delay}: at most "
+                    f"{MAX_DELAY_US} (10 s)"
+                )
+            if triton.strategy == "direct":
+                # Triton: a run waits (up to the delay) only while fewer than this share of the slots
+                # (max_batch_size rows) are ready; 0, the default, runs as soon as one is
+                share = seq.direct.minimum_slot_utilization
+                if not 0 <= share <= 1:
+                    raise InvalidArgument(
+                        f"{where}: sequence_batching.direct.minimum_slot_utilization {share:g}: must be in 0..1"
+                    )
+                rows = math.ceil(share * max(1, config.max_batch_size))
+                if share > 0 and delay > 0:
+                    batching["max_queue_delay_us"] = delay
+                    batching["ready_rows"] = max(1, rows)
+            elif delay > 0:
+                batching["max_queue_delay_us"] = delay
+        if triton.strategy == "oldest":
+            if seq.oldest.max_candidate_sequences < 0:
+                raise InvalidArgument(
+                    f"{where}: sequence_batching.oldest.max_candidate_sequences must be >= 1, got "
+                    f"{seq.oldest.max_candidate_sequences}"
+                )
+            triton.max_sequences = seq.oldest.max_candidate_sequences
+            label = "sequence_batching.oldest"
+            _preferred(where, label, seq.oldest.preferred_batch_size, config.max_batch_size, batching)
         names: set[str] = set()
         for i, s in enumerate(seq.state):
             label = f"sequence_batching.state[{i}]"
@@ -273,9 +322,9 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
         count = 0
         for i, group in enumerate(config.instance_group):
             label = f"instance_group[{i}]"
-            if group.count < 1:
+            if group.count < 0:
                 raise InvalidArgument(f"{where}: {label}.count must be >= 1, got {group.count}")
-            count += group.count
+            count += group.count or _default_count(group.kind, provider)
             kind = pb.ModelInstanceGroup.Kind.Name(group.kind)
             if group.kind == pb.ModelInstanceGroup.KIND_MODEL:
                 raise InvalidArgument(f"{where}: {label}.kind {kind} is not supported (KIND_AUTO, KIND_CPU, KIND_GPU)")
@@ -306,6 +355,29 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
     if batching:
         out["batching"] = batching
     return out
+
+
+def _preferred(where: str, label: str, sizes, max_batch_size: int, batching: dict) -> None:
+    """`preferred_batch_size`: batch sizes (rows) a merged run aims for, each 1..max_batch_size."""
+    preferred = sorted({int(v) for v in sizes})
+    if not preferred:
+        return
+    if max_batch_size < 1 or preferred[0] < 1 or preferred[-1] > max_batch_size:
+        raise InvalidArgument(
+            f"{where}: {label}.preferred_batch_size {list(sizes)}: each size must be in 1..max_batch_size "
+            f"({max_batch_size}; a model without max_batch_size is never batched by size)"
+        )
+    batching["preferred_batch_size"] = preferred
+
+
+def _default_count(kind: int, provider: str) -> int:
+    """Triton's instance count when a group leaves `count` out: 2 for a CPU group of an
+    onnxruntime model, 1 per GPU (this server drives one device) for a GPU group; KIND_AUTO is
+    the GPU when the server runs on one, else the CPU."""
+    gpu = kind == pb.ModelInstanceGroup.KIND_GPU or (
+        kind == pb.ModelInstanceGroup.KIND_AUTO and provider == "CUDAExecutionProvider"
+    )
+    return 1 if gpu else 2
 
 
 def _initial_file(where: str, label: str, folder: Path | None, name: str) -> Path:

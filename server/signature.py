@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.control import Control
 from server.dtypes import ONNX_TO_OIP, numpy_dtype
 from server.model_config import TritonConfig
 
@@ -74,6 +75,8 @@ class Signature:
     bidirectional: bool = False  # a backward direction reads the whole sequence: no chunked streaming
     max_batch_size: int = 0  # Triton's: > 0 when config.pbtxt says so (dims then leave out the batch)
     merge: bool = True  # False: never merged (batch axes guessed, the load probe or server.invariance said no)
+    controls: list[Control] = field(default_factory=list)  # sequence control inputs the server feeds
+    control_shapes: dict[str, list[int]] = field(default_factory=dict)  # each one's shape for one row
 
     def __post_init__(self) -> None:
         # by name, for the per-request lookups (the lists are fixed once built; specs are shared)
@@ -124,7 +127,8 @@ class Signature:
 
     @property
     def stateful(self) -> bool:
-        return bool(self.states)
+        """A sequence model: state the server keeps, or control inputs it feeds per sequence."""
+        return bool(self.states or self.controls)
 
     def state_input_names(self) -> list[str]:
         return [s.input for s in self.states]
@@ -240,9 +244,10 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
     triton = triton or TritonConfig()
     named = any(t.batch_axis is not None for t in inputs + outputs)
     guessed = False
-    if not named and triton.max_batch_size == 0:
-        # No axis named anywhere (nor a config): a free axis 0 is taken as the batch for splitting
-        # results per sequence; merging requests needs the file's word for it, so none are merged.
+    if not named and triton.max_batch_size == 0 and not triton.batch_declared:
+        # No axis named anywhere (nor a max_batch_size): a free axis 0 is taken as the batch for
+        # splitting results per sequence; merging requests needs the file's word for it, so none
+        # are merged. An explicit `max_batch_size: 0` is Triton's "no batch axis": nothing guessed.
         for t in inputs + outputs:
             if t.shape and t.shape[0] < 0:
                 t.batch_axis, guessed = 0, True
@@ -337,6 +342,25 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
         t_in.optional = True
         hidden_in.append(t_in)
         hidden_out.append(t_out)
+    control_shapes: dict[str, list[int]] = {}
+    state_names = {s.input_name for s in triton.states}
+    for c in triton.controls:
+        t = by_name.get(c.input)
+        if t is None or c.input in state_names:
+            raise SignatureError(
+                f"sequence_batching.control_input '{c.input}': "
+                + (f"{path_label} has no such input (it has {sorted(by_name)})" if t is None else "also a state input")
+            )
+        if t.datatype != c.datatype:
+            raise SignatureError(
+                f"control input '{c.input}': the control feeds {c.datatype}, {path_label} takes {t.datatype}"
+            )
+        one = [1 if d < 0 else d for d in t.shape]
+        if t.batch_axis is not None:
+            one[t.batch_axis] = 1
+        control_shapes[c.input] = one
+        t.optional = True
+        hidden_in.append(t)
     visible_in = [t for t in inputs if t not in hidden_in]
     visible_out = [t for t in outputs if t not in hidden_out]
 
@@ -370,6 +394,8 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
         bidirectional=roles.get("bidirectional", False),
         max_batch_size=triton.max_batch_size,
         merge=not guessed,
+        controls=list(triton.controls),
+        control_shapes=control_shapes,
     )
     if sig.ragged is not None and sig.static_length is None:
         rt = sig.input(sig.ragged)

@@ -767,3 +767,87 @@ def test_review_findings_at_load_and_decode(tmp_path):
     req.raw_input_contents.append(b"\0\0\0\0" * (MAX_BYTES_ELEMENTS + 1))
     with pytest.raises(ResourceExhausted, match=f"more than the limit of {MAX_BYTES_ELEMENTS} per tensor"):
         decode_inputs(req, Limits())
+
+
+# -- Triton's no-batch models, and files with large metadata ---------------------------------------
+
+
+def _three_identities() -> onnx.ModelProto:
+    """a, b, c: INT32 [n] each, free sizes (Triton's qa "nobatch" shape [-1]) -> their copies."""
+    names = ("a", "b", "c")
+    nodes = [helper.make_node("Identity", [n], [f"{n}_out"]) for n in names]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["n_" + n]) for n in names]
+    outputs = [helper.make_tensor_value_info(f"{n}_out", TensorProto.INT32, ["n_" + n]) for n in names]
+    return _graph("ids", inputs, outputs, nodes)
+
+
+def test_explicit_max_batch_size_zero_means_no_batch_axis(tmp_path):
+    """With `max_batch_size: 0` axis 0 is not a batch: inputs of sizes 1, 2 and 1 agree with
+    nothing, and a zero-size tensor runs (qa/L0_infer_zero). Without a config.pbtxt the free axis 0
+    is still taken as the batch (today's behaviour), so sizes that differ are refused by name."""
+    from server.client import LSTMClient
+
+    root = tmp_path / "models"
+    dims = 'input [{ name: "a" data_type: TYPE_INT32 dims: [-1] }, { name: "b" data_type: TYPE_INT32 dims: [-1] }]'
+    _save(root, "nobatch", _three_identities(), f"max_batch_size: 0\n{dims}\n")
+    _save(root, "noconfig", _three_identities())
+    srv = _start(root)
+    try:
+        ragged = {"a": np.array([1], np.int32), "b": np.array([2, 3], np.int32), "c": np.array([4], np.int32)}
+        empty = {"a": np.zeros([0], np.int32), "b": np.array([5], np.int32), "c": np.zeros([0], np.int32)}
+        with LSTMClient(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            for inputs in (ragged, empty):
+                out = c.infer_tensors("nobatch", inputs)
+                for name, value in inputs.items():
+                    assert out[f"{name}_out"].shape == value.shape and (out[f"{name}_out"] == value).all()
+            config = c.config("nobatch")
+            assert config.get("max_batch_size", 0) == 0 and [i["dims"] for i in config["input"]] == [["-1"]] * 3
+            with pytest.raises(grpc.RpcError) as err:
+                c.infer_tensors("noconfig", ragged)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch size 2" in err.value.details()
+        status, body = _rest(srv.http_port, "/v2/models/nobatch/infer", {"inputs": [
+            {"name": "a", "datatype": "INT32", "shape": [0], "data": []},
+            {"name": "b", "datatype": "INT32", "shape": [2], "data": [7, 8]},
+            {"name": "c", "datatype": "INT32", "shape": [1], "data": [9]}]})  # fmt: skip
+        assert status == 200, body
+        assert {o["name"]: o["shape"] for o in body["outputs"]} == {"a_out": [0], "b_out": [2], "c_out": [1]}
+    finally:
+        srv.stop(grace=1)
+
+
+def test_large_metadata_props_do_not_break_grpc_model_metadata(tmp_path):
+    """A file whose metadata_props hold ~60 KB (PaddleOCR's character list is 52 KB): gRPC
+    ModelMetadata answers tritonclient and the project's client (headers stay within 1 KB each,
+    4 KB in all), and ModelConfig's parameters carry the whole value."""
+    from server.client import LSTMClient
+
+    model = _three_identities()
+    chars = "".join(chr(0x4E00 + i) for i in range(6000))  # CJK: 18 KB of UTF-8 ...
+    for key, value in (("character", chars * 3), ("small", "kept"), ("lstm.note", "x" * 300)):
+        model.metadata_props.add(key=key, value=value)
+    assert sum(len(p.value.encode()) for p in model.metadata_props) > 50_000
+    root = tmp_path / "models"
+    _save(root, "big", model)
+    srv = _start(root)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        inputs = {"a": np.array([1, 2], np.int32), "b": np.array([3, 4], np.int32), "c": np.array([5, 6], np.int32)}
+        out, seen = _tritonclient("grpc", target, "big", inputs, tmp_path)
+        assert (out["b_out"] == inputs["b"]).all()
+        assert [i["name"] for i in seen["metadata"]["inputs"]] == ["a", "b", "c"]
+        assert seen["config"]["parameters"]["export.character"]["string_value"] == chars * 3
+        with LSTMClient(target, timeout=30) as c:
+            meta = c.metadata("big")
+            assert meta["export"] == {"small": "kept", "lstm.note": "x" * 300, "_omitted": 1}
+            assert c.config("big")["parameters"]["export.character"]["string_value"] == chars * 3
+        with grpc.insecure_channel(target) as channel:
+            from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+            _, call = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata.with_call(
+                pb.ModelMetadataRequest(name="big"), timeout=10
+            )
+            mine = {k: v for k, v in call.initial_metadata() if k.startswith("lstm-")}
+            assert "lstm-roles" in mine and all(len(v) <= 1024 for v in mine.values())
+            assert sum(len(k) + len(v) for k, v in mine.items()) <= 4096
+    finally:
+        srv.stop(grace=1)

@@ -36,8 +36,13 @@ CPU = "CPUExecutionProvider"
         ),
         (
             "max_batch_size: 16 dynamic_batching { preferred_batch_size: [16] max_queue_delay_microseconds: 100 }",
-            {"batching": {"max_batch": 16, "max_queue_delay_us": 100, "enabled": True}},
+            {"batching": {"max_batch": 16, "max_queue_delay_us": 100, "preferred_batch_size": [16], "enabled": True}},
         ),
+        (
+            "max_batch_size: 8 dynamic_batching { preferred_batch_size: [4, 2, 4] }",
+            {"batching": {"max_batch": 8, "preferred_batch_size": [2, 4], "enabled": True}},
+        ),
+        ("instance_group [{ kind: KIND_CPU }]", {"batching": {"instances": 2, "enabled": True}}),
         ("instance_group [{ count: 2 kind: KIND_CPU }, { count: 1 }]", {"batching": {"instances": 3, "enabled": True}}),
         (
             'name: "m" platform: "onnxruntime_onnx" backend: "onnxruntime" max_batch_size: 4\n'
@@ -83,7 +88,7 @@ def test_tensors_states_versions_and_parameters_are_read(tmp_path):
     assert (state.input_name, state.output_name, state.dims) == ("s_in", "s_out", (4,))
     assert state.initial_file == tmp_path / "initial_state" / "s0"
     assert triton.parameters == {"lengths_input": "len"}
-    assert triton.ignored == ["sequence_batching.oldest.max_candidate_sequences"]
+    assert triton.ignored == [] and triton.strategy == "oldest" and triton.max_sequences == 4
 
 
 @pytest.mark.parametrize(
@@ -96,8 +101,9 @@ def test_tensors_states_versions_and_parameters_are_read(tmp_path):
         ),
         (
             "sequence_batching { control_input [{ name: 'START' }] }",
-            "unsupported field(s) sequence_batching.control_input",
+            "control_input[0] 'START': exactly one control per input, got 0",
         ),
+        ("sequence_batching { iterative_sequence: true }", "unsupported field(s) sequence_batching.iterative_sequence"),
         ("model_transaction_policy { decoupled: true }", "unsupported field(s) model_transaction_policy "),
         ("optimization { execution_accelerators { } }", "unsupported field(s) optimization.execution_accelerators"),
         ("dynamic_batching { default_queue_policy { max_queue_size: 3 } }", "dynamic_batching.default_queue_policy"),
@@ -121,9 +127,12 @@ def test_tensors_states_versions_and_parameters_are_read(tmp_path):
             "initial_state/nope not found",
         ),
         ("instance_group [{ count: 1 gpus: [0] }]", "unsupported field(s) instance_group.gpus"),
-        ("dynamic_batching { preferred_batch_size: [4, 8] }", "preferred_batch_size [4, 8] is not supported"),
-        ("max_batch_size: 8 dynamic_batching { preferred_batch_size: 4 }", "preferred_batch_size [4] is not supported"),
-        ("instance_group [{ count: 0 }]", "instance_group[0].count must be >= 1, got 0"),
+        (
+            "dynamic_batching { preferred_batch_size: [4, 8] }",
+            "preferred_batch_size [4, 8]: each size",
+        ),
+        ("max_batch_size: 8 dynamic_batching { preferred_batch_size: 9 }", "preferred_batch_size [9]: each size must"),
+        ("instance_group [{ count: -2 }]", "instance_group[0].count must be >= 1, got -2"),
         ("instance_group [{ count: 1 kind: KIND_GPU }]", "kind KIND_GPU, but this server runs every model on CPU"),
         ("instance_group [{ count: 1 kind: KIND_MODEL }]", "kind KIND_MODEL is not supported"),
         ("max_batch_size: -1", "max_batch_size must be >= 0, got -1"),

@@ -775,6 +775,8 @@ class DataPlane:
             params["static_length"] = str(sig.static_length)
         params["axes"] = json.dumps(sig.axes_json(), sort_keys=True)
         params["batching_rule"] = sig.batching_rule
+        if rt.batch_invariance:
+            params["batch_invariance"] = rt.batch_invariance
         params["roles"] = json.dumps(sig.roles_json(), sort_keys=True)
         params["model_version"] = str(rt.version)
         params.update({f"batching.{k}": json.dumps(v) for k, v in dataclasses.asdict(policy).items()})

@@ -102,7 +102,9 @@ def _random_request(rt, rng: np.random.Generator, rows: int, scale: float, free_
                 shape[axis] = free_dim
         dtype = numpy_dtype(spec.datatype)
         if dtype == OBJECT:
-            value = rng.choice(np.array(["", "a", "bc", "d e"], OBJECT), shape)
+            # numerals: text to a model that reads text, numbers to one that casts them (Triton's
+            # string models, a string CORRID)
+            value = rng.choice(np.array(["0", "1", "17", "-3"], OBJECT), shape)
         elif dtype.kind == "f":
             value = (rng.standard_normal(shape) * scale).astype(dtype)
         elif dtype.kind == "b":

@@ -145,7 +145,7 @@ def _load_failure(name: str, version: int, path: Path, exc: Exception) -> str:
 
 
 def _probe_feeds(rt: ModelRuntime, rows: int, steps: int) -> dict[str, np.ndarray] | None:
-    """Zeros for every input of `rt` with `rows` sequences of `steps` steps (lengths = steps);
+    """Zeros ("0" for strings) for every input of `rt` with `rows` sequences of `steps` steps (lengths = steps);
     None when some input has a free dim that is neither the batch nor the ragged time axis
     (then the outputs' sizes may depend on what clients send, and are not predicted)."""
     sig = rt.signature
@@ -160,7 +160,8 @@ def _probe_feeds(rt: ModelRuntime, rows: int, steps: int) -> dict[str, np.ndarra
             elif d < 0:
                 return None
         dtype = numpy_dtype(spec.datatype)
-        feeds[spec.name] = np.zeros(shape, dtype) if dtype != OBJECT else np.full(shape, "", OBJECT)
+        # strings: "0", zero to a model that casts them to numbers (a string CORRID), text to others
+        feeds[spec.name] = np.zeros(shape, dtype) if dtype != OBJECT else np.full(shape, "0", OBJECT)
     if sig.lengths is not None:
         feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
     return feeds

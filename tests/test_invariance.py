@@ -9,7 +9,6 @@ except where the config opted in to batch-dependent results."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import threading
@@ -388,13 +387,6 @@ def test_opted_in_batch_mean_is_merged_and_its_answers_move(server):
     assert moved > 0.1
 
 
-def _model_config_reports_it() -> bool:
-    from server.dataplane import DataPlane
-
-    return "batch_invariance" in inspect.getsource(DataPlane.model_config)
-
-
-@pytest.mark.skipif(not _model_config_reports_it(), reason="DataPlane.model_config does not report batch_invariance")
 def test_model_config_says_the_verdict(server):
     from server.client import LSTMClient
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from bench.loadgen import PAYLOADS, LoadResult, closed_loop, make_requests, run_grpc_load
 from bench.report import write_report
+from contract import metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_CPU = 0
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"may run on {allowed}, last ran on {ran}; {names}", flush=True)  # fmt: skip
                 if line == "d" and "e" in lines:
                     static_file = args.models / args.static_model / "1" / "model.onnx"
-                    static_len = int(read_metadata(static_file)["lstm.static_length"])
+                    static_len = int(read_metadata(static_file)[metadata.STATIC_LENGTH])
                     for payload in payloads:
                         if PAYLOADS[payload][1] > static_len:
                             for conc in concurrency:

@@ -25,7 +25,6 @@ the twin. The measured figures are printed either way.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from contract import metadata
+from contract.cuda import cuda_usable
 from export.verify import ExportError, ragged_batches
 
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -77,35 +78,6 @@ def parse_precisions(text: str) -> list[str]:
 
 
 # -- providers ---------------------------------------------------------------------------------
-def cuda_usable() -> tuple[bool, str]:
-    """(True, "") where ONNX Runtime can really run on a GPU here, else (False, why). onnxruntime-gpu
-    lists CUDAExecutionProvider even where no GPU exists, so a one-node session is created to see."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, "this onnxruntime build has no CUDAExecutionProvider"
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False, "no CUDA driver (libcuda.so.1 does not load): no usable GPU on this machine"
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])
-    probe = helper.make_model(
-        helper.make_graph([helper.make_node("Add", ["a", "a"], ["b"])], "probe", [a], [b]),
-        opset_imports=[helper.make_opsetid("", 17)],
-        ir_version=8,
-    )
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CUDAExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-        return False, f"a CUDA session failed ({type(exc).__name__})"
-    if session.get_providers()[0] != "CUDAExecutionProvider":
-        return False, f"a CUDA session fell back to {session.get_providers()}"
-    return True, ""
-
-
 def check_provider(precision: str) -> tuple[list, str]:
     """(providers, note) the gate runs `precision` on: int8 on the CPU provider (its only kernels);
     fp16 on CUDA where usable, else on the CPU provider with a note that says what that measures."""
@@ -484,7 +456,7 @@ def check_twin(reference: Path, twin: Path, precision: str, name: str, providers
     with _tool(name, f"ONNX Runtime loading the {precision} twin"):
         got = _session(twin, providers)
     names = [o.name for o in ref.get_outputs()]
-    vocab = ref.get_modelmeta().custom_metadata_map.get("lstm.vocab_size")  # token ids (export.user)
+    vocab = ref.get_modelmeta().custom_metadata_map.get(metadata.VOCAB_SIZE)  # token ids (export.user)
     features = 0 if vocab else ref.get_inputs()[0].shape[2]
     tolerance = TOLERANCE[precision]
     axes = [d if isinstance(d, str) else None for d in ref.get_inputs()[0].shape[:2]]  # (batch, time) names
@@ -690,16 +662,16 @@ def make_twin(
         if data is not None:
             result.accuracy = check_accuracy(reference, tmp, data, twin_of, precision, providers)
         meta = {
-            "lstm.precision": precision,
-            "lstm.twin_of": twin_of,
-            "lstm.precision_method": method,
-            "lstm.precision_tolerance": f"{parity.tolerance:g}",
-            "lstm.precision_max_abs_error": f"{parity.max_abs:.3e}",
-            "lstm.precision_checked_on": parity.provider,
+            metadata.PRECISION: precision,
+            metadata.TWIN_OF: twin_of,
+            metadata.PRECISION_METHOD: method,
+            metadata.PRECISION_TOLERANCE: f"{parity.tolerance:g}",
+            metadata.PRECISION_MAX_ABS_ERROR: f"{parity.max_abs:.3e}",
+            metadata.PRECISION_CHECKED_ON: parity.provider,
         }
         if result.accuracy is not None:
             acc = result.accuracy
-            meta["lstm.precision_accuracy"] = (
+            meta[metadata.PRECISION_ACCURACY] = (
                 f"{acc.data}: float32 {acc.reference:.4f}, {precision} {acc.twin:.4f} ({acc.count} sequences)"
             )
         _set_metadata(tmp, meta)

@@ -46,6 +46,12 @@ class Settings:
         metadata={"help": "ONNX Runtime memory-reuse planner: auto (off for graphs over 1000 nodes, whose "
                   "load it slows super-linearly: the unrolled static models) | on | off"},
     )  # fmt: skip
+    max_run_s: float = field(
+        default=0.0,
+        metadata={"help": "stop any ONNX Runtime run after this many seconds (DEADLINE_EXCEEDED/504 naming this "
+                  "flag); 0 = no cap (a run by itself still stops at its client's deadline or when the client "
+                  "goes away)"},
+    )  # fmt: skip
     grpc_workers: int = field(
         default=32,
         metadata={
@@ -165,6 +171,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "grpc_workers": (1, None),
     "max_message_mb": (1, 2047),  # gRPC takes the byte count as a 32-bit int
     "grace_s": (0, None),
+    "max_run_s": (0, 86400 * 365),
     "max_elements": (1, None),
     "max_request_batch": (1, None),
     "max_batch": (1, None),

@@ -34,6 +34,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
         memory_reuse=settings.ort_memory_reuse,
+        max_run_s=settings.max_run_s,
     )
 
 

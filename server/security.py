@@ -68,12 +68,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = [t.encode() for t in tokens]
 
     def _allowed(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                match = bearer_matches(value, self._tokens)
-                if match is not None:
-                    return match
-        return False
+        """Exactly one `authorization` value, a known bearer token (more than one is refused: access
+        and the per-client shares must read the same token, as REST refuses a repeated header)."""
+        values = [value for key, value in metadata or () if key == "authorization"]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return False
+        return bool(bearer_matches(values[0], self._tokens))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -81,8 +81,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._allowed(handler_call_details.invocation_metadata):
             return handler
-        has_header = any(k == "authorization" for k, _ in handler_call_details.invocation_metadata or ())
-        message = "invalid bearer token" if has_header else "missing 'authorization: Bearer <token>' metadata"
+        headers = sum(1 for k, _ in handler_call_details.invocation_metadata or () if k == "authorization")
+        message = (
+            f"{headers} 'authorization' metadata values; send exactly one" if headers > 1
+            else "invalid bearer token" if headers else "missing 'authorization: Bearer <token>' metadata"
+        )  # fmt: skip
 
         async def deny(request_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -11,6 +11,9 @@ Bounded memory whatever clients send: a string id is at most MAX_ID_BYTES (UTF-8
 freed sequences remembered for that message are capped by count and by bytes (the oldest are
 forgotten first; a forgotten one is then answered "unknown sequence").
 
+Owned: with bearer tokens on, a sequence belongs to the client (token) that started it; another
+client's chunk or end is answered NOT_FOUND as for an unknown id, and never sees or moves its state.
+
 Shared fairly: one client (its bearer token, else its connection: `InferRequest.client`) holds at
 most `client_share` of the `max_sequences` slots, so a client that starts sequences and keeps them
 alive cannot lock the others out; its next start is refused while the others' still succeed.
@@ -122,6 +125,12 @@ class SequenceStore:
         with self._lock:
             self._sweep_locked(now)
             state = self._live.get(key)
+            if state is not None and not self._owned_by(state, client):
+                if start:  # its id is taken by another client: nothing of it is shown or replaced
+                    raise FailedPrecondition(
+                        f"sequence id {clip(seq_id)} of model '{model}' is in use by another client; choose another id"
+                    )
+                state = None  # another client's sequence: as if it did not exist
             if state is not None and state.busy:
                 raise FailedPrecondition(
                     f"sequence {clip(seq_id)} of model '{model}' already has a chunk in flight; send its chunks "
@@ -140,7 +149,7 @@ class SequenceStore:
                 self._live[key] = state
                 self._forget_evicted(key)
             elif state is None:
-                if key in self._evicted:
+                if key in self._evicted and key not in self._live:
                     raise NotFound(
                         f"sequence {clip(seq_id)} of model '{model}' was freed after "
                         f"{self._evicted_idle.get(key, self.idle_s):g} s idle; "
@@ -154,6 +163,13 @@ class SequenceStore:
             state.last_used = now
             self.on_change(len(self._live), 0)
             return state
+
+    @staticmethod
+    def _owned_by(state: SequenceState, client: str) -> bool:
+        """A sequence belongs to the client that started it when that client is named by its bearer
+        token (`memory.client_key`: "token:..."); without tokens a client is its connection, which a
+        REST client changes at will, so sequences are then shared by id (as in Triton)."""
+        return not state.client.startswith("token:") or state.client == client
 
     def version_of(self, model: str, seq_id) -> int | None:
         """The model version a live sequence started on (None if unknown)."""

@@ -19,7 +19,7 @@ from server import handlers
 from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
 from server.errors import InvalidArgument, clip
-from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline
+from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline, infer_request_counts_refusal
 from server.handlers import Admission, error_status
 from server.memory import MemoryBudget
 from server.proto import grpc_service_pb2 as pb
@@ -57,8 +57,25 @@ class _Unparsed:
             return Malformed(self.cls, exc)
 
 
+class Refused(Malformed):
+    """A request refused before it is parsed (`gate.infer_request_counts_refusal`): INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+# a ModelInferRequest larger than this has its entries counted from the wire before it is parsed
+COUNT_ABOVE_BYTES = 64 << 10
+
+
 def _deserializer(cls):
+    infer = cls is pb.ModelInferRequest
+
     def parse(data: bytes):
+        if infer and len(data) > COUNT_ABOVE_BYTES:
+            refusal = infer_request_counts_refusal(data)
+            if refusal is not None:
+                return Refused(refusal)
         if len(data) > PARSE_INLINE_BYTES:
             return _Unparsed(cls, data)
         try:

@@ -199,6 +199,48 @@ def _unary(method):
     return wrapper
 
 
+async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_deadline: float | None, peer: str,
+                        authorizations: list[str], on_hold=None):  # fmt: skip
+    """A ModelInferRequest through the gate (`server.gate`) and the data plane: (InferResponse,
+    memory hold or None); the caller releases the hold once the reply is sent (`on_hold(hold)` is
+    called as soon as it is taken; the hold is released here if the call fails). gRPC servicer
+    and Ray Serve deployment alike."""
+    plane = gate.plane
+    with gate.call():
+        rt = gate.model(request.model_name, request.model_version)
+        # O(1) caps before anything is looked at element by element
+        check_structure(rt, len(request.inputs), len(request.outputs), len(request.parameters), len(request.id))
+        if len(request.raw_input_contents) > len(request.inputs):
+            raise InvalidArgument(
+                f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs; "
+                "send one per input"
+            )
+        for t in request.inputs:
+            if t.parameters:
+                check_tensor_parameters(f"input {clip(t.name)}", t.parameters)
+        for o in request.outputs:
+            if o.parameters:
+                check_tensor_parameters(f"output {clip(o.name)}", o.parameters)
+        who = client(peer, authorizations, gate.tokens_on)
+        if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
+            loop = asyncio.get_running_loop()
+            infer = await loop.run_in_executor(plane.executor, to_infer_request, request, plane, None)
+        else:
+            infer = to_infer_request(request, plane, None)
+        infer.deadline = deadline(transport_deadline, infer.parameters)
+        infer.client = who
+        hold = await gate.hold(rt, infer)
+        if hold is not None and on_hold is not None:
+            on_hold(hold)
+        try:
+            result = await plane.infer_async(infer, gate.inline())
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+    return result, hold
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None,
                  budget: MemoryBudget | None = None, tokens_on: bool = False,
@@ -245,44 +287,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Run one request through the gate (`server.gate`); (response, memory hold). A unary
         call's hold is returned when the RPC ends (its reply sent, or the call cancelled); a stream
         returns it after its write."""
-        gate = self.gate
-        with gate.call():
-            rt = gate.model(request.model_name, request.model_version)
-            # O(1) caps before anything is looked at element by element
-            check_structure(rt, len(request.inputs), len(request.outputs), len(request.parameters), len(request.id))
-            if len(request.raw_input_contents) > len(request.inputs):
-                raise InvalidArgument(
-                    f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs; "
-                    "send one per input"
-                )
-            for t in request.inputs:
-                if t.parameters:
-                    check_tensor_parameters(f"input {clip(t.name)}", t.parameters)
-            for o in request.outputs:
-                if o.parameters:
-                    check_tensor_parameters(f"output {clip(o.name)}", o.parameters)
-            authorizations = []
-            if gate.tokens_on:  # the per-client key is the token then (reading metadata costs: not otherwise)
-                authorizations = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
-            who = client(context.peer() or "", authorizations, gate.tokens_on)
-            if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
-                loop = asyncio.get_running_loop()
-                infer = await loop.run_in_executor(self.plane.executor, to_infer_request, request, self.plane,
-                                                   None)  # fmt: skip
-            else:
-                infer = to_infer_request(request, self.plane, None)
-            infer.deadline = deadline(_deadline(context), infer.parameters)
-            infer.client = who
-            hold = await gate.hold(rt, infer)
-            if hold is not None and not stream:
+        authorizations = []
+        if self.gate.tokens_on:  # the per-client key is the token then (reading metadata costs: not otherwise)
+            authorizations = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+
+        def on_hold(hold) -> None:
+            if not stream:
                 context.add_done_callback(hold.release)
-            try:
-                result = await self.plane.infer_async(infer, gate.inline())
-            except BaseException:
-                if hold is not None:
-                    hold.release()
-                raise
-        return result, hold
+
+        return await infer_message(self.gate, request, _deadline(context), context.peer() or "", authorizations,
+                                   on_hold)  # fmt: skip
 
     @_unary
     async def ModelInfer(self, request, context):

@@ -618,7 +618,7 @@ def test_client_strings_are_clipped_in_errors(served):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()[:200]
             details = err.value.details()
             # the names are clipped, or the request is refused by its counts before any name is read
-            counted = "asks for 10,000 outputs" in details or "the request has 3 inputs" in details
+            counted = "more than 1024 outputs" in details or "the request has 3 inputs" in details
             clipped = "chars)" in details or "more)" in details or counted
             assert len(details) < 1200 and clipped, details[:200]
 

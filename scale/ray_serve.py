@@ -53,15 +53,15 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             # thread per replica unless LSTM_SERVE_INTRA_OP_THREADS says otherwise
             environ = {"LSTM_SERVE_INTRA_OP_THREADS": "1", **os.environ}
             settings = load_settings(["--model-repository", model_repository], environ)
-            self.plane = build_plane(settings)
-            self.plane.repository.load_all()
             from server.gate import Gate
             from server.handlers import Admission
             from server.memory import budget_from_settings
 
+            self.plane = build_plane(settings)
+            budget = budget_from_settings(settings)
+            self.plane.repository.load_all()
             # the server's call gate: structure caps, deadlines (Triton's `timeout`), the memory budget
-            self.gate = Gate(self.plane, Admission(limit=settings.grpc_workers + settings.max_queue),
-                             budget_from_settings(settings))  # fmt: skip
+            self.gate = Gate(self.plane, Admission(limit=settings.grpc_workers + settings.max_queue), budget)
             self.node_id = ray.get_runtime_context().get_node_id()
 
         def _fail(self, exc: Exception, grpc_context) -> None:

@@ -88,6 +88,13 @@ class Settings:
                   "within its deadline, or RESOURCE_EXHAUSTED); 0 = 60 percent of the machine's or the cgroup's "
                   "memory, shared among --workers"},
     )  # fmt: skip
+    max_request_memory_mb: int = field(
+        default=1024,
+        metadata={"help": "memory (MiB) one inference call may hold: request, estimated ONNX Runtime working memory "
+                  "and response; a larger call is refused (RESOURCE_EXHAUSTED/429 naming this flag): send long "
+                  "sequences in chunks (sequence_id, or ModelStreamInfer) or fewer per request; 0 = no cap but "
+                  "the per-client share"},
+    )  # fmt: skip
     memory_client_share: float = field(
         default=0.5,
         metadata={"help": "fraction of the memory budget one client (its bearer token, else its connection) may "
@@ -182,6 +189,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "drain_delay_s": (0, None),
     "poll_s": (0, None),
     "memory_budget_mb": (0, None),
+    "max_request_memory_mb": (0, None),
     "memory_wait_s": (0, 86400),
     "max_streams_per_connection": (1, 2**31 - 1),
     "max_connection_age_s": (0, 2**31 / 1000),

@@ -256,8 +256,11 @@ class Hold:
 class MemoryBudget:
     """Bytes held by accepted calls, at most `total`; a client at most `client_share` of it."""
 
-    def __init__(self, total: int, client_share: float = 0.5, wait_s: float = 30.0, metrics=None) -> None:
+    def __init__(self, total: int, client_share: float = 0.5, wait_s: float = 30.0, metrics=None,
+                 request_limit: int | None = None) -> None:  # fmt: skip
+        """`request_limit`: bytes one call may hold at most (--max-request-memory-mb; None: no cap)."""
         self.total = int(total)
+        self.request_limit = request_limit
         self.client_share = client_share
         self.wait_s = wait_s
         self.held = 0
@@ -300,6 +303,13 @@ class MemoryBudget:
         nbytes = cost.total if isinstance(cost, Cost) else int(cost)
         if self._loop is None:
             self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        if self.request_limit is not None and nbytes > self.request_limit and nbytes <= self.client_limit:
+            raise self._refuse(
+                f"this request needs {_describe(cost)}, more than one call may hold: "
+                f"{self.request_limit / MIB:,.0f} MiB (--max-request-memory-mb); send a long sequence in chunks "
+                "(sequence_id with sequence_start/sequence_end, or a ModelStreamInfer stream), fewer sequences "
+                "per request, or ask only for the outputs you need"
+            )
         if nbytes > self.client_limit:
             what = _describe(cost)
             whole = nbytes > self.total
@@ -388,10 +398,12 @@ def budget_from_settings(settings, metrics=None) -> MemoryBudget:
         total, why = settings.memory_budget_mb * MIB, "--memory-budget-mb"
     else:
         total, why = default_budget(settings.workers)
+    request_limit = settings.max_request_memory_mb * MIB if settings.max_request_memory_mb > 0 else None
     log.info(
-        "memory budget %s MiB (%s); one client at most %.0f%% of it",
+        "memory budget %s MiB (%s); one client at most %.0f%% of it, one call at most %s",
         f"{total / MIB:,.0f}",
         why,
         settings.memory_client_share * 100,
+        f"{request_limit / MIB:,.0f} MiB (--max-request-memory-mb)" if request_limit else "its client's share",
     )
-    return MemoryBudget(total, settings.memory_client_share, settings.memory_wait_s, metrics)
+    return MemoryBudget(total, settings.memory_client_share, settings.memory_wait_s, metrics, request_limit)

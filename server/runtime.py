@@ -276,8 +276,8 @@ class ModelRuntime:
                 raise self._stopped(control, time.monotonic() - started) from None
             if _ALLOCATION_FAILED.search(str(exc)):
                 raise ResourceExhausted(
-                    f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs "
-                    f"({clip(str(exc), 200)}); send fewer or shorter sequences per request"
+                    f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs; "
+                    "send smaller requests (an output sized by input values counts too), or retry later"
                 ) from None
             raise InvalidArgument(
                 f"model '{self.name}': ONNX Runtime refused this input: {clip(str(exc), 300)}"

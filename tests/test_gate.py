@@ -329,3 +329,25 @@ def test_two_authorization_values_are_refused(with_tokens):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "2 'authorization' metadata values" in err.value.details()
         stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=both[:1], timeout=10)
+
+
+def test_one_call_is_capped_naming_the_flag_and_streaming():
+    import asyncio
+
+    from server.config import Settings
+    from server.memory import MIB, Cost, MemoryBudget
+
+    assert Settings().max_request_memory_mb == 1024  # one call's peak well under 2 GiB by default
+
+    async def main():
+        budget = MemoryBudget(16 << 30, client_share=0.5, wait_s=1, request_limit=1024 * MIB)
+        with pytest.raises(Exception) as err:  # the 100 MiB encoder request's estimate: ~5 GiB
+            await budget.hold(Cost(100 * MIB, 5 << 30, 1 * MIB), "peer:a")
+        assert "--max-request-memory-mb" in str(err.value) and "sequence_id" in str(err.value)
+        assert "ModelStreamInfer" in str(err.value)
+        hold = await budget.hold(Cost(1 * MIB, 900 * MIB, 1 * MIB), "peer:a")  # within: granted
+        assert budget.held == 902 * MIB
+        hold.release()
+        assert budget.held == 0
+
+    asyncio.run(main())

@@ -81,6 +81,17 @@ class Settings:
         metadata={"help": "fraction of --max-sequences one client (its bearer token, else its connection) may "
                   "hold: the rest stay free for others"},
     )  # fmt: skip
+    max_sequence_state_mb: int = field(
+        default=64,
+        metadata={"help": "state (MiB) one stateful sequence may keep between chunks: a start whose state is larger, "
+                  "or a chunk whose state output grows past it, is refused (RESOURCE_EXHAUSTED naming this flag; "
+                  "a growing sequence is freed); raise it for a model whose state is declared to grow; 0 = no cap"},
+    )  # fmt: skip
+    sequence_memory_mb: int = field(
+        default=0,
+        metadata={"help": "state (MiB) all live sequences may keep at once, one client at most "
+                  "--sequence-client-share of it; 0 = a quarter of the memory budget"},
+    )  # fmt: skip
     memory_budget_mb: int = field(
         default=0,
         metadata={"help": "memory (MiB) the inference calls in progress may hold at once: request, estimated "
@@ -189,6 +200,8 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "drain_delay_s": (0, None),
     "poll_s": (0, None),
     "memory_budget_mb": (0, None),
+    "max_sequence_state_mb": (0, None),
+    "sequence_memory_mb": (0, None),
     "max_request_memory_mb": (0, None),
     "memory_wait_s": (0, 86400),
     "max_streams_per_connection": (1, 2**31 - 1),

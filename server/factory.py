@@ -16,6 +16,7 @@ from server.batcher import BatchPolicy
 from server.codec import Limits
 from server.config import Settings
 from server.dataplane import DataPlane
+from server.memory import default_budget
 from server.metrics import Metrics
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
@@ -49,6 +50,14 @@ def batch_policy(settings: Settings) -> BatchPolicy:
     )
 
 
+def sequence_memory(settings: Settings) -> int:
+    """Bytes all live sequences may keep: --sequence-memory-mb, or a quarter of the memory budget."""
+    if settings.sequence_memory_mb:
+        return settings.sequence_memory_mb << 20
+    budget = settings.memory_budget_mb << 20 if settings.memory_budget_mb else default_budget(settings.workers)[0]
+    return budget // 4
+
+
 def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane:
     """A data plane over `settings.model_repository`, models not loaded yet. Raises StartupError
     when `--device cuda` is asked for and CUDA cannot be used."""
@@ -74,7 +83,12 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
         policy,
         metrics,
         SequenceStore(
-            settings.max_sequences, settings.sequence_idle_s, sequences_changed, settings.sequence_client_share
+            settings.max_sequences,
+            settings.sequence_idle_s,
+            sequences_changed,
+            settings.sequence_client_share,
+            max_state_bytes=settings.max_sequence_state_mb << 20 if settings.max_sequence_state_mb else None,
+            state_memory=sequence_memory(settings),
         ),
         max_message_bytes=settings.max_message_mb << 20,
         # ONNX Runtime runs (batching off, or a retired version's late requests), request decoding

@@ -351,3 +351,36 @@ def test_one_call_is_capped_naming_the_flag_and_streaming():
         assert budget.held == 0
 
     asyncio.run(main())
+
+
+def test_kept_sequence_state_is_bounded_per_sequence_client_and_in_all():
+    from server.errors import ResourceExhausted
+    from server.sequences import SequenceStore
+
+    def state(nbytes: int) -> dict[str, np.ndarray]:
+        return {"h": np.zeros(nbytes // 4, np.float32)}
+
+    store = SequenceStore(max_sequences=16, idle_s=60, client_share=0.5, max_state_bytes=1000, state_memory=3000)
+    with pytest.raises(ResourceExhausted, match="--max-sequence-state-mb"):  # too large from the start
+        store.acquire("m", 1, 1, True, state(1200), client="token:a")
+    assert len(store) == 0 and store.kept_bytes == 0
+    store.acquire("m", 1, 1, True, state(400), client="token:a")
+    store.release("m", 1, state(800), False)  # a growing state: still within its cap
+    assert store.kept_bytes == 800
+    store.acquire("m", 1, 1, False, {}, client="token:a")
+    with pytest.raises(ResourceExhausted, match="freed"):  # grew past it: refused, and the sequence freed
+        store.release("m", 1, state(1200), False)
+    assert len(store) == 0 and store.kept_bytes == 0
+    store.acquire("m", 1, 2, True, state(800), client="token:a")
+    store.release("m", 2, state(800), False)
+    with pytest.raises(ResourceExhausted, match="--sequence-client-share"):  # a's share: 1500 of 3000
+        store.acquire("m", 1, 3, True, state(800), client="token:a")
+    for seq_id in (4, 5):  # other clients still have room, until all kept state is at its budget
+        store.acquire("m", 1, seq_id, True, state(800), client=f"token:{seq_id}")
+        store.release("m", seq_id, state(800), False)
+    with pytest.raises(ResourceExhausted, match="kept-state budget"):
+        store.acquire("m", 1, 6, True, state(800), client="token:c")
+    store.acquire("m", 1, 2, False, {}, client="token:a")
+    store.release("m", 2, state(800), True)  # ended: its bytes are free again
+    assert store.kept_bytes == 1600
+    store.acquire("m", 1, 6, True, state(800), client="token:c")

@@ -589,7 +589,7 @@ class RestApp:
         rt = self.plane.repository.get(request.model_name, request.model_version)
         binary = all(binary_outputs.get(n, binary_all) for n in request.outputs) if request.outputs else binary_all
         cost = call_cost(rt, request.inputs, request.outputs, body_bytes, 1 if binary else JSON_RESPONSE_FACTOR)
-        return _Held(await self.budget.hold(cost, request.client, request.deadline))
+        return _Held(await self.budget.hold(cost, request.client, request.deadline), cost.response)
 
     async def _infer(self, ex: _Exchange, model: str, version: str) -> None:
         header_len = ex.header(HEADER_LENGTH)
@@ -640,13 +640,22 @@ class RestApp:
                 # the header and Triton's `timeout` request parameter (µs; tritonclient sends it)
                 request.deadline = gate_deadline(deadline, request.parameters)
                 request.client = client
-                with await self._hold(request, len(body), binary_outputs, binary_all):
+                held = await self._hold(request, len(body), binary_outputs, binary_all)
+                with held:
                     start = time.perf_counter_ns()
                     response = await self.plane.infer_async(request, gate.inline())
                     size = sum(a.nbytes for a in response.outputs.values())
+                    # the reply's encoded size, counted before it is built: outputs sized by input values
+                    # (ConstantOfShape, Tile) are known only now
+                    json_bytes = sum(a.nbytes for n, a in response.outputs.items()
+                                     if not binary_outputs.get(n, binary_all))  # fmt: skip
+                    extra = JSON_RESPONSE_FACTOR * json_bytes + size - held.response
+                    more = _Held(await self.budget.hold(extra, client, request.deadline)
+                                 if self.budget is not None and extra > LARGE else None)  # fmt: skip
                     encode = (response_body, response, binary_outputs, binary_all)
-                    payload, json_len = (await loop.run_in_executor(self.plane.executor, *encode) if size > LARGE
-                                         else encode[0](*encode[1:]))  # fmt: skip
+                    with more:
+                        payload, json_len = (await loop.run_in_executor(self.plane.executor, *encode)
+                                             if size > LARGE else encode[0](*encode[1:]))  # fmt: skip
                     try:
                         if json_len < 0:
                             await ex.respond(200, payload)
@@ -668,8 +677,9 @@ def _disconnected(ex: _Exchange) -> bool:
 class _Held(contextlib.AbstractContextManager):
     """A memory hold as a context manager: released on exit, however the exchange ends."""
 
-    def __init__(self, hold) -> None:
+    def __init__(self, hold, response: int = 0) -> None:
         self.hold = hold
+        self.response = response  # bytes of it counted for the reply
 
     def __exit__(self, *exc) -> None:
         if self.hold is not None:

@@ -384,3 +384,37 @@ def test_kept_sequence_state_is_bounded_per_sequence_client_and_in_all():
     store.release("m", 2, state(800), True)  # ended: its bytes are free again
     assert store.kept_bytes == 1600
     store.acquire("m", 1, 6, True, state(800), client="token:c")
+
+
+def test_json_reply_of_an_output_sized_by_values_is_counted_before_it_is_built(tmp_path):
+    graph = oh.make_graph(
+        [oh.make_node("ConstantOfShape", ["x"], ["y"], value=oh.make_tensor("v", TensorProto.FLOAT, [1], [1.0]))],
+        "fill", [oh.make_tensor_value_info("x", TensorProto.INT64, [1])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )  # fmt: skip
+    _save(graph, tmp_path / "fill" / "1" / "model.onnx")
+    srv = _start(tmp_path, memory_budget_mb=256, memory_client_share=0.5)
+    url = f"http://127.0.0.1:{srv.http_port}/v2/models/fill/infer"
+
+    def post(n: int, binary: bool):
+        body = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [n]}],
+                "outputs": [{"name": "y", "parameters": {"binary_data": binary}}]}  # fmt: skip
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            with err:
+                return err.code, err.read()
+
+    try:
+        status, body = post(4 << 20, binary=False)  # 16 MiB of float32: ~200 MiB as JSON, over the 128 MiB share
+        assert status == 429, body[:300]
+        assert b"--memory-budget-mb" in body
+        status, body = post(4 << 20, binary=True)  # the same output as binary: 16 MiB, admitted
+        assert status == 200 and len(body) > 16 << 20
+        status, body = post(1000, binary=False)
+        assert status == 200 and json.loads(body)["outputs"][0]["data"][:2] == [1.0, 1.0]
+        assert srv.budget.held == 0
+    finally:
+        srv.stop(0)

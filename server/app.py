@@ -32,7 +32,14 @@ from server.memory import budget_from_settings
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.rest import RestApp, RestServer
-from server.security import TokenAuthInterceptor, load_tokens, server_credentials, tls_context
+from server.security import (
+    RestrictedApiInterceptor,
+    TokenAuthInterceptor,
+    load_tokens,
+    parse_restricted,
+    server_credentials,
+    tls_context,
+)
 from server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -174,7 +181,7 @@ class InferenceServer:
             if s.http_port >= 0:
                 app = RestApp(self.plane, self.is_ready, self.admission, tokens, max_body=s.max_message_mb << 20,
                               max_concurrent=s.grpc_workers + s.max_queue, budget=self.budget,
-                              gate=self._gate(tokens))  # fmt: skip
+                              gate=self._gate(tokens), restricted=parse_restricted(s.restricted_api))  # fmt: skip
                 self.rest = RestServer(app, send_timeout_s=s.send_timeout_s, metrics=self.metrics)
                 self.http_port = self.rest.bind(s.host, s.http_port, reuse_port=s.workers > 1)
             if s.metrics_port >= 0:
@@ -215,6 +222,10 @@ class InferenceServer:
         s = self.settings
         self.health = health.aio.HealthServicer()
         interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+        restricted = parse_restricted(s.restricted_api)
+        if restricted:
+            interceptors.append(RestrictedApiInterceptor(restricted))
+            log.info("restricted protocol groups: %s (each needs its header)", ", ".join(restricted))
         if tokens:
             log.info("bearer-token authentication on (%d token(s)); health stays open", len(tokens))
         size = s.max_message_mb << 20

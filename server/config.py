@@ -139,6 +139,12 @@ class Settings:
         metadata={"help": "comma-separated bearer tokens (prefer the env variable); set but empty: refused at start"},
     )
     auth_tokens_file: str = field(default="", metadata={"help": "file with one bearer token per line"})
+    restricted_api: str = field(
+        default="",
+        metadata={"help": "admin-only protocol groups, as Triton's restricted APIs: 'model-repository:KEY=VALUE' "
+                  "makes repository index/load/unload (gRPC and REST) need the header KEY: VALUE "
+                  "(PERMISSION_DENIED/403 otherwise); empty = not restricted"},
+    )  # fmt: skip
     drain_delay_s: float = field(
         default=0.0, metadata={"help": "on SIGTERM: seconds of NOT_SERVING health before refusing calls"}
     )
@@ -231,6 +237,14 @@ def field_problem(name: str, value) -> str | None:
     if name in ("sequence_client_share", "memory_client_share"):
         if not 0 < value <= 1:  # NaN fails too
             return f"must be a fraction in (0, 1], got {value:g}"
+        return None
+    if name == "restricted_api":
+        from server.security import parse_restricted
+
+        try:
+            parse_restricted(value)
+        except ValueError as exc:
+            return str(exc)
         return None
     if name == "device":
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value).strip().lower()):

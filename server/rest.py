@@ -59,7 +59,7 @@ from server.gate import client as gate_client
 from server.gate import deadline as gate_deadline
 from server.handlers import error_status
 from server.memory import JSON_RESPONSE_FACTOR, call_cost
-from server.security import bearer_matches
+from server.security import bearer_matches, restricted_refusal
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -432,9 +432,11 @@ class RestApp:
 
     def __init__(self, plane, is_ready, admission, tokens: list[str], max_body: int, max_json: int = 32 << 20,
                  max_concurrent: int = 1056, max_spooled: int | None = None, budget=None,
-                 gate: Gate | None = None) -> None:  # fmt: skip
+                 gate: Gate | None = None, restricted: dict | None = None) -> None:  # fmt: skip
         """`gate`: the server's call gate (`server.gate`), shared with the gRPC frontend; default: one
-        of this app's own over `admission` and `budget`."""
+        of this app's own over `admission` and `budget`. `restricted`: admin-only protocol groups
+        (`security.parse_restricted`)."""
+        self.restricted = restricted or {}
         self.gate = gate or Gate(plane, admission, budget, bool(tokens))
         self.plane, self.is_ready, self.admission = plane, is_ready, self.gate.admission
         self.budget = self.gate.budget  # server.memory.MemoryBudget: what an inference call holds until sent
@@ -557,6 +559,9 @@ class RestApp:
     async def _repository(self, ex: _Exchange, parts: list[str]) -> None:
         """Triton's model repository extension: index, load, unload (bodies: optional JSON)."""
         self._need(ex, "POST")
+        refusal = restricted_refusal(self.restricted, "model-repository", ex.header)
+        if refusal is not None:
+            raise HttpError(403, refusal)
         with self.slot():
             raw = await ex.body(self.max_json, required=False)  # Triton's curl examples send none
             try:

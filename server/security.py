@@ -99,6 +99,76 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
 
 
+# Admin-only protocol groups, as Triton's --grpc-restricted-protocol / --http-restricted-api: a call
+# of a restricted group must carry a header key=value the operator chose (beside any bearer token).
+RESTRICTED_GROUPS = {
+    "model-repository": (
+        frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}),  # gRPC methods
+        "/v2/repository",  # REST routes under it
+    ),
+}
+
+
+def parse_restricted(spec: str) -> dict[str, tuple[str, str]]:
+    """'group[,group...]:key=value[;...]' (e.g. `model-repository:admin-key=s3cret`) -> {group:
+    (key, value)}; ValueError naming what is wrong."""
+    out: dict[str, tuple[str, str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        groups, _, pair = part.partition(":")
+        key, eq, value = pair.partition("=")
+        key = key.strip().lower()
+        if not eq or not key or not value or not key.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"{part!r}: expected group[,group]:key=value, e.g. model-repository:admin-key=SECRET")
+        for group in (g.strip() for g in groups.split(",")):
+            if group not in RESTRICTED_GROUPS:
+                raise ValueError(f"{part!r}: unknown group {group!r}; known: {', '.join(RESTRICTED_GROUPS)}")
+            out[group] = (key, value)
+    return out
+
+
+def restricted_refusal(group_keys: dict[str, tuple[str, str]], group: str, header) -> str | None:
+    """Why a call of `group` is refused (its header missing or wrong), or None. `header(key)`: the
+    call's value for a header (None when absent)."""
+    if group not in group_keys:
+        return None
+    key, value = group_keys[group]
+    sent = header(key)
+    if sent is not None and hmac.compare_digest(sent.encode(), value.encode()):
+        return None
+    return f"the {group} protocol is restricted: it needs the '{key}' header the operator configured"
+
+
+class RestrictedApiInterceptor(grpc.aio.ServerInterceptor):
+    """gRPC methods of a restricted group need their header key=value (PERMISSION_DENIED otherwise)."""
+
+    def __init__(self, group_keys: dict[str, tuple[str, str]]) -> None:
+        self._keys = group_keys
+        self._methods = {f"/inference.GRPCInferenceService/{m}": g
+                         for g in group_keys for m in RESTRICTED_GROUPS[g][0]}  # fmt: skip
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        group = self._methods.get(handler_call_details.method)
+        if handler is None or group is None:
+            return handler
+        metadata = handler_call_details.invocation_metadata or ()
+
+        def header(key: str):
+            values = [v for k, v in metadata if k == key and isinstance(v, str)]
+            return values[0] if len(values) == 1 else None
+
+        message = restricted_refusal(self._keys, group, header)
+        if message is None:
+            return handler
+
+        async def deny(request_iterator, context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+        return grpc.stream_unary_rpc_method_handler(
+            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
 def server_credentials(cert: bytes, key: bytes, client_ca: bytes | None) -> grpc.ServerCredentials:
     """TLS for the gRPC port from PEM bytes: the server's certificate chain and key; with
     `client_ca`, clients must present a certificate signed by it (mutual TLS)."""

@@ -418,3 +418,36 @@ def test_json_reply_of_an_output_sized_by_values_is_counted_before_it_is_built(t
         assert srv.budget.held == 0
     finally:
         srv.stop(0)
+
+
+def test_repository_protocol_can_be_restricted_to_an_admin_header(loop_repo):
+    from server.config import Settings
+
+    with pytest.raises(ValueError, match="unknown group"):
+        Settings(restricted_api="everything:k=v")
+    with pytest.raises(ValueError, match="key=value"):
+        Settings(restricted_api="model-repository:novalue")
+    srv = _start(loop_repo, model_control_mode="explicit", restricted_api="model-repository:admin-key=s3cret")
+    admin = [("admin-key", "s3cret")]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            for metadata in ([], [("admin-key", "wrong")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="uni"), metadata=metadata,
+                                               timeout=10)  # fmt: skip
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "'admin-key' header" in err.value.details() and "s3cret" not in err.value.details()
+            assert srv.repository.get("uni")  # still loaded
+            assert stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=admin, timeout=10).models
+            stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)  # other groups stay open
+        url = f"http://127.0.0.1:{srv.http_port}/v2/repository/index"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url, b"", method="POST"), timeout=10)
+        with err.value:
+            assert err.value.code == 403
+        request = urllib.request.Request(url, b"", {"admin-key": "s3cret"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200 and any(m["name"] == "uni" for m in json.loads(r.read()))
+    finally:
+        srv.stop(0)

@@ -106,6 +106,12 @@ class Settings:
                   "sequences in chunks (sequence_id, or ModelStreamInfer) or fewer per request; 0 = no cap but "
                   "the per-client share"},
     )  # fmt: skip
+    ort_arena_cap: bool = field(
+        default=False,
+        metadata={"help": "ONNX Runtime sessions allocate CPU memory from one shared arena capped at the memory "
+                  "budget: a run needing more (an output sized by input values) fails with RESOURCE_EXHAUSTED "
+                  "instead of growing the process"},
+    )  # fmt: skip
     memory_client_share: float = field(
         default=0.5,
         metadata={"help": "fraction of the memory budget one client (its bearer token, else its connection) may "

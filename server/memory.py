@@ -408,4 +408,42 @@ def budget_from_settings(settings, metrics=None) -> MemoryBudget:
         settings.memory_client_share * 100,
         f"{request_limit / MIB:,.0f} MiB (--max-request-memory-mb)" if request_limit else "its client's share",
     )
+    if getattr(settings, "ort_arena_cap", False):
+        share_ort_arena(total)
     return MemoryBudget(total, settings.memory_client_share, settings.memory_wait_s, metrics, request_limit)
+
+
+# -- ONNX Runtime's own allocations ----------------------------------------------------------------
+# The budget above counts what calls are *estimated* to need; ONNX Runtime allocates what a run
+# really needs, which for an output sized by input values (ConstantOfShape, Tile, Range) no estimate
+# sees. With --ort-arena-cap every session allocates CPU memory from one shared arena capped at the
+# budget: a run that would take more fails cleanly (RESOURCE_EXHAUSTED naming --memory-budget-mb)
+# instead of growing the process. Registered once per process (ONNX Runtime cannot replace it):
+# later servers in the same process share the first one's cap.
+_ARENA: dict[str, int | None] = {"max_bytes": None}
+_ARENA_LOCK = threading.Lock()
+
+
+def share_ort_arena(max_bytes: int) -> int:
+    """Register ONNX Runtime's shared CPU arena capped at `max_bytes` (once per process); returns
+    the cap in force."""
+    with _ARENA_LOCK:
+        if _ARENA["max_bytes"] is None:
+            import onnxruntime as ort
+
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            # kSameAsRequested (1): the arena grows by what a run asks for (so shrinkage can return it)
+            config = ort.OrtArenaCfg({"max_mem": int(max_bytes), "arena_extend_strategy": 1})
+            ort.create_and_register_allocator(info, config)
+            _ARENA["max_bytes"] = int(max_bytes)
+        elif _ARENA["max_bytes"] != int(max_bytes):
+            log.warning(
+                "ONNX Runtime's shared arena stays capped at %s MiB (set by the first server of this process)",
+                f"{_ARENA['max_bytes'] / MIB:,.0f}",
+            )
+        return _ARENA["max_bytes"]
+
+
+def ort_arena_cap() -> int | None:
+    """The shared arena's cap in bytes; None while none is registered (sessions have their own)."""
+    return _ARENA["max_bytes"]

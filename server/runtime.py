@@ -27,7 +27,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
-from server.memory import batch_and_time, run_options, working_bytes
+from server.memory import batch_and_time, ort_arena_cap, run_options, working_bytes
 from server.onnxfile import _fields, graph_nodes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
@@ -275,8 +275,10 @@ class ModelRuntime:
             if control is not None and control.reason is not None:
                 raise self._stopped(control, time.monotonic() - started) from None
             if _ALLOCATION_FAILED.search(str(exc)):
+                cap = ort_arena_cap()
+                within = f" within its {cap / (1 << 20):,.0f} MiB cap (--memory-budget-mb)" if cap else ""
                 raise ResourceExhausted(
-                    f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs; "
+                    f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs{within}; "
                     "send smaller requests (an output sized by input values counts too), or retry later"
                 ) from None
             raise InvalidArgument(
@@ -355,6 +357,8 @@ def load_model(
             LARGE_GRAPH_NODES,
         )
     so.log_severity_level = 3
+    if ort_arena_cap() is not None:  # CPU allocations from the shared arena capped at the memory budget
+        so.add_session_config_entry("session.use_env_allocators", "1")
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
     config = model_config or {}

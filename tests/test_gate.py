@@ -451,3 +451,49 @@ def test_repository_protocol_can_be_restricted_to_an_admin_header(loop_repo):
             assert r.status == 200 and any(m["name"] == "uni" for m in json.loads(r.read()))
     finally:
         srv.stop(0)
+
+
+def test_ort_arena_cap_refuses_an_output_sized_by_values_cleanly(tmp_path):
+    """--ort-arena-cap: ONNX Runtime's own allocations are capped at the budget (its own process:
+    the shared arena is registered once per process)."""
+    import subprocess
+    import sys
+
+    graph = oh.make_graph(
+        [oh.make_node("ConstantOfShape", ["x"], ["y"], value=oh.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+         oh.make_node("ReduceSum", ["y"], ["s"], keepdims=0)],
+        "fill", [oh.make_tensor_value_info("x", TensorProto.INT64, [1])],
+        [oh.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+    )  # fmt: skip
+    _save(graph, tmp_path / "fill" / "1" / "model.onnx")
+    from scale.replicas import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--device", "cpu", "--port", str(port), "--metrics-port", "-1",
+         "--model-repository", str(tmp_path), "--ort-arena-cap", "--memory-budget-mb", "256"],
+        cwd=root, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+            def call(n: int):
+                r = pb.ModelInferRequest(model_name="fill")
+                encode_input(r, "x", np.array([n], np.int64))
+                return stub.ModelInfer(r, timeout=30)
+
+            rss = lambda: int(Path(f"/proc/{proc.pid}/statm").read_text().split()[1]) * 4096 >> 20  # noqa: E731
+            before = rss()
+            with pytest.raises(grpc.RpcError) as err:  # a 2 GiB temporary, from an 8-byte value
+                call(512 << 20)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert "256 MiB cap (--memory-budget-mb)" in err.value.details()
+            assert rss() < before + 300
+            reply = call(1000)  # the server goes on
+            assert np.frombuffer(reply.raw_output_contents[0], np.float32)[0] == 1000.0
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -234,6 +235,22 @@ def default_budget(workers: int = 1) -> tuple[int, str]:
     return share, f"{DEFAULT_FRACTION:.0%} of the {source} {limit / MIB:,.0f} MiB / {workers} worker(s)"
 
 
+# -- giving freed memory back -----------------------------------------------------------------------
+TRIM_AFTER = 64 * MIB  # released holds since the last trim that schedule one
+TRIM_DELAY_S = 1.0  # ... this long after (one trim for a burst of calls ending)
+
+
+def malloc_trim() -> bool:
+    """glibc's malloc_trim(0): return the free heap memory (replies, requests, arrays of calls that
+    ended) to the OS; without it glibc keeps it mapped and RSS stays at the peak. False where the C
+    library has none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 # -- the budget -------------------------------------------------------------------------------------
 def _describe(cost: Cost | int) -> str:
     return cost.describe() if isinstance(cost, Cost) else f"{int(cost) / MIB:,.0f} MiB"
@@ -272,6 +289,8 @@ class MemoryBudget:
         self._waiters: deque[tuple[int, str, asyncio.Future]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._released = 0  # bytes released since the last malloc_trim
+        self._trim_due = False
         if metrics is not None:
             metrics.memory_budget.set(self.total)
 
@@ -367,6 +386,11 @@ class MemoryBudget:
             self._loop.call_soon_threadsafe(self._release, hold)
 
     def _release(self, hold: Hold) -> None:
+        self._released += hold.nbytes
+        if self._released >= TRIM_AFTER and not self._trim_due and self._loop is not None:
+            # freed heap goes back to the OS soon after large calls end (glibc keeps it otherwise)
+            self._trim_due = True
+            self._loop.call_later(TRIM_DELAY_S, self._trim)
         self.held -= hold.nbytes
         left = self.by_client.get(hold.client, 0) - hold.nbytes
         if left > 0:
@@ -375,6 +399,11 @@ class MemoryBudget:
             self.by_client.pop(hold.client, None)
         self._gauge()
         self._wake()
+
+    def _trim(self) -> None:
+        self._trim_due, self._released = False, 0
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_in_executor(None, malloc_trim)
 
     def _wake(self) -> None:
         """Grant waiters in order while they fit; one that does not fit blocks those behind it only

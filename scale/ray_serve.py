@@ -53,8 +53,15 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             # thread per replica unless LSTM_SERVE_INTRA_OP_THREADS says otherwise
             environ = {"LSTM_SERVE_INTRA_OP_THREADS": "1", **os.environ}
             settings = load_settings(["--model-repository", model_repository], environ)
+            from server.gate import Gate
+            from server.handlers import Admission
+            from server.memory import budget_from_settings
+
             self.plane = build_plane(settings)
+            budget = budget_from_settings(settings)
             self.plane.repository.load_all()
+            # the server's call gate: structure caps, deadlines (Triton's `timeout`), the memory budget
+            self.gate = Gate(self.plane, Admission(limit=settings.grpc_workers + settings.max_queue), budget)
             self.node_id = ray.get_runtime_context().get_node_id()
 
         def _fail(self, exc: Exception, grpc_context) -> None:
@@ -71,26 +78,33 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             out.parameters["ray_node_id"].string_param = self.node_id  # which node answered
             return out
 
-        def ModelInfer(self, request, grpc_context):  # noqa: N802 - RPC names
+        async def _infer(self, request):
+            """Through the server's gate (no client identity here: Ray's proxy is the peer)."""
+            from server.servicer import infer_message
+
+            response, hold = await infer_message(self.gate, request, None, "", [])
+            try:
+                return self._response(response, request)
+            finally:
+                if hold is not None:
+                    hold.release()
+
+        async def ModelInfer(self, request, grpc_context):  # noqa: N802 - RPC names
             from server.proto import grpc_service_pb2 as pb
-            from server.servicer import to_infer_request
 
             try:
-                response = self.plane.infer(to_infer_request(request, self.plane, None))
+                return await self._infer(request)
             except Exception as exc:  # noqa: BLE001 - mapped to its gRPC status
                 self._fail(exc, grpc_context)
                 return pb.ModelInferResponse()
-            return self._response(response, request)
 
         async def ModelStreamInfer(self, request_iterator, grpc_context):  # noqa: N802
             from server.handlers import error_status
             from server.proto import grpc_service_pb2 as pb
-            from server.servicer import to_infer_request
 
             async for request in request_iterator:
                 try:
-                    response = await self.plane.infer_async(to_infer_request(request, self.plane, None))
-                    yield pb.ModelStreamInferResponse(infer_response=self._response(response, request))
+                    yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
                 except Exception as exc:  # noqa: BLE001
                     code, _, message = error_status(exc)
                     yield pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")

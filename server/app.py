@@ -26,12 +26,20 @@ from grpc_reflection.v1alpha import reflection
 from server.config import Settings
 from server.errors import StartupError
 from server.factory import build_plane
+from server.gate import Gate
 from server.handlers import Admission
 from server.memory import budget_from_settings
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
 from server.rest import RestApp, RestServer
-from server.security import TokenAuthInterceptor, load_tokens, server_credentials, tls_context
+from server.security import (
+    RestrictedApiInterceptor,
+    TokenAuthInterceptor,
+    load_tokens,
+    parse_restricted,
+    server_credentials,
+    tls_context,
+)
 from server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,7 @@ class InferenceServer:
         self.admission = Admission(limit=settings.grpc_workers + settings.max_queue)
         # bytes the accepted calls hold until their replies are sent (server.memory)
         self.budget = budget_from_settings(settings, self.metrics)
+        self.gate: Gate | None = None  # the call gate both frontends share (`_gate`, once tokens are known)
         self._metrics_sock = None
         self._metrics_server: asyncio.AbstractServer | None = None
         self._draining = threading.Event()
@@ -94,6 +103,12 @@ class InferenceServer:
     @property
     def provider(self) -> str:
         return self.providers.kind
+
+    def _gate(self, tokens: list[str]) -> Gate:
+        """The one call gate of both frontends (admission, limits, budget, inline decision)."""
+        if self.gate is None:
+            self.gate = Gate(self.plane, self.admission, self.budget, tokens_on=bool(tokens))
+        return self.gate
 
     def is_ready(self) -> bool:
         return not self._draining.is_set()
@@ -165,7 +180,8 @@ class InferenceServer:
             self.port = self._run(self._bind_grpc(tokens, creds))
             if s.http_port >= 0:
                 app = RestApp(self.plane, self.is_ready, self.admission, tokens, max_body=s.max_message_mb << 20,
-                              max_concurrent=s.grpc_workers + s.max_queue, budget=self.budget)  # fmt: skip
+                              max_concurrent=s.grpc_workers + s.max_queue, budget=self.budget,
+                              gate=self._gate(tokens), restricted=parse_restricted(s.restricted_api))  # fmt: skip
                 self.rest = RestServer(app, send_timeout_s=s.send_timeout_s, metrics=self.metrics)
                 self.http_port = self.rest.bind(s.host, s.http_port, reuse_port=s.workers > 1)
             if s.metrics_port >= 0:
@@ -206,6 +222,10 @@ class InferenceServer:
         s = self.settings
         self.health = health.aio.HealthServicer()
         interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+        restricted = parse_restricted(s.restricted_api)
+        if restricted:
+            interceptors.append(RestrictedApiInterceptor(restricted))
+            log.info("restricted protocol groups: %s (each needs its header)", ", ".join(restricted))
         if tokens:
             log.info("bearer-token authentication on (%d token(s)); health stays open", len(tokens))
         size = s.max_message_mb << 20
@@ -218,7 +238,7 @@ class InferenceServer:
                 *_connection_limits(s),
             ],
         )
-        servicer = InferenceServicer(self.plane, self.is_ready, self.admission, self.budget, tokens_on=bool(tokens))
+        servicer = InferenceServicer(self.plane, self.is_ready, gate=self._gate(tokens))
         add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -46,6 +46,12 @@ class Settings:
         metadata={"help": "ONNX Runtime memory-reuse planner: auto (off for graphs over 1000 nodes, whose "
                   "load it slows super-linearly: the unrolled static models) | on | off"},
     )  # fmt: skip
+    max_run_s: float = field(
+        default=0.0,
+        metadata={"help": "stop any ONNX Runtime run after this many seconds (DEADLINE_EXCEEDED/504 naming this "
+                  "flag); 0 = no cap (a run by itself still stops at its client's deadline or when the client "
+                  "goes away)"},
+    )  # fmt: skip
     grpc_workers: int = field(
         default=32,
         metadata={
@@ -75,12 +81,36 @@ class Settings:
         metadata={"help": "fraction of --max-sequences one client (its bearer token, else its connection) may "
                   "hold: the rest stay free for others"},
     )  # fmt: skip
+    max_sequence_state_mb: int = field(
+        default=64,
+        metadata={"help": "state (MiB) one stateful sequence may keep between chunks: a start whose state is larger, "
+                  "or a chunk whose state output grows past it, is refused (RESOURCE_EXHAUSTED naming this flag; "
+                  "a growing sequence is freed); raise it for a model whose state is declared to grow; 0 = no cap"},
+    )  # fmt: skip
+    sequence_memory_mb: int = field(
+        default=0,
+        metadata={"help": "state (MiB) all live sequences may keep at once, one client at most "
+                  "--sequence-client-share of it; 0 = a quarter of the memory budget"},
+    )  # fmt: skip
     memory_budget_mb: int = field(
         default=0,
         metadata={"help": "memory (MiB) the inference calls in progress may hold at once: request, estimated "
                   "ONNX Runtime working memory and response, until the response is sent (then the call waits "
                   "within its deadline, or RESOURCE_EXHAUSTED); 0 = 60 percent of the machine's or the cgroup's "
                   "memory, shared among --workers"},
+    )  # fmt: skip
+    max_request_memory_mb: int = field(
+        default=1024,
+        metadata={"help": "memory (MiB) one inference call may hold: request, estimated ONNX Runtime working memory "
+                  "and response; a larger call is refused (RESOURCE_EXHAUSTED/429 naming this flag): send long "
+                  "sequences in chunks (sequence_id, or ModelStreamInfer) or fewer per request; 0 = no cap but "
+                  "the per-client share"},
+    )  # fmt: skip
+    ort_arena_cap: bool = field(
+        default=False,
+        metadata={"help": "ONNX Runtime sessions allocate CPU memory from one shared arena capped at the memory "
+                  "budget: a run needing more (an output sized by input values) fails with RESOURCE_EXHAUSTED "
+                  "instead of growing the process"},
     )  # fmt: skip
     memory_client_share: float = field(
         default=0.5,
@@ -115,6 +145,12 @@ class Settings:
         metadata={"help": "comma-separated bearer tokens (prefer the env variable); set but empty: refused at start"},
     )
     auth_tokens_file: str = field(default="", metadata={"help": "file with one bearer token per line"})
+    restricted_api: str = field(
+        default="",
+        metadata={"help": "admin-only protocol groups, as Triton's restricted APIs: 'model-repository:KEY=VALUE' "
+                  "makes repository index/load/unload (gRPC and REST) need the header KEY: VALUE "
+                  "(PERMISSION_DENIED/403 otherwise); empty = not restricted"},
+    )  # fmt: skip
     drain_delay_s: float = field(
         default=0.0, metadata={"help": "on SIGTERM: seconds of NOT_SERVING health before refusing calls"}
     )
@@ -165,6 +201,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "grpc_workers": (1, None),
     "max_message_mb": (1, 2047),  # gRPC takes the byte count as a 32-bit int
     "grace_s": (0, None),
+    "max_run_s": (0, 86400 * 365),
     "max_elements": (1, None),
     "max_request_batch": (1, None),
     "max_batch": (1, None),
@@ -175,6 +212,9 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "drain_delay_s": (0, None),
     "poll_s": (0, None),
     "memory_budget_mb": (0, None),
+    "max_sequence_state_mb": (0, None),
+    "sequence_memory_mb": (0, None),
+    "max_request_memory_mb": (0, None),
     "memory_wait_s": (0, 86400),
     "max_streams_per_connection": (1, 2**31 - 1),
     "max_connection_age_s": (0, 2**31 / 1000),
@@ -203,6 +243,14 @@ def field_problem(name: str, value) -> str | None:
     if name in ("sequence_client_share", "memory_client_share"):
         if not 0 < value <= 1:  # NaN fails too
             return f"must be a fraction in (0, 1], got {value:g}"
+        return None
+    if name == "restricted_api":
+        from server.security import parse_restricted
+
+        try:
+            parse_restricted(value)
+        except ValueError as exc:
+            return str(exc)
         return None
     if name == "device":
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value).strip().lower()):

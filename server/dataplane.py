@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
 from server.metrics import Metrics
 from server.repository import ModelRepository, output_dims
-from server.runtime import ModelRuntime, reshape
+from server.runtime import ModelRuntime, RunControl, reshape
 from server.sequences import SequenceStore, parse_sequence
 from server.signature import Signature, TensorSpec
 from server.stats import Statistics
@@ -90,6 +91,7 @@ class _Call:
 
     fn: Callable
     args: tuple
+    control: RunControl | None = None  # the ONNX Runtime run inside, stopped if the caller goes away
 
 
 @dataclass
@@ -390,7 +392,10 @@ class DataPlane:
             result, queue_ns, info = yield _Wait(future, deadline, rt.name)
             self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
             return result, max(queue_ns, 0), info.infer_ns
-        out, info = yield _Call(run_alone, (p.work, rt.run, rt.signature))
+        # a run by itself can be stopped: at the client's deadline, or when the client goes away
+        control = RunControl(deadline)
+        run = functools.partial(rt.run, control=control)
+        out, info = yield _Call(run_alone, (p.work, run, rt.signature), control)
         self._on_batch(rt, info)
         return out, 0, info.infer_ns
 
@@ -424,9 +429,18 @@ class DataPlane:
         `alone`: the frontend has no other call in progress. Then a small request (inputs of at
         most `INLINE_MAX_BYTES`) that finds its model idle runs right here on the loop, as `infer`
         would: no hand-off to another thread and back (measured ~0.5 ms per call on one core);
-        the loop is busy for that one small run, which no other call was waiting for."""
+        the loop is busy for that one small run, which no other call was waiting for. Only for a
+        model version whose work is bounded by its inputs' sizes (`ModelRuntime.bounded`, decided
+        at load): a run whose length a request's values choose (a Loop's trip count) never runs
+        on the loop. A run by itself is stopped (ONNX Runtime's terminate flag) when the caller is
+        cancelled and at its deadline."""
         loop = asyncio.get_running_loop()
         here = alone and sum(a.nbytes for a in request.inputs.values()) <= INLINE_MAX_BYTES
+        if here:
+            try:
+                here = self.repository.get(request.model_name, request.model_version).bounded
+            except ServingError:
+                here = False  # the steps say why
         steps = self._steps(request, inline=here)
         value, error = None, None
         while True:
@@ -440,7 +454,14 @@ class DataPlane:
                     if here:
                         value = step.fn(*step.args)
                     else:
-                        value = await loop.run_in_executor(self.executor, step.fn, *step.args)
+                        running = loop.run_in_executor(self.executor, step.fn, *step.args)
+                        try:
+                            value = await running
+                        except asyncio.CancelledError:
+                            if step.control is not None:  # the caller left: stop ONNX Runtime
+                                step.control.stop("cancelled")
+                                running.add_done_callback(_retrieve)
+                            raise
                 elif step.future.done():  # ran inline (an idle batcher) or already answered
                     value = step.future.result()
                 else:
@@ -846,6 +867,13 @@ class DataPlane:
             "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
         return metadata, bounded(headers)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Done-callback of a run nobody awaits any more (its caller was cancelled): its outcome
+    (usually the Cancelled the stop caused) is read, so asyncio logs nothing."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _nbytes(array: np.ndarray) -> int:

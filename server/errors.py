@@ -63,6 +63,16 @@ class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Cancelled(ServingError):
+    """The client went away (or the call was cancelled) while its model ran: the run was stopped."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class Internal(ServingError):
     code = grpc.StatusCode.INTERNAL
 

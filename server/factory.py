@@ -16,6 +16,7 @@ from server.batcher import BatchPolicy
 from server.codec import Limits
 from server.config import Settings
 from server.dataplane import DataPlane
+from server.memory import default_budget
 from server.metrics import Metrics
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
@@ -34,6 +35,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         spinning=settings.ort_spinning,
         graph_optimization=settings.graph_optimization,
         memory_reuse=settings.ort_memory_reuse,
+        max_run_s=settings.max_run_s,
     )
 
 
@@ -46,6 +48,14 @@ def batch_policy(settings: Settings) -> BatchPolicy:
         max_queue=settings.max_queue,
         instances=settings.instances,
     )
+
+
+def sequence_memory(settings: Settings) -> int:
+    """Bytes all live sequences may keep: --sequence-memory-mb, or a quarter of the memory budget."""
+    if settings.sequence_memory_mb:
+        return settings.sequence_memory_mb << 20
+    budget = settings.memory_budget_mb << 20 if settings.memory_budget_mb else default_budget(settings.workers)[0]
+    return budget // 4
 
 
 def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane:
@@ -73,7 +83,12 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
         policy,
         metrics,
         SequenceStore(
-            settings.max_sequences, settings.sequence_idle_s, sequences_changed, settings.sequence_client_share
+            settings.max_sequences,
+            settings.sequence_idle_s,
+            sequences_changed,
+            settings.sequence_client_share,
+            max_state_bytes=settings.max_sequence_state_mb << 20 if settings.max_sequence_state_mb else None,
+            state_memory=sequence_memory(settings),
         ),
         max_message_bytes=settings.max_message_mb << 20,
         # ONNX Runtime runs (batching off, or a retired version's late requests), request decoding

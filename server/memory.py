@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -48,8 +49,10 @@ STEP_OVERHEAD = 64  # bytes per step whatever the size (tf_example: 95 B per ste
 DEFAULT_INPUT_FACTOR = 64
 # runs needing more than this get ONNX Runtime's arena shrunk afterwards (`run_options`)
 SHRINK_ABOVE = 64 * MIB
-# a REST JSON response is text: "%.9g" floats are ~12 bytes per 4-byte value, plus the list built
-JSON_RESPONSE_FACTOR = 4
+# a REST JSON response is text: "%.9g" floats are ~12 bytes per 4-byte value, plus the Python list
+# built on the way: a 16 MiB float32 output peaked at +197 MiB while encoded (12.3x, measured with
+# VmHWM around `rest.response_body`), a 3x body left
+JSON_RESPONSE_FACTOR = 13
 
 
 def _recurrent(meta: dict) -> dict | None:
@@ -232,6 +235,22 @@ def default_budget(workers: int = 1) -> tuple[int, str]:
     return share, f"{DEFAULT_FRACTION:.0%} of the {source} {limit / MIB:,.0f} MiB / {workers} worker(s)"
 
 
+# -- giving freed memory back -----------------------------------------------------------------------
+TRIM_AFTER = 64 * MIB  # released holds since the last trim that schedule one
+TRIM_DELAY_S = 1.0  # ... this long after (one trim for a burst of calls ending)
+
+
+def malloc_trim() -> bool:
+    """glibc's malloc_trim(0): return the free heap memory (replies, requests, arrays of calls that
+    ended) to the OS; without it glibc keeps it mapped and RSS stays at the peak. False where the C
+    library has none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 # -- the budget -------------------------------------------------------------------------------------
 def _describe(cost: Cost | int) -> str:
     return cost.describe() if isinstance(cost, Cost) else f"{int(cost) / MIB:,.0f} MiB"
@@ -256,8 +275,11 @@ class Hold:
 class MemoryBudget:
     """Bytes held by accepted calls, at most `total`; a client at most `client_share` of it."""
 
-    def __init__(self, total: int, client_share: float = 0.5, wait_s: float = 30.0, metrics=None) -> None:
+    def __init__(self, total: int, client_share: float = 0.5, wait_s: float = 30.0, metrics=None,
+                 request_limit: int | None = None) -> None:  # fmt: skip
+        """`request_limit`: bytes one call may hold at most (--max-request-memory-mb; None: no cap)."""
         self.total = int(total)
+        self.request_limit = request_limit
         self.client_share = client_share
         self.wait_s = wait_s
         self.held = 0
@@ -267,6 +289,8 @@ class MemoryBudget:
         self._waiters: deque[tuple[int, str, asyncio.Future]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._released = 0  # bytes released since the last malloc_trim
+        self._trim_due = False
         if metrics is not None:
             metrics.memory_budget.set(self.total)
 
@@ -300,6 +324,13 @@ class MemoryBudget:
         nbytes = cost.total if isinstance(cost, Cost) else int(cost)
         if self._loop is None:
             self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        if self.request_limit is not None and nbytes > self.request_limit and nbytes <= self.client_limit:
+            raise self._refuse(
+                f"this request needs {_describe(cost)}, more than one call may hold: "
+                f"{self.request_limit / MIB:,.0f} MiB (--max-request-memory-mb); send a long sequence in chunks "
+                "(sequence_id with sequence_start/sequence_end, or a ModelStreamInfer stream), fewer sequences "
+                "per request, or ask only for the outputs you need"
+            )
         if nbytes > self.client_limit:
             what = _describe(cost)
             whole = nbytes > self.total
@@ -355,6 +386,11 @@ class MemoryBudget:
             self._loop.call_soon_threadsafe(self._release, hold)
 
     def _release(self, hold: Hold) -> None:
+        self._released += hold.nbytes
+        if self._released >= TRIM_AFTER and not self._trim_due and self._loop is not None:
+            # freed heap goes back to the OS soon after large calls end (glibc keeps it otherwise)
+            self._trim_due = True
+            self._loop.call_later(TRIM_DELAY_S, self._trim)
         self.held -= hold.nbytes
         left = self.by_client.get(hold.client, 0) - hold.nbytes
         if left > 0:
@@ -363,6 +399,11 @@ class MemoryBudget:
             self.by_client.pop(hold.client, None)
         self._gauge()
         self._wake()
+
+    def _trim(self) -> None:
+        self._trim_due, self._released = False, 0
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_in_executor(None, malloc_trim)
 
     def _wake(self) -> None:
         """Grant waiters in order while they fit; one that does not fit blocks those behind it only
@@ -388,10 +429,50 @@ def budget_from_settings(settings, metrics=None) -> MemoryBudget:
         total, why = settings.memory_budget_mb * MIB, "--memory-budget-mb"
     else:
         total, why = default_budget(settings.workers)
+    request_limit = settings.max_request_memory_mb * MIB if settings.max_request_memory_mb > 0 else None
     log.info(
-        "memory budget %s MiB (%s); one client at most %.0f%% of it",
+        "memory budget %s MiB (%s); one client at most %.0f%% of it, one call at most %s",
         f"{total / MIB:,.0f}",
         why,
         settings.memory_client_share * 100,
+        f"{request_limit / MIB:,.0f} MiB (--max-request-memory-mb)" if request_limit else "its client's share",
     )
-    return MemoryBudget(total, settings.memory_client_share, settings.memory_wait_s, metrics)
+    if getattr(settings, "ort_arena_cap", False):
+        share_ort_arena(total)
+    return MemoryBudget(total, settings.memory_client_share, settings.memory_wait_s, metrics, request_limit)
+
+
+# -- ONNX Runtime's own allocations ----------------------------------------------------------------
+# The budget above counts what calls are *estimated* to need; ONNX Runtime allocates what a run
+# really needs, which for an output sized by input values (ConstantOfShape, Tile, Range) no estimate
+# sees. With --ort-arena-cap every session allocates CPU memory from one shared arena capped at the
+# budget: a run that would take more fails cleanly (RESOURCE_EXHAUSTED naming --memory-budget-mb)
+# instead of growing the process. Registered once per process (ONNX Runtime cannot replace it):
+# later servers in the same process share the first one's cap.
+_ARENA: dict[str, int | None] = {"max_bytes": None}
+_ARENA_LOCK = threading.Lock()
+
+
+def share_ort_arena(max_bytes: int) -> int:
+    """Register ONNX Runtime's shared CPU arena capped at `max_bytes` (once per process); returns
+    the cap in force."""
+    with _ARENA_LOCK:
+        if _ARENA["max_bytes"] is None:
+            import onnxruntime as ort
+
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            # kSameAsRequested (1): the arena grows by what a run asks for (so shrinkage can return it)
+            config = ort.OrtArenaCfg({"max_mem": int(max_bytes), "arena_extend_strategy": 1})
+            ort.create_and_register_allocator(info, config)
+            _ARENA["max_bytes"] = int(max_bytes)
+        elif _ARENA["max_bytes"] != int(max_bytes):
+            log.warning(
+                "ONNX Runtime's shared arena stays capped at %s MiB (set by the first server of this process)",
+                f"{_ARENA['max_bytes'] / MIB:,.0f}",
+            )
+        return _ARENA["max_bytes"]
+
+
+def ort_arena_cap() -> int | None:
+    """The shared arena's cap in bytes; None while none is registered (sessions have their own)."""
+    return _ARENA["max_bytes"]

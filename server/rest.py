@@ -54,9 +54,12 @@ from server.codec import DATATYPES, MAX_RANK, Limits, check_bytes_count, check_s
 from server.dataplane import InferRequest, InferResponse
 from server.dtypes import OBJECT, TRITON_TO_OIP, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, clip
+from server.gate import Gate, check_structure
+from server.gate import client as gate_client
+from server.gate import deadline as gate_deadline
 from server.handlers import error_status
-from server.memory import JSON_RESPONSE_FACTOR, call_cost, client_key
-from server.security import bearer_matches
+from server.memory import JSON_RESPONSE_FACTOR, call_cost
+from server.security import bearer_matches, restricted_refusal
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -490,9 +493,15 @@ class RestApp:
     `max_spooled` bytes of bodies wait in temporary files at once (then 429)."""
 
     def __init__(self, plane, is_ready, admission, tokens: list[str], max_body: int, max_json: int = 32 << 20,
-                 max_concurrent: int = 1056, max_spooled: int | None = None, budget=None) -> None:  # fmt: skip
-        self.plane, self.is_ready, self.admission = plane, is_ready, admission
-        self.budget = budget  # server.memory.MemoryBudget: what an inference call holds until sent
+                 max_concurrent: int = 1056, max_spooled: int | None = None, budget=None,
+                 gate: Gate | None = None, restricted: dict | None = None) -> None:  # fmt: skip
+        """`gate`: the server's call gate (`server.gate`), shared with the gRPC frontend; default: one
+        of this app's own over `admission` and `budget`. `restricted`: admin-only protocol groups
+        (`security.parse_restricted`)."""
+        self.restricted = restricted or {}
+        self.gate = gate or Gate(plane, admission, budget, bool(tokens))
+        self.plane, self.is_ready, self.admission = plane, is_ready, self.gate.admission
+        self.budget = self.gate.budget  # server.memory.MemoryBudget: what an inference call holds until sent
         self.tokens = [t.encode() for t in tokens]
         self.max_body = max_body
         self.max_json = min(max_json, max_body)
@@ -612,6 +621,9 @@ class RestApp:
     async def _repository(self, ex: _Exchange, parts: list[str]) -> None:
         """Triton's model repository extension: index, load, unload (bodies: optional JSON)."""
         self._need(ex, "POST")
+        refusal = restricted_refusal(self.restricted, "model-repository", ex.header)
+        if refusal is not None:
+            raise HttpError(403, refusal)
         with self.slot():
             raw = await ex.body(self.max_json, required=False)  # Triton's curl examples send none
             try:
@@ -651,7 +663,7 @@ class RestApp:
         rt = self.plane.repository.get(request.model_name, request.model_version)
         binary = all(binary_outputs.get(n, binary_all) for n in request.outputs) if request.outputs else binary_all
         cost = call_cost(rt, request.inputs, request.outputs, body_bytes, 1 if binary else JSON_RESPONSE_FACTOR)
-        return _Held(await self.budget.hold(cost, request.client, request.deadline))
+        return _Held(await self.budget.hold(cost, request.client, request.deadline), cost.response)
 
     async def _infer(self, ex: _Exchange, model: str, version: str) -> None:
         header_len = ex.header(HEADER_LENGTH)
@@ -685,39 +697,63 @@ class RestApp:
                 n = len(body)
             parse = (_parse, body, n, model, version, self.plane.limits)
             loop = asyncio.get_running_loop()
-            client = client_key(f"{ex.peer[0]}:{ex.peer[1]}" if ex.peer else "", ex.header("Authorization"),
-                                bool(self.tokens))  # fmt: skip
+            authorization = ex.header("Authorization")
+            client = gate_client(f"{ex.peer[0]}:{ex.peer[1]}" if ex.peer else "",
+                                 [authorization] if authorization else [], bool(self.tokens))  # fmt: skip
             if n > LARGE:  # parsed JSON is Python objects: up to JSON_PARSE_FACTOR x its text, held meanwhile
                 with _Held(await self.budget.hold(JSON_PARSE_FACTOR * n, client, deadline) if self.budget else None):
                     request, binary_outputs, binary_all = await loop.run_in_executor(self.plane.executor, *parse)
             else:
                 request, binary_outputs, binary_all = _parse(*parse[1:])
-            # Triton's `timeout` request parameter (µs; tritonclient sends it)
-            timeout_us = request.parameters.get("timeout")
-            if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
-                at = time.monotonic() + timeout_us / 1e6
-                deadline = at if deadline is None else min(deadline, at)
-            request.deadline = deadline
-            request.client = client
+            gate = self.gate
             # admitted until the reply is written: a drain waits for it, so no reply is cut short
-            with self.admission.call(), await self._hold(request, len(body), binary_outputs, binary_all):
-                response = await self.plane.infer_async(request)
-                size = sum(a.nbytes for a in response.outputs.values())
-                encode = (response_body, response, binary_outputs, binary_all)
-                payload, json_len = (
-                    await loop.run_in_executor(self.plane.executor, *encode) if size > LARGE else encode[0](*encode[1:])
-                )
-                if json_len < 0:
-                    await ex.respond(200, payload)
-                else:
-                    await ex.respond(200, payload, "application/octet-stream", {HEADER_LENGTH: str(json_len)})
+            with gate.call():
+                rt = gate.model(request.model_name, request.model_version)
+                check_structure(rt, len(request.inputs), len(request.outputs), len(request.parameters),
+                                len(request.id))  # fmt: skip
+                # the header and Triton's `timeout` request parameter (µs; tritonclient sends it)
+                request.deadline = gate_deadline(deadline, request.parameters)
+                request.client = client
+                held = await self._hold(request, len(body), binary_outputs, binary_all)
+                with held:
+                    start = time.perf_counter_ns()
+                    response = await self.plane.infer_async(request, gate.inline())
+                    size = sum(a.nbytes for a in response.outputs.values())
+                    # the reply's encoded size, counted before it is built: outputs sized by input values
+                    # (ConstantOfShape, Tile) are known only now
+                    json_bytes = sum(a.nbytes for n, a in response.outputs.items()
+                                     if not binary_outputs.get(n, binary_all))  # fmt: skip
+                    extra = JSON_RESPONSE_FACTOR * json_bytes + size - held.response
+                    more = _Held(await self.budget.hold(extra, client, request.deadline)
+                                 if self.budget is not None and extra > LARGE else None)  # fmt: skip
+                    encode = (response_body, response, binary_outputs, binary_all)
+                    with more:
+                        payload, json_len = (await loop.run_in_executor(self.plane.executor, *encode)
+                                             if size > LARGE else encode[0](*encode[1:]))  # fmt: skip
+                    try:
+                        if json_len < 0:
+                            await ex.respond(200, payload)
+                        else:
+                            await ex.respond(200, payload, "application/octet-stream", {HEADER_LENGTH: str(json_len)})
+                    except Exception:  # counted OK by the data plane, never received
+                        self.plane.record_send_failure(response, "CANCELLED", time.perf_counter_ns() - start)
+                        raise
+                    if _disconnected(ex):  # uvicorn drops what is sent after the client left
+                        self.plane.record_send_failure(response, "CANCELLED", time.perf_counter_ns() - start)
+
+
+def _disconnected(ex: _Exchange) -> bool:
+    """Whether the exchange's client went away (uvicorn's request cycle says so; its `send` then
+    drops the reply without an error)."""
+    return bool(getattr(getattr(ex.send, "__self__", None), "disconnected", False))
 
 
 class _Held(contextlib.AbstractContextManager):
     """A memory hold as a context manager: released on exit, however the exchange ends."""
 
-    def __init__(self, hold) -> None:
+    def __init__(self, hold, response: int = 0) -> None:
         self.hold = hold
+        self.response = response  # bytes of it counted for the reply
 
     def __exit__(self, *exc) -> None:
         if self.hold is not None:

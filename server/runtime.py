@@ -12,9 +12,11 @@ import base64
 import ctypes
 import logging
 import math
+import mmap
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +26,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from server.dtypes import DATATYPES, to_bytes_array
-from server.errors import InvalidArgument, StartupError, clip
-from server.memory import batch_and_time, run_options, working_bytes
-from server.onnxfile import graph_nodes
+from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
+from server.memory import batch_and_time, ort_arena_cap, run_options, working_bytes
+from server.onnxfile import _fields, graph_nodes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -49,6 +51,7 @@ class RuntimeOptions:
     graph_optimization: str = "all"
     spinning: bool = False  # ORT's busy-wait between ops: off, the transport shares these cores
     memory_reuse: str = "auto"  # auto | on | off: ORT's memory-reuse planner (see memory_reuse())
+    max_run_s: float = 0.0  # a run of ONNX Runtime is stopped after this many seconds (0: no cap)
 
     def threads(self) -> tuple[int, int]:
         """(intra, inter) op threads per session, always explicit: ORT's own default (0) sizes
@@ -195,6 +198,11 @@ class ModelRuntime:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     provider_note: str = ""  # where part of the graph runs elsewhere than `provider` (int8 LSTM on CUDA)
     batch_invariance: str = ""  # alone vs merged, measured at load (server.invariance): ModelConfig says it
+    # run time bounded by the inputs' sizes (`bounded_by_input_size`), decided at load: only such a
+    # version may run on the event loop; `unbounded_why` says why not
+    bounded: bool = False
+    unbounded_why: str = ""
+    max_run_s: float = 0.0  # --max-run-s: every run of this version is stopped after this long (0: no cap)
 
     def retire(self) -> None:
         """This version was replaced or unloaded: close its batcher (queued requests still run, then
@@ -226,10 +234,13 @@ class ModelRuntime:
         """Requests to this version may be merged (see Signature.batching_rule)."""
         return self.signature.batching_rule != "none"
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str], control: RunControl | None = None
+            ) -> dict[str, np.ndarray]:  # fmt: skip
         """Run once on complete feeds (every input the session needs). A static model's ragged
         input is padded to its fixed T and outputs with a time axis are cut back; config.pbtxt
-        `reshape`s are applied both ways; string outputs come back as bytes objects."""
+        `reshape`s are applied both ways; string outputs come back as bytes objects. `control`:
+        lets another thread stop the run (a cancelled call) and carries the client's deadline;
+        the run is also stopped after `max_run_s`."""
         sig = self.signature
         feeds = dict(feeds)
         steps = None
@@ -244,12 +255,39 @@ class ModelRuntime:
         for spec in sig.all_inputs if sig.checks_values else ():
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
+        options = _run_options(self, feeds)
+        watched = None
+        if control is not None or self.max_run_s:
+            control = control or RunControl()
+            options = options or ort.RunOptions()
+            control.options = options
+            if control.reason is not None:  # stopped before it started
+                raise self._stopped(control, 0.0)
+            cap = time.monotonic() + self.max_run_s if self.max_run_s else None
+            due = [(at, why) for at, why in ((control.deadline, "deadline"), (cap, "cap")) if at is not None]
+            if due:
+                at, why = min(due)
+                watched = (control, at, why)
+                WATCHDOG.add(watched)
+        started = time.monotonic()
         try:
-            results = self.session.run(outputs, feeds, _run_options(self, feeds))
+            results = self.session.run(outputs, feeds, options)
         except (OrtFail, OrtInvalidArgument) as exc:  # the model refused these values (a shape it checks)
+            if control is not None and control.reason is not None:
+                raise self._stopped(control, time.monotonic() - started) from None
+            if _ALLOCATION_FAILED.search(str(exc)):
+                cap = ort_arena_cap()
+                within = f" within its {cap / (1 << 20):,.0f} MiB cap (--memory-budget-mb)" if cap else ""
+                raise ResourceExhausted(
+                    f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs{within}; "
+                    "send smaller requests (an output sized by input values counts too), or retry later"
+                ) from None
             raise InvalidArgument(
                 f"model '{self.name}': ONNX Runtime refused this input: {clip(str(exc), 300)}"
             ) from None
+        finally:
+            if watched is not None:
+                WATCHDOG.discard(watched)
         out = {}
         for name, value in zip(outputs, results):
             spec = sig.output(name)
@@ -262,6 +300,20 @@ class ModelRuntime:
                 value = to_bytes_array(value)
             out[name] = value
         return out
+
+    def _stopped(self, control: RunControl, elapsed: float) -> Exception:
+        if control.reason == "cancelled":
+            return Cancelled(f"model '{self.name}': the call was cancelled; its run was stopped after {elapsed:.2f} s")
+        if control.reason == "cap":
+            return DeadlineExceeded(
+                f"model '{self.name}': the run was stopped after {elapsed:.2f} s, the per-run cap "
+                f"(--max-run-s {self.max_run_s:g}); send smaller requests"
+            )
+        return DeadlineExceeded(f"model '{self.name}': the client's deadline passed; its run was stopped after "
+                                f"{elapsed:.2f} s")  # fmt: skip
+
+
+_ALLOCATION_FAILED = re.compile(r"Failed to allocate|bad_alloc|Available memory of", re.IGNORECASE)
 
 
 def _run_options(rt: ModelRuntime, feeds: dict[str, np.ndarray]):
@@ -306,6 +358,8 @@ def load_model(
             LARGE_GRAPH_NODES,
         )
     so.log_severity_level = 3
+    if ort_arena_cap() is not None:  # CPU allocations from the shared arena capped at the memory budget
+        so.add_session_config_entry("session.use_env_allocators", "1")
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
     config = model_config or {}
@@ -325,7 +379,13 @@ def load_model(
         # of the work, run on the CPU provider (with copies between the two)
         note = "int8 twin: its DynamicQuantizeLSTM nodes run on CPUExecutionProvider (no CUDA kernel)"
         log.info("%s version %d: %s", name, version, note)
+    bounded, why = bounded_by_input_size(Path(path))
+    if not bounded:
+        log.info("%s version %d: never run on the event loop: %s", name, version, why)
     return ModelRuntime(
+        bounded=bounded,
+        unbounded_why=why,
+        max_run_s=options.max_run_s,
         name=name,
         version=version,
         path=path,
@@ -336,3 +396,142 @@ def load_model(
         model_config=config,
         provider_note=note,
     )
+
+
+# -- what a model's run time is bounded by ------------------------------------------------------------
+# ONNX operators whose output size or run time is set by the *values* of the listed inputs (not
+# their sizes): fed by request data, one small request can ask for any amount of work or memory.
+_VALUE_SIZED = {
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "Tile": (1,),
+    "Expand": (1,),
+    "Resize": (2, 3),
+    "Upsample": (1,),
+    "Pad": (1,),
+    "OneHot": (1,),
+    "CenterCropPad": (1,),
+    "MaxUnpool": (2,),
+    "Col2Im": (1, 2),
+}
+# control flow: a Loop's trip count and condition, a Scan's or an If's subgraphs (which may hold
+# any of the above) are not analysed: never treated as bounded
+_CONTROL_FLOW = {"Loop", "Scan", "If"}
+# ops whose outputs depend on their inputs' shapes only (bounded whatever the values)
+_SHAPE_ONLY = {"Shape", "Size"}
+
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT = 1, 5, 11
+_NODE_INPUT, _NODE_OUTPUT, _NODE_OP, _NODE_DOMAIN = 1, 2, 4, 7
+_TENSOR_NAME, _VALUE_INFO_NAME, _MODEL_GRAPH = 8, 1, 7
+
+
+def _text(buf, start: int, stop: int) -> str:
+    return bytes(buf[start:stop]).decode("utf-8", "replace")
+
+
+def bounded_by_input_size(path: Path) -> tuple[bool, str]:
+    """Whether every run of the ONNX file at `path` does work bounded by its inputs' sizes, read
+    from the top-level graph: (True, "") or (False, why). Unbounded: control flow (Loop, Scan,
+    If), or an operator that sizes its output by an input's values (ConstantOfShape, Range, Tile,
+    Expand, Resize, ...) fed by request data rather than by constants or input shapes. A file that
+    cannot be read is not bounded. Used for the inline decision (`DataPlane.infer_async`): only a
+    bounded model may ever run on the event loop."""
+    try:
+        with Path(path).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graphs = [(s, e) for n, s, e in _fields(buf, 0, len(buf)) if n == _MODEL_GRAPH]
+            if len(graphs) != 1:
+                return False, "no single top-level graph"
+            start, stop = graphs[0]
+            initializers, inputs, nodes = set(), [], []
+            for number, s, e in _fields(buf, start, stop):
+                if number == _GRAPH_INITIALIZER:
+                    initializers |= {_text(buf, a, b) for k, a, b in _fields(buf, s, e) if k == _TENSOR_NAME}
+                elif number == _GRAPH_INPUT:
+                    inputs += [_text(buf, a, b) for k, a, b in _fields(buf, s, e) if k == _VALUE_INFO_NAME]
+                elif number == _GRAPH_NODE:
+                    node = {"in": [], "out": [], "op": "", "domain": ""}
+                    for k, a, b in _fields(buf, s, e):
+                        if k == _NODE_INPUT:
+                            node["in"].append(_text(buf, a, b))
+                        elif k == _NODE_OUTPUT:
+                            node["out"].append(_text(buf, a, b))
+                        elif k == _NODE_OP:
+                            node["op"] = _text(buf, a, b)
+                        elif k == _NODE_DOMAIN:
+                            node["domain"] = _text(buf, a, b)
+                    nodes.append(node)
+    except (OSError, ValueError, IndexError):
+        return False, "the graph could not be read"
+    data = {name for name in inputs if name not in initializers}  # values a request sets
+    for node in nodes:
+        op, standard = node["op"], node["domain"] in ("", "ai.onnx")
+        if standard and op in _CONTROL_FLOW:
+            return False, f"a {op} node (control flow: its work is not bounded by the input sizes)"
+        if standard and op in _VALUE_SIZED:
+            fed = [node["in"][i] for i in _VALUE_SIZED[op] if i < len(node["in"]) and node["in"][i] in data]
+            if fed:
+                return False, f"a {op} node sized by the values of '{fed[0]}', which come from the request"
+        if not (standard and op in _SHAPE_ONLY) and any(name in data for name in node["in"]):
+            data.update(node["out"])
+    return True, ""
+
+
+# -- stopping a run -----------------------------------------------------------------------------------
+class RunControl:
+    """One ONNX Runtime run that another thread may stop (`stop`): ORT checks its RunOptions'
+    terminate flag between kernels and in every Loop iteration. `deadline` (time.monotonic()): the
+    watchdog stops the run then (the client's deadline, or the per-run cap)."""
+
+    __slots__ = ("options", "deadline", "reason")
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.options: ort.RunOptions | None = None
+        self.deadline = deadline
+        self.reason: str | None = None  # "deadline" | "cancelled" | "cap" once stopped
+
+    def stop(self, reason: str) -> None:
+        """Stop the run (now, or as soon as it starts); idempotent, any thread."""
+        if self.reason is None:
+            self.reason = reason
+        if self.options is not None:
+            self.options.terminate = True
+
+
+class _Watchdog:
+    """One thread that stops runs past their deadline. Runs register while they run (at most the
+    threads that run ONNX Runtime), so a scan every TICK_S costs nothing when idle (it then sleeps)."""
+
+    TICK_S = 0.02
+
+    def __init__(self) -> None:
+        self._runs: set[tuple[RunControl, float, str]] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, entry: tuple[RunControl, float, str]) -> None:
+        with self._cond:
+            self._runs.add(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="run-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, entry) -> None:
+        with self._cond:
+            self._runs.discard(entry)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._runs:
+                    self._cond.wait()
+                now = time.monotonic()
+                due = [e for e in self._runs if e[1] <= now]
+                for entry in due:
+                    self._runs.discard(entry)
+            for control, _, reason in due:
+                control.stop(reason)
+            time.sleep(self.TICK_S)
+
+
+WATCHDOG = _Watchdog()

@@ -68,12 +68,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = [t.encode() for t in tokens]
 
     def _allowed(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                match = bearer_matches(value, self._tokens)
-                if match is not None:
-                    return match
-        return False
+        """Exactly one `authorization` value, a known bearer token (more than one is refused: access
+        and the per-client shares must read the same token, as REST refuses a repeated header)."""
+        values = [value for key, value in metadata or () if key == "authorization"]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return False
+        return bool(bearer_matches(values[0], self._tokens))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -81,8 +81,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._allowed(handler_call_details.invocation_metadata):
             return handler
-        has_header = any(k == "authorization" for k, _ in handler_call_details.invocation_metadata or ())
-        message = "invalid bearer token" if has_header else "missing 'authorization: Bearer <token>' metadata"
+        headers = sum(1 for k, _ in handler_call_details.invocation_metadata or () if k == "authorization")
+        message = (
+            f"{headers} 'authorization' metadata values; send exactly one" if headers > 1
+            else "invalid bearer token" if headers else "missing 'authorization: Bearer <token>' metadata"
+        )  # fmt: skip
 
         async def deny(request_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -94,6 +97,76 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
         return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+
+
+# Admin-only protocol groups, as Triton's --grpc-restricted-protocol / --http-restricted-api: a call
+# of a restricted group must carry a header key=value the operator chose (beside any bearer token).
+RESTRICTED_GROUPS = {
+    "model-repository": (
+        frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}),  # gRPC methods
+        "/v2/repository",  # REST routes under it
+    ),
+}
+
+
+def parse_restricted(spec: str) -> dict[str, tuple[str, str]]:
+    """'group[,group...]:key=value[;...]' (e.g. `model-repository:admin-key=s3cret`) -> {group:
+    (key, value)}; ValueError naming what is wrong."""
+    out: dict[str, tuple[str, str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        groups, _, pair = part.partition(":")
+        key, eq, value = pair.partition("=")
+        key = key.strip().lower()
+        if not eq or not key or not value or not key.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"{part!r}: expected group[,group]:key=value, e.g. model-repository:admin-key=SECRET")
+        for group in (g.strip() for g in groups.split(",")):
+            if group not in RESTRICTED_GROUPS:
+                raise ValueError(f"{part!r}: unknown group {group!r}; known: {', '.join(RESTRICTED_GROUPS)}")
+            out[group] = (key, value)
+    return out
+
+
+def restricted_refusal(group_keys: dict[str, tuple[str, str]], group: str, header) -> str | None:
+    """Why a call of `group` is refused (its header missing or wrong), or None. `header(key)`: the
+    call's value for a header (None when absent)."""
+    if group not in group_keys:
+        return None
+    key, value = group_keys[group]
+    sent = header(key)
+    if sent is not None and hmac.compare_digest(sent.encode(), value.encode()):
+        return None
+    return f"the {group} protocol is restricted: it needs the '{key}' header the operator configured"
+
+
+class RestrictedApiInterceptor(grpc.aio.ServerInterceptor):
+    """gRPC methods of a restricted group need their header key=value (PERMISSION_DENIED otherwise)."""
+
+    def __init__(self, group_keys: dict[str, tuple[str, str]]) -> None:
+        self._keys = group_keys
+        self._methods = {f"/inference.GRPCInferenceService/{m}": g
+                         for g in group_keys for m in RESTRICTED_GROUPS[g][0]}  # fmt: skip
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        group = self._methods.get(handler_call_details.method)
+        if handler is None or group is None:
+            return handler
+        metadata = handler_call_details.invocation_metadata or ()
+
+        def header(key: str):
+            values = [v for k, v in metadata if k == key and isinstance(v, str)]
+            return values[0] if len(values) == 1 else None
+
+        message = restricted_refusal(self._keys, group, header)
+        if message is None:
+            return handler
+
+        async def deny(request_iterator, context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+        return grpc.stream_unary_rpc_method_handler(
+            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 def server_credentials(cert: bytes, key: bytes, client_ca: bytes | None) -> grpc.ServerCredentials:

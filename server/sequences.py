@@ -11,6 +11,9 @@ Bounded memory whatever clients send: a string id is at most MAX_ID_BYTES (UTF-8
 freed sequences remembered for that message are capped by count and by bytes (the oldest are
 forgotten first; a forgotten one is then answered "unknown sequence").
 
+Owned: with bearer tokens on, a sequence belongs to the client (token) that started it; another
+client's chunk or end is answered NOT_FOUND as for an unknown id, and never sees or moves its state.
+
 Shared fairly: one client (its bearer token, else its connection: `InferRequest.client`) holds at
 most `client_share` of the `max_sequences` slots, so a client that starts sequences and keeps them
 alive cannot lock the others out; its next start is refused while the others' still succeed.
@@ -44,6 +47,7 @@ class SequenceState:
     pending_start: bool = False  # started by the chunk in flight: undone if that chunk fails
     previous: SequenceState | None = None  # what a restart replaced (restored if the chunk fails)
     client: str = ""  # who started it (`InferRequest.client`): counted against that client's share
+    nbytes: int = 0  # bytes of `state`, counted in the store's kept-state memory
 
 
 def parse_sequence(parameters: dict[str, object]) -> tuple[object, bool, bool] | None:
@@ -77,9 +81,17 @@ def parse_sequence(parameters: dict[str, object]) -> tuple[object, bool, bool] |
 
 class SequenceStore:
     def __init__(self, max_sequences: int = 1024, idle_s: float = 60.0, on_change=lambda live, evicted: None,
-                 client_share: float = 1.0) -> None:  # fmt: skip
+                 client_share: float = 1.0, max_state_bytes: int | None = None,
+                 state_memory: int | None = None) -> None:  # fmt: skip
+        """`max_state_bytes`: one sequence's kept state at most (--max-sequence-state-mb; a state
+        output that grows past it is refused and the sequence freed); `state_memory`: all kept
+        state at most, one client at most `client_share` of it (None: unbounded)."""
         self.max_sequences = max_sequences
         self.client_share = client_share
+        self.max_state_bytes = max_state_bytes
+        self.state_memory = state_memory
+        self.kept_bytes = 0
+        self._kept_by_client: dict[str, int] = {}
         self.idle_s = idle_s
         self._lock = threading.Lock()
         self._live: dict[tuple[str, object], SequenceState] = {}
@@ -122,6 +134,12 @@ class SequenceStore:
         with self._lock:
             self._sweep_locked(now)
             state = self._live.get(key)
+            if state is not None and not self._owned_by(state, client):
+                if start:  # its id is taken by another client: nothing of it is shown or replaced
+                    raise FailedPrecondition(
+                        f"sequence id {clip(seq_id)} of model '{model}' is in use by another client; choose another id"
+                    )
+                state = None  # another client's sequence: as if it did not exist
             if state is not None and state.busy:
                 raise FailedPrecondition(
                     f"sequence {clip(seq_id)} of model '{model}' already has a chunk in flight; send its chunks "
@@ -134,13 +152,20 @@ class SequenceStore:
                         "end sequences with sequence_end or wait for idle ones to be freed"
                     )
                 self._check_share(client, state)
+                nbytes = _state_bytes(initial)
+                problem = self._state_problem(model, seq_id, nbytes, client, 0)
+                if problem is not None:
+                    raise ResourceExhausted(problem)
+                previous = state
                 state = SequenceState(
-                    model, version, dict(initial), now, idle_s=idle_s, pending_start=True, previous=state, client=client
-                )
+                    model, version, dict(initial), now, idle_s=idle_s, pending_start=True, previous=previous,
+                    client=client,
+                )  # fmt: skip
                 self._live[key] = state
+                self._count(state, nbytes)
                 self._forget_evicted(key)
             elif state is None:
-                if key in self._evicted:
+                if key in self._evicted and key not in self._live:
                     raise NotFound(
                         f"sequence {clip(seq_id)} of model '{model}' was freed after "
                         f"{self._evicted_idle.get(key, self.idle_s):g} s idle; "
@@ -155,6 +180,54 @@ class SequenceStore:
             self.on_change(len(self._live), 0)
             return state
 
+    @staticmethod
+    def _owned_by(state: SequenceState, client: str) -> bool:
+        """A sequence belongs to the client that started it when that client is named by its bearer
+        token (`memory.client_key`: "token:..."); without tokens a client is its connection, which a
+        REST client changes at will, so sequences are then shared by id (as in Triton)."""
+        return not state.client.startswith("token:") or state.client == client
+
+    def _state_problem(self, model: str, seq_id, nbytes: int, client: str, replacing: int) -> str | None:
+        """Why a sequence may not keep `nbytes` of state (instead of `replacing` bytes), or None."""
+        mib = 1 << 20
+        if self.max_state_bytes is not None and nbytes > self.max_state_bytes:
+            return (
+                f"sequence {clip(seq_id)} of model '{model}' would keep {nbytes / mib:,.1f} MiB of state, more than "
+                f"one sequence may keep ({self.max_state_bytes / mib:,.0f} MiB, --max-sequence-state-mb)"
+            )
+        if self.state_memory is None:
+            return None
+        if self.kept_bytes - replacing + nbytes > self.state_memory:
+            return (
+                f"live sequences keep {self.kept_bytes / mib:,.0f} MiB of state; {nbytes / mib:,.1f} MiB more would "
+                f"exceed the {self.state_memory / mib:,.0f} MiB kept-state budget; end sequences or retry later"
+            )
+        mine = self._kept_by_client.get(client, 0)
+        share = int(self.state_memory * self.client_share)
+        if client and self.client_share < 1 and mine - replacing + nbytes > share:
+            return (
+                f"this client's sequences keep {mine / mib:,.0f} MiB of state; {nbytes / mib:,.1f} MiB more would "
+                f"exceed its share ({share / mib:,.0f} MiB, --sequence-client-share); end some of its sequences"
+            )
+        return None
+
+    def _count(self, state: SequenceState, nbytes: int) -> None:
+        delta = nbytes - state.nbytes
+        state.nbytes = nbytes
+        self.kept_bytes += delta
+        left = self._kept_by_client.get(state.client, 0) + delta
+        if left > 0:
+            self._kept_by_client[state.client] = left
+        else:
+            self._kept_by_client.pop(state.client, None)
+
+    def _forget(self, key) -> SequenceState | None:
+        """Remove a live sequence and its kept bytes."""
+        state = self._live.pop(key, None)
+        if state is not None:
+            self._count(state, 0)
+        return state
+
     def version_of(self, model: str, seq_id) -> int | None:
         """The model version a live sequence started on (None if unknown)."""
         with self._lock:
@@ -165,7 +238,7 @@ class SequenceStore:
         with self._lock:
             state = self._live.get((model, seq_id))
             if state is not None and not state.busy:
-                del self._live[(model, seq_id)]
+                self._forget((model, seq_id))
                 self.on_change(len(self._live), 0)
 
     def release(self, model: str, seq_id, new: dict[str, np.ndarray] | None, end: bool) -> None:
@@ -175,21 +248,31 @@ class SequenceStore:
             state = self._live.get(key)
             if state is None:
                 return
+            problem = None
+            if new is not None and not end:
+                problem = self._state_problem(model, seq_id, _state_bytes(new), state.client, state.nbytes)
+            replaced = state.previous if state.pending_start else None  # a restart's old sequence (counted)
             if new is None and state.pending_start:  # the start chunk failed: as if it never came
-                if state.previous is not None:
-                    self._live[key] = state.previous
-                else:
-                    del self._live[key]
-            elif end and new is not None:
-                del self._live[key]
+                self._forget(key)
+                if replaced is not None:
+                    self._live[key] = replaced
+            elif (end and new is not None) or problem is not None:
+                self._forget(key)  # ended, or its state outgrew what it may keep: freed
+                if replaced is not None:
+                    self._count(replaced, 0)
             else:
+                if replaced is not None:
+                    self._count(replaced, 0)
                 state.pending_start, state.previous = False, None
                 if new is not None:  # copies: do not keep a whole batch's output alive
                     state.state = {k: np.array(v) for k, v in new.items()}
                     state.chunks += 1
+                    self._count(state, _state_bytes(state.state))
                 state.busy = False
                 state.last_used = time.monotonic()
             self.on_change(len(self._live), 0)
+        if problem is not None:
+            raise ResourceExhausted(f"{problem}; the sequence is freed: start it again with sequence_start")
 
     def sweep(self) -> int:
         with self._lock:
@@ -209,7 +292,7 @@ class SequenceStore:
     def _sweep_locked(self, now: float) -> int:
         idle = [k for k, s in self._live.items() if not s.busy and now - s.last_used > (s.idle_s or self.idle_s)]
         for key in idle:
-            own = self._live.pop(key).idle_s
+            own = self._forget(key).idle_s
             self._forget_evicted(key)
             if own:
                 self._evicted_idle[key] = own
@@ -225,3 +308,7 @@ class SequenceStore:
             self.evictions += len(idle)
             self.on_change(len(self._live), len(idle))
         return len(idle)
+
+
+def _state_bytes(state: dict[str, np.ndarray]) -> int:
+    return sum(int(getattr(v, "nbytes", 0)) for v in state.values())

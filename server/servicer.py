@@ -19,15 +19,14 @@ from server import classification, handlers
 from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
 from server.errors import InvalidArgument, clip
+from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline, infer_request_counts_refusal
 from server.handlers import Admission, error_status
-from server.memory import Hold, MemoryBudget, call_cost, client_key
+from server.memory import MemoryBudget
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-INLINE_GAP_S = 1e-3  # see InferenceServicer._infer
-INLINE_QUIET_S = 0.5
 
 
 class Malformed:
@@ -38,14 +37,59 @@ class Malformed:
         self.message = f"request is not a valid {cls.DESCRIPTOR.full_name} message: {exc}"
 
 
+# a request message larger than this is parsed on an executor thread, not the event loop (a 40 MB
+# message of millions of empty tensors takes seconds to parse)
+PARSE_INLINE_BYTES = 1 << 20
+
+
+class _Unparsed:
+    """A large request message's bytes, parsed by the handler off the event loop (`_parse_off_loop`)."""
+
+    __slots__ = ("cls", "data")
+
+    def __init__(self, cls, data: bytes) -> None:
+        self.cls, self.data = cls, data
+
+    def parse(self):
+        try:
+            return self.cls.FromString(self.data)
+        except DecodeError as exc:
+            return Malformed(self.cls, exc)
+
+
+class Refused(Malformed):
+    """A request refused before it is parsed (`gate.infer_request_counts_refusal`): INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+# a ModelInferRequest larger than this has its entries counted from the wire before it is parsed
+COUNT_ABOVE_BYTES = 64 << 10
+
+
 def _deserializer(cls):
+    infer = cls is pb.ModelInferRequest
+
     def parse(data: bytes):
+        if infer and len(data) > COUNT_ABOVE_BYTES:
+            refusal = infer_request_counts_refusal(data)
+            if refusal is not None:
+                return Refused(refusal)
+        if len(data) > PARSE_INLINE_BYTES:
+            return _Unparsed(cls, data)
         try:
             return cls.FromString(data)
         except DecodeError as exc:
             return Malformed(cls, exc)
 
     return parse
+
+
+async def _parse_off_loop(request, executor):
+    if isinstance(request, _Unparsed):
+        return await asyncio.get_running_loop().run_in_executor(executor, request.parse)
+    return request
 
 
 def add_to_server(servicer: InferenceServicer, server) -> None:
@@ -152,6 +196,7 @@ def _deadline(context) -> float | None:
 def _unary(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        request = await _parse_off_loop(request, self.plane.executor)
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
@@ -163,16 +208,58 @@ def _unary(method):
     return wrapper
 
 
+async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_deadline: float | None, peer: str,
+                        authorizations: list[str], on_hold=None):  # fmt: skip
+    """A ModelInferRequest through the gate (`server.gate`) and the data plane: (InferResponse,
+    memory hold or None); the caller releases the hold once the reply is sent (`on_hold(hold)` is
+    called as soon as it is taken; the hold is released here if the call fails). gRPC servicer
+    and Ray Serve deployment alike."""
+    plane = gate.plane
+    with gate.call():
+        rt = gate.model(request.model_name, request.model_version)
+        # O(1) caps before anything is looked at element by element
+        check_structure(rt, len(request.inputs), len(request.outputs), len(request.parameters), len(request.id))
+        if len(request.raw_input_contents) > len(request.inputs):
+            raise InvalidArgument(
+                f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs; "
+                "send one per input"
+            )
+        for t in request.inputs:
+            if t.parameters:
+                check_tensor_parameters(f"input {clip(t.name)}", t.parameters)
+        for o in request.outputs:
+            if o.parameters:
+                check_tensor_parameters(f"output {clip(o.name)}", o.parameters)
+        who = client(peer, authorizations, gate.tokens_on)
+        if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
+            loop = asyncio.get_running_loop()
+            infer = await loop.run_in_executor(plane.executor, to_infer_request, request, plane, None)
+        else:
+            infer = to_infer_request(request, plane, None)
+        infer.deadline = deadline(transport_deadline, infer.parameters)
+        infer.client = who
+        hold = await gate.hold(rt, infer)
+        if hold is not None and on_hold is not None:
+            on_hold(hold)
+        try:
+            result = await plane.infer_async(infer, gate.inline())
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+    return result, hold
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None,
-                 budget: MemoryBudget | None = None, tokens_on: bool = False) -> None:  # fmt: skip
+                 budget: MemoryBudget | None = None, tokens_on: bool = False,
+                 gate: Gate | None = None) -> None:  # fmt: skip
+        """`gate`: the server's call gate (`server.gate`), shared with the REST frontend; default:
+        one of this servicer's own over `admission` and `budget`."""
         self.plane = plane
         self.is_ready = is_ready  # callable: False while draining
-        self.admission = admission or Admission()
-        self.budget = budget  # None: calls hold no memory budget (tests, minimal servers)
-        self.tokens_on = tokens_on
-        self._last_end = 0.0  # time.monotonic() when the last inference call ended
-        self._busy_until = 0.0  # no inference on the loop before this time.monotonic()
+        self.gate = gate or Gate(plane, admission, budget, tokens_on)
+        self.admission = self.gate.admission
 
     @_unary
     async def ServerLive(self, request, context):
@@ -205,60 +292,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         return handlers.model_config(self.plane, request.name, request.version)
 
-    async def _hold(self, infer: InferRequest, context) -> Hold | None:
-        """Reserve the call's memory (request, working memory, response) in the budget, waiting
-        within its deadline; None without a budget. Also names the call's client."""
-        authorization = None
-        if self.tokens_on:  # the per-client key is the token then (reading metadata costs: not otherwise)
-            authorization = dict(context.invocation_metadata() or ()).get("authorization")
-        infer.client = client_key(context.peer() or "", authorization, self.tokens_on)
-        if self.budget is None:
-            return None
-        rt = self.plane.repository.get(infer.model_name, infer.model_version)
-        return await self.budget.hold(call_cost(rt, infer.inputs, infer.outputs), infer.client, infer.deadline)
-
     async def _infer(self, request: pb.ModelInferRequest, context, stream: bool = False):
-        """Run one request; (response, memory hold). A unary call's hold is returned when the RPC
-        ends (its reply sent, or the call cancelled); a stream returns it after its write."""
-        with self.admission.call():
-            try:
-                deadline = _deadline(context)
-                if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
-                    loop = asyncio.get_running_loop()
-                    infer = await loop.run_in_executor(self.plane.executor, to_infer_request, request, self.plane,
-                                                       deadline)  # fmt: skip
-                else:
-                    infer = to_infer_request(request, self.plane, deadline)
-                hold = await self._hold(infer, context)
-            except BaseException:
-                self._last_end = time.monotonic()
-                raise
-            if hold is not None and not stream:
+        """Run one request through the gate (`server.gate`); (response, memory hold). A unary
+        call's hold is returned when the RPC ends (its reply sent, or the call cancelled); a stream
+        returns it after its write."""
+        authorizations = []
+        if self.gate.tokens_on:  # the per-client key is the token then (reading metadata costs: not otherwise)
+            authorizations = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+
+        def on_hold(hold) -> None:
+            if not stream:
                 context.add_done_callback(hold.release)
-            # The only call in progress, and the previous one ended a while ago (a call that was
-            # waiting while the loop ran the last one starts right after it): a small request may
-            # run on the loop, saving the hop to a batcher thread and back. A call that starts
-            # right after the previous one goes to the batcher, so the loop is free again to take
-            # the calls waiting behind it and they are batched.
-            # Calls seen together mark the next half second busy: no run on the loop then, even
-            # in a moment with one call (a run there would hold up the calls arriving behind it).
-            now = time.monotonic()
-            if self.admission.in_flight > 1:
-                self._busy_until = now + INLINE_QUIET_S
-            alone = self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S and now > self._busy_until
-            try:
-                result = await self.plane.infer_async(infer, alone)
-            except BaseException:
-                if hold is not None:
-                    hold.release()
-                raise
-            finally:
-                self._last_end = time.monotonic()
-        return result, hold
+
+        return await infer_message(self.gate, request, _deadline(context), context.peer() or "", authorizations,
+                                   on_hold)  # fmt: skip
 
     @_unary
     async def ModelInfer(self, request, context):
+        start = time.perf_counter_ns()
         result, _ = await self._infer(request, context)
+        plane = self.plane
+
+        def sent(ctx) -> None:  # the reply could not be sent: the call was cancelled or timed out
+            if ctx.cancelled():
+                plane.record_send_failure(result, grpc.StatusCode.CANCELLED, time.perf_counter_ns() - start)
+
+        context.add_done_callback(sent)
         return to_infer_response_bytes(result, request)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -277,12 +336,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request = read.result()
                 if request is grpc.aio.EOF:
                     return
+                request = await _parse_off_loop(request, self.plane.executor)
                 if isinstance(request, Malformed):
                     await context.write(
                         pb.ModelStreamInferResponse(error_message=f"INVALID_ARGUMENT: {request.message}")
                     )
                     continue
-                hold = None
+                hold, result = None, None
+                start = time.perf_counter_ns()
                 try:
                     result, hold = await self._infer(request, context, stream=True)
                     response = pb.ModelStreamInferResponse(infer_response=to_infer_response(result, request))
@@ -296,6 +357,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                 try:
                     await context.write(response)
+                except BaseException:
+                    if result is not None:
+                        code = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNAVAILABLE
+                        self.plane.record_send_failure(result, code, time.perf_counter_ns() - start)
+                    raise
                 finally:
                     if hold is not None:
                         hold.release()

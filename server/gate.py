@@ -1,0 +1,200 @@
+"""The one gate every inference call passes, whatever its transport (gRPC unary and stream, REST,
+the Ray Serve deployment): the transports only convert their wire format; what a call may do is
+decided here, in this order:
+
+1. admission: drain refusal and the calls-in-progress limit (`handlers.Admission`);
+2. structure caps, O(1) and before any per-element work: inputs, outputs and parameters at most
+   what the model could take, a bounded request id (`check_structure`);
+3. identity: the bearer token that matched (else the connection), one per call (`client`);
+4. every deadline source: the transport's (gRPC deadline, REST Inference-Timeout-Ms) and Triton's
+   `timeout` request parameter in microseconds (`deadline`);
+5. the memory budget hold (`hold`);
+6. the inline decision: whether a small call may run on the event loop (`inline`); the data plane
+   adds that only a model version bounded by its input sizes ever does;
+7. cancellation: a run by itself is stopped when its caller goes away (`DataPlane.infer_async`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from server.errors import InvalidArgument, Unauthenticated, clip
+from server.handlers import Admission
+from server.memory import Hold, MemoryBudget, call_cost, client_key
+
+MAX_PARAMETERS = 64  # request (or tensor) parameters at most; Triton's own are a handful
+MAX_ID_CHARS = 1024  # a request id is echoed in the reply: bounded
+INLINE_GAP_S = 1e-3  # see Gate.inline
+INLINE_QUIET_S = 0.5
+TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: microseconds the client will wait
+
+
+def check_structure(rt, inputs: int, outputs: int, parameters: int, id_chars: int) -> None:
+    """O(1) caps on a request's structure, from counts a transport has without decoding anything
+    (len() of protobuf repeated fields or of JSON lists): a model takes each input and output at
+    most once, so more than it has is refused before any of them is looked at."""
+    sig = rt.signature
+    if inputs > len(sig.all_inputs):
+        raise InvalidArgument(
+            f"the request has {inputs:,} inputs; model '{rt.name}' takes at most {len(sig.all_inputs)} "
+            f"({', '.join(t.name for t in sig.all_inputs)})"
+        )
+    if outputs > len(sig.all_outputs):
+        raise InvalidArgument(
+            f"the request asks for {outputs:,} outputs; model '{rt.name}' has {len(sig.all_outputs)} "
+            f"({', '.join(t.name for t in sig.all_outputs)})"
+        )
+    if parameters > MAX_PARAMETERS:
+        raise InvalidArgument(f"the request has {parameters:,} parameters; at most {MAX_PARAMETERS} are accepted")
+    if id_chars > MAX_ID_CHARS:
+        raise InvalidArgument(f"the request id has {id_chars:,} characters; at most {MAX_ID_CHARS} are accepted")
+
+
+def check_tensor_parameters(where: str, parameters) -> None:
+    """A tensor's own parameters: bounded in number, and nothing this server would ignore."""
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidArgument(f"{where}: {len(parameters):,} parameters; at most {MAX_PARAMETERS} are accepted")
+    refuse_shared_memory(where, parameters)
+
+
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def refuse_shared_memory(where: str, parameters) -> None:
+    """Triton's shared-memory parameters (`shared_memory_region`, ...) on a tensor: refused by name,
+    because this server does not read or write shared memory; answering without it would silently
+    ignore where the client asked for its data to go. (Replace this one function when shared
+    memory is implemented.)"""
+    for key in SHARED_MEMORY_PARAMETERS:
+        if key in parameters:
+            raise InvalidArgument(
+                f"{where}: parameter '{key}': shared memory is not supported by this server; send the tensor's "
+                "data in the request (and read outputs from the response)"
+            )
+
+
+def deadline(transport: float | None, parameters: dict) -> float | None:
+    """The call's deadline (time.monotonic()): the earliest of the transport's and Triton's
+    `timeout` request parameter (microseconds; tritonclient sends it on both protocols)."""
+    timeout_us = parameters.get(TIMEOUT_PARAMETER)
+    if timeout_us is None:
+        return transport
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
+        raise InvalidArgument(
+            f"parameter '{TIMEOUT_PARAMETER}' must be an integer number of microseconds >= 0, got {clip(timeout_us)}"
+        )
+    if timeout_us == 0:  # Triton: 0 = no timeout
+        return transport
+    at = time.monotonic() + timeout_us / 1e6
+    return at if transport is None else min(transport, at)
+
+
+def client(peer: str, authorizations: list[str], tokens_on: bool) -> str:
+    """Who a call is from, for per-client shares and sequence ownership: the bearer token that
+    matched (one per call: more than one `authorization` value is refused, so access and shares
+    always read the same one), else the connection."""
+    if len(authorizations) > 1:
+        raise Unauthenticated(f"{len(authorizations)} 'authorization' values; send exactly one")
+    return client_key(peer, authorizations[0] if authorizations else None, tokens_on)
+
+
+class Gate:
+    """What every frontend calls around an inference call (see the module docstring)."""
+
+    def __init__(self, plane, admission: Admission | None = None, budget: MemoryBudget | None = None,
+                 tokens_on: bool = False) -> None:  # fmt: skip
+        self.plane = plane
+        self.admission = admission or Admission()
+        self.budget = budget  # None: calls hold no memory budget (tests, minimal servers)
+        self.tokens_on = tokens_on
+        self._last_end = 0.0  # time.monotonic() when the last inference call ended
+        self._busy_until = 0.0  # no inference on the loop before this time.monotonic()
+
+    @contextlib.contextmanager
+    def call(self):
+        """One inference call in progress (admission: refused while draining or over the limit)."""
+        with self.admission.call():
+            try:
+                yield
+            finally:
+                self._last_end = time.monotonic()
+
+    def model(self, name: str, version: str):
+        """The loaded model version a call names (NOT_FOUND / UNAVAILABLE otherwise)."""
+        return self.plane.repository.get(name, version)
+
+    async def hold(self, rt, infer, request_bytes: int | None = None, response_factor: int = 1) -> Hold | None:
+        """Reserve the call's memory (request, working memory, response) in the budget, waiting
+        within its deadline; None without a budget."""
+        if self.budget is None:
+            return None
+        cost = call_cost(rt, infer.inputs, infer.outputs, request_bytes, response_factor)
+        return await self.budget.hold(cost, infer.client, infer.deadline)
+
+    def inline(self) -> bool:
+        """Whether a call may run on the event loop: it is the only call in progress, and the
+        previous one ended a while ago (a call that was waiting while the loop ran the last one
+        starts right after it and goes to a thread, so the loop is free to take the calls behind
+        it and they are batched). Calls seen together mark the next half second busy: no run on
+        the loop then. The data plane adds its own conditions (a small request, a model bounded by
+        its input sizes)."""
+        now = time.monotonic()
+        if self.admission.in_flight > 1:
+            self._busy_until = now + INLINE_QUIET_S
+        return self.admission.in_flight == 1 and now - self._last_end > INLINE_GAP_S and now > self._busy_until
+
+
+# -- before a large gRPC message is parsed ----------------------------------------------------------
+# Parsing a message of millions of empty entries costs seconds of CPU with the interpreter lock held
+# (2,000,000 parameters: 1.3 s measured), whichever thread does it. So a large ModelInferRequest's
+# top-level fields are counted from the wire format first, stopping at the first cap exceeded:
+# at most ~MAX_WIRE_TENSORS * 3 + MAX_PARAMETERS fields are ever looked at, each in O(1) (tensor
+# bytes are skipped by their length).
+MAX_WIRE_TENSORS = 1024  # inputs, requested outputs, raw_input_contents: each at most (any model)
+_INFER_FIELDS = {4: ("parameters", MAX_PARAMETERS), 5: ("inputs", MAX_WIRE_TENSORS),
+                 6: ("outputs", MAX_WIRE_TENSORS), 7: ("raw_input_contents", MAX_WIRE_TENSORS)}  # fmt: skip
+
+
+def infer_request_counts_refusal(data: bytes) -> str | None:
+    """Why a serialized ModelInferRequest carries too many parameters, inputs, outputs or raw
+    contents to be parsed (a message naming the field and the cap), or None. Malformed bytes are
+    left to the parser to describe."""
+    counts = dict.fromkeys(_INFER_FIELDS, 0)
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            key, pos = _varint(data, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                pos += size
+            else:
+                return None
+            if number in counts:
+                counts[number] += 1
+                name, cap = _INFER_FIELDS[number]
+                if counts[number] > cap:
+                    return f"the request carries more than {cap} {name}: at most {cap} are accepted"
+    except IndexError:
+        return None
+    return None
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")

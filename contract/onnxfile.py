@@ -36,7 +36,7 @@ def _varint(buf, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+def fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, stop) of each length-delimited field in buf[pos:end]; other wire
     types are skipped. Raises ValueError on anything that is not a well-formed message."""
     while pos < end:
@@ -68,12 +68,12 @@ def summarize(path: Path) -> FileSummary:
     summary = FileSummary()
     try:
         with Path(path).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            for number, start, stop in _fields(buf, 0, len(buf)):
+            for number, start, stop in fields(buf, 0, len(buf)):
                 if number == _MODEL_METADATA:
-                    entry = {k: bytes(buf[s:e]).decode() for k, s, e in _fields(buf, start, stop)}
+                    entry = {k: bytes(buf[s:e]).decode() for k, s, e in fields(buf, start, stop)}
                     summary.metadata[entry.get(1, "")] = entry.get(2, "")
                 elif number == _MODEL_GRAPH:  # a message field given twice is merged: nodes add up
-                    nodes = sum(1 for k, _, _ in _fields(buf, start, stop) if k == _GRAPH_NODE)
+                    nodes = sum(1 for k, _, _ in fields(buf, start, stop) if k == _GRAPH_NODE)
                     summary.nodes = (summary.nodes or 0) + nodes
     except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return FileSummary()

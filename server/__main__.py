@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from server.cli import fail
+from contract.cli import fail
 from server.config import load_settings
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.cli import Parser
+from contract.cli import Parser
 
 ENV_PREFIX = "LSTM_SERVE_"
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contract import metadata
 from server import classification
 from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
@@ -790,8 +791,8 @@ class DataPlane:
         params["execution_provider"] = rt.provider
         if rt.provider_note:
             params["execution_provider_note"] = rt.provider_note
-        if "lstm.precision" in rt.export_metadata:
-            params["precision"] = rt.export_metadata["lstm.precision"]
+        if metadata.PRECISION in rt.export_metadata:
+            params["precision"] = rt.export_metadata[metadata.PRECISION]
         if sig.static_length is not None:
             params["static_length"] = str(sig.static_length)
         params["axes"] = json.dumps(sig.axes_json(), sort_keys=True)
@@ -846,7 +847,7 @@ class DataPlane:
         entry = self.repository.entry(name)
         versions = sorted(entry.versions) if entry else [rt.version]
         sig = rt.signature
-        metadata = {
+        described = {
             "name": rt.name,
             "versions": [str(v) for v in versions],
             "platform": "onnxruntime_onnx",
@@ -858,7 +859,7 @@ class DataPlane:
             "lstm-export-metadata": metadata_json(rt.export_metadata),
             "lstm-provider": rt.provider,
             "lstm-provider-note": rt.provider_note,
-            "lstm-precision": rt.export_metadata.get("lstm.precision", ""),
+            "lstm-precision": rt.export_metadata.get(metadata.PRECISION, ""),
             "lstm-static-length": str(sig.static_length or ""),
             "lstm-model-version": str(rt.version),
             "lstm-batching": json.dumps(dataclasses.asdict(policy), sort_keys=True),
@@ -866,7 +867,7 @@ class DataPlane:
             "lstm-axes": json.dumps(sig.axes_json(), sort_keys=True),
             "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
         }
-        return metadata, bounded(headers)
+        return described, bounded(headers)
 
 
 def _retrieve(future: asyncio.Future) -> None:

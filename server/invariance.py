@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract import metadata
 from server.batcher import Work, _Item, merge_and_run
 from server.dtypes import OBJECT, numpy_dtype
 
@@ -69,12 +70,12 @@ def allowed(config: dict) -> bool:
 
 def project_export(meta: dict) -> bool:
     """A file this project's exporter wrote (a float32 model or one of its twins)."""
-    return "lstm.export_mode" in meta or "lstm.config" in meta
+    return metadata.EXPORT_MODE in meta or metadata.CONFIG in meta
 
 
 def own_float_export(meta: dict) -> bool:
     """This project's float32 export (its twins, int8 or fp16, are not)."""
-    return project_export(meta) and meta.get("lstm.precision", "fp32") == "fp32"
+    return project_export(meta) and meta.get(metadata.PRECISION, "fp32") == "fp32"
 
 
 def _random_request(rt, rng: np.random.Generator, rows: int, scale: float, free_dim: int, ints: bool) -> Work:

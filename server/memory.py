@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import metadata
 from server.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ JSON_RESPONSE_FACTOR = 13
 
 def _recurrent(meta: dict) -> dict | None:
     try:
-        config = json.loads(meta.get("lstm.config") or "null")
+        config = json.loads(meta.get(metadata.CONFIG) or "null")
     except ValueError:
         return None
     return config if isinstance(config, dict) else None

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import metadata
+from contract.onnxfile import FileSummary, summarize
 from server import invariance
 from server import model_config as triton_config
 from server.batcher import BatchPolicy, policy_from_config
 from server.dtypes import OBJECT, numpy_dtype
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
-from server.onnxfile import FileSummary, summarize
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,8 @@ def _read_config(name: str, folder: Path, provider: str = "") -> dict:
 
 def describe_file(path: Path, summary: FileSummary) -> str:
     """'dynamic' | 'static T=N' | 'export mode unknown', the size in MB and the node count, for the log."""
-    static = summary.metadata.get("lstm.static_length", "")
-    mode = summary.metadata.get("lstm.export_mode", "")
+    static = summary.metadata.get(metadata.STATIC_LENGTH, "")
+    mode = summary.metadata.get(metadata.EXPORT_MODE, "")
     kind = f"static T={static}" if static else (mode if mode == "dynamic" else "export mode unknown")
     try:
         size = path.stat().st_size / 1e6

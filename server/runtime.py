@@ -8,8 +8,6 @@ reports it in `get_providers()`.
 
 from __future__ import annotations
 
-import base64
-import ctypes
 import logging
 import math
 import mmap
@@ -25,10 +23,13 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
+from contract import metadata
+from contract.cuda import cuda_usable
+from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
+from contract.onnxfile import fields, graph_nodes
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
 from server.memory import batch_and_time, ort_arena_cap, run_options, working_bytes
-from server.onnxfile import _fields, graph_nodes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -88,22 +89,6 @@ def available_cpus() -> tuple[int, str]:
     return max(1, count), why
 
 
-# ORT's memory-reuse planner (SessionOptions.enable_mem_reuse) is super-linear in graph size: on this
-# project's static T=50 encoder (8,327 nodes) it is 24 of the 26 s the session takes to create
-# (2.0 s with it off), on the T=29 classifier (4,825 nodes) 9 of 10 s; run time and peak memory
-# were the same either way (docs/static-vs-dynamic.md). The native-LSTM models have
-# under 100 nodes. Above this many nodes `auto` turns the planner off.
-LARGE_GRAPH_NODES = 1000
-
-
-def memory_reuse(mode: str, nodes: int | None) -> bool:
-    """Whether a session gets ORT's memory-reuse planner: on|off, or auto = on unless the file's
-    top-level graph has more than LARGE_GRAPH_NODES nodes (`nodes`: None when unknown)."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    return nodes is None or nodes <= LARGE_GRAPH_NODES
-
-
 def describe_threads(options: RuntimeOptions) -> str:
     intra, inter = options.threads()
     source = "--intra-op-threads" if options.intra_op_threads else available_cpus()[1]
@@ -125,41 +110,6 @@ class Providers:
     kind: str  # "CPUExecutionProvider" or "CUDAExecutionProvider"
 
 
-# A one-node model (b = a + a, float[1], opset 17, IR 8) used to check that a CUDA session can
-# really be created. Stored serialized so that the server needs no `onnx` package at run time;
-# tests/test_server.py rebuilds it with onnx.helper and compares.
-PROBE_MODEL_B64 = "CAg6OQoOCgFhCgFhEgFiIgNBZGQSBXByb2JlWg8KAWESCgoICAESBAoCCAFiDwoBYhIKCggIARIECgIIAUIECgAQEQ=="
-
-
-def _probe_model_bytes() -> bytes:
-    return base64.b64decode(PROBE_MODEL_B64)
-
-
-def _cuda_driver_loads() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
-def _try_cuda(device_id: int, tf32: bool) -> tuple[bool, str]:
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, "this onnxruntime build has no CUDAExecutionProvider"
-    if not _cuda_driver_loads():
-        return False, "no CUDA driver (libcuda.so.1 does not load): no usable GPU on this machine"
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": int(tf32)})
-    try:
-        session = ort.InferenceSession(_probe_model_bytes(), opts, providers=[cuda, "CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
-        return False, f"CUDA session failed: {exc}"
-    if session.get_providers()[0] != "CUDAExecutionProvider":
-        return False, f"CUDA device {device_id} not usable (session fell back to {session.get_providers()})"
-    return True, "ok"
-
-
 def select_providers(options: RuntimeOptions) -> Providers:
     device = options.device.strip().lower()
     log.info("%s", describe_threads(options))
@@ -169,7 +119,7 @@ def select_providers(options: RuntimeOptions) -> Providers:
     if device != "auto" and not match:
         raise StartupError(f"--device {options.device!r}: expected auto, cpu, cuda or cuda:N")
     device_id = int(match.group(1) or 0) if match else 0
-    ok, why = _try_cuda(device_id, options.cuda_tf32)
+    ok, why = cuda_usable(device_id, options.cuda_tf32)
     if ok:
         cuda = ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": int(options.cuda_tf32)})
         return Providers((cuda, "CPUExecutionProvider"), "CUDAExecutionProvider")
@@ -374,7 +324,7 @@ def load_model(
                          f"inference protocol cannot carry (it has {', '.join(DATATYPES)})")  # fmt: skip
     provider = session.get_providers()[0]
     note = ""
-    if provider == "CUDAExecutionProvider" and meta.get("lstm.precision") == "int8":
+    if provider == "CUDAExecutionProvider" and meta.get(metadata.PRECISION) == "int8":
         # ONNX Runtime has no CUDA kernel for com.microsoft.DynamicQuantizeLSTM: those nodes, the bulk
         # of the work, run on the CPU provider (with copies between the two)
         note = "int8 twin: its DynamicQuantizeLSTM nodes run on CPUExecutionProvider (no CUDA kernel)"
@@ -438,19 +388,19 @@ def bounded_by_input_size(path: Path) -> tuple[bool, str]:
     bounded model may ever run on the event loop."""
     try:
         with Path(path).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graphs = [(s, e) for n, s, e in _fields(buf, 0, len(buf)) if n == _MODEL_GRAPH]
+            graphs = [(s, e) for n, s, e in fields(buf, 0, len(buf)) if n == _MODEL_GRAPH]
             if len(graphs) != 1:
                 return False, "no single top-level graph"
             start, stop = graphs[0]
             initializers, inputs, nodes = set(), [], []
-            for number, s, e in _fields(buf, start, stop):
+            for number, s, e in fields(buf, start, stop):
                 if number == _GRAPH_INITIALIZER:
-                    initializers |= {_text(buf, a, b) for k, a, b in _fields(buf, s, e) if k == _TENSOR_NAME}
+                    initializers |= {_text(buf, a, b) for k, a, b in fields(buf, s, e) if k == _TENSOR_NAME}
                 elif number == _GRAPH_INPUT:
-                    inputs += [_text(buf, a, b) for k, a, b in _fields(buf, s, e) if k == _VALUE_INFO_NAME]
+                    inputs += [_text(buf, a, b) for k, a, b in fields(buf, s, e) if k == _VALUE_INFO_NAME]
                 elif number == _GRAPH_NODE:
                     node = {"in": [], "out": [], "op": "", "domain": ""}
-                    for k, a, b in _fields(buf, s, e):
+                    for k, a, b in fields(buf, s, e):
                         if k == _NODE_INPUT:
                             node["in"].append(_text(buf, a, b))
                         elif k == _NODE_OUTPUT:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contract import metadata
 from server.control import Control
 from server.dtypes import ONNX_TO_OIP, numpy_dtype
 from server.model_config import TritonConfig
@@ -184,14 +185,14 @@ def _roles_from_export(meta: dict, inputs: list[TensorSpec], outputs: list[Tenso
         roles["ragged"], roles["lengths"] = "x", "lengths"
     out_names = {t.name for t in outputs}
     roles["states"] = [(i, i[0] + "_n") for i in ("h0", "c0") if i in names and i[0] + "_n" in out_names]
-    vocab = meta.get("lstm.vocab_size") or ""
-    if meta.get("lstm.input") == "tokens" and vocab.isdigit() and names[:1] == ["x"]:
+    vocab = meta.get(metadata.VOCAB_SIZE) or ""
+    if meta.get(metadata.INPUT) == "tokens" and vocab.isdigit() and names[:1] == ["x"]:
         inputs[0].value_range = (0, int(vocab) - 1)  # ORT refuses ids >= vocab but reads negative ones
-    static = meta.get("lstm.static_length") or ""
+    static = meta.get(metadata.STATIC_LENGTH) or ""
     if static.isdigit():
         roles["static_length"] = int(static)
     try:
-        roles["bidirectional"] = bool(json.loads(meta.get("lstm.config") or "{}").get("bidirectional", False))
+        roles["bidirectional"] = bool(json.loads(meta.get(metadata.CONFIG) or "{}").get("bidirectional", False))
     except (ValueError, AttributeError):
         roles["bidirectional"] = False
     return roles
@@ -204,7 +205,7 @@ def _export_time_axes(meta: dict, inputs: list[TensorSpec], outputs: list[Tensor
     for t in inputs if unnamed else ():
         if t.name == "x" and t.rank >= 2 and t.shape[1] < 0 and t.time_axis is None:
             t.time_axis = 1
-    if "lstm.axes" not in meta:
+    if metadata.AXES not in meta:
         for t in outputs:
             if t.name == "y" and t.rank == 3 and t.time_axis is None:
                 t.time_axis = 1
@@ -234,13 +235,13 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
     """The signature of a loaded session; SignatureError (naming the tensor and both values) when
     config.pbtxt and the file disagree."""
     try:
-        recorded = json.loads(meta.get("lstm.axes") or "{}")
+        recorded = json.loads(meta.get(metadata.AXES) or "{}")
     except ValueError:
         recorded = {}
     recorded = recorded if isinstance(recorded, dict) else {}
     inputs = [_spec(n, recorded) for n in session.get_inputs()]
     outputs = [_spec(n, recorded) for n in session.get_outputs()]
-    project = "lstm.export_mode" in meta or "lstm.config" in meta
+    project = metadata.EXPORT_MODE in meta or metadata.CONFIG in meta
     triton = triton or TritonConfig()
     named = any(t.batch_axis is not None for t in inputs + outputs)
     guessed = False

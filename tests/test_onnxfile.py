@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from server.onnxfile import FileSummary, graph_nodes, summarize
-from server.runtime import LARGE_GRAPH_NODES, memory_reuse
+from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
+from contract.onnxfile import FileSummary, graph_nodes, summarize
 from tests.conftest import STATIC_T, TOL, ragged, reference
 
 

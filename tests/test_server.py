@@ -540,7 +540,7 @@ def test_server_needs_no_onnx_or_torch_and_probe_model_is_right():
 
     import onnx
 
-    from server.runtime import PROBE_MODEL_B64
+    from contract.cuda import PROBE_MODEL_B64
 
     x = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1])

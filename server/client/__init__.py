@@ -175,6 +175,12 @@ class LSTMClient:
             pb.ModelMetadataRequest(name=model, version=version), timeout=self.timeout, metadata=self.call_metadata
         )
         headers = dict(call.initial_metadata())
+        export = json.loads(headers.get("lstm-export-metadata", "{}"))
+        if export.pop("_omitted", 0):  # the header is bounded: ModelConfig's export.<key> parameters hold it all
+            params = self.config(model, version).get("parameters", {})
+            export = {
+                k[len("export.") :]: v.get("string_value", "") for k, v in params.items() if k.startswith("export.")
+            }
         tensors = lambda ts: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]  # noqa: E731
         return {
             "name": response.name,
@@ -182,7 +188,7 @@ class LSTMClient:
             "platform": response.platform,
             "inputs": tensors(response.inputs),
             "outputs": tensors(response.outputs),
-            "export": json.loads(headers.get("lstm-export-metadata", "{}")),
+            "export": export,
             "provider": headers.get("lstm-provider", ""),
             "provider_note": headers.get("lstm-provider-note", ""),
             "precision": headers.get("lstm-precision", ""),

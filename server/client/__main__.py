@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from server.cli import Parser, fail
+from contract.cli import Parser, fail
 
 
 def read_sequences(path: Path) -> list:

@@ -248,5 +248,12 @@ async def load_model(plane: DataPlane, name: str, parameters: dict | None = None
     await asyncio.get_running_loop().run_in_executor(plane.executor, load)
 
 
-async def unload_model(plane: DataPlane, name: str) -> None:
+async def unload_model(plane: DataPlane, name: str, parameters: dict | None = None) -> None:
+    """Unload a model. `parameters`: tritonclient's `unload_dependents` is accepted (no model here has
+    dependents: no ensembles); any other key is refused, on both frontends alike."""
+    parameters = dict(parameters or {})
+    if not isinstance(parameters.pop("unload_dependents", False), bool):
+        raise InvalidArgument("unload parameter 'unload_dependents' must be true or false")
+    if parameters:
+        raise InvalidArgument(f"unload parameter(s) {clip(sorted(parameters))} are not supported")
     await asyncio.get_running_loop().run_in_executor(plane.executor, plane.repository.unload, name)

@@ -513,7 +513,7 @@ class ModelRepository:
         with self._lock:
             entry = self._models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model {clip(name)}")
+            raise NotFound(f"Request for unknown model: {clip(name)} is not found")
         if entry.state != READY or not entry.versions:
             raise Unavailable(
                 f"model '{name}' is not ready ({entry.state}{': ' + entry.reason if entry.reason else ''})"
@@ -521,7 +521,10 @@ class ModelRepository:
         if not version:
             return entry.latest()
         if not valid_version(version) or int(version) not in entry.versions:
-            raise NotFound(f"model '{name}' has no version {clip(version)}; loaded: {sorted(entry.versions)}")
+            raise NotFound(
+                f"Request for unknown model: '{name}' version {clip(version)} is not found; loaded: "
+                f"{sorted(entry.versions)}"
+            )
         return entry.versions[int(version)]
 
     def entry(self, name: str) -> ModelEntry | None:

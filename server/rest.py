@@ -635,22 +635,16 @@ class RestApp:
             if parts == ["index"]:
                 ready_only = options.get("ready", False)
                 if not isinstance(ready_only, bool):
-                    raise HttpError(400, f"'ready' must be true or false, got {clip(ready_only)}")
+                    raise HttpError(400, f"Invalid value for 'ready': expected a boolean, got {clip(ready_only)}")
                 index = _to_json(handlers.repository_index(self.plane, ready_only))["models"]
                 return await ex.respond(200, _dumps(index))
             if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
                 params = _params(options.get("parameters"), parts[2])
-                if parts[2] == "unload":
-                    # tritonclient's unload_dependents: no model here has dependents (no ensembles)
-                    if not isinstance(params.pop("unload_dependents", False), bool):
-                        raise HttpError(400, "unload parameter 'unload_dependents' must be true or false")
-                    if params:
-                        raise HttpError(400, f"unload parameter(s) {clip(sorted(params))} are not supported")
                 with self.admission.call():
                     if parts[2] == "load":
                         await handlers.load_model(self.plane, parts[1], params)
                     else:
-                        await handlers.unload_model(self.plane, parts[1])
+                        await handlers.unload_model(self.plane, parts[1], params)
                 return await ex.respond(200, b"{}")
         raise HttpError(404, f"no such endpoint /v2/repository/{clip('/'.join(parts))}")
 
@@ -689,13 +683,13 @@ class RestApp:
                 raise Unavailable("server is shutting down and takes no new requests; retry (another replica)")
             body = await ex.body(self.max_body if n is not None else self.max_json)
             if n is not None:
-                if not 0 < n <= len(body):
-                    raise HttpError(400, f"{HEADER_LENGTH} {n} must be in 1..{len(body)} (the body length)")
+                if not 0 <= n <= len(body):  # 0: Triton's raw binary request (the body is one input)
+                    raise HttpError(400, f"{HEADER_LENGTH} {n} must be in 0..{len(body)} (the body length)")
                 if n > self.max_json:
                     raise HttpError(413, f"JSON header of {n} bytes exceeds the limit of {self.max_json} bytes")
             else:
                 n = len(body)
-            parse = (_parse, body, n, model, version, self.plane.limits)
+            parse = (_parse, body, n, model, version, self.plane.limits, self.plane)
             loop = asyncio.get_running_loop()
             authorization = ex.header("Authorization")
             client = gate_client(f"{ex.peer[0]}:{ex.peer[1]}" if ex.peer else "",

@@ -34,7 +34,9 @@ class Malformed:
     answered INVALID_ARGUMENT (in a stream: an error_message) instead of grpcio's bare UNKNOWN."""
 
     def __init__(self, cls, exc: Exception) -> None:
-        self.message = f"request is not a valid {cls.DESCRIPTOR.full_name} message: {exc}"
+        # the parser's own text stays in the log: it names protobuf internals, not the request
+        self.message = f"request is not a valid {cls.DESCRIPTOR.full_name} message (it does not parse)"
+        log.debug("malformed %s: %s", cls.DESCRIPTOR.full_name, exc)
 
 
 # a request message larger than this is parsed on an executor thread, not the event loop (a 40 MB
@@ -388,5 +390,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_unary
     async def RepositoryModelUnload(self, request, context):
         with self.admission.call():
-            await handlers.unload_model(self.plane, request.model_name)
+            params = {k: parameter_value(v) for k, v in request.parameters.items()}
+            await handlers.unload_model(self.plane, request.model_name, params)
         return pb.RepositoryModelUnloadResponse()

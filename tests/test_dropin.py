@@ -318,8 +318,6 @@ def test_body_model_name_accepted_unless_it_contradicts_the_url(server):
 RAW = {"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"}
 
 
-@pytest.mark.xfail(strict=True, reason="needs RestApp._infer to take Inference-Header-Content-Length 0 and hand "
-                   "_parse the data plane (a change outside this module's codec)")  # fmt: skip
 def test_raw_binary_request_over_http(server):
     port = server.http_port
     for n in (8, 32):  # Triton's L0_http test_raw_binary / _longer: the shape's one free dim from the size

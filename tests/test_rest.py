@@ -174,10 +174,10 @@ def test_binary_extension(rest, encoders):
 X6 = {"name": "x", "shape": [1, 1, 6], "datatype": "FP32", "data": [0.0] * 6}  # a valid input
 BAD = [
     # (method, path, body, headers, status, fragment of the error)
-    ("GET", "/v2/models/nope", None, {}, 404, "unknown model 'nope'"),
-    ("GET", "/v2/models/bi/versions/9", None, {}, 404, "no version '9'"),
-    ("GET", "/v2/models/bi/versions/%D9%A1", None, {}, 404, "no version"),  # an Arabic-Indic 1 is not 1
-    ("GET", "/v2/models/nope/ready", None, {}, 404, "unknown model 'nope'"),
+    ("GET", "/v2/models/nope", None, {}, 404, "Request for unknown model: 'nope' is not found"),
+    ("GET", "/v2/models/bi/versions/9", None, {}, 404, "Request for unknown model: 'bi' version '9' is not found"),
+    ("GET", "/v2/models/bi/versions/%D9%A1", None, {}, 404, "is not found"),  # an Arabic-Indic 1 is not 1
+    ("GET", "/v2/models/nope/ready", None, {}, 404, "Request for unknown model: 'nope' is not found"),
     ("POST", "/v2/models/bi/infer", b"{not json", {}, 400, "not valid JSON"),
     ("POST", "/v2/models/bi/infer", {"inputs": []}, {}, 400, "'inputs' must be a non-empty list"),
     ("POST", "/v2/models/bi/infer", {"inputs": [{"name": "x", "shape": [1, 2, 6], "datatype": "FP32",

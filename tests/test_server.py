@@ -104,10 +104,11 @@ def test_model_config(client, server):
     assert idle_us == int(server.settings.sequence_idle_s * 1e6)
     with pytest.raises(grpc.RpcError) as err:
         client.config("nope")
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model 'nope'" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "Request for unknown model: 'nope' is not found" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         client.config("bi", version="7")
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no version '7'" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'bi' version '7' is not found" in err.value.details()
 
 
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])

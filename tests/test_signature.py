@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from server import signature
+from server.errors import InvalidArgument
 from server.model_config import parse
 from server.signature import SignatureError
 
@@ -343,3 +344,64 @@ def test_string_tensors_are_bytes_and_unknown_types_keep_their_onnx_name():
     sig = signature.build(session, {}, None)
     assert sig.input("s").datatype == "BYTES" and sig.input("s").dtype == np.dtype(object)
     assert sig.input("h").datatype == "tensor(bfloat16)"
+
+
+# -- control inputs: what the signature's controls feed (server/control.py) -------------------
+
+_CONTROL_CONFIG = """
+max_batch_size: 8
+input [{ name: "INPUT" data_type: TYPE_INT32 dims: [1] }]
+output [{ name: "OUTPUT" data_type: TYPE_INT32 dims: [1] }]
+sequence_batching {
+  control_input [
+    { name: "START" control [{ kind: CONTROL_SEQUENCE_START int32_false_true: [0, 1] }] },
+    { name: "END" control [{ kind: CONTROL_SEQUENCE_END fp32_false_true: [-1, 2.5] }] },
+    { name: "READY" control [{ kind: CONTROL_SEQUENCE_READY bool_false_true: [false, true] }] },
+    { name: "CORRID" control [{ kind: CONTROL_SEQUENCE_CORRID data_type: %s }] }
+  ]
+}
+"""
+
+
+def _control_session(corrid=TensorProto.UINT64) -> ort.InferenceSession:
+    return _session(
+        [("INPUT", I32, [None, 1]), ("START", I32, [None, 1]), ("END", F, [None, 1]),
+         ("READY", TensorProto.BOOL, [None, 1]), ("CORRID", corrid, [None, 1])],
+        [("OUTPUT", I32, [None, 1])],
+        _identity(("INPUT", "OUTPUT")),
+    )  # fmt: skip
+
+
+def test_control_feeds_follow_the_signature_shapes_and_false_true_values():
+    from server import control
+
+    sig = signature.build(_control_session(), {}, _triton(_CONTROL_CONFIG % "TYPE_UINT64"))
+    assert [t.name for t in sig.inputs] == ["INPUT"] and sig.stateful and not sig.states
+    assert sig.control_shapes == {n: [1, 1] for n in ("START", "END", "READY", "CORRID")}
+    first = control.feeds(sig.controls, sig.control_shapes, 2**64 - 1, start=True, end=False)
+    assert {k: (v.dtype.name, v.tolist()) for k, v in first.items()} == {
+        "START": ("int32", [[1]]),
+        "END": ("float32", [[-1.0]]),
+        "READY": ("bool", [[True]]),
+        "CORRID": ("uint64", [[2**64 - 1]]),
+    }
+    last = control.feeds(sig.controls, sig.control_shapes, 5, start=False, end=True)
+    assert (last["START"].tolist(), last["END"].tolist()) == ([[0]], [[2.5]])
+    with pytest.raises(InvalidArgument, match="parameter 'sequence_id': 'abc' is a string, but the model's"):
+        control.feeds(sig.controls, sig.control_shapes, "abc", start=True, end=False)
+    with pytest.raises(InvalidArgument, match=r"parameter 'sequence_id': -1 does not fit .* 'CORRID' \(UINT64\)"):
+        control.feeds(sig.controls, sig.control_shapes, -1, start=True, end=False)
+    assert [control.config_entry(c) for c in sig.controls] == [
+        {"name": "START", "control": [{"kind": "CONTROL_SEQUENCE_START", "int32_false_true": [0, 1]}]},
+        {"name": "END", "control": [{"kind": "CONTROL_SEQUENCE_END", "fp32_false_true": [-1.0, 2.5]}]},
+        {"name": "READY", "control": [{"kind": "CONTROL_SEQUENCE_READY", "bool_false_true": [False, True]}]},
+        {"name": "CORRID", "control": [{"kind": "CONTROL_SEQUENCE_CORRID", "data_type": "TYPE_UINT64"}]},
+    ]
+
+
+def test_a_string_corrid_is_fed_as_text():
+    from server import control
+
+    sig = signature.build(_control_session(S), {}, _triton(_CONTROL_CONFIG % "TYPE_STRING"))
+    fed = control.feeds(sig.controls, sig.control_shapes, 42, start=True, end=False)["CORRID"]
+    assert fed.dtype == object and fed.tolist() == [["42"]]

@@ -350,3 +350,24 @@ def test_probe_gives_up_on_a_free_dim_it_cannot_size(tmp_path):
     assert rt.output_layout == {} and probe_output_layout(rt) == {}
     assert output_dims(rt, "b", 1, 1) is None
     assert rt.signature.batching_rule == "equal"  # not ragged: merging by equal shapes stays safe
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="repository.valid_version accepts '0' (the module says versions are positive integers) and a leading "
+    "zero: folders '01' and '1' both become version 1 and whichever iterdir lists last is served",
+)
+def test_version_folders_starting_with_zero_are_ignored(tmp_path):
+    _write(tmp_path, "m", "0", _model(7.0))
+    _write(tmp_path, "m", "01", _model(5.0))
+    _write(tmp_path, "m", "1", _model(1.0))
+    entry = _repo(tmp_path).load("m")
+    assert sorted(entry.versions) == [1]
+    assert _answer(entry.versions[1]) == [1.0] * 4
+
+
+def test_a_model_on_disk_not_yet_loaded_is_indexed(tmp_path):
+    _write(tmp_path, "m", 1)
+    repo = _repo(tmp_path)
+    assert repo.index() == [("m", "", "UNAVAILABLE", "not loaded")]
+    assert repo.is_ready() and repo.ready_models() == []

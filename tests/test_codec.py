@@ -146,6 +146,14 @@ def test_raw_size_must_match_shape_and_type():
     assert err.value.message == "input 'x': raw content is 20 bytes, expected 24 for shape [2, 3] of FP32"
 
 
+def test_typed_values_in_another_types_field_are_refused_by_the_expected_field():
+    request = pb.ModelInferRequest()
+    _tensor(request, "x", "FP32", [2]).contents.int_contents.extend([1, 2])
+    with pytest.raises(InvalidArgument) as err:
+        codec.decode_inputs(request, Limits())
+    assert err.value.message == "input 'x': contents.fp32_contents has 0 values, expected 2 for shape [2]"
+
+
 def test_typed_count_must_match_shape():
     request = pb.ModelInferRequest()
     _tensor(request, "ids", "INT64", [3]).contents.int64_contents.extend([1, 2])

@@ -139,6 +139,18 @@ def test_a_policy_that_keeps_nothing_fails_the_model(tmp_path):
         ({"config.json": "{}", "config.pbtxt": ""}, "model 'm' has both config.json and config.pbtxt: keep one"),
         ({"config.json": '{"batching": {"bogus": 1}}'}, "model 'm' config.json: unknown batching option(s) ['bogus']"),
         ({"config.pbtxt": "foo: 1"}, "model 'm' config.pbtxt: line 1: unknown field 'foo'"),
+        (
+            {"config.pbtxt": b"name: '\xff'"},
+            "model 'm' config.pbtxt: cannot be read as UTF-8 text (UnicodeDecodeError)",
+        ),
+        ({"config.pbtxt": b" " * (1 << 20) + b"\n"}, "model 'm' config.pbtxt: larger than 1048576 bytes"),
+        (
+            {
+                "config.pbtxt": "sequence_batching { state [{ input_name: 'a' output_name: 'b' data_type: TYPE_FP32 "
+                "dims: [1] initial_state [{ data_type: TYPE_FP32 dims: [1] data_file: '../config.pbtxt' }] }] }"
+            },
+            "model 'm' config.pbtxt: sequence_batching.state[0].initial_state.data_file must be a file name",
+        ),
     ],
 )
 def test_config_errors_fail_the_load_with_a_named_reason(tmp_path, files, message):

@@ -61,8 +61,8 @@ class ModelEntry:
     state: str = UNAVAILABLE
     reason: str = ""
     versions: dict[int, ModelRuntime] = field(default_factory=dict)
-    signature: dict = field(default_factory=dict)  # what was on disk when loaded (for polling)
-    failed_signature: dict | None = None
+    stamp: dict = field(default_factory=dict)  # the files' mtimes and sizes when loaded (for polling)
+    failed_stamp: dict | None = None
     failed: bool = False  # the last load failed and no version serves: the server is not ready
     failed_versions: dict[int, str] = field(default_factory=dict)  # refused on reload (old ones serve)
 
@@ -70,18 +70,19 @@ class ModelEntry:
         return self.versions[max(self.versions)]
 
 
-def _signature(folder: Path) -> dict:
-    sig = {}
+def _disk_stamp(folder: Path) -> dict:
+    """What polling compares: each version file's (mtime, size) and the config files' mtimes."""
+    stamp = {}
     for version, path in _versions_on_disk(folder).items():
         st = path.stat()
-        sig[version] = (st.st_mtime_ns, st.st_size)
+        stamp[version] = (st.st_mtime_ns, st.st_size)
     cfg = folder / "config.json"
     if cfg.is_file():
-        sig["config"] = cfg.stat().st_mtime_ns
+        stamp["config"] = cfg.stat().st_mtime_ns
     pbtxt = folder / triton_config.FILENAME
     if pbtxt.is_file():
-        sig["config"] = (sig.get("config"), pbtxt.stat().st_mtime_ns)
-    return sig
+        stamp["config"] = (stamp.get("config"), pbtxt.stat().st_mtime_ns)
+    return stamp
 
 
 def _versions_on_disk(folder: Path) -> dict[int, Path]:
@@ -369,17 +370,17 @@ class ModelRepository:
         self._check_name(name)
         self._unload(name)
 
-    def _fail(self, name: str, previous: ModelEntry | None, signature: dict, reason: str,
+    def _fail(self, name: str, previous: ModelEntry | None, stamp: dict, reason: str,
               version: int | None = None) -> None:  # fmt: skip
         """Record a failed load: a model with no serving version becomes failed (server not ready);
         one whose previous versions still serve keeps them and lists the refused version."""
         with self._lock:
             current = self._models.get(name)
             if current is None or not current.versions:
-                self._models[name] = ModelEntry(name, UNAVAILABLE, reason, failed_signature=signature, failed=True)
+                self._models[name] = ModelEntry(name, UNAVAILABLE, reason, failed_stamp=stamp, failed=True)
                 changed = True
             else:
-                current.failed_signature = signature
+                current.failed_stamp = stamp
                 if version is not None:
                     current.failed_versions[version] = reason
                 changed = False
@@ -394,16 +395,16 @@ class ModelRepository:
             if not versions:
                 raise NotFound(f"model '{name}' has no <version>/model.onnx in the model repository")
             loaded = {}
-            signature = _signature(folder)
+            stamp = _disk_stamp(folder)
             if config is not None:  # given with the load request: nothing loaded before ran with it
-                signature["config"] = ("load request", id(config))
+                stamp["config"] = ("load request", id(config))
             with self._lock:
                 previous = self._models.get(name)
             try:
                 model_config = config if config is not None else _read_config(name, folder, self.providers.kind)
                 policy = policy_from_config(self.policy, name, model_config)
             except InvalidArgument as exc:
-                self._fail(name, previous, signature, exc.message)
+                self._fail(name, previous, stamp, exc.message)
                 raise
             triton = model_config.get("triton")
             if triton is not None and triton.ignored:
@@ -412,7 +413,7 @@ class ModelRepository:
             kept = _keep_versions(versions, model_config)
             if not kept:
                 reason = f"model '{name}': config.pbtxt version_policy keeps none of the versions {sorted(versions)}"
-                self._fail(name, previous, signature, reason)
+                self._fail(name, previous, stamp, reason)
                 raise InvalidArgument(reason)
             versions = kept
             start = time.perf_counter()
@@ -420,8 +421,8 @@ class ModelRepository:
                 if (
                     previous is not None
                     and version in previous.versions
-                    and previous.signature.get(version) == signature.get(version)
-                    and previous.signature.get("config") == signature.get("config")
+                    and previous.stamp.get(version) == stamp.get(version)
+                    and previous.stamp.get("config") == stamp.get("config")
                 ):
                     loaded[version] = previous.versions[version]  # unchanged: keep the live session
                     continue
@@ -438,7 +439,7 @@ class ModelRepository:
                 except Exception as exc:  # noqa: BLE001
                     log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc)
                     reason = _load_failure(name, version, path, exc)
-                    self._fail(name, previous, signature, reason, version)
+                    self._fail(name, previous, stamp, reason, version)
                     raise InvalidArgument(reason) from None
                 log.info(
                     "loaded %s in %.2f s (version %d, %s)",
@@ -447,7 +448,7 @@ class ModelRepository:
                     version,
                     loaded[version].provider,
                 )
-            entry = ModelEntry(name, READY, "", loaded, signature)
+            entry = ModelEntry(name, READY, "", loaded, stamp)
             with self._lock:
                 old = self._models.get(name)
                 self._models[name] = entry
@@ -471,11 +472,11 @@ class ModelRepository:
         changed = []
         on_disk = set(self.model_names_on_disk())
         for name in sorted(on_disk):
-            signature = _signature(self.root / name)
+            stamp = _disk_stamp(self.root / name)
             entry = self.entry(name)
-            if entry is not None and entry.signature == signature:
+            if entry is not None and entry.stamp == stamp:
                 continue
-            if entry is not None and entry.failed_signature == signature:
+            if entry is not None and entry.failed_stamp == stamp:
                 continue  # already refused this exact content; do not retry in a loop
             try:
                 self._load(name)
@@ -502,7 +503,7 @@ class ModelRepository:
                 entry = self._models.get(name)
                 if entry is None or (entry.state != READY and not entry.failed):
                     raise NotFound(f"model '{name}' is not loaded")
-                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", signature=entry.signature)
+                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", stamp=entry.stamp)
             for rt in entry.versions.values():
                 rt.retire()
             log.info("unloaded model %s", name)

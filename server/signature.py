@@ -134,9 +134,6 @@ class Signature:
     def state_input_names(self) -> list[str]:
         return [s.input for s in self.states]
 
-    def state_output_names(self) -> list[str]:
-        return [s.output for s in self.states]
-
     def roles_json(self) -> dict:
         """What a client needs to call the model without knowing its names: the ragged input, its
         lengths input, and the state pairs it may send ("implicit": kept by the server only)."""

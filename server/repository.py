@@ -52,7 +52,8 @@ def valid_name(name: object) -> bool:
 
 
 def valid_version(text: str) -> bool:
-    return 0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit()
+    # a positive integer written plainly: "0", "01" are not versions (folders 01 and 1 would both be 1)
+    return 0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit() and text[0] != "0"
 
 
 @dataclass

@@ -290,7 +290,8 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
                 list(c.reshape) if c.reshape is not None else client)  # fmt: skip
             _check_dims(f"{kind} '{c.name}'" + (" (reshape)" if c.reshape is not None else ""), t.shape, model)
             if c.reshape is not None:
-                if -1 not in client and -1 not in model and math.prod(client) != math.prod(model):
+                dims, shape = list(c.dims), list(c.reshape)  # without the batch axis (both have it alike)
+                if -1 not in dims and -1 not in shape and math.prod(dims) != math.prod(shape):
                     raise SignatureError(f"{kind} '{c.name}': dims {list(c.dims)} and reshape {list(c.reshape)} "
                                          "hold different element counts")  # fmt: skip
                 t.model_shape = [m if m >= 0 else f for m, f in zip(model, t.shape)]

@@ -200,11 +200,6 @@ def test_reshape_must_keep_the_element_count_without_a_batch_axis():
         signature.build(session, {}, bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="signature.build skips the reshape element-count check whenever max_batch_size > 0: the batch "
-    "axis's -1 is in both shapes, so `-1 not in client and -1 not in model` is always false",
-)
 def test_reshape_must_keep_the_element_count_beside_a_batch_axis():
     session = _session([("a", F, ["batch", 2, 2])], [("b", F, ["batch", 2, 2])], _identity(("a", "b")))
     bad = _triton('max_batch_size: 4\ninput [{ name: "a" data_type: TYPE_FP32 dims: [5] reshape { shape: [2, 2] } }]')

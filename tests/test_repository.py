@@ -94,11 +94,11 @@ def test_load_all_serves_every_version_and_the_latest_by_default(tmp_path):
     assert _answer(repo.get("m", "2")) == [2.0] * 4
     assert repo.index() == [("m", "1", "READY", ""), ("m", "2", "READY", ""), ("m", "10", "READY", "")]
     assert repo.changes == [("m", True)]
-    with pytest.raises(NotFound, match=r"Request for unknown model: 'm' version '3' is not found; loaded: \[1, 2, 10\]"):
+    with pytest.raises(NotFound, match=r"'m' version '3' is not found; loaded: \[1, 2, 10\]"):
         repo.get("m", "3")
     with pytest.raises(NotFound, match="Request for unknown model: 'm' version '01x' is not found"):
         repo.get("m", "01x")
-    with pytest.raises(NotFound, match="unknown model 'other'"):
+    with pytest.raises(NotFound, match="Request for unknown model: 'other' is not found"):
         repo.get("other")
 
 

@@ -718,13 +718,22 @@ class DataPlane:
                 return [d for i, d in enumerate(t.shape) if i != t.batch_axis]
             return list(t.shape)
 
+        declared = {}  # what the config.pbtxt (or a load request's config) set that the file does not say
+        if triton is not None:
+            declared = {("input", c.name): c for c in triton.inputs} | {("output", c.name): c for c in triton.outputs}
+
         def tensor(t: TensorSpec, output: bool = False) -> dict:
             entry = {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims(t)}
             if t.model_shape is not None:
                 shape = t.model_shape if not (mbs > 0 and t.batch_axis is not None) else [
                     d for i, d in enumerate(t.model_shape) if i != t.batch_axis]  # fmt: skip
                 entry["reshape"] = {"shape": shape}
-            if not output:
+            given = declared.get(("output" if output else "input", t.name))
+            if output:
+                if given is not None and given.label_filename:
+                    entry["label_filename"] = given.label_filename
+            else:
+                entry["format"] = given.format if given is not None else "FORMAT_NONE"  # image clients read it
                 entry["optional"] = t.optional
             return entry
 

@@ -1,6 +1,9 @@
 """The model repository: which models and versions exist on disk, which are loaded, and their state.
 
-Layout (Triton's): <root>/<model>/<version>/model.onnx with integer versions. Loading or
+Layout (Triton's): <root>/<model>/<version>/model.onnx with integer versions. Every folder
+in <root> is a model (hidden ones, '.'-prefixed, are skipped): one without any
+<version>/model.onnx is listed UNAVAILABLE with the reason and fails to load, as in Triton,
+rather than being left out silently. Loading or
 unloading one model swaps its entry under a lock; requests already running keep the runtime
 object they started with, so they finish normally.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -31,6 +35,7 @@ from contract.onnxfile import FileSummary, summarize
 from server import invariance
 from server import model_config as triton_config
 from server.batcher import BatchPolicy, policy_from_config
+from server.dtypes import numpy_dtype
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
 from server.layout import probe_output_layout
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
@@ -143,6 +148,23 @@ def _load_failure(name: str, version: int, path: Path, exc: Exception) -> str:
     )
 
 
+def state_bytes(rt: ModelRuntime) -> int | None:
+    """Bytes of state one sequence of `rt` keeps between chunks (its state inputs, batch 1); None
+    when a state's size depends on what the client sends."""
+    sig = rt.signature
+    total = 0
+    for pair in sig.states:
+        if pair.initial is not None:
+            total += pair.initial.nbytes
+            continue
+        spec = sig.input(pair.input)
+        dims = [1 if axis == spec.batch_axis else d for axis, d in enumerate(spec.shape)]
+        if any(d < 0 for d in dims) or spec.datatype == "BYTES":
+            return None
+        total += math.prod(dims) * numpy_dtype(spec.datatype).itemsize
+    return total
+
+
 def _keep_versions(versions: dict[int, Path], config: dict) -> dict[int, Path]:
     """Triton's version_policy: all (default), the latest N, or the listed versions."""
     triton = config.get("triton")
@@ -163,10 +185,13 @@ class ModelRepository:
         control_mode: str = "explicit",
         exit_on_error: bool = False,
         policy: BatchPolicy | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         """`control_mode`: none | explicit | poll (what load/unload requests may do); the server
         passes --model-control-mode (default none) and --exit-on-error (default true, as Triton).
-        `policy`: the server's batching defaults, which each model's config may override."""
+        `policy`: the server's batching defaults, which each model's config may override.
+        `max_state_bytes`: the state one sequence may keep (--max-sequence-state-mb; None: no
+        cap): a stateful model whose state alone is larger fails to load."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {CONTROL_MODES}, got {control_mode!r}")
         self.root = root
@@ -178,6 +203,7 @@ class ModelRepository:
         self._load_lock = threading.Lock()  # one load/unload at a time
         self._models: dict[str, ModelEntry] = {}
         self.policy = policy or BatchPolicy(enabled=False)
+        self.max_state_bytes = max_state_bytes
         self.on_change = lambda name, ready: None  # set by the server (health status)
 
     def model_names_on_disk(self) -> list[str]:
@@ -185,7 +211,7 @@ class ModelRepository:
             return []
         names = []
         for p in self.root.iterdir():
-            if not _versions_on_disk(p):
+            if not p.is_dir() or p.name.startswith("."):
                 continue
             if valid_name(p.name):
                 names.append(p.name)
@@ -212,7 +238,7 @@ class ModelRepository:
         names = self.model_names_on_disk()
         if not names:
             log.warning(
-                "model repository %s holds no model (<model>/<version>/model.onnx): run `make export` "
+                "model repository %s holds no model folder (<model>/<version>/model.onnx): run `make export` "
                 "to write the default models, or point --model-repository at a folder of models",
                 self.root,
             )
@@ -286,15 +312,22 @@ class ModelRepository:
         """(Re)load every version of a model from disk; the old versions serve until the swap."""
         with self._load_lock:
             folder = self.root / name
+            if not folder.is_dir():
+                raise NotFound(f"failed to load '{name}': no such model folder in the model repository")
             versions = _versions_on_disk(folder)
-            if not versions:
-                raise NotFound(f"model '{name}' has no <version>/model.onnx in the model repository")
             loaded = {}
             signature = _signature(folder)
             if config is not None:  # given with the load request: nothing loaded before ran with it
                 signature["config"] = ("load request", id(config))
             with self._lock:
                 previous = self._models.get(name)
+            if not versions:  # Triton lists it, UNAVAILABLE, and says why
+                reason = (
+                    f"failed to load '{name}': its folder holds no version (a folder named by a positive integer "
+                    "with a model.onnx inside: <model>/<version>/model.onnx)"
+                )
+                self._fail(name, previous, signature, reason)
+                raise InvalidArgument(reason)
             try:
                 model_config = config if config is not None else _read_config(name, folder, self.providers.kind)
                 policy = policy_from_config(self.policy, name, model_config)
@@ -329,6 +362,7 @@ class ModelRepository:
                         name, version, path, self.providers, self.options, model_config, summary.nodes
                     )
                     loaded[version].policy = policy
+                    self._check_state(loaded[version], path)
                     probe_output_layout(loaded[version])  # a first run: warms the session up, sizes responses
                     invariance.check(loaded[version])  # alone vs merged: may turn merging off
                 except Exception as exc:  # noqa: BLE001
@@ -361,6 +395,16 @@ class ModelRepository:
             )
             self.on_change(name, True)
             return entry
+
+    def _check_state(self, rt: ModelRuntime, path: Path) -> None:
+        """A state larger than one sequence may keep would fail every sequence_start: refused now."""
+        nbytes = state_bytes(rt) if self.max_state_bytes is not None else None
+        if nbytes is not None and nbytes > self.max_state_bytes:
+            mib = 1 << 20
+            raise ValueError(
+                f"{path}: one sequence's state is {nbytes / mib:,.1f} MiB, more than a sequence may keep "
+                f"({self.max_state_bytes / mib:,.0f} MiB, --max-sequence-state-mb): no sequence could start"
+            )
 
     def sync(self) -> list[str]:
         """Bring the loaded models in line with the disk; returns the models (re)loaded or unloaded."""

@@ -210,6 +210,8 @@ def test_model_config_echoes_input_format_and_label_filename(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/v2/models/img/config", timeout=10) as r:
             rest = json.loads(r.read())
         assert rest["input"][0]["format"] == "FORMAT_NCHW" and rest["output"][0]["label_filename"] == "labels.txt"
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/v2/models/plain/config", timeout=10) as r:
+            assert json.loads(r.read())["input"][0]["format"] == "FORMAT_NONE"  # always there: clients index it
     finally:
         srv.stop(0)
 

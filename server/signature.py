@@ -329,8 +329,9 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
             one[t_in.batch_axis] = 1
         initial = None
         if s.initial_file is not None:
-            raw = s.initial_file.read_bytes()
             dtype = numpy_dtype(s.datatype)
+            with s.initial_file.open("rb") as f:  # its size was checked when the config was read: read no more
+                raw = f.read(math.prod(one) * dtype.itemsize + 1)
             if len(raw) != math.prod(one) * dtype.itemsize:
                 raise SignatureError(
                     f"state '{s.input_name}': initial_state data_file is {len(raw)} bytes, expected "

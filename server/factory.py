@@ -66,7 +66,14 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
     log.info("execution provider in use: %s", providers.kind)
     policy = batch_policy(settings)
     repository = ModelRepository(
-        settings.model_repository, providers, options, settings.model_control_mode, settings.exit_on_error, policy
+        settings.model_repository,
+        providers,
+        options,
+        settings.model_control_mode,
+        settings.exit_on_error,
+        policy,
+        # a model whose kept state could never fit one sequence's cap fails to load (not every start)
+        max_state_bytes=settings.max_sequence_state_mb << 20 if settings.max_sequence_state_mb else None,
     )
     metrics = metrics or Metrics()
     metrics.provider.labels(providers.kind).set(1)

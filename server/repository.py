@@ -328,7 +328,7 @@ class ModelRepository:
                     f"failed to load '{name}': its folder holds no version (a folder named by a positive integer "
                     "with a model.onnx inside: <model>/<version>/model.onnx)"
                 )
-                self._fail(name, previous, signature, reason)
+                self._fail(name, previous, stamp, reason)
                 raise InvalidArgument(reason)
             try:
                 model_config = config if config is not None else _read_config(name, folder, self.providers.kind)

@@ -18,7 +18,8 @@ from onnx import TensorProto, helper
 
 from server import repository
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable
-from server.repository import ModelRepository, output_dims, probe_output_layout
+from server.layout import output_dims, probe_output_layout
+from server.repository import ModelRepository
 from server.runtime import Providers, RuntimeOptions
 
 CPU = Providers(("CPUExecutionProvider",), "CPUExecutionProvider")
@@ -70,7 +71,11 @@ def test_scanning_finds_valid_model_folders_only(tmp_path):
     (tmp_path / "empty" / "1").mkdir(parents=True)  # no model.onnx
     (tmp_path / "file.txt").write_text("x")
     repo = _repo(tmp_path)
-    assert repo.model_names_on_disk() == ["also.good-2", "good"]
+    # every visible folder is a model (Triton lists one without versions too, UNAVAILABLE, and says why)
+    assert repo.model_names_on_disk() == ["also.good-2", "empty", "good", "noversion"]
+    with pytest.raises(InvalidArgument, match="failed to load 'empty': its folder holds no version"):
+        repo.load("empty")
+    assert ("empty", "", "UNAVAILABLE") in [row[:3] for row in repo.index()]
     assert _repo(tmp_path / "missing").model_names_on_disk() == []
 
 
@@ -235,7 +240,7 @@ def test_load_and_unload_by_request(tmp_path):
     repo = _repo(tmp_path)
     with pytest.raises(InvalidArgument, match="model name '../m' is not a model folder name"):
         repo.load("../m")
-    with pytest.raises(NotFound, match="model 'nope' has no <version>/model.onnx"):
+    with pytest.raises(NotFound, match="failed to load 'nope': no such model folder"):
         repo.load("nope")
     with pytest.raises(NotFound, match="model 'm' is not loaded"):
         repo.unload("m")
@@ -289,7 +294,7 @@ def test_poll_forgets_a_failed_model_whose_folder_is_gone(tmp_path):
     repo = _repo(tmp_path, mode="poll")
     repo.sync()
     assert not repo.is_ready()
-    path.unlink()
+    shutil.rmtree(path.parent.parent)
     assert repo.sync() == ["m"] and repo.is_ready() and repo.failures() == []
 
 

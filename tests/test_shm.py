@@ -17,14 +17,20 @@ import numpy as np
 import pytest
 
 from server.dtypes import serialize_bytes
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, to_status
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+    to_status,
+)
 from server.shm import (
     SHM_ROOT,
-    AlreadyExists,
     SharedMemoryRegistry,
     ShmCall,
     ShmRef,
-    Unimplemented,
     cuda_shared_memory,
     owner_of,
     parse_params,
@@ -715,7 +721,6 @@ def simple_server(tmp_path_factory):
     srv.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason="the frontends are not wired to server/shm.py yet: remove this mark then")
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_tritonclient_shared_memory_end_to_end(simple_server, protocol):
     """tritonclient's shared-memory calls, as Triton's simple_*_shm clients make them, on both

@@ -101,6 +101,8 @@ class InferenceServer:
         # client shared-memory regions, one registry for both frontends (closed by `stop`)
         self.shm = SharedMemoryRegistry(settings.max_shm_regions, settings.max_shm_mb << 20,
                                         disabled=shm_disabled(settings))  # fmt: skip
+        if settings.system_shared_memory and self.shm.disabled:
+            log.warning("system shared memory off: %s", self.shm.disabled)
         self._metrics_sock = None
         self._metrics_server: asyncio.AbstractServer | None = None
         self._draining = threading.Event()

@@ -14,7 +14,7 @@ from server.dtypes import DATATYPES as _TYPES
 from server.dtypes import OBJECT, contiguous, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, ResourceExhausted, clip
 from server.proto import grpc_service_pb2 as pb
-from server.shm import REGION as SHM_REGION
+from server.shm import PARAMETERS as SHM_PARAMETERS
 
 DATATYPES = {name: (dtype, field) for name, (dtype, field, _) in _TYPES.items()}  # OIP -> (numpy, contents field)
 _CONTENT_FIELDS = (
@@ -109,7 +109,8 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits, shm=None) -> di
     names = [t.name for t in request.inputs]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"inputs {clip(names)}: each input name may appear once")
-    in_shm = {t.name for t in request.inputs if shm is not None and SHM_REGION in t.parameters}
+    # inputs with shared-memory parameters (one without a region is refused by `read_input`)
+    in_shm = {t.name for t in request.inputs if shm is not None and any(k in t.parameters for k in SHM_PARAMETERS)}
     typed = [t.name for t in request.inputs if any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS)]
     if raw and typed:
         raise InvalidArgument(

@@ -60,6 +60,7 @@ from server.gate import deadline as gate_deadline
 from server.handlers import error_status
 from server.memory import JSON_RESPONSE_FACTOR, call_cost
 from server.security import bearer_matches, restricted_refusal
+from server.shm import PARAMETERS as SHM_PARAMETERS
 from server.shm import REGION as SHM_REGION
 from server.shm import ShmCall, cuda_shared_memory, owner_of
 
@@ -173,7 +174,7 @@ def build_request(
         tparams = _params(tensor.get("parameters"), f"input {clip(name)}")
         if shm is None:
             refuse_shared_memory(f"input {clip(name)}", tparams, shm_off)
-        elif SHM_REGION in tparams:
+        elif any(k in tparams for k in SHM_PARAMETERS):  # without a region: refused by read_input
             if "data" in tensor or "binary_data_size" in tparams:  # Triton's words
                 raise InvalidArgument(
                     f"input {clip(name)}: Input must set only one of 'data', 'binary_data_size', 'shared_memory_region'"
@@ -233,8 +234,8 @@ def build_request(
         oparams = _params(out.get("parameters"), f"output {clip(out['name'])}")
         if shm is None:
             refuse_shared_memory(f"output {clip(out['name'])}", oparams, shm_off)
-        elif SHM_REGION in oparams:  # Triton's words for what cannot go with a region
-            for other in ("classification", "binary_data"):
+        elif any(k in oparams for k in SHM_PARAMETERS):  # without a region: refused by add_output
+            for other in ("classification", "binary_data") if SHM_REGION in oparams else ():  # Triton's words
                 if other in oparams and (other != "binary_data" or oparams[other] is True):
                     raise InvalidArgument(f"Output can't set both 'shared_memory_region' and '{other}'")
             shm.add_output(out["name"], oparams)

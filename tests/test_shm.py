@@ -853,6 +853,13 @@ def test_grpc_mixed_inputs_outputs_stream_and_refusals(simple_server, make_objec
                 stub.ModelInfer(r, timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "raw_input_contents has 2 entries for 1 inputs not in shared memory" in err.value.details()
+            r = _simple_request(a, b)
+            del r.inputs[0].parameters["shared_memory_region"]  # an offset and a size without a region
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(r, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "'shared_memory_byte_size' can not be specified without 'shared_memory_region' parameter for " \
+                "input 'INPUT0'" in err.value.details()  # fmt: skip
             assert object_path(key_out).read_bytes() == bytes(128)
             with pytest.raises(grpc.RpcError) as err:
                 stub.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="g", byte_size=8))
@@ -903,6 +910,8 @@ def test_rest_routes_inputs_outputs_and_refusals(simple_server, make_object):
             (None, {"shared_memory_region": "fin", "shared_memory_byte_size": 64, "binary_data_size": 64},
              "Input must set only one of 'data', 'binary_data_size', 'shared_memory_region'"),
             (None, {"shared_memory_region": "fin", "shared_memory_byte_size": 60}, "does not match INT32 [1, 16]"),
+            (None, {"shared_memory_byte_size": 64}, "can not be specified without 'shared_memory_region'"),
+            ({"shared_memory_region": 5}, None, "invalid value type for 'shared_memory_region' parameter for output"),
             ({"shared_memory_offset": 100}, None, "Invalid offset + byte size for shared memory region: 'fout'"),
         ):  # fmt: skip
             status, body = infer(out0, in0)

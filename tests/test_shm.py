@@ -969,3 +969,16 @@ def test_a_region_belongs_to_its_token_on_both_frontends(token_server, make_obje
             assert np.frombuffer(object_path(key_out).read_bytes()[64:], np.int32).tolist() == (a + b).ravel().tolist()
         finally:
             stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=meta_a)
+
+
+def test_settings_switch_it_off_and_workers_do_too():
+    from server.app import shm_disabled
+    from server.config import Settings, load_settings
+
+    assert shm_disabled(Settings()) is None  # on by default
+    assert "--no-system-shared-memory" in shm_disabled(Settings(system_shared_memory=False))
+    assert "needs --workers 1" in shm_disabled(Settings(workers=2))
+    s = load_settings(["--no-system-shared-memory", "--max-shm-regions", "3", "--max-shm-mb", "5"], environ={})
+    assert (s.system_shared_memory, s.max_shm_regions, s.max_shm_mb) == (False, 3, 5)
+    with pytest.raises(ValueError, match="max_shm_regions must be >= 1"):
+        Settings(max_shm_regions=0)

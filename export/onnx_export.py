@@ -383,23 +383,38 @@ def config_from_metadata(meta: dict[str, str]) -> RecurrentConfig:
     return RecurrentConfig.from_json(meta[keys.CONFIG])
 
 
+def _graphs(graph: onnx.GraphProto):
+    """A graph and every subgraph inside it (Loop/If/Scan bodies: an int8 twin runs row by row in a Loop)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
 def describe(path: Path) -> dict[str, object]:
-    """Node counts and byte split of an exported file (weights = initializers + constants)."""
+    """Node counts and byte split of an exported file (weights = initializers + constants), subgraphs
+    included."""
     model = onnx.load(str(path), load_external_data=True)
-    weight_bytes = sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    weight_bytes += onnx.numpy_helper.to_array(attr.t).nbytes
-    folder_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
+    weight_bytes, nodes = 0, 0
     ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    for graph in _graphs(model.graph):
+        weight_bytes += sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
+        for node in graph.node:
+            nodes += 1
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        weight_bytes += onnx.numpy_helper.to_array(attr.t).nbytes
+    folder_bytes = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
     return {
         "bytes_total": folder_bytes,
         "bytes_weights": weight_bytes,
         "bytes_graph": folder_bytes - weight_bytes,
-        "nodes": len(model.graph.node),
+        "nodes": nodes,
         "ops": json.dumps(dict(sorted(ops.items()))),
     }

@@ -5,27 +5,19 @@
 Shape, as Triton: a model whose axis 0 is the batch (config.pbtxt `max_batch_size > 0`, or, with
 no config.pbtxt, an output whose axis 0 the ONNX file names as the batch) gets [batch, min(k, n)]
 with n the elements of one batch entry; any other output is ranked whole: [min(k, n)]. Labels are
-the lines of the output's `label_filename` (config.pbtxt, or the config a load request gave), a
-file inside the model's folder of at most MAX_LABEL_BYTES; an index past the last line has none.
+the lines of the output's `label_filename` (config.pbtxt, or the config a load request gave),
+checked and read when the model loads (server/model_config.py); an index past the last line has none.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import numpy as np
-from google.protobuf import text_format
 
 from server.dtypes import OBJECT, oip_of
-from server.errors import FailedPrecondition, InvalidArgument, clip
-from server.proto import grpc_service_pb2 as pb
+from server.errors import InvalidArgument, clip
 
 PARAMETER = "classification"
 MAX_ELEMENTS = 1_000_000  # elements ranked per batch entry (Triton's bound)
-MAX_LABEL_BYTES = 1 << 20  # a label file larger than this is refused (ImageNet's 1000 labels: 21 KB)
-LABELS_KEY = "labels"  # model_config key: {output: label_filename} given with a load request
-_CONFIG_BYTES = 1 << 20  # config.pbtxt read for label_filename (model_config.MAX_BYTES)
 
 
 def class_count(output: str, parameters: dict) -> int:
@@ -48,11 +40,6 @@ def check(output_parameters: dict[str, dict]) -> None:
         class_count(output, parameters)
 
 
-def label_files(config: pb.ModelConfig) -> dict[str, str]:
-    """{output: label_filename} of a Triton ModelConfig."""
-    return {o.name: o.label_filename for o in config.output if o.label_filename}
-
-
 def apply(rt, output_parameters: dict[str, dict], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The response's outputs with each output that asked for classification replaced by its
     top-k classes. `rt`: the ModelRuntime that produced them."""
@@ -66,7 +53,7 @@ def apply(rt, output_parameters: dict[str, dict], outputs: dict[str, np.ndarray]
     return out
 
 
-def classify(name: str, array: np.ndarray, k: int, batch_first: bool, labels: list[str] | None) -> np.ndarray:
+def classify(name: str, array: np.ndarray, k: int, batch_first: bool, labels: tuple[str, ...] | None) -> np.ndarray:
     """Top-k of `array` (per batch entry when `batch_first`) as "value:index[:label]" bytes."""
     if array.dtype == OBJECT or array.dtype.kind not in "iuf":
         raise InvalidArgument(
@@ -102,60 +89,8 @@ def _batch_first(rt, name: str) -> bool:
     return rt.model_config.get("triton") is None and spec is not None and spec.batch_axis == 0
 
 
-def _labels(rt, output: str) -> list[str] | None:
-    folder = Path(rt.path).parent.parent  # <repository>/<model>/<version>/model.onnx
-    files = rt.model_config.get(LABELS_KEY)
-    if files is None:  # the model's own config.pbtxt (the parsed config does not keep label_filename)
-        files = _pbtxt_label_files(folder / "config.pbtxt")
-    filename = files.get(output)
-    return read_labels(rt.name, output, folder, filename) if filename else None
-
-
-def _pbtxt_label_files(path: Path) -> dict[str, str]:
-    try:
-        stat = path.stat()
-    except OSError:
-        return {}
-    return _pbtxt_cached(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _pbtxt_cached(path: str, mtime_ns: int, size: int) -> dict[str, str]:
-    if size > _CONFIG_BYTES:
-        return {}
-    config = pb.ModelConfig()
-    try:
-        text_format.Parse(Path(path).read_text("utf-8"), config)
-    except (OSError, UnicodeDecodeError, text_format.ParseError):
-        return {}  # the model would not have loaded: nothing to label
-    return label_files(config)
-
-
-def label_path(model: str, output: str, folder: Path, filename: str) -> Path:
-    """The label file of `output`: inside `folder` and at most MAX_LABEL_BYTES, else
-    FAILED_PRECONDITION naming the model, the output and the file."""
-    where = f"model '{model}' output {clip(output)}: label_filename {clip(filename)}"
-    root = folder.resolve()
-    path = (root / filename).resolve()
-    if not path.is_relative_to(root) or path == root:
-        raise FailedPrecondition(f"{where} must name a file inside the model's folder")
-    if not path.is_file():
-        raise FailedPrecondition(f"{where} not found in the model's folder")
-    if path.stat().st_size > MAX_LABEL_BYTES:
-        raise FailedPrecondition(f"{where} is larger than {MAX_LABEL_BYTES} bytes")
-    return path
-
-
-def read_labels(model: str, output: str, folder: Path, filename: str) -> list[str]:
-    path = label_path(model, output, folder, filename)
-    stat = path.stat()
-    return _read_cached(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_cached(path: str, mtime_ns: int, size: int) -> list[str]:
-    text = Path(path).read_bytes().decode("utf-8", "replace")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+def _labels(rt, output: str) -> tuple[str, ...] | None:
+    """The output's labels, read from its label_filename when the model loaded (model_config.py)."""
+    triton = rt.model_config.get("triton")
+    spec = next((t for t in triton.outputs if t.name == output), None) if triton is not None else None
+    return spec.labels if spec is not None else None

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from contract import metadata
-from server import classification
+from server import classification, control
 from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
+from server.layout import output_dims
 from server.metrics import Metrics
-from server.repository import ModelRepository, output_dims
+from server.repository import ModelRepository
 from server.runtime import ModelRuntime, RunControl, reshape
 from server.sequences import SequenceStore, parse_sequence
 from server.signature import Signature, TensorSpec
@@ -550,7 +551,7 @@ class DataPlane:
 
     def output_shapes(self, prepared: Prepared, names: list[str]) -> dict[str, tuple[list[int], int]] | None:
         """The shape and bytes each output will have, from the request's batch and time and the
-        layout probed when the model version loaded (`repository.probe_output_layout`), before
+        layout probed when the model version loaded (`layout.probe_output_layout`), before
         anything runs; None when that version's outputs could not be probed (or are strings)."""
         rt = prepared.runtime
         shapes = {}
@@ -596,16 +597,14 @@ class DataPlane:
 
     def _sequence_steps(self, rt: ModelRuntime, request: InferRequest, sequence, start: int, inline: bool):
         """Steps of one chunk of a server-side stateful sequence (Triton's sequence_id/start/end)."""
-        from server import control  # the sequence control inputs (START, END, READY, CORRID)
-
         seq_id, first, last = sequence
         if not first:  # later chunks run, and are checked, on the version the sequence started on
-            pinned = self.sequences.version_of(rt.name, seq_id)
+            pinned = self.sequences.version_of(rt.name, seq_id, client=request.client)
             if pinned is not None and pinned != rt.version:
                 try:
                     rt = self.repository.get(rt.name, str(pinned))
                 except ServingError:
-                    self.sequences.drop(rt.name, seq_id)
+                    self.sequences.drop(rt.name, seq_id, client=request.client)
                     raise NotFound(
                         f"sequence {seq_id!r} started on version {pinned} of model '{rt.name}', which is no longer "
                         "loaded; its state is freed: start it again with sequence_start"
@@ -686,9 +685,9 @@ class DataPlane:
 
                 response = yield from self._respond(rt, request, Prepared(rt, work), start, inline, returned, keep)
         except BaseException:
-            self.sequences.release(rt.name, seq_id, None, False)
+            self.sequences.release(rt.name, seq_id, None, False, client=request.client)
             raise
-        self.sequences.release(rt.name, seq_id, stored, last)
+        self.sequences.release(rt.name, seq_id, stored, last, client=request.client)
         if last:
             slots.free(rt.name, rt.version, seq_id)
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
@@ -708,8 +707,6 @@ class DataPlane:
         leave the batch (axis 0) out, as in the file. Everything else this server knows (export
         metadata, execution provider, static length, axes, the full batching policy) is in
         `parameters`, as strings."""
-        from server import control
-
         rt = self.repository.get(name, version)
         sig = rt.signature
         policy = self.policy_for(rt)
@@ -721,13 +718,22 @@ class DataPlane:
                 return [d for i, d in enumerate(t.shape) if i != t.batch_axis]
             return list(t.shape)
 
+        declared = {}  # what the config.pbtxt (or a load request's config) set that the file does not say
+        if triton is not None:
+            declared = {("input", c.name): c for c in triton.inputs} | {("output", c.name): c for c in triton.outputs}
+
         def tensor(t: TensorSpec, output: bool = False) -> dict:
             entry = {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims(t)}
             if t.model_shape is not None:
                 shape = t.model_shape if not (mbs > 0 and t.batch_axis is not None) else [
                     d for i, d in enumerate(t.model_shape) if i != t.batch_axis]  # fmt: skip
                 entry["reshape"] = {"shape": shape}
-            if not output:
+            given = declared.get(("output" if output else "input", t.name))
+            if output:
+                if given is not None and given.label_filename:
+                    entry["label_filename"] = given.label_filename
+            else:
+                entry["format"] = given.format if given is not None else "FORMAT_NONE"  # image clients read it
                 entry["optional"] = t.optional
             return entry
 

@@ -27,7 +27,6 @@ DATATYPES: dict[str, tuple[np.dtype, str, str]] = {
     "FP64": (np.dtype(np.float64), "fp64_contents", "TYPE_FP64"),
     "BYTES": (OBJECT, "bytes_contents", "TYPE_STRING"),
 }
-OIP_NAMES = tuple(DATATYPES)
 
 ONNX_TO_OIP = {
     "tensor(bool)": "BOOL",
@@ -57,10 +56,6 @@ def numpy_dtype(datatype: str) -> np.dtype:
     return DATATYPES[datatype][0]
 
 
-def content_field(datatype: str) -> str:
-    return DATATYPES[datatype][1]
-
-
 def triton_type(datatype: str) -> str:
     """'FP32' -> 'TYPE_FP32' ('TYPE_INVALID' for a type OIP has no name for, e.g. BF16 from a file)."""
     return DATATYPES[datatype][2] if datatype in DATATYPES else "TYPE_INVALID"
@@ -71,11 +66,6 @@ def oip_of(dtype: np.dtype) -> str | None:
     if dtype.kind in "USO":
         return "BYTES"
     return _OIP_OF.get(dtype)
-
-
-def itemsize(datatype: str) -> int:
-    """Bytes per element on the wire (BYTES: unknown ahead, counted as 8 for sizing estimates)."""
-    return 8 if datatype == "BYTES" else DATATYPES[datatype][0].itemsize
 
 
 def to_bytes_array(array: np.ndarray) -> np.ndarray:

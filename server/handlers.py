@@ -19,10 +19,9 @@ import re
 import grpc
 from google.protobuf import json_format, text_format
 
-from server import classification
 from server import model_config as triton_config
 from server.dataplane import DataPlane
-from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, clip, to_status
+from server.errors import InvalidArgument, ResourceExhausted, Unavailable, clip, to_status
 from server.proto import grpc_service_pb2 as pb
 from server.repository import valid_name
 from server.stats import VersionStats
@@ -206,49 +205,46 @@ async def load_model(plane: DataPlane, name: str, parameters: dict | None = None
     if "config" in parameters:
         if not valid_name(name):
             raise InvalidArgument(f"model name {clip(name)} is not a model folder name")
-        where = f"model '{name}' load parameter 'config'"
-        text = parameters["config"]
-        if not isinstance(text, str):
-            raise InvalidArgument(f"{where} must be a string holding a JSON model configuration, got {clip(text)}")
         try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"{where} is not valid JSON (line {exc.lineno} column {exc.colno})") from None
-        except (ValueError, RecursionError):
-            raise InvalidArgument(f"{where} is not valid JSON") from None
-        if not isinstance(document, dict):
-            raise InvalidArgument(
-                f"{where} must be a JSON object (Triton's ModelConfig), got {type(document).__name__}"
-            )
-        message = pb.ModelConfig()
-        try:
-            json_format.ParseDict(document, message)
-        except json_format.ParseError as exc:
-            detail = str(exc)
-            unknown = re.search(r'Message type "inference\.(\w+)" has no field named "([^"]{0,64})"', detail)
-            bad = re.search(r"Failed to parse (\w+) field", detail)
-            if unknown:
-                inside = "" if unknown.group(1) == "ModelConfig" else f" in {unknown.group(1)}"
-                detail = f"unknown field {clip(unknown.group(2))}{inside} (not in Triton's ModelConfig)"
-            elif bad:
-                detail = f"field '{bad.group(1)}' has a value of the wrong type or out of range"
-            else:
-                detail = "not a valid Triton ModelConfig"
-            raise InvalidArgument(f"{where}: {detail}") from None
-        folder = plane.repository.root / name
-        try:
-            config = triton_config.parse(text_format.MessageToString(message), name, plane.repository.providers.kind,
-                                        folder)  # fmt: skip
-        except InvalidArgument as exc:  # the same checks as config.pbtxt's; the message says where it came from
-            raise InvalidArgument(exc.message.replace(f"model '{name}' {triton_config.FILENAME}", where, 1)) from None
-        config[classification.LABELS_KEY] = files = classification.label_files(message)
-        for output, filename in files.items():
-            try:
-                classification.label_path(name, output, folder, filename)
-            except FailedPrecondition as exc:
-                raise InvalidArgument(f"{where}: {exc.message}") from None
+            config = _load_config(plane, name, parameters["config"])
+        except InvalidArgument as exc:  # Triton's leading words: its model-control examples match them
+            raise InvalidArgument(f"failed to load: {exc.message}") from None
     load = functools.partial(plane.repository.load, name, config)
     await asyncio.get_running_loop().run_in_executor(plane.executor, load)
+
+
+def _load_config(plane: DataPlane, name: str, text: object) -> dict:
+    """The load request's `config` (JSON ModelConfig), parsed as a config.pbtxt is."""
+    source = "load parameter 'config'"
+    where = f"model '{name}' {source}"
+    if not isinstance(text, str):
+        raise InvalidArgument(f"{where} must be a string holding a JSON model configuration, got {clip(text)}")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{where} is not valid JSON (line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"{where} is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidArgument(f"{where} must be a JSON object (Triton's ModelConfig), got {type(document).__name__}")
+    message = pb.ModelConfig()
+    try:
+        json_format.ParseDict(document, message)
+    except json_format.ParseError as exc:
+        detail = str(exc)
+        unknown = re.search(r'Message type "inference\.(\w+)" has no field named "([^"]{0,64})"', detail)
+        bad = re.search(r"Failed to parse (\w+) field", detail)
+        if unknown:
+            inside = "" if unknown.group(1) == "ModelConfig" else f" in {unknown.group(1)}"
+            detail = f"unknown field {clip(unknown.group(2))}{inside} (not in Triton's ModelConfig)"
+        elif bad:
+            detail = f"field '{bad.group(1)}' has a value of the wrong type or out of range"
+        else:
+            detail = "not a valid Triton ModelConfig"
+        raise InvalidArgument(f"{where}: {detail}") from None
+    folder = plane.repository.root / name
+    text = text_format.MessageToString(message)
+    return triton_config.parse(text, name, plane.repository.providers.kind, folder, source=source)
 
 
 async def unload_model(plane: DataPlane, name: str, parameters: dict | None = None) -> None:

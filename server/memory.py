@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from contract import metadata
+from server.dtypes import DATATYPES, numpy_dtype
 from server.errors import ResourceExhausted
+from server.layout import output_dims
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -129,10 +131,7 @@ def batch_and_time(rt, inputs: dict[str, np.ndarray]) -> tuple[int | None, int |
 
 def output_bytes(rt, outputs: list[str], batch: int | None, steps: int | None) -> int:
     """Bytes of the outputs asked for ([] = all), from the layout probed when the version loaded
-    (`repository.probe_output_layout`); 0 where it is unknown (strings, an unprobed version)."""
-    from server.dtypes import DATATYPES, numpy_dtype
-    from server.repository import output_dims
-
+    (`layout.probe_output_layout`); 0 where it is unknown (strings, an unprobed version)."""
     total = 0
     for name in outputs or list(rt.output_layout):
         dims = output_dims(rt, name, batch or 1, steps or 1)

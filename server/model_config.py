@@ -4,7 +4,9 @@ ModelConfig messages (copied into protos/grpc_service.proto), so any file Triton
 Every field set in the file is in exactly one of three lists:
 
 - READ (acts on it): `name`, `platform`, `backend`, `default_model_filename` ("model.onnx" only),
-  `max_batch_size`, `input` / `output` (`name`, `data_type`, `dims`, `optional`, `reshape`),
+  `max_batch_size`, `input` / `output` (`name`, `data_type`, `dims`, `optional`, `reshape`;
+  `input.format`, kept and echoed for clients that read it; `output.label_filename`, the labels
+  of Triton's classification extension, read when the model loads),
   `dynamic_batching` (`max_queue_delay_microseconds`, `preferred_batch_size`),
   `sequence_batching` (`max_sequence_idle_microseconds`, `state` with `initial_state`
   `zero_data` / `data_file`, `control_input` (server/control.py), the `direct` / `oldest`
@@ -14,8 +16,8 @@ Every field set in the file is in exactly one of three lists:
   (`count`, Triton's default when left out: 2 for a CPU group of an onnxruntime model, 1 for a
   GPU group; `kind`, `name`), `version_policy`, `parameters`;
 - IGNORED (nothing would change a result; logged once at load): `model_warmup`, the
-  `optimization` hints (`graph`, `priority`, `cuda`, pinned memory, ...), `output.label_filename`,
-  `input.format`, `dynamic_batching.preserve_ordering` and `oldest.preserve_ordering` (each call
+  `optimization` hints (`graph`, `priority`, `cuda`, pinned memory, ...),
+  `dynamic_batching.preserve_ordering` and `oldest.preserve_ordering` (each call
   gets its own answer anyway), `instance_group.rate_limiter` / `profile` / `host_policy`,
   `state.use_same_buffer_for_input_output` / `use_growable_memory`, `response_cache`,
   `metric_tags`, `model_metrics`, `runtime`;
@@ -33,11 +35,16 @@ out. It also caps the sequences of one merged run (`batching.max_batch`), and, w
 dims are fine where the model takes them); a file that leaves the field out keeps the server's
 own reading of the ONNX file (a free axis 0 splits results, never merged). The tensors' names,
 types and shapes are checked against model.onnx when the model loads (server/signature.py).
+
+Files the config names (label files, initial_state data files) must lie inside the model's
+folder once links are resolved, and are size-checked before they are read: a file that is
+missing, outside, or too large makes the model fail to load, never a later request.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +53,13 @@ from google.protobuf import text_format
 
 from server import control
 from server.control import Control
-from server.dtypes import TRITON_TO_OIP
+from server.dtypes import TRITON_TO_OIP, numpy_dtype
 from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
 
 FILENAME = "config.pbtxt"
-MAX_BYTES = 1 << 20
+MAX_BYTES = 1 << 20  # a config.pbtxt larger than this is refused before it is read
+MAX_LABEL_BYTES = 1 << 20  # a label file larger than this is refused (ImageNet's 1000 labels: 21 KB)
 MODEL_FILENAME = "model.onnx"
 MAX_INSTANCES = 64  # concurrent runs of one model (each a thread): more only oversubscribes the CPUs
 MAX_DELAY_US = 10_000_000  # a longer wait for company would outlast any client's deadline
@@ -60,8 +68,8 @@ MAX_DELAY_US = 10_000_000  # a longer wait for company would outlast any client'
 _READ = {
     ("name",), ("platform",), ("backend",), ("default_model_filename",), ("max_batch_size",),
     ("input",), ("input", "name"), ("input", "data_type"), ("input", "dims"), ("input", "optional"),
-    ("input", "reshape"), ("input", "reshape", "shape"),
-    ("output",), ("output", "name"), ("output", "data_type"), ("output", "dims"),
+    ("input", "reshape"), ("input", "reshape", "shape"), ("input", "format"),
+    ("output",), ("output", "name"), ("output", "data_type"), ("output", "dims"), ("output", "label_filename"),
     ("output", "reshape"), ("output", "reshape", "shape"),
     ("dynamic_batching",), ("dynamic_batching", "max_queue_delay_microseconds"),
     ("dynamic_batching", "preferred_batch_size"),
@@ -97,7 +105,7 @@ _IGNORED = {
     ("model_warmup",), ("optimization", "graph"), ("optimization", "priority"),
     ("optimization", "cuda"), ("optimization", "input_pinned_memory"), ("optimization", "output_pinned_memory"),
     ("optimization", "gather_kernel_buffer_threshold"), ("optimization", "eager_batching"),
-    ("output", "label_filename"), ("input", "format"), ("dynamic_batching", "preserve_ordering"),
+    ("dynamic_batching", "preserve_ordering"),
     ("sequence_batching", "oldest", "preserve_ordering"),
     ("instance_group", "rate_limiter"), ("instance_group", "profile"), ("instance_group", "host_policy"),
     ("sequence_batching", "state", "use_same_buffer_for_input_output"),
@@ -121,6 +129,9 @@ class TensorConfig:
     dims: tuple[int, ...]
     optional: bool = False
     reshape: tuple[int, ...] | None = None  # the shape the model sees (batch left out likewise)
+    format: str = "FORMAT_NONE"  # input.format (FORMAT_NCHW / FORMAT_NHWC): echoed, image clients read it
+    label_filename: str = ""  # output.label_filename, relative to the model's folder
+    labels: tuple[str, ...] | None = None  # its lines, read at load (None: no label file, or no folder given)
 
 
 @dataclass(frozen=True)
@@ -178,12 +189,14 @@ def _dims(where: str, label: str, dims) -> tuple[int, ...]:
     return out
 
 
-def parse(text: str, model: str, provider: str = "", folder: Path | None = None) -> dict:
+def parse(text: str, model: str, provider: str = "", folder: Path | None = None, source: str = FILENAME) -> dict:
     """config.pbtxt text -> {"triton": TritonConfig, "batching": {...} (when any batching field is
-    set)}; InvalidArgument naming the model, the file and the field when a field is unknown,
+    set)}; InvalidArgument naming the model, the source and the field when a field is unknown,
     refused or out of range. `provider`: the execution provider the server runs models on ("" =
-    do not check instance_group kind); `folder`: the model's folder (state data files)."""
-    where = f"model '{model}' {FILENAME}"
+    do not check instance_group kind); `folder`: the model's folder (label and state data files
+    are checked and read from it; None: not checked); `source`: where the text came from, for
+    messages (the file's name, or e.g. "load parameter 'config'")."""
+    where = f"model '{model}' {source}"
     config = pb.ModelConfig()
     try:
         text_format.Parse(text, config)
@@ -236,7 +249,19 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
             datatype = _oip(where, f"{kind} '{t.name}' data_type", t.data_type)
             dims = _dims(where, f"{kind} '{t.name}' dims", t.dims)
             reshape = _dims(where, f"{kind} '{t.name}' reshape", t.reshape.shape) if t.HasField("reshape") else None
-            target.append(TensorConfig(t.name, datatype, dims, getattr(t, "optional", False), reshape))
+            extra: dict = {}
+            if kind == "input":
+                extra["format"] = pb.ModelInput.Format.Name(t.format)
+                if t.format != pb.ModelInput.FORMAT_NONE and len(dims) != 3:
+                    raise InvalidArgument(  # Triton's rule: an image is 3 dims (C, H, W or H, W, C)
+                        f"{where}: input '{t.name}' format {extra['format']} needs 3 dims (batch left out), got "
+                        f"{list(dims)}"
+                    )
+            elif t.label_filename:
+                extra["label_filename"] = t.label_filename
+                if folder is not None:
+                    extra["labels"] = _labels(where, t.name, folder, t.label_filename)
+            target.append(TensorConfig(t.name, datatype, dims, getattr(t, "optional", False), reshape, **extra))
     batching: dict = {}
     if config.max_batch_size > 0:
         batching["max_batch"] = config.max_batch_size
@@ -311,7 +336,8 @@ def parse(text: str, model: str, provider: str = "", folder: Path | None = None)
                     )
                 dims = given  # Triton: the initial state's dims make a variable state dim concrete
                 if init.WhichOneof("state_data") == "data_file":
-                    data_file = _initial_file(where, label, folder, init.data_file)
+                    nbytes = math.prod(dims) * numpy_dtype(datatype).itemsize
+                    data_file = _initial_file(where, label, folder, init.data_file, nbytes)
             if any(d < 0 for d in dims):
                 raise InvalidArgument(
                     f"{where}: {label}.dims {list(dims)}: a variable dim needs an initial_state with fixed dims "
@@ -380,14 +406,56 @@ def _default_count(kind: int, provider: str) -> int:
     return 1 if gpu else 2
 
 
-def _initial_file(where: str, label: str, folder: Path | None, name: str) -> Path:
-    """Triton reads initial_state.data_file from <model>/initial_state/<name>."""
+def _inside(where: str, what: str, folder: Path, relative: str, max_bytes: int, exact: bool = False) -> Path:
+    """`folder`/`relative` resolved (links followed): a regular file inside `folder` of at most
+    `max_bytes` (exactly, with `exact`), checked with stat before anything reads it; else
+    InvalidArgument naming `what` (the model then fails to load)."""
+    root = folder.resolve()
+    try:
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        raise InvalidArgument(f"{where}: {what} cannot be resolved (a loop of links?)") from None
+    if not path.is_relative_to(root) or path == root:
+        raise InvalidArgument(f"{where}: {what} must name a file inside the model's folder")
+    try:
+        stat = path.stat()
+    except OSError:
+        raise InvalidArgument(f"{where}: {what} not found in the model's folder") from None
+    if not path.is_file():
+        raise InvalidArgument(f"{where}: {what} is not a regular file")
+    if exact and stat.st_size != max_bytes:
+        raise InvalidArgument(f"{where}: {what} is {stat.st_size} bytes, expected {max_bytes}")
+    if stat.st_size > max_bytes:
+        raise InvalidArgument(f"{where}: {what} is larger than {max_bytes} bytes")
+    return path
+
+
+def _labels(where: str, output: str, folder: Path, filename: str) -> tuple[str, ...]:
+    """The lines of `output`'s label file (Triton's classification labels: line i names class i)."""
+    what = f"output '{output}' label_filename {filename!r}"
+    path = _inside(where, what, folder, filename, MAX_LABEL_BYTES)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_LABEL_BYTES + 1)
+    except OSError:
+        raise InvalidArgument(f"{where}: {what} cannot be read") from None
+    if len(raw) > MAX_LABEL_BYTES:  # grew after the check
+        raise InvalidArgument(f"{where}: {what} is larger than {MAX_LABEL_BYTES} bytes")
+    lines = raw.decode("utf-8", "replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return tuple(line.rstrip("\r") for line in lines)
+
+
+def _initial_file(where: str, label: str, folder: Path | None, name: str, nbytes: int) -> Path:
+    """Triton reads initial_state.data_file from <model>/initial_state/<name>: raw values of the
+    state's dims, so exactly `nbytes` long (checked before it is read, when the model loads)."""
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise InvalidArgument(f"{where}: {label}.initial_state.data_file must be a file name, got {name!r}")
-    path = (folder or Path(".")) / "initial_state" / name
-    if folder is not None and not path.is_file():
-        raise InvalidArgument(f"{where}: {label}.initial_state.data_file: initial_state/{name} not found")
-    return path
+    if folder is None:
+        return Path("initial_state") / name
+    what = f"{label}.initial_state.data_file initial_state/{name}"
+    return _inside(where, what, folder, os.path.join("initial_state", name), nbytes, exact=True)
 
 
 def read(folder: Path, model: str, provider: str = "") -> dict | None:
@@ -395,9 +463,14 @@ def read(folder: Path, model: str, provider: str = "") -> dict | None:
     path = folder / FILENAME
     if not path.is_file():
         return None
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise InvalidArgument(f"model '{model}' {FILENAME}: a link to a file outside the model's folder")
     try:
-        raw = path.read_bytes()
-        if len(raw) > MAX_BYTES:
+        if path.stat().st_size > MAX_BYTES:  # before reading it
+            raise InvalidArgument(f"model '{model}' {FILENAME}: larger than {MAX_BYTES} bytes")
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:  # grew after the check
             raise InvalidArgument(f"model '{model}' {FILENAME}: larger than {MAX_BYTES} bytes")
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -1,6 +1,9 @@
 """The model repository: which models and versions exist on disk, which are loaded, and their state.
 
-Layout (Triton's): <root>/<model>/<version>/model.onnx with integer versions. Loading or
+Layout (Triton's): <root>/<model>/<version>/model.onnx with integer versions. Every folder
+in <root> is a model (hidden ones, '.'-prefixed, are skipped): one without any
+<version>/model.onnx is listed UNAVAILABLE with the reason and fails to load, as in Triton,
+rather than being left out silently. Loading or
 unloading one model swaps its entry under a lock; requests already running keep the runtime
 object they started with, so they finish normally.
 
@@ -20,21 +23,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from contract import metadata
 from contract.onnxfile import FileSummary, summarize
 from server import invariance
 from server import model_config as triton_config
 from server.batcher import BatchPolicy, policy_from_config
-from server.dtypes import OBJECT, numpy_dtype
+from server.dtypes import numpy_dtype
 from server.errors import InvalidArgument, ModelControlDisabled, NotFound, StartupError, Unavailable, clip
+from server.layout import probe_output_layout
 from server.runtime import ModelRuntime, Providers, RuntimeOptions, load_model
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ def valid_name(name: object) -> bool:
 
 
 def valid_version(text: str) -> bool:
-    return 0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit()
+    # a positive integer written plainly: "0", "01" are not versions (folders 01 and 1 would both be 1)
+    return 0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit() and text[0] != "0"
 
 
 @dataclass
@@ -61,8 +65,8 @@ class ModelEntry:
     state: str = UNAVAILABLE
     reason: str = ""
     versions: dict[int, ModelRuntime] = field(default_factory=dict)
-    signature: dict = field(default_factory=dict)  # what was on disk when loaded (for polling)
-    failed_signature: dict | None = None
+    stamp: dict = field(default_factory=dict)  # the files' mtimes and sizes when loaded (for polling)
+    failed_stamp: dict | None = None
     failed: bool = False  # the last load failed and no version serves: the server is not ready
     failed_versions: dict[int, str] = field(default_factory=dict)  # refused on reload (old ones serve)
 
@@ -70,18 +74,19 @@ class ModelEntry:
         return self.versions[max(self.versions)]
 
 
-def _signature(folder: Path) -> dict:
-    sig = {}
+def _disk_stamp(folder: Path) -> dict:
+    """What polling compares: each version file's (mtime, size) and the config files' mtimes."""
+    stamp = {}
     for version, path in _versions_on_disk(folder).items():
         st = path.stat()
-        sig[version] = (st.st_mtime_ns, st.st_size)
+        stamp[version] = (st.st_mtime_ns, st.st_size)
     cfg = folder / "config.json"
     if cfg.is_file():
-        sig["config"] = cfg.stat().st_mtime_ns
+        stamp["config"] = cfg.stat().st_mtime_ns
     pbtxt = folder / triton_config.FILENAME
     if pbtxt.is_file():
-        sig["config"] = (sig.get("config"), pbtxt.stat().st_mtime_ns)
-    return sig
+        stamp["config"] = (stamp.get("config"), pbtxt.stat().st_mtime_ns)
+    return stamp
 
 
 def _versions_on_disk(folder: Path) -> dict[int, Path]:
@@ -145,106 +150,21 @@ def _load_failure(name: str, version: int, path: Path, exc: Exception) -> str:
     )
 
 
-def _probe_feeds(rt: ModelRuntime, rows: int, steps: int) -> dict[str, np.ndarray] | None:
-    """Zeros ("0" for strings) for every input of `rt` with `rows` sequences of `steps` steps (lengths = steps);
-    None when some input has a free dim that is neither the batch nor the ragged time axis
-    (then the outputs' sizes may depend on what clients send, and are not predicted)."""
+def state_bytes(rt: ModelRuntime) -> int | None:
+    """Bytes of state one sequence of `rt` keeps between chunks (its state inputs, batch 1); None
+    when a state's size depends on what the client sends."""
     sig = rt.signature
-    feeds = {}
-    for spec in sig.all_inputs:
-        shape = list(spec.shape)
-        for axis, d in enumerate(shape):
-            if axis == spec.batch_axis:
-                shape[axis] = rows
-            elif spec.name == sig.ragged and axis == spec.time_axis:
-                shape[axis] = steps
-            elif d < 0:
-                return None
-        dtype = numpy_dtype(spec.datatype)
-        # strings: "0", zero to a model that casts them to numbers (a string CORRID), text to others
-        feeds[spec.name] = np.zeros(shape, dtype) if dtype != OBJECT else np.full(shape, "0", OBJECT)
-    if sig.lengths is not None:
-        feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
-    return feeds
-
-
-def probe_output_layout(rt: ModelRuntime) -> dict[str, list[str | int]]:
-    """Each output's axes as 'batch', 'time' or a fixed size, learned by running the model version
-    on zeros of (batch, time) = (1, 1), (2, 1) and (1, 2): exact whatever the ONNX file declares (a
-    static model's unrolled graph leaves dims unnamed; its padded time axis is cut back by the
-    runtime). Run once when the version loads (it also warms the session up) and kept on the
-    runtime; {} when it cannot be predicted or the probe fails (responses are then checked after
-    they are computed instead of before)."""
-    sig = rt.signature
-    layout: dict[str, list[str | int]] = {}
-    try:
-        probes = [(1, 1)]
-        if sig.batchable:
-            probes.append((2, 1))
-        if sig.ragged is not None and (sig.static_length is None or sig.static_length >= 2):
-            probes.append((1, 2))
-        shapes = {}
-        for rows, steps in probes:
-            feeds = _probe_feeds(rt, rows, steps)
-            if feeds is None:
-                _no_layout(rt)
-                return {}
-            names = [o.name for o in sig.all_outputs]
-            out = rt.run(feeds, names)
-            shapes[rows, steps] = {name: array.shape for name, array in out.items()}
-        for name, base in shapes[1, 1].items():
-            wide, long = shapes.get((2, 1), shapes[1, 1])[name], shapes.get((1, 2), shapes[1, 1])[name]
-            layout[name] = ["batch" if w != d else "time" if t != d else d for d, w, t in zip(base, wide, long)]
-        _axes_from_layout(rt, layout)
-    except Exception as exc:  # noqa: BLE001 - a model that cannot run the probe still serves
-        log.warning("model %s version %d: output shapes not predicted (%s); responses are sized after they run",
-                    rt.name, rt.version, clip(str(exc), 300))  # fmt: skip
-        layout = {}
-        _no_layout(rt)
-    rt.output_layout = layout
-    return layout
-
-
-def _no_layout(rt: ModelRuntime) -> None:
-    """Without a probe, an output's time axis that the file does not name is unknown: merging
-    requests of different lengths could hand a request outputs padded to another's length."""
-    sig = rt.signature
-    if sig.ragged is not None and any(o.time_axis is None and o.rank >= 2 for o in sig.all_outputs):
-        if sig.merge:
-            log.warning("model %s version %d: output time axes not known (no probe); requests are not merged",
-                        rt.name, rt.version)  # fmt: skip
-        sig.merge = False
-
-
-def output_dims(rt: ModelRuntime, name: str, rows: int, steps: int) -> list[int] | None:
-    """The shape output `name` of `rt` will have for `rows` sequences of `steps` steps, from the
-    layout probed when the version loaded; None when the layout does not know it."""
-    axes = rt.output_layout.get(name)
-    if axes is None:
-        return None
-    size = {"batch": rows, "time": steps}
-    return [size[a] if isinstance(a, str) else a for a in axes]
-
-
-def _axes_from_layout(rt: ModelRuntime, layout: dict[str, list[str | int]]) -> None:
-    """What the probe saw, against what the signature says: an output's time axis the file does
-    not name is taken from the probe (so merged ragged runs cut it back per request); an output
-    whose declared batch axis did not follow the batch (a config.pbtxt max_batch_size on a model
-    that does not batch along axis 0) stops the version from merging requests at all."""
-    sig = rt.signature
-    for spec in sig.all_outputs:
-        axes = layout.get(spec.name)
-        if axes is None:
+    total = 0
+    for pair in sig.states:
+        if pair.initial is not None:
+            total += pair.initial.nbytes
             continue
-        if spec.time_axis is None and sig.ragged is not None and "time" in axes:
-            spec.time_axis = axes.index("time")
-        if sig.batching_rule != "none" and (spec.batch_axis is None or axes[spec.batch_axis] != "batch"):
-            log.warning(
-                "model %s version %d: output '%s' is %s for 1 and 2 sequences, so axis %s is not its batch axis; "
-                "requests to this version are not merged",
-                rt.name, rt.version, spec.name, axes, spec.batch_axis,
-            )  # fmt: skip
-            sig.merge = False
+        spec = sig.input(pair.input)
+        dims = [1 if axis == spec.batch_axis else d for axis, d in enumerate(spec.shape)]
+        if any(d < 0 for d in dims) or spec.datatype == "BYTES":
+            return None
+        total += math.prod(dims) * numpy_dtype(spec.datatype).itemsize
+    return total
 
 
 def _keep_versions(versions: dict[int, Path], config: dict) -> dict[int, Path]:
@@ -267,10 +187,13 @@ class ModelRepository:
         control_mode: str = "explicit",
         exit_on_error: bool = False,
         policy: BatchPolicy | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         """`control_mode`: none | explicit | poll (what load/unload requests may do); the server
         passes --model-control-mode (default none) and --exit-on-error (default true, as Triton).
-        `policy`: the server's batching defaults, which each model's config may override."""
+        `policy`: the server's batching defaults, which each model's config may override.
+        `max_state_bytes`: the state one sequence may keep (--max-sequence-state-mb; None: no
+        cap): a stateful model whose state alone is larger fails to load."""
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {CONTROL_MODES}, got {control_mode!r}")
         self.root = root
@@ -282,6 +205,7 @@ class ModelRepository:
         self._load_lock = threading.Lock()  # one load/unload at a time
         self._models: dict[str, ModelEntry] = {}
         self.policy = policy or BatchPolicy(enabled=False)
+        self.max_state_bytes = max_state_bytes
         self.on_change = lambda name, ready: None  # set by the server (health status)
 
     def model_names_on_disk(self) -> list[str]:
@@ -289,7 +213,7 @@ class ModelRepository:
             return []
         names = []
         for p in self.root.iterdir():
-            if not _versions_on_disk(p):
+            if not p.is_dir() or p.name.startswith("."):
                 continue
             if valid_name(p.name):
                 names.append(p.name)
@@ -316,7 +240,7 @@ class ModelRepository:
         names = self.model_names_on_disk()
         if not names:
             log.warning(
-                "model repository %s holds no model (<model>/<version>/model.onnx): run `make export` "
+                "model repository %s holds no model folder (<model>/<version>/model.onnx): run `make export` "
                 "to write the default models, or point --model-repository at a folder of models",
                 self.root,
             )
@@ -369,17 +293,17 @@ class ModelRepository:
         self._check_name(name)
         self._unload(name)
 
-    def _fail(self, name: str, previous: ModelEntry | None, signature: dict, reason: str,
+    def _fail(self, name: str, previous: ModelEntry | None, stamp: dict, reason: str,
               version: int | None = None) -> None:  # fmt: skip
         """Record a failed load: a model with no serving version becomes failed (server not ready);
         one whose previous versions still serve keeps them and lists the refused version."""
         with self._lock:
             current = self._models.get(name)
             if current is None or not current.versions:
-                self._models[name] = ModelEntry(name, UNAVAILABLE, reason, failed_signature=signature, failed=True)
+                self._models[name] = ModelEntry(name, UNAVAILABLE, reason, failed_stamp=stamp, failed=True)
                 changed = True
             else:
-                current.failed_signature = signature
+                current.failed_stamp = stamp
                 if version is not None:
                     current.failed_versions[version] = reason
                 changed = False
@@ -390,20 +314,27 @@ class ModelRepository:
         """(Re)load every version of a model from disk; the old versions serve until the swap."""
         with self._load_lock:
             folder = self.root / name
+            if not folder.is_dir():
+                raise NotFound(f"failed to load '{name}': no such model folder in the model repository")
             versions = _versions_on_disk(folder)
-            if not versions:
-                raise NotFound(f"model '{name}' has no <version>/model.onnx in the model repository")
             loaded = {}
-            signature = _signature(folder)
+            stamp = _disk_stamp(folder)
             if config is not None:  # given with the load request: nothing loaded before ran with it
-                signature["config"] = ("load request", id(config))
+                stamp["config"] = ("load request", id(config))
             with self._lock:
                 previous = self._models.get(name)
+            if not versions:  # Triton lists it, UNAVAILABLE, and says why
+                reason = (
+                    f"failed to load '{name}': its folder holds no version (a folder named by a positive integer "
+                    "with a model.onnx inside: <model>/<version>/model.onnx)"
+                )
+                self._fail(name, previous, signature, reason)
+                raise InvalidArgument(reason)
             try:
                 model_config = config if config is not None else _read_config(name, folder, self.providers.kind)
                 policy = policy_from_config(self.policy, name, model_config)
             except InvalidArgument as exc:
-                self._fail(name, previous, signature, exc.message)
+                self._fail(name, previous, stamp, exc.message)
                 raise
             triton = model_config.get("triton")
             if triton is not None and triton.ignored:
@@ -412,7 +343,7 @@ class ModelRepository:
             kept = _keep_versions(versions, model_config)
             if not kept:
                 reason = f"model '{name}': config.pbtxt version_policy keeps none of the versions {sorted(versions)}"
-                self._fail(name, previous, signature, reason)
+                self._fail(name, previous, stamp, reason)
                 raise InvalidArgument(reason)
             versions = kept
             start = time.perf_counter()
@@ -420,8 +351,8 @@ class ModelRepository:
                 if (
                     previous is not None
                     and version in previous.versions
-                    and previous.signature.get(version) == signature.get(version)
-                    and previous.signature.get("config") == signature.get("config")
+                    and previous.stamp.get(version) == stamp.get(version)
+                    and previous.stamp.get("config") == stamp.get("config")
                 ):
                     loaded[version] = previous.versions[version]  # unchanged: keep the live session
                     continue
@@ -433,12 +364,13 @@ class ModelRepository:
                         name, version, path, self.providers, self.options, model_config, summary.nodes
                     )
                     loaded[version].policy = policy
+                    self._check_state(loaded[version], path)
                     probe_output_layout(loaded[version])  # a first run: warms the session up, sizes responses
                     invariance.check(loaded[version])  # alone vs merged: may turn merging off
                 except Exception as exc:  # noqa: BLE001
                     log.error("model %s version %d (%s) failed to load: %s", name, version, path, exc)
                     reason = _load_failure(name, version, path, exc)
-                    self._fail(name, previous, signature, reason, version)
+                    self._fail(name, previous, stamp, reason, version)
                     raise InvalidArgument(reason) from None
                 log.info(
                     "loaded %s in %.2f s (version %d, %s)",
@@ -447,7 +379,7 @@ class ModelRepository:
                     version,
                     loaded[version].provider,
                 )
-            entry = ModelEntry(name, READY, "", loaded, signature)
+            entry = ModelEntry(name, READY, "", loaded, stamp)
             with self._lock:
                 old = self._models.get(name)
                 self._models[name] = entry
@@ -466,16 +398,26 @@ class ModelRepository:
             self.on_change(name, True)
             return entry
 
+    def _check_state(self, rt: ModelRuntime, path: Path) -> None:
+        """A state larger than one sequence may keep would fail every sequence_start: refused now."""
+        nbytes = state_bytes(rt) if self.max_state_bytes is not None else None
+        if nbytes is not None and nbytes > self.max_state_bytes:
+            mib = 1 << 20
+            raise ValueError(
+                f"{path}: one sequence's state is {nbytes / mib:,.1f} MiB, more than a sequence may keep "
+                f"({self.max_state_bytes / mib:,.0f} MiB, --max-sequence-state-mb): no sequence could start"
+            )
+
     def sync(self) -> list[str]:
         """Bring the loaded models in line with the disk; returns the models (re)loaded or unloaded."""
         changed = []
         on_disk = set(self.model_names_on_disk())
         for name in sorted(on_disk):
-            signature = _signature(self.root / name)
+            stamp = _disk_stamp(self.root / name)
             entry = self.entry(name)
-            if entry is not None and entry.signature == signature:
+            if entry is not None and entry.stamp == stamp:
                 continue
-            if entry is not None and entry.failed_signature == signature:
+            if entry is not None and entry.failed_stamp == stamp:
                 continue  # already refused this exact content; do not retry in a loop
             try:
                 self._load(name)
@@ -502,7 +444,7 @@ class ModelRepository:
                 entry = self._models.get(name)
                 if entry is None or (entry.state != READY and not entry.failed):
                     raise NotFound(f"model '{name}' is not loaded")
-                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", signature=entry.signature)
+                self._models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", stamp=entry.stamp)
             for rt in entry.versions.values():
                 rt.retire()
             log.info("unloaded model %s", name)

@@ -228,25 +228,32 @@ class SequenceStore:
             self._count(state, 0)
         return state
 
-    def version_of(self, model: str, seq_id) -> int | None:
-        """The model version a live sequence started on (None if unknown)."""
+    def version_of(self, model: str, seq_id, client: str | None = None) -> int | None:
+        """The model version a live sequence started on (None if unknown). `client`: who asks; a
+        sequence another token holds is unknown to it (None: any caller, for the server itself)."""
         with self._lock:
             state = self._live.get((model, seq_id))
-            return None if state is None else state.version
+            if state is None or (client is not None and not self._owned_by(state, client)):
+                return None
+            return state.version
 
-    def drop(self, model: str, seq_id) -> None:
+    def drop(self, model: str, seq_id, client: str | None = None) -> None:
+        """Free an idle sequence; a `client` must own it (`_owned_by`), else nothing happens."""
         with self._lock:
             state = self._live.get((model, seq_id))
-            if state is not None and not state.busy:
+            if state is not None and not state.busy and (client is None or self._owned_by(state, client)):
                 self._forget((model, seq_id))
                 self.on_change(len(self._live), 0)
 
-    def release(self, model: str, seq_id, new: dict[str, np.ndarray] | None, end: bool) -> None:
-        """After a chunk: store the new state (None: the chunk failed, keep the old), free on end."""
+    def release(self, model: str, seq_id, new: dict[str, np.ndarray] | None, end: bool,
+                client: str | None = None) -> None:  # fmt: skip
+        """After a chunk: store the new state (None: the chunk failed, keep the old), free on end.
+        `client`: the caller that acquired it (another token's sequence of that id is left alone);
+        None: the server itself."""
         key = (model, seq_id)
         with self._lock:
             state = self._live.get(key)
-            if state is None:
+            if state is None or (client is not None and not self._owned_by(state, client)):
                 return
             problem = None
             if new is not None and not end:

@@ -134,9 +134,6 @@ class Signature:
     def state_input_names(self) -> list[str]:
         return [s.input for s in self.states]
 
-    def state_output_names(self) -> list[str]:
-        return [s.output for s in self.states]
-
     def roles_json(self) -> dict:
         """What a client needs to call the model without knowing its names: the ragged input, its
         lengths input, and the state pairs it may send ("implicit": kept by the server only)."""
@@ -293,7 +290,8 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
                 list(c.reshape) if c.reshape is not None else client)  # fmt: skip
             _check_dims(f"{kind} '{c.name}'" + (" (reshape)" if c.reshape is not None else ""), t.shape, model)
             if c.reshape is not None:
-                if -1 not in client and -1 not in model and math.prod(client) != math.prod(model):
+                dims, shape = list(c.dims), list(c.reshape)  # without the batch axis (both have it alike)
+                if -1 not in dims and -1 not in shape and math.prod(dims) != math.prod(shape):
                     raise SignatureError(f"{kind} '{c.name}': dims {list(c.dims)} and reshape {list(c.reshape)} "
                                          "hold different element counts")  # fmt: skip
                 t.model_shape = [m if m >= 0 else f for m, f in zip(model, t.shape)]
@@ -331,8 +329,9 @@ def build(session, meta: dict, triton: TritonConfig | None, path_label: str = "m
             one[t_in.batch_axis] = 1
         initial = None
         if s.initial_file is not None:
-            raw = s.initial_file.read_bytes()
             dtype = numpy_dtype(s.datatype)
+            with s.initial_file.open("rb") as f:  # its size was checked when the config was read: read no more
+                raw = f.read(math.prod(one) * dtype.itemsize + 1)
             if len(raw) != math.prod(one) * dtype.itemsize:
                 raise SignatureError(
                     f"state '{s.input_name}': initial_state data_file is {len(raw)} bytes, expected "

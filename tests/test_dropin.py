@@ -204,15 +204,47 @@ def test_classify_unit():
 
 
 def test_label_file_must_stay_in_the_model_folder(tmp_path):
+    from server import model_config
+
     (tmp_path / "m").mkdir()
     (tmp_path / "secret.txt").write_text("x\n")
-    (tmp_path / "m" / "big.txt").write_bytes(b"a\n" * (classification.MAX_LABEL_BYTES // 2 + 1))
-    from server.errors import FailedPrecondition
+    (tmp_path / "m" / "big.txt").write_bytes(b"a\n" * (model_config.MAX_LABEL_BYTES // 2 + 1))
+    (tmp_path / "m" / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "m" / "ok.txt").write_text("a\r\nb\n")
+    text = "output [{ name: 'o' data_type: TYPE_FP32 dims: [2] label_filename: '%s' }]"
+    for name, needle in (("../secret.txt", "inside the model's folder"), ("link.txt", "inside the model's folder"),
+                         ("nope.txt", "not found"), ("big.txt", "larger than"), (".", "inside")):  # fmt: skip
+        with pytest.raises(InvalidArgument, match=needle) as err:  # a load error, not a request-time one
+            model_config.parse(text % name, "m", folder=tmp_path / "m")
+        assert err.value.message.startswith(f"model 'm' config.pbtxt: output 'o' label_filename '{name}'")
+    got = model_config.parse(text % "ok.txt", "m", folder=tmp_path / "m", source="load parameter 'config'")
+    assert got["triton"].outputs[0].labels == ("a", "b")
+    with pytest.raises(InvalidArgument, match="^model 'm' load parameter 'config': output 'o'"):
+        model_config.parse(text % "nope.txt", "m", folder=tmp_path / "m", source="load parameter 'config'")
 
-    for name, needle in (("../secret.txt", "inside the model's folder"), ("nope.txt", "not found"),
-                         ("big.txt", "larger than")):  # fmt: skip
-        with pytest.raises(FailedPrecondition, match=needle):
-            classification.label_path("m", "o", tmp_path / "m", name)
+
+def test_missing_label_file_makes_the_model_unavailable(tmp_path):
+    """The model fails to load (listed UNAVAILABLE with the reason); nothing fails per request."""
+    from server.repository import ModelRepository
+    from server.runtime import RuntimeOptions, select_providers
+
+    f = TensorProto.FLOAT
+    model = _model([_vi("INPUT0", f, ["N", 5])], [_vi("OUTPUT0", f, ["N", 5])],
+                   [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])])  # fmt: skip
+    _save(tmp_path, "cls", model, CLS_PBTXT.split("output")[0] + 'output [{ name: "OUTPUT0" data_type: TYPE_FP32 '
+          'dims: [5] label_filename: "labels.txt" }]')  # fmt: skip
+    options = RuntimeOptions()
+    repo = ModelRepository(tmp_path, select_providers(options), options, "explicit")
+    repo.load_all()
+    (row,) = repo.index()
+    assert row[:3] == ("cls", "", "UNAVAILABLE")
+    assert "output 'OUTPUT0' label_filename 'labels.txt' not found in the model's folder" in row[3], row
+    (tmp_path / "cls" / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    repo.load("cls")
+    assert repo.index()[0][2] == "READY"
+    out = classification.apply(repo.get("cls"), {"OUTPUT0": {"classification": 1}},
+                               {"OUTPUT0": ROWS})  # fmt: skip
+    assert out["OUTPUT0"].tolist() == [[b"3.25:1:dog"], [b"8.5:3:fish"]]
 
 
 # -- load with parameters ------------------------------------------------------------------------

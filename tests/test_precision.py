@@ -559,6 +559,10 @@ def test_report_gains_the_precision_axis(checkpoints, tmp_path):
     assert list(rows) == ["dynamic fp32", "dynamic int8", "dynamic fp16", "static fp32 T=6"]
     assert rows["dynamic int8"]["bytes_weights"] < rows["dynamic fp32"]["bytes_weights"]
     assert rows["static fp32 T=6"]["nodes"] > rows["dynamic fp32"]["nodes"]
+    # the int8 twin's quantized graph is the body of a Loop over the rows: counted with its subgraph
+    int8_ops = json.loads(rows["dynamic int8"]["ops"])
+    assert int8_ops.get("Loop") == 1 and int8_ops.get("DynamicQuantizeLSTM", 0) >= 1
+    assert rows["dynamic int8"]["nodes"] > rows["dynamic fp32"]["nodes"] // 2
     assert all(r["latency_ms"] > 0 and r["load_s"] > 0 for r in rows.values())
     assert rows["dynamic int8"]["max_abs"] > 0 and rows["dynamic fp32"]["max_abs"] is None
     md = (repo / "report" / "r" / "report.md").read_text()

@@ -169,6 +169,13 @@ class Settings:
         default=True,
         metadata={"help": "exit 2 at start if a model fails to load (--no-exit-on-error: start, not ready)"},
     )
+    system_shared_memory: bool = field(
+        default=True,
+        metadata={"help": "Triton's system shared-memory extension: co-located clients pass tensors in /dev/shm "
+                  "regions instead of the message (off with --workers > 1)"},
+    )  # fmt: skip
+    max_shm_regions: int = field(default=256, metadata={"help": "registered shared-memory regions at most"})
+    max_shm_mb: int = field(default=8192, metadata={"help": "MiB of registered shared-memory regions at most"})
     workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)"})
 
@@ -221,6 +228,8 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "connection_age_grace_s": (0, 2**31 / 1000),
     "send_timeout_s": (0.1, None),
     "workers": (1, None),
+    "max_shm_regions": (1, None),
+    "max_shm_mb": (1, None),
 }
 _CHOICES = {
     "graph_optimization": ("disable", "basic", "extended", "all"),

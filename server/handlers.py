@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "lstm-serve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed too while it is on (`server_metadata`)
 
 # Every gRPC status code, as HTTP says it (Triton's choices where it makes one; 499 is the de-facto
 # "client closed request").
@@ -112,8 +113,10 @@ class Admission:
         return self.in_flight
 
 
-def server_metadata() -> pb.ServerMetadataResponse:
-    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+def server_metadata(shared_memory: bool = False) -> pb.ServerMetadataResponse:
+    """The server's name, version and extensions (`system_shared_memory` when it is on)."""
+    extensions = EXTENSIONS + [SHARED_MEMORY_EXTENSION] if shared_memory else EXTENSIONS
+    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions)
 
 
 def model_metadata(plane: DataPlane, name: str, version: str = "") -> tuple[pb.ModelMetadataResponse, dict[str, str]]:

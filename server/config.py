@@ -149,7 +149,8 @@ class Settings:
         default="",
         metadata={"help": "admin-only protocol groups, as Triton's restricted APIs: 'model-repository:KEY=VALUE' "
                   "makes repository index/load/unload (gRPC and REST) need the header KEY: VALUE "
-                  "(PERMISSION_DENIED/403 otherwise); empty = not restricted"},
+                  "(PERMISSION_DENIED/403 otherwise); groups: model-repository, shared-memory "
+                  "(e.g. 'model-repository,shared-memory:KEY=VALUE'); empty = not restricted"},
     )  # fmt: skip
     drain_delay_s: float = field(
         default=0.0, metadata={"help": "on SIGTERM: seconds of NOT_SERVING health before refusing calls"}

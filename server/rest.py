@@ -693,7 +693,7 @@ class RestApp:
             raise HttpError(404, f"no such endpoint /v2/{clip('/'.join(parts))}")
         action = rest[0]
         self._need(ex, "GET" if action == "status" else "POST")
-        refusal = restricted_refusal(self.restricted, "shared-memory", ex.header)  # once security.py has the group
+        refusal = restricted_refusal(self.restricted, "shared-memory", ex.header)
         if refusal is not None:
             raise HttpError(403, refusal)
         with self.slot():

@@ -669,8 +669,9 @@ def test_rest_odds_and_ends(repo):
         assert _json(port, "POST", "/v2/models/suni/infer", body)[0] == 200
         status, _, raw = _call(port, "POST", "/v2/repository/index")  # no body, no Content-Length
         assert status == 200 and {"bi", "uni"} <= {m["name"] for m in json.loads(raw)}
+        # a config override is read (see test_dropin), but this server's control mode refuses loads
         status, reply = _json(port, "POST", "/v2/repository/models/bi/load", {"parameters": {"config": "{}"}})
-        assert status == 400 and "not supported" in reply["error"]
+        assert status == 503 and "explicit model load / unload is not allowed" in reply["error"]
         status, stats = _json(port, "GET", "/v2/models/uni/stats")
         assert status == 200 and stats["model_stats"][0]["name"] == "uni"
         assert stats["model_stats"][0]["inference_count"] == 0

@@ -93,7 +93,7 @@ serve-envoy: $(VENV)/.installed $(DEFAULT_MODELS) ## 2 server replicas behind En
 train: $(VENV)/.installed ## retrain the speaker-ID classifier (Japanese Vowels, ~15 s) into export/checkpoints/
 	$(PY) -m export.train
 
-bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static, int8; writes docs/bench.{json,png} (make docs: the performance page)
+bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (batching off/on, 2 workers), static, int8, shared memory; writes docs/bench.{json,png} (make docs: the performance page)
 	$(PY) -m bench --models $(MODELS)
 
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift

@@ -7,6 +7,7 @@ Lines, on the same model (default `encoder`) and the same seeded requests:
   (t) the gRPC transport alone: a no-model server on the server's CPU, single50 at c=64 (targets)
   (i) the int8 twin (`encoder_int8`) and its float model served by one server, single50 at c=1/16/64,
       and in-process at batch 1/16/64; the int8 speaker classifier's served accuracy (bench.precision)
+  (s) system shared memory: the encoder's tensors in client regions vs in the message (bench.shm)
   (f) the float32 matmul ceiling: every line shows achieved GFLOP/s and its fraction of it.
 LSTM FLOPs: 2 x 4H x (input + H) per valid step, per direction, per layer, per sequence.
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--static-model", default="encoder_static_t50")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--payloads", default="short,long,mixed")
-    parser.add_argument("--lines", default="a,b,c,d,e,i")
+    parser.add_argument("--lines", default="a,b,c,d,e,i,s")
     parser.add_argument("--int8-model", default=None, help="line (i): the int8 twin (default: MODEL_int8)")
     parser.add_argument("--classifier", default="speaker_id", help="line (i): the classifier whose _int8 twin's "
                         "served accuracy is measured")  # fmt: skip
@@ -339,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=list(dict.fromkeys([tc["c1"], tc["c16"], tc["c64"]])),
             batches=list(dict.fromkeys([1, tc["c16"], tc["c64"]])), threads=threads,
         )  # fmt: skip
+
+    if "s" in lines:  # (s) tensors in system shared memory vs in the message: bench.shm -> bench_shm.json
+        from bench import shm
+
+        shm.run_line(args.models, args.model, cpus, args.warmup, args.duration, args.client_processes,
+                     args.out.with_name("bench_shm.json"), pin, args.quick)  # fmt: skip
 
     floor = None
     if targets_on:

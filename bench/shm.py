@@ -286,5 +286,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_line(models: Path, model: str, cpus, warmup: float, duration: float, processes: int, json_path: Path,
+             pin: bool = True, quick: bool = False) -> dict:  # fmt: skip
+    """`make bench`'s shared-memory line (`python -m bench`, line s): this module's run from the
+    bench's own process, its CPU affinity set to `cpus` meanwhile (the bench pins itself to the
+    server's CPU); the figures, also written to `json_path`."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cpus))
+    argv = ["--models", str(models), "--model", model, "--warmup", str(warmup), "--duration", str(duration),
+            "--client-processes", str(processes), "--json", str(json_path)]  # fmt: skip
+    if quick:
+        argv += ["--concurrency", "1,4"]
+    if not pin:
+        argv.append("--no-pin")
+    try:
+        main(argv)
+    finally:
+        os.sched_setaffinity(0, before)
+    return json.loads(Path(json_path).read_text())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -130,9 +130,10 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
 
         def ServerMetadata(self, request):  # noqa: N802
             from server.describe import server_metadata
+            from server.handlers import extensions
             from server.proto import grpc_service_pb2 as pb
 
-            return pb.ServerMetadataResponse(**server_metadata())
+            return pb.ServerMetadataResponse(**server_metadata(extensions()))
 
         def ModelMetadata(self, request, grpc_context):  # noqa: N802
             from server.proto import grpc_service_pb2 as pb

@@ -41,10 +41,23 @@ from server.security import (
     tls_context,
 )
 from server.servicer import InferenceServicer, add_to_server
+from server.shm import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def shm_disabled(s: Settings) -> str | None:
+    """Why system shared memory is off (the message a register call gets), or None when it is on."""
+    if not s.system_shared_memory:
+        return "Client shared memory is disabled (--no-system-shared-memory)"
+    if s.workers > 1:
+        return (
+            "system shared memory needs --workers 1: each worker process keeps its own registrations "
+            f"(this server runs --workers {s.workers})"
+        )
+    return None
 
 
 def _read(flag: str, path: str) -> bytes:
@@ -85,6 +98,11 @@ class InferenceServer:
         # bytes the accepted calls hold until their replies are sent (server.memory)
         self.budget = budget_from_settings(settings, self.metrics)
         self.gate: Gate | None = None  # the call gate both frontends share (`_gate`, once tokens are known)
+        # client shared-memory regions, one registry for both frontends (closed by `stop`)
+        self.shm = SharedMemoryRegistry(settings.max_shm_regions, settings.max_shm_mb << 20,
+                                        disabled=shm_disabled(settings))  # fmt: skip
+        if settings.system_shared_memory and self.shm.disabled:
+            log.warning("system shared memory off: %s", self.shm.disabled)
         self._metrics_sock = None
         self._metrics_server: asyncio.AbstractServer | None = None
         self._draining = threading.Event()
@@ -107,7 +125,7 @@ class InferenceServer:
     def _gate(self, tokens: list[str]) -> Gate:
         """The one call gate of both frontends (admission, limits, budget, inline decision)."""
         if self.gate is None:
-            self.gate = Gate(self.plane, self.admission, self.budget, tokens_on=bool(tokens))
+            self.gate = Gate(self.plane, self.admission, self.budget, tokens_on=bool(tokens), shm=self.shm)
         return self.gate
 
     def is_ready(self) -> bool:
@@ -333,6 +351,7 @@ class InferenceServer:
             finally:
                 self._stop_loop()
                 self.plane.executor.shutdown(wait=False)
+                self.shm.close()
                 self._stopped.set()
 
     async def _drain(self, grace: float, close_grpc: bool = True) -> None:

@@ -14,6 +14,7 @@ from server.dtypes import DATATYPES as _TYPES
 from server.dtypes import OBJECT, contiguous, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, ResourceExhausted, clip
 from server.proto import grpc_service_pb2 as pb
+from server.shm import PARAMETERS as SHM_PARAMETERS
 
 DATATYPES = {name: (dtype, field) for name, (dtype, field, _) in _TYPES.items()}  # OIP -> (numpy, contents field)
 _CONTENT_FIELDS = (
@@ -100,24 +101,36 @@ def _typed_ints(name: str, values, dtype: np.dtype) -> np.ndarray:
     return wide.astype(dtype)
 
 
-def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np.ndarray]:
-    """Decode every input of a request into numpy arrays (shape and byte counts checked)."""
+def decode_inputs(request: pb.ModelInferRequest, limits: Limits, shm=None) -> dict[str, np.ndarray]:
+    """Decode every input of a request into numpy arrays (shape and byte counts checked). With
+    `shm` (the call's `server.shm.ShmCall`), an input whose parameters name a region is read from
+    it, and raw_input_contents hold the other inputs only, in order (as tritonclient sends them)."""
     raw = request.raw_input_contents
     names = [t.name for t in request.inputs]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"inputs {clip(names)}: each input name may appear once")
+    # inputs with shared-memory parameters (one without a region is refused by `read_input`)
+    in_shm = {t.name for t in request.inputs if shm is not None and any(k in t.parameters for k in SHM_PARAMETERS)}
     typed = [t.name for t in request.inputs if any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS)]
     if raw and typed:
         raise InvalidArgument(
             f"input(s) {clip(typed)} use typed 'contents' while the request also has raw_input_contents; "
             "send all inputs raw or all typed"
         )
-    if raw and len(raw) != len(request.inputs):
+    if typed and in_shm & set(typed):
         raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; expected one per input"
+            f"input(s) {clip(sorted(in_shm & set(typed)))}: data in both 'contents' and shared memory; send one"
+        )
+    if raw and len(raw) != len(request.inputs) - len(in_shm):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs) - len(in_shm)} inputs not in shared "
+            "memory; expected one per input"
+            if in_shm
+            else f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; expected one per input"
         )
     out: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
+    index = -1  # raw_input_contents entry of the current input
+    for tensor in request.inputs:
         if tensor.datatype not in DATATYPES:
             raise InvalidArgument(
                 f"input {clip(tensor.name)}: unknown datatype {clip(tensor.datatype)}; expected one of "
@@ -126,6 +139,11 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits) -> dict[str, np
         dtype, field = DATATYPES[tensor.datatype]
         shape = check_shape(tensor.name, tensor.shape, limits, dtype.itemsize if dtype != OBJECT else 0)
         count = math.prod(shape)  # shape checked above: small Python ints (np.prod costs ~10x)
+        if tensor.name in in_shm:
+            params = {k: getattr(v, v.WhichOneof("parameter_choice") or "", None) for k, v in tensor.parameters.items()}
+            out[tensor.name] = shm.read_input(tensor.name, tensor.datatype, shape, params)
+            continue
+        index += 1
         if raw:
             data = raw[index]
             if dtype == OBJECT:

@@ -149,7 +149,8 @@ class Settings:
         default="",
         metadata={"help": "admin-only protocol groups, as Triton's restricted APIs: 'model-repository:KEY=VALUE' "
                   "makes repository index/load/unload (gRPC and REST) need the header KEY: VALUE "
-                  "(PERMISSION_DENIED/403 otherwise); empty = not restricted"},
+                  "(PERMISSION_DENIED/403 otherwise); groups: model-repository, shared-memory "
+                  "(e.g. 'model-repository,shared-memory:KEY=VALUE'); empty = not restricted"},
     )  # fmt: skip
     drain_delay_s: float = field(
         default=0.0, metadata={"help": "on SIGTERM: seconds of NOT_SERVING health before refusing calls"}
@@ -169,6 +170,13 @@ class Settings:
         default=True,
         metadata={"help": "exit 2 at start if a model fails to load (--no-exit-on-error: start, not ready)"},
     )
+    system_shared_memory: bool = field(
+        default=True,
+        metadata={"help": "Triton's system shared-memory extension: co-located clients pass tensors in /dev/shm "
+                  "regions instead of the message (off with --workers > 1)"},
+    )  # fmt: skip
+    max_shm_regions: int = field(default=256, metadata={"help": "registered shared-memory regions at most"})
+    max_shm_mb: int = field(default=8192, metadata={"help": "MiB of registered shared-memory regions at most"})
     workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR | CRITICAL (any case)"})
 
@@ -221,6 +229,8 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "connection_age_grace_s": (0, 2**31 / 1000),
     "send_timeout_s": (0.1, None),
     "workers": (1, None),
+    "max_shm_regions": (1, None),
+    "max_shm_mb": (1, None),
 }
 _CHOICES = {
     "graph_optimization": ("disable", "basic", "extended", "all"),

@@ -24,13 +24,13 @@ from server.stats import VersionStats
 
 SERVER_NAME = "lstm-serve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
 PLATFORM = "onnxruntime_onnx"
 HEADER_MAX, HEADERS_MAX = 1024, 4096  # bytes: one `lstm-*` header, all of them
 
 
-def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+def server_metadata(extensions: list[str]) -> dict:
+    """The server's name, version and the protocol extensions it serves (the frontend's list)."""
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(extensions)}
 
 
 def model_ready(plane: DataPlane, name: str, version: str, server_ready: bool) -> bool:

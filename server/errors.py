@@ -86,6 +86,16 @@ class FailedPrecondition(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExists(ServingError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unimplemented(ServingError):
+    """A feature this server does not have (CUDA shared memory; system shared memory when off)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 

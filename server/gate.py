@@ -22,6 +22,7 @@ import time
 from server.errors import InvalidArgument, Unauthenticated, clip
 from server.handlers import Admission
 from server.memory import Hold, MemoryBudget, call_cost, client_key
+from server.shm import ShmCall, owner_of
 
 MAX_PARAMETERS = 64  # request (or tensor) parameters at most; Triton's own are a handful
 MAX_ID_CHARS = 1024  # a request id is echoed in the reply: bounded
@@ -51,25 +52,27 @@ def check_structure(rt, inputs: int, outputs: int, parameters: int, id_chars: in
         raise InvalidArgument(f"the request id has {id_chars:,} characters; at most {MAX_ID_CHARS} are accepted")
 
 
-def check_tensor_parameters(where: str, parameters) -> None:
-    """A tensor's own parameters: bounded in number, and nothing this server would ignore."""
+def check_tensor_parameters(where: str, parameters, shm=None) -> None:
+    """A tensor's own parameters: bounded in number, and nothing this server would ignore (the
+    shared-memory ones only with `shm`, the server's enabled registry)."""
     if len(parameters) > MAX_PARAMETERS:
         raise InvalidArgument(f"{where}: {len(parameters):,} parameters; at most {MAX_PARAMETERS} are accepted")
-    refuse_shared_memory(where, parameters)
+    if shm is None or shm.disabled:
+        refuse_shared_memory(where, parameters, shm.disabled if shm is not None else None)
 
 
 SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
-def refuse_shared_memory(where: str, parameters) -> None:
-    """Triton's shared-memory parameters (`shared_memory_region`, ...) on a tensor: refused by name,
-    because this server does not read or write shared memory; answering without it would silently
-    ignore where the client asked for its data to go. (Replace this one function when shared
-    memory is implemented.)"""
+def refuse_shared_memory(where: str, parameters, why: str | None = None) -> None:
+    """Triton's shared-memory parameters (`shared_memory_region`, ...) on a tensor where system
+    shared memory is off (`why`: the registry's reason) or not served (a gate without a registry):
+    refused by name, because answering without it would silently ignore where the client asked
+    for its data to go."""
     for key in SHARED_MEMORY_PARAMETERS:
         if key in parameters:
             raise InvalidArgument(
-                f"{where}: parameter '{key}': shared memory is not supported by this server; send the tensor's "
+                f"{where}: parameter '{key}': {why or 'shared memory is not served here'}; send the tensor's "
                 "data in the request (and read outputs from the response)"
             )
 
@@ -103,13 +106,28 @@ class Gate:
     """What every frontend calls around an inference call (see the module docstring)."""
 
     def __init__(self, plane, admission: Admission | None = None, budget: MemoryBudget | None = None,
-                 tokens_on: bool = False) -> None:  # fmt: skip
+                 tokens_on: bool = False, shm=None) -> None:  # fmt: skip
+        """`shm`: the server's system shared-memory registry (`server.shm.SharedMemoryRegistry`),
+        shared by both frontends; None: shared-memory parameters are refused."""
         self.plane = plane
+        self.shm = shm
         self.admission = admission or Admission()
         self.budget = budget  # None: calls hold no memory budget (tests, minimal servers)
         self.tokens_on = tokens_on
         self._last_end = 0.0  # time.monotonic() when the last inference call ended
         self._busy_until = 0.0  # no inference on the loop before this time.monotonic()
+
+    @property
+    def shm_enabled(self) -> bool:
+        """Whether clients may use system shared memory (a registry that is not disabled)."""
+        return self.shm is not None and not self.shm.disabled
+
+    def shm_call(self, authorization: str | None):
+        """The shared-memory side of one call (`server.shm.ShmCall`): regions of the caller's token
+        when tokens are on; None when shared memory is off."""
+        if not self.shm_enabled:
+            return None
+        return ShmCall(self.shm, owner_of(authorization, self.tokens_on))
 
     @contextlib.contextmanager
     def call(self):

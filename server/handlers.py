@@ -29,6 +29,7 @@ from server.repository import valid_name
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed too while it is on (`extensions`)
 
 # Every gRPC status code, as HTTP says it (Triton's choices where it makes one; 499 is the de-facto
 # "client closed request").
@@ -109,6 +110,11 @@ class Admission:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, timeout))
         return self.in_flight
+
+
+def extensions(shared_memory: bool = False) -> list[str]:
+    """The protocol extensions served (`system_shared_memory` while it is on)."""
+    return EXTENSIONS + [SHARED_MEMORY_EXTENSION] if shared_memory else list(EXTENSIONS)
 
 
 async def load_model(plane: DataPlane, name: str, parameters: dict | None = None) -> None:

@@ -53,13 +53,16 @@ from server import classification, describe, handlers
 from server.codec import DATATYPES, MAX_RANK, Limits, check_bytes_count, check_shape
 from server.dataplane import InferRequest, InferResponse
 from server.dtypes import OBJECT, TRITON_TO_OIP, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
-from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, clip
-from server.gate import Gate, check_structure
+from server.errors import InvalidArgument, NotFound, StartupError, Unavailable, Unimplemented, clip
+from server.gate import Gate, check_structure, refuse_shared_memory
 from server.gate import client as gate_client
 from server.gate import deadline as gate_deadline
 from server.handlers import error_status
 from server.memory import JSON_RESPONSE_FACTOR, call_cost
 from server.security import bearer_matches, restricted_refusal
+from server.shm import PARAMETERS as SHM_PARAMETERS
+from server.shm import REGION as SHM_REGION
+from server.shm import ShmCall, cuda_shared_memory, owner_of
 
 log = logging.getLogger(__name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -114,10 +117,18 @@ _KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # numpy kind of the targe
 
 
 def build_request(
-    header: dict, binary: memoryview, model: str, version: str, limits: Limits
+    header: dict,
+    binary: memoryview,
+    model: str,
+    version: str,
+    limits: Limits,
+    shm: ShmCall | None = None,
+    shm_off: str | None = None,
 ) -> tuple[InferRequest, dict[str, bool], bool]:
     """JSON header (+ binary section) -> (InferRequest, per-output binary choice, default choice).
-    Binary tensors are zero-copy views of `binary`; shapes are checked before anything is built."""
+    Binary tensors are zero-copy views of `binary`; shapes are checked before anything is built.
+    With `shm` (the call's shared-memory side), tensors naming a region are read from it / have it
+    checked for their output; without, shared-memory parameters are refused (`shm_off`: why)."""
     if not isinstance(header, dict):
         raise InvalidArgument("request body must be a JSON object with 'inputs'")
     unknown = sorted(set(header) - {"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
@@ -161,6 +172,15 @@ def build_request(
         check_shape(name, shape, limits, dtype.itemsize if dtype != OBJECT else 0)  # before anything is allocated
         count = math.prod(shape)
         tparams = _params(tensor.get("parameters"), f"input {clip(name)}")
+        if shm is None:
+            refuse_shared_memory(f"input {clip(name)}", tparams, shm_off)
+        elif any(k in tparams for k in SHM_PARAMETERS):  # without a region: refused by read_input
+            if "data" in tensor or "binary_data_size" in tparams:  # Triton's words
+                raise InvalidArgument(
+                    f"input {clip(name)}: Input must set only one of 'data', 'binary_data_size', 'shared_memory_region'"
+                )
+            request.inputs[name] = shm.read_input(name, datatype, shape, tparams)
+            continue
         size = tparams.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -212,6 +232,13 @@ def build_request(
         if out["name"] in request.outputs:  # Triton's words
             raise InvalidArgument(f"output {clip(out['name'])} already exists in request")
         oparams = _params(out.get("parameters"), f"output {clip(out['name'])}")
+        if shm is None:
+            refuse_shared_memory(f"output {clip(out['name'])}", oparams, shm_off)
+        elif any(k in oparams for k in SHM_PARAMETERS):  # without a region: refused by add_output
+            for other in ("classification", "binary_data") if SHM_REGION in oparams else ():  # Triton's words
+                if other in oparams and (other != "binary_data" or oparams[other] is True):
+                    raise InvalidArgument(f"Output can't set both 'shared_memory_region' and '{other}'")
+            shm.add_output(out["name"], oparams)
         if "binary_data" in oparams:  # an explicit choice wins over binary_data_output
             choice = oparams.pop("binary_data")
             if not isinstance(choice, bool):
@@ -315,8 +342,10 @@ def _json_strings(name: str, data, shape: list[int], count: int) -> np.ndarray:
     return array.reshape(shape)
 
 
-def response_body(response: InferResponse, binary_outputs: dict[str, bool], binary_all: bool) -> tuple[bytes, int]:
-    """InferResponse -> (body, JSON header length or -1 when the body is plain JSON)."""
+def response_body(response: InferResponse, binary_outputs: dict[str, bool], binary_all: bool,
+                  in_shm=()) -> tuple[bytes, int]:  # fmt: skip
+    """InferResponse -> (body, JSON header length or -1 when the body is plain JSON). Outputs in
+    `in_shm` were written to shared memory: described by name, datatype and shape only."""
     head = {"model_name": response.model_name, "model_version": response.model_version, "outputs": []}
     if response.id:
         head["id"] = response.id
@@ -326,7 +355,9 @@ def response_body(response: InferResponse, binary_outputs: dict[str, bool], bina
     for i, (name, array) in enumerate(response.outputs.items()):
         datatype = oip_of(array.dtype) or str(array.dtype)
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary_outputs.get(name, binary_all):
+        if name in in_shm:
+            pass
+        elif binary_outputs.get(name, binary_all):
             if datatype == "BYTES":
                 blob = serialize_bytes(array)
             else:
@@ -547,9 +578,11 @@ class RestApp:
             return await ex.respond(200 if ok else 503, _dumps({parts[1]: ok}))
         if not parts:
             self._need(ex, "GET")
-            return await ex.respond(200, _dumps(describe.server_metadata()))
+            return await ex.respond(200, _dumps(describe.server_metadata(handlers.extensions(self.gate.shm_enabled))))
         if parts[0] == "repository":
             return await self._repository(ex, parts[1:])
+        if parts[0] in ("systemsharedmemory", "cudasharedmemory"):
+            return await self._shared_memory(ex, parts)
         if parts == ["models", "stats"]:
             self._need(ex, "GET")
             return await ex.respond(200, _dumps(describe.statistics(plane)))
@@ -613,6 +646,52 @@ class RestApp:
                 return await ex.respond(200, b"{}")
         raise HttpError(404, f"no such endpoint /v2/repository/{clip('/'.join(parts))}")
 
+    async def _shared_memory(self, ex: _Exchange, parts: list[str]) -> None:
+        """Triton's shared-memory extension: `/v2/{system|cuda}sharedmemory[/region/<name>]/` then
+        `status` (GET: a JSON list of regions), `register` (POST {"key", "offset", "byte_size"}) or
+        `unregister` (POST); regions belong to the caller's token when tokens are on."""
+        kind, rest = parts[0], parts[1:]
+        name = ""
+        if len(rest) == 3 and rest[0] == "region":
+            name, rest = rest[1], rest[2:]
+        if len(rest) != 1 or rest[0] not in ("status", "register", "unregister"):
+            raise HttpError(404, f"no such endpoint /v2/{clip('/'.join(parts))}")
+        action = rest[0]
+        self._need(ex, "GET" if action == "status" else "POST")
+        refusal = restricted_refusal(self.restricted, "shared-memory", ex.header)
+        if refusal is not None:
+            raise HttpError(403, refusal)
+        with self.slot():
+            options = {}
+            if action == "register":
+                raw = await ex.body(self.max_json, required=False)
+                try:
+                    options = json.loads(raw) if raw.strip() else {}
+                except (ValueError, RecursionError) as exc:
+                    raise HttpError(400, _json_error(exc)) from None
+                if not isinstance(options, dict):
+                    raise HttpError(400, "Shared memory register request must be a JSON object")
+            if kind == "cudasharedmemory":
+                rows = cuda_shared_memory(action, name)
+                return await ex.respond(200, _dumps(rows) if action == "status" else b"")
+            registry = self.gate.shm
+            if registry is None:
+                raise Unimplemented("system shared memory is not served here")
+            owner = owner_of(ex.header("Authorization"), bool(self.tokens))
+            if action == "status":
+                return await ex.respond(200, _dumps(registry.status(name, owner)))
+            if action == "unregister":
+                registry.unregister(name, owner)
+                return await ex.respond(200, b"")
+            for field in ("key", "byte_size"):  # Triton's words
+                if field not in options:
+                    raise InvalidArgument(f"Shared memory register request has no '{field}' field")
+            key, offset, size = options["key"], options.get("offset", 0), options["byte_size"]
+            if not isinstance(key, str):
+                raise InvalidArgument(f"Shared memory register request: 'key' must be a string, got {clip(key)}")
+            registry.register(name, key, offset, size, owner)
+            return await ex.respond(200, b"")
+
     async def _hold(self, request: InferRequest, body_bytes: int, binary_outputs: dict[str, bool],
                     binary_all: bool) -> _Held:  # fmt: skip
         """Reserve the call's memory in the budget (waiting within its deadline): its body, ORT's
@@ -654,12 +733,16 @@ class RestApp:
                     raise HttpError(413, f"JSON header of {n} bytes exceeds the limit of {self.max_json} bytes")
             else:
                 n = len(body)
-            parse = (_parse, body, n, model, version, self.plane.limits, self.plane)
             loop = asyncio.get_running_loop()
             authorization = ex.header("Authorization")
             client = gate_client(f"{ex.peer[0]}:{ex.peer[1]}" if ex.peer else "",
                                  [authorization] if authorization else [], bool(self.tokens))  # fmt: skip
-            if n > LARGE:  # parsed JSON is Python objects: up to JSON_PARSE_FACTOR x its text, held meanwhile
+            shm = self.gate.shm_call(authorization)
+            shm_off = self.gate.shm.disabled if self.gate.shm is not None else None
+            parse = (_parse, body, n, model, version, self.plane.limits, self.plane, shm, shm_off)
+            # parsed JSON is Python objects: up to JSON_PARSE_FACTOR x its text, held meanwhile; a request
+            # naming shared memory reads it while parsed: off the event loop too (pread blocks)
+            if n > LARGE or (shm is not None and body.find(SHM_REGION.encode(), 0, n) >= 0):
                 with _Held(await self.budget.hold(JSON_PARSE_FACTOR * n, client, deadline) if self.budget else None):
                     request, binary_outputs, binary_all = await loop.run_in_executor(self.plane.executor, *parse)
             else:
@@ -677,15 +760,18 @@ class RestApp:
                 with held:
                     start = time.perf_counter_ns()
                     response = await self.plane.infer_async(request, gate.inline())
-                    size = sum(a.nbytes for a in response.outputs.values())
+                    in_shm = set(shm.outputs) if shm is not None else set()
+                    if in_shm:  # only after the run succeeded
+                        await shm.write_async(response.outputs, self.plane.executor)
+                    size = sum(a.nbytes for n, a in response.outputs.items() if n not in in_shm)
                     # the reply's encoded size, counted before it is built: outputs sized by input values
                     # (ConstantOfShape, Tile) are known only now
                     json_bytes = sum(a.nbytes for n, a in response.outputs.items()
-                                     if not binary_outputs.get(n, binary_all))  # fmt: skip
+                                     if not binary_outputs.get(n, binary_all) and n not in in_shm)  # fmt: skip
                     extra = JSON_RESPONSE_FACTOR * json_bytes + size - held.response
                     more = _Held(await self.budget.hold(extra, client, request.deadline)
                                  if self.budget is not None and extra > LARGE else None)  # fmt: skip
-                    encode = (response_body, response, binary_outputs, binary_all)
+                    encode = (response_body, response, binary_outputs, binary_all, in_shm)
                     with more:
                         payload, json_len = (await loop.run_in_executor(self.plane.executor, *encode)
                                              if size > LARGE else encode[0](*encode[1:]))  # fmt: skip
@@ -719,10 +805,11 @@ class _Held(contextlib.AbstractContextManager):
             self.hold.release()
 
 
-def _parse(body: bytes, n: int, model: str, version: str, limits: Limits, plane=None):
+def _parse(body: bytes, n: int, model: str, version: str, limits: Limits, plane=None, shm: ShmCall | None = None,
+           shm_off: str | None = None):  # fmt: skip
     """Body -> (InferRequest, binary outputs, binary default); the first `n` bytes are the JSON.
     `n` 0: Triton's raw binary request, the body is the one input's bytes (`plane` gives the
-    model's configuration, from which its shape is deduced)."""
+    model's configuration, from which its shape is deduced). `shm`, `shm_off`: `build_request`'s."""
     if n == 0:
         if plane is None:
             raise HttpError(400, f"{HEADER_LENGTH} 0 (a raw binary request) is not accepted here")
@@ -732,7 +819,7 @@ def _parse(body: bytes, n: int, model: str, version: str, limits: Limits, plane=
     except (ValueError, RecursionError) as exc:
         raise HttpError(400, _json_error(exc)) from None
     try:
-        return build_request(header, memoryview(body)[n:], model, version, limits)
+        return build_request(header, memoryview(body)[n:], model, version, limits, shm, shm_off)
     except UnicodeError:
         raise HttpError(400, "request not valid: a string holds a lone surrogate (not encodable as UTF-8)") from None
     except RecursionError:

@@ -106,6 +106,12 @@ RESTRICTED_GROUPS = {
         frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}),  # gRPC methods
         "/v2/repository",  # REST routes under it
     ),
+    "shared-memory": (
+        frozenset(
+            {f"{kind}SharedMemory{op}" for kind in ("System", "Cuda") for op in ("Status", "Register", "Unregister")}
+        ),
+        "/v2/systemsharedmemory, /v2/cudasharedmemory",
+    ),
 }
 
 

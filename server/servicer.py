@@ -13,17 +13,22 @@ import logging
 import time
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from server import classification, describe, handlers
 from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
-from server.errors import InvalidArgument, clip
+from server.errors import InvalidArgument, Unimplemented, clip
 from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline, infer_request_counts_refusal
 from server.handlers import Admission, error_status
 from server.memory import MemoryBudget
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
+from server.shm import BYTE_SIZE as SHM_BYTE_SIZE
+from server.shm import INLINE_BYTES as SHM_INLINE_BYTES
+from server.shm import REGION as SHM_REGION
+from server.shm import ShmCall, cuda_shared_memory, owner_of
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -121,22 +126,27 @@ def parameter_value(p: pb.InferParameter):
     return getattr(p, kind) if kind else None
 
 
-def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: float | None) -> InferRequest:
+def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: float | None,
+                     shm: ShmCall | None = None) -> InferRequest:  # fmt: skip
     """A ModelInferRequest as the data plane's request: tensors decoded (sizes checked before
-    anything is allocated), parameters (the request's and each output's) as plain values."""
+    anything is allocated), parameters (the request's and each output's) as plain values. With
+    `shm` (the call's shared-memory side), inputs naming a region are read from it and outputs
+    naming one have their region checked now (written by `ShmCall.write_async` after the run)."""
     outputs, output_parameters = [], {}
     for o in request.outputs:
         if o.name in outputs:  # Triton's words
             raise InvalidArgument(f"output {clip(o.name)} already exists in request")
         outputs.append(o.name)
         if o.parameters:
-            output_parameters[o.name] = {k: parameter_value(v) for k, v in o.parameters.items()}
+            output_parameters[o.name] = params = {k: parameter_value(v) for k, v in o.parameters.items()}
+            if shm is not None:
+                shm.add_output(o.name, params)
     classification.check(output_parameters)  # before anything runs
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
-        inputs=decode_inputs(request, plane.limits),
+        inputs=decode_inputs(request, plane.limits, shm),
         outputs=outputs,
         parameters={k: parameter_value(v) for k, v in request.parameters.items()},
         deadline=deadline,
@@ -146,18 +156,39 @@ def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: 
 
 def to_infer_response(response: InferResponse, request: pb.ModelInferRequest | None = None) -> pb.ModelInferResponse:
     """The data plane's answer as a ModelInferResponse: outputs raw (tritonclient decodes only raw);
-    a parameter the request also carried (sequence_id) is echoed with the request's own type."""
+    a parameter the request also carried (sequence_id) is echoed with the request's own type. An
+    output the request put in shared memory is described with an empty raw entry (as Triton: the
+    entries stay aligned with the outputs); its bytes are in its region already."""
     out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    in_shm = shm_outputs(request)
     for name, array in response.outputs.items():
-        encode_output(out, name, array)
+        if name in in_shm:
+            describe_output(out, name, array)
+            out.raw_output_contents.append(b"")
+        else:
+            encode_output(out, name, array)
     _echo_parameters(out, response, request)
     return out
+
+
+def shm_outputs(request: pb.ModelInferRequest | None) -> set[str]:
+    """The outputs `request` asks to have written to shared memory (their replies carry no data)."""
+    if request is None:
+        return set()
+    return {o.name for o in request.outputs if SHM_REGION in o.parameters}
+
+
+_NO_BYTES = np.empty(0, np.uint8)
 
 
 def to_infer_response_bytes(response: InferResponse, request: pb.ModelInferRequest | None = None) -> bytes:
     """`to_infer_response` in wire format, each output's bytes copied once (into the message)."""
     out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
-    arrays = [describe_output(out, name, array) for name, array in response.outputs.items()]
+    in_shm = shm_outputs(request)
+    arrays = [
+        _NO_BYTES if name in in_shm else array
+        for name, array in ((name, describe_output(out, name, array)) for name, array in response.outputs.items())
+    ]
     _echo_parameters(out, response, request)
     return serialize_response(out, arrays)
 
@@ -226,18 +257,23 @@ async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_dea
                 f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs; "
                 "send one per input"
             )
+        shm_in = 0  # bytes the inputs name in shared memory
         for t in request.inputs:
             if t.parameters:
-                check_tensor_parameters(f"input {clip(t.name)}", t.parameters)
+                check_tensor_parameters(f"input {clip(t.name)}", t.parameters, gate.shm)
+                if SHM_REGION in t.parameters and SHM_BYTE_SIZE in t.parameters:
+                    shm_in += max(0, t.parameters[SHM_BYTE_SIZE].int64_param)
         for o in request.outputs:
             if o.parameters:
-                check_tensor_parameters(f"output {clip(o.name)}", o.parameters)
+                check_tensor_parameters(f"output {clip(o.name)}", o.parameters, gate.shm)
         who = client(peer, authorizations, gate.tokens_on)
-        if _costly_to_decode(request):  # strings or typed values: decoded off the event loop
+        shm = gate.shm_call(authorizations[0] if authorizations else None)
+        # strings, typed values or large shared-memory reads: decoded off the event loop
+        if _costly_to_decode(request) or shm_in > SHM_INLINE_BYTES:
             loop = asyncio.get_running_loop()
-            infer = await loop.run_in_executor(plane.executor, to_infer_request, request, plane, None)
+            infer = await loop.run_in_executor(plane.executor, to_infer_request, request, plane, None, shm)
         else:
-            infer = to_infer_request(request, plane, None)
+            infer = to_infer_request(request, plane, None, shm)
         infer.deadline = deadline(transport_deadline, infer.parameters)
         infer.client = who
         hold = await gate.hold(rt, infer)
@@ -245,6 +281,8 @@ async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_dea
             on_hold(hold)
         try:
             result = await plane.infer_async(infer, gate.inline())
+            if shm is not None:  # only after the run succeeded
+                await shm.write_async(result.outputs, plane.executor)
         except BaseException:
             if hold is not None:
                 hold.release()
@@ -282,7 +320,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(**describe.server_metadata())
+        return pb.ServerMetadataResponse(**describe.server_metadata(handlers.extensions(self.gate.shm_enabled)))
 
     @_unary
     async def ModelMetadata(self, request, context):
@@ -369,6 +407,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         hold.release()
         finally:
             refused.cancel()
+
+    # -- Triton's shared-memory extension (`server.shm`) ----------------------------------------
+
+    def _shm(self, context):
+        """The registry and the caller's owner key (its token's, when tokens are on)."""
+        if self.gate.shm is None:
+            raise Unimplemented("system shared memory is not served here")
+        tokens_on = self.gate.tokens_on
+        authorization = dict(context.invocation_metadata() or ()).get("authorization") if tokens_on else None
+        return self.gate.shm, owner_of(authorization, tokens_on)
+
+    @_unary
+    async def SystemSharedMemoryStatus(self, request, context):
+        registry, owner = self._shm(context)
+        R = pb.SystemSharedMemoryStatusResponse
+        return R(regions={r["name"]: R.RegionStatus(**r) for r in registry.status(request.name, owner)})
+
+    @_unary
+    async def SystemSharedMemoryRegister(self, request, context):
+        registry, owner = self._shm(context)
+        registry.register(request.name, request.key, request.offset, request.byte_size, owner)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    async def SystemSharedMemoryUnregister(self, request, context):
+        registry, owner = self._shm(context)
+        registry.unregister(request.name, owner)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryStatus(self, request, context):
+        cuda_shared_memory("status", request.name)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @_unary
+    async def CudaSharedMemoryRegister(self, request, context):
+        cuda_shared_memory("register", request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryUnregister(self, request, context):
+        cuda_shared_memory("unregister", request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @_unary
     async def ModelStatistics(self, request, context):

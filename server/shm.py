@@ -20,6 +20,7 @@ is closed when the last user is done.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
@@ -28,11 +29,18 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from server.dtypes import DATATYPES, OBJECT, contiguous, deserialize_bytes, oip_of, serialize_bytes
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+    clip,
+)
 
 SHM_ROOT = Path("/dev/shm")  # where Linux keeps shm_open's objects
 DEFAULT_MAX_REGIONS = 256  # registered regions, all owners together
@@ -45,14 +53,9 @@ MAX_BYTES_ELEMENTS = 1 << 20
 # The three tensor parameters that place an input or an output in a region (both frontends).
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 PARAMETERS = (REGION, OFFSET, BYTE_SIZE)
-
-
-class AlreadyExists(ServingError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class Unimplemented(ServingError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+# a call moving more shared-memory bytes than this reads or writes them on an executor thread, not
+# the event loop (pread/pwrite of a large region blocks)
+INLINE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -450,6 +453,8 @@ class ShmCall:
         ref = parse_params(name, params, "output")
         if ref is None:
             return False
+        if "classification" in params:  # Triton's words: the classes are computed, never in a region
+            raise InvalidArgument("output can't set both 'shared_memory_region' and 'classification'")
         self.registry.check(ref.region, ref.offset, ref.byte_size, self.owner)
         self.outputs[name] = ref
         return True
@@ -460,6 +465,26 @@ class ShmCall:
         items = [(r.region, r.offset, r.byte_size, arrays[n], n) for n, r in self.outputs.items() if n in arrays]
         if items:
             self.registry.write_outputs(items, self.owner)
+
+    async def write_async(self, arrays, executor) -> None:
+        """`write` from the event loop: on `executor` when the outputs are large (pwrite blocks)."""
+        if not self.outputs:
+            return
+        if sum(a.nbytes for n, a in arrays.items() if n in self.outputs) > INLINE_BYTES:
+            await asyncio.get_running_loop().run_in_executor(executor, self.write, arrays)
+        else:
+            self.write(arrays)
+
+
+def shm_bytes(tensors) -> int:
+    """The shared-memory bytes `tensors` (an iterable of parameter mappings) name, by their
+    `shared_memory_byte_size`: what decides whether a call moves them off the event loop."""
+    total = 0
+    for params in tensors:
+        if REGION in params and BYTE_SIZE in params:
+            value = params[BYTE_SIZE]
+            total += value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return total
 
 
 def _by_name(item) -> str:

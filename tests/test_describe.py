@@ -187,9 +187,9 @@ def test_repository_index_and_readiness(plane):
 
 
 def test_server_metadata_message():
-    meta = describe.server_metadata()
-    assert pb.ServerMetadataResponse(**meta).extensions == meta["extensions"]
-    assert meta["name"] == "lstm-serve" and "model_repository" in meta["extensions"]
+    meta = describe.server_metadata(["model_repository", "statistics"])
+    assert pb.ServerMetadataResponse(**meta).extensions == ["model_repository", "statistics"]
+    assert list(meta) == ["name", "version", "extensions"] and meta["name"] == "lstm-serve"
 
 
 def test_triton_json_refuses_a_field_the_message_lacks():

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.codec import encode_input
+from server.errors import InvalidArgument
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.runtime import bounded_by_input_size
@@ -260,7 +261,9 @@ def test_millions_of_empty_entries_are_refused_by_count_while_health_answers(ser
     assert probe.worst_grpc < HEALTH_S and probe.worst_rest < HEALTH_S, (probe.worst_grpc, probe.worst_rest)
 
 
-def test_shared_memory_parameters_are_refused_by_name(served):
+def test_shared_memory_parameters_are_checked_and_the_server_goes_on(served):
+    """Shared memory is on by default: a tensor's region parameters are checked (Triton's words),
+    an unknown region is NOT_FOUND before anything runs, and the next plain call is served."""
     with grpc.insecure_channel(f"127.0.0.1:{served.port}") as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         r = pb.ModelInferRequest(model_name="uni")
@@ -270,8 +273,58 @@ def test_shared_memory_parameters_are_refused_by_name(served):
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(r, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "output 'h_n'" in err.value.details() and "shared_memory_region" in err.value.details()
-        assert "not supported" in err.value.details()
+        assert "'shared_memory_byte_size' must be specified" in err.value.details()
+        assert "output 'h_n'" in err.value.details()
+        out.parameters["shared_memory_byte_size"].int64_param = 40
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(r, timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "Unable to find shared memory region: 'out0'" in err.value.details()
+        del r.outputs[:]
+        assert stub.ModelInfer(r, timeout=10).outputs  # served as before
+        assert "system_shared_memory" in stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).extensions
+
+
+def test_shared_memory_off_refuses_its_parameters_by_name(loop_repo):
+    """--no-system-shared-memory: registering is UNIMPLEMENTED, a tensor naming a region is refused
+    by name on both frontends (never silently answered in the message), the extension unlisted."""
+    srv = _start(loop_repo, system_shared_memory=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "--no-system-shared-memory" in err.value.details()
+            r = pb.ModelInferRequest(model_name="uni")
+            encode_input(r, "x", np.ones((1, 2, 5), np.float32))
+            out = r.outputs.add(name="h_n")
+            out.parameters["shared_memory_region"].string_param = "out0"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(r, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "output 'h_n'" in err.value.details() and "--no-system-shared-memory" in err.value.details()
+            assert "system_shared_memory" not in stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).extensions
+        body = {"inputs": [{"name": "x", "shape": [1, 2, 5], "datatype": "FP32", "data": [1.0] * 10}],
+                "outputs": [{"name": "h_n", "parameters": {"shared_memory_region": "out0",
+                                                           "shared_memory_byte_size": 40}}]}  # fmt: skip
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/v2/models/uni/infer",
+                                     data=json.dumps(body).encode(), method="POST")  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 400
+        message = json.loads(err.value.read())["error"]
+        assert "output 'h_n'" in message and "shared_memory_region" in message, message
+    finally:
+        srv.stop(0)
+
+
+def test_a_gate_without_a_registry_refuses_shared_memory_by_name():
+    from server.gate import check_tensor_parameters
+
+    check_tensor_parameters("input 'x'", {"other": 1})
+    with pytest.raises(InvalidArgument, match="input 'x': parameter 'shared_memory_offset': shared memory is not"):
+        check_tensor_parameters("input 'x'", {"shared_memory_offset": 0})
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,20 @@ import numpy as np
 import pytest
 
 from server.dtypes import serialize_bytes
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, to_status
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+    to_status,
+)
 from server.shm import (
     SHM_ROOT,
-    AlreadyExists,
     SharedMemoryRegistry,
     ShmCall,
     ShmRef,
-    Unimplemented,
     cuda_shared_memory,
     owner_of,
     parse_params,
@@ -715,7 +721,6 @@ def simple_server(tmp_path_factory):
     srv.stop(grace=1)
 
 
-@pytest.mark.xfail(strict=True, reason="the frontends are not wired to server/shm.py yet: remove this mark then")
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_tritonclient_shared_memory_end_to_end(simple_server, protocol):
     """tritonclient's shared-memory calls, as Triton's simple_*_shm clients make them, on both
@@ -737,3 +742,243 @@ def test_tritonclient_shared_memory_end_to_end(simple_server, protocol):
     assert "CUDA shared memory is not supported" in report["cuda"], report["cuda"]
     assert report["str_sum"] == [str(i + 1) for i in range(16)]
     assert report["str_diff"] == [str(i - 1) for i in range(16)]
+
+
+# -- both frontends, directly: what tritonclient's examples do not cover ----------------------------
+
+
+def _grpc(srv, token: str | None = None):
+    from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel), metadata
+
+
+def _http(srv, path: str, body=None, method: str | None = None, token: str | None = None):
+    """(status, parsed JSON body or raw bytes) of one REST call."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}{path}", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as res:
+            status, raw = res.status, res.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw
+
+
+def _shm_tensor(t, region: str, byte_size: int, offset: int = 0) -> None:
+    t.parameters["shared_memory_region"].string_param = region
+    t.parameters["shared_memory_byte_size"].int64_param = byte_size
+    if offset:
+        t.parameters["shared_memory_offset"].int64_param = offset
+
+
+def _simple_request(a: np.ndarray, b: np.ndarray):
+    """`simple`'s request: INPUT0 from region 'fin', INPUT1 in the message (raw contents hold it
+    alone), OUTPUT0 to region 'fout' at offset 64, OUTPUT1 in the reply."""
+    from server.proto import grpc_service_pb2 as pb
+
+    r = pb.ModelInferRequest(model_name="simple")
+    for name, arr in (("INPUT0", a), ("INPUT1", b)):
+        t = r.inputs.add(name=name, datatype="INT32", shape=list(arr.shape))
+        if name == "INPUT0":
+            _shm_tensor(t, "fin", arr.nbytes)
+        else:
+            r.raw_input_contents.append(arr.tobytes())
+    _shm_tensor(r.outputs.add(name="OUTPUT0"), "fout", 64, offset=64)
+    r.outputs.add(name="OUTPUT1")
+    return r
+
+
+def test_grpc_mixed_inputs_outputs_stream_and_refusals(simple_server, make_object):
+    from server.proto import grpc_service_pb2 as pb
+
+    a, b = np.arange(16, dtype=np.int32).reshape(1, 16), np.full((1, 16), 5, np.int32)
+    key_in, key_out = make_object(64, a.tobytes()), make_object(128)
+    channel, stub, _ = _grpc(simple_server)
+    with channel:
+        stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(name="fin", key=key_in, byte_size=64))
+        stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(name="fout", key=key_out, byte_size=128))
+        try:
+            reply = stub.ModelInfer(_simple_request(a, b), timeout=30)
+            # Triton's reply: every output described, an empty raw entry for the one in shared memory
+            assert [o.name for o in reply.outputs] == ["OUTPUT0", "OUTPUT1"]
+            assert list(reply.outputs[0].shape) == [1, 16] and reply.outputs[0].datatype == "INT32"
+            assert reply.raw_output_contents[0] == b""
+            assert np.frombuffer(reply.raw_output_contents[1], np.int32).tolist() == (a - b).ravel().tolist()
+            written = np.frombuffer(object_path(key_out).read_bytes()[64:], np.int32)
+            assert written.tolist() == (a + b).ravel().tolist()
+
+            # the stream: one shared-memory call per request; a bad one is answered in the stream
+            # and the next is served
+            object_path(key_out).write_bytes(bytes(128))
+            bad = _simple_request(a, b)
+            bad.outputs[0].parameters["shared_memory_region"].string_param = "nope"
+            requests = [_simple_request(a, b), bad, _simple_request(a, 2 * b)]
+            answers = list(stub.ModelStreamInfer(iter(requests), timeout=30))
+            assert [bool(x.error_message) for x in answers] == [False, True, False]
+            assert "Unable to find shared memory region: 'nope'" in answers[1].error_message
+            assert answers[2].infer_response.raw_output_contents[0] == b""
+            assert np.frombuffer(answers[2].infer_response.raw_output_contents[1], np.int32).tolist() == (
+                (a - 2 * b).ravel().tolist()
+            )
+            written = np.frombuffer(object_path(key_out).read_bytes()[64:], np.int32)
+            assert written.tolist() == (a + 2 * b).ravel().tolist()  # the last request's, in order
+
+            # refusals, each before anything is written; the server goes on
+            object_path(key_out).write_bytes(bytes(128))
+            r = _simple_request(a, b)
+            r.outputs[0].parameters["classification"].int64_param = 2
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(r, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "output can't set both 'shared_memory_region' and 'classification'" in err.value.details()
+            r = _simple_request(a, b)
+            _shm_tensor(r.outputs[0], "fout", 32, offset=64)  # 32 bytes cannot hold 16 INT32
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(r, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "output 'OUTPUT0'" in err.value.details() and "at least 64 bytes" in err.value.details()
+            r = _simple_request(a, b)
+            r.raw_input_contents.append(b.tobytes())  # one raw entry per input outside shared memory
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(r, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "raw_input_contents has 2 entries for 1 inputs not in shared memory" in err.value.details()
+            r = _simple_request(a, b)
+            del r.inputs[0].parameters["shared_memory_region"]  # an offset and a size without a region
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(r, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "'shared_memory_byte_size' can not be specified without 'shared_memory_region' parameter for " \
+                "input 'INPUT0'" in err.value.details()  # fmt: skip
+            assert object_path(key_out).read_bytes() == bytes(128)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="g", byte_size=8))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert stub.ModelInfer(_simple_request(a, b), timeout=30).raw_output_contents[0] == b""
+        finally:
+            stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest())
+        assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions
+
+
+def test_rest_routes_inputs_outputs_and_refusals(simple_server, make_object):
+    a, b = np.arange(16, dtype=np.int32).reshape(1, 16), np.full((1, 16), 5, np.int32)
+    key_in, key_out = make_object(64, a.tobytes()), make_object(128)
+    base = "/v2/systemsharedmemory"
+    assert _http(simple_server, f"{base}/region/fin/register", {"key": key_in, "byte_size": 64}, "POST") == (200, None)
+    assert _http(simple_server, f"{base}/region/fout/register", {"key": key_out, "offset": 0, "byte_size": 128},
+                 "POST") == (200, None)  # fmt: skip
+    try:
+        status, rows = _http(simple_server, f"{base}/status")
+        assert status == 200 and [r["name"] for r in rows] == ["fin", "fout"]
+        assert rows[0] == {"name": "fin", "key": key_in, "offset": 0, "byte_size": 64}
+        assert _http(simple_server, f"{base}/region/fout/status")[1] == [rows[1]]
+        assert _http(simple_server, f"{base}/region/nope/status")[0] == 404
+        status, body = _http(simple_server, f"{base}/region/x/register", {"byte_size": 8}, "POST")
+        assert status == 400 and body["error"] == "Shared memory register request has no 'key' field"
+        assert _http(simple_server, f"{base}/region/x/register", method="GET")[0] == 405
+        assert _http(simple_server, f"{base}/region/x/frobnicate", method="POST")[0] == 404
+
+        def infer(out0: dict | None = None, in0: dict | None = None):
+            in0 = {"shared_memory_region": "fin", "shared_memory_byte_size": 64} if in0 is None else in0
+            out0 = {"shared_memory_region": "fout", "shared_memory_byte_size": 64, "shared_memory_offset": 64,
+                    **(out0 or {})}  # fmt: skip
+            body = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "parameters": in0},
+                               {"name": "INPUT1", "shape": [1, 16], "datatype": "INT32", "data": b.ravel().tolist()}],
+                    "outputs": [{"name": "OUTPUT0", "parameters": out0}, {"name": "OUTPUT1"}]}  # fmt: skip
+            return _http(simple_server, "/v2/models/simple/infer", body, "POST")
+
+        status, reply = infer()
+        assert status == 200, reply
+        assert reply["outputs"][0] == {"name": "OUTPUT0", "datatype": "INT32", "shape": [1, 16]}  # no data
+        assert reply["outputs"][1]["data"] == (a - b).ravel().tolist()
+        assert np.frombuffer(object_path(key_out).read_bytes()[64:], np.int32).tolist() == (a + b).ravel().tolist()
+
+        object_path(key_out).write_bytes(bytes(128))
+        for out0, in0, words in (
+            ({"binary_data": True}, None, "Output can't set both 'shared_memory_region' and 'binary_data'"),
+            ({"classification": 1}, None, "Output can't set both 'shared_memory_region' and 'classification'"),
+            (None, {"shared_memory_region": "fin", "shared_memory_byte_size": 64, "binary_data_size": 64},
+             "Input must set only one of 'data', 'binary_data_size', 'shared_memory_region'"),
+            (None, {"shared_memory_region": "fin", "shared_memory_byte_size": 60}, "does not match INT32 [1, 16]"),
+            (None, {"shared_memory_byte_size": 64}, "can not be specified without 'shared_memory_region'"),
+            ({"shared_memory_region": 5}, None, "invalid value type for 'shared_memory_region' parameter for output"),
+            ({"shared_memory_offset": 100}, None, "Invalid offset + byte size for shared memory region: 'fout'"),
+        ):  # fmt: skip
+            status, body = infer(out0, in0)
+            assert status == 400 and words in body["error"], body
+        assert object_path(key_out).read_bytes() == bytes(128)  # nothing written by a refused call
+        assert _http(simple_server, "/v2/cudasharedmemory/status") == (200, [])
+        assert _http(simple_server, "/v2/cudasharedmemory/region/g/register", {"raw_handle": {"b64": "AA=="},
+                     "device_id": 0, "byte_size": 8}, "POST")[0] == 501  # fmt: skip
+        assert "system_shared_memory" in _http(simple_server, "/v2")[1]["extensions"]
+    finally:
+        assert _http(simple_server, f"{base}/unregister", method="POST") == (200, None)
+    assert _http(simple_server, f"{base}/status") == (200, [])
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    from server.app import InferenceServer
+    from server.config import Settings
+
+    root = tmp_path_factory.mktemp("simple_models_tokens")
+    _simple_models(root)
+    srv = InferenceServer(Settings(port=0, http_port=0, model_repository=root, device="cpu", log_level="ERROR",
+                                   metrics_port=-1, auth_tokens="tok-a,tok-b"))  # fmt: skip
+    srv.start()
+    yield srv
+    srv.stop(grace=1)
+
+
+def test_a_region_belongs_to_its_token_on_both_frontends(token_server, make_object):
+    """Registered with one token: the other token sees no region, cannot use it (NOT_FOUND) and
+    cannot unregister it; the same name is free for it."""
+    from server.proto import grpc_service_pb2 as pb
+
+    a, b = np.arange(16, dtype=np.int32).reshape(1, 16), np.ones((1, 16), np.int32)
+    key_in, key_out = make_object(64, a.tobytes()), make_object(128)
+    body = {"key": key_in, "byte_size": 64}
+    assert _http(token_server, "/v2/systemsharedmemory/region/fin/register", body, "POST", "tok-a")[0] == 200
+    channel, stub, meta_a = _grpc(token_server, "tok-a")
+    _, _, meta_b = _grpc(token_server, "tok-b")
+    with channel:
+        try:
+            stub.SystemSharedMemoryRegister(
+                pb.SystemSharedMemoryRegisterRequest(name="fout", key=key_out, byte_size=128), metadata=meta_a
+            )
+            assert sorted(stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=meta_a).regions)\
+                == ["fin", "fout"]  # fmt: skip
+            assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=meta_b).regions
+            assert _http(token_server, "/v2/systemsharedmemory/status", token="tok-b") == (200, [])
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_simple_request(a, b), timeout=30, metadata=meta_b)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=meta_b)  # not a's
+            reply = stub.ModelInfer(_simple_request(a, b), timeout=30, metadata=meta_a)
+            assert reply.raw_output_contents[0] == b""
+            assert np.frombuffer(object_path(key_out).read_bytes()[64:], np.int32).tolist() == (a + b).ravel().tolist()
+        finally:
+            stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), metadata=meta_a)
+
+
+def test_settings_switch_it_off_and_workers_do_too():
+    from server.app import shm_disabled
+    from server.config import Settings, load_settings
+
+    assert shm_disabled(Settings()) is None  # on by default
+    assert "--no-system-shared-memory" in shm_disabled(Settings(system_shared_memory=False))
+    assert "needs --workers 1" in shm_disabled(Settings(workers=2))
+    s = load_settings(["--no-system-shared-memory", "--max-shm-regions", "3", "--max-shm-mb", "5"], environ={})
+    assert (s.system_shared_memory, s.max_shm_regions, s.max_shm_mb) == (False, 3, 5)
+    with pytest.raises(ValueError, match="max_shm_regions must be >= 1"):
+        Settings(max_shm_regions=0)

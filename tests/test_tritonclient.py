@@ -94,3 +94,45 @@ def test_proto_matches_tritonclient_descriptors():
     assert len(ours["messages"]) >= 40 and "ModelConfig" in ours["methods"]  # the comparison covered the file
     shm = {f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda") for verb in ("Status", "Register", "Unregister")}
     assert shm <= set(ours["methods"]), sorted(shm - set(ours["methods"]))
+
+
+SHM_EXAMPLES = [
+    ("simple_grpc_shm_client.py", "grpc"),
+    ("simple_grpc_shm_string_client.py", "grpc"),
+    ("simple_http_shm_client.py", "http"),
+    ("simple_http_shm_string_client.py", "http"),
+    ("reuse_infer_objects_client.py", "both"),
+]
+
+
+def test_tritons_shared_memory_examples_pass_unchanged(tmp_path):
+    """Triton's system shared-memory examples (triton-inference-server/client src/python/examples),
+    run unchanged with tritonclient against Triton's `simple` and `simple_string` models. They are
+    Triton's files, not copied here: set TRITON_CLIENT_EXAMPLES to a folder holding them (tests
+    never download). They use fixed /dev/shm keys: run one at a time on a machine."""
+    folder = os.environ.get("TRITON_CLIENT_EXAMPLES")
+    if not folder:
+        pytest.skip("TRITON_CLIENT_EXAMPLES is not set (a folder with Triton's simple_*_shm_client.py)")
+    from server.app import InferenceServer
+    from server.config import Settings
+    from tests.test_shm import _simple_models
+
+    _simple_models(tmp_path)
+    srv = InferenceServer(Settings(port=0, http_port=0, model_repository=tmp_path, device="cpu", log_level="ERROR",
+                                   metrics_port=-1))  # fmt: skip
+    srv.start()
+    try:
+        for script, protocol in SHM_EXAMPLES:
+            urls = {"grpc": [f"localhost:{srv.port}"], "http": [f"localhost:{srv.http_port}"]}.get(protocol)
+            runs = [["-u", urls[0]]] if urls else [["-u", f"localhost:{srv.port}", "-i", "grpc"],
+                                                   ["-u", f"localhost:{srv.http_port}", "-i", "http"]]  # fmt: skip
+            for flags in runs:
+                res = subprocess.run(
+                    [TRITON_PYTHON, str(Path(folder) / script), *flags],
+                    capture_output=True, text=True, timeout=120, env={"PATH": os.environ.get("PATH", "")},
+                )  # fmt: skip
+                assert res.returncode == 0, (script, flags, res.stdout[-2000:], res.stderr[-2000:])
+                ok = "error" not in res.stdout if script.startswith("reuse") else "PASS" in res.stdout
+                assert ok, (script, flags, res.stdout[-2000:])
+    finally:
+        srv.stop(grace=1)

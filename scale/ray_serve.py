@@ -129,18 +129,20 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
                 return pb.ModelReadyResponse(ready=False)
 
         def ServerMetadata(self, request):  # noqa: N802
-            from server.handlers import server_metadata
+            from server.describe import server_metadata
+            from server.handlers import extensions
+            from server.proto import grpc_service_pb2 as pb
 
-            return server_metadata()
+            return pb.ServerMetadataResponse(**server_metadata(extensions()))
 
         def ModelMetadata(self, request, grpc_context):  # noqa: N802
             from server.proto import grpc_service_pb2 as pb
 
             try:
-                from server.handlers import model_metadata
+                from server.describe import model_metadata
 
-                response, _headers = model_metadata(self.plane, request.name, request.version)
-                return response
+                described, _headers = model_metadata(self.plane, request.name, request.version)
+                return pb.ModelMetadataResponse(**described)
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, grpc_context)
                 return pb.ModelMetadataResponse()
@@ -149,9 +151,9 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             from server.proto import grpc_service_pb2 as pb
 
             try:
-                from server.handlers import model_config
+                from server.describe import model_config
 
-                return model_config(self.plane, request.name, request.version)
+                return pb.ModelConfigResponse(config=model_config(self.plane, request.name, request.version))
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, grpc_context)
                 return pb.ModelConfigResponse()

@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Callable
@@ -21,11 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from contract import metadata
 from server import classification, control
 from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
-from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of, triton_type
+from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
 from server.layout import output_dims
 from server.metrics import Metrics
@@ -693,187 +691,6 @@ class DataPlane:
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
         response.parameters["sequence_end"] = last
         return response
-
-    # -- what the model is ------------------------------------------------------------------
-    def model_config(self, name: str, version: str) -> dict:
-        """Triton's ModelConfig of a model version as plain data (the JSON form of the message;
-        the frontends build their wire format from it).
-
-        Without a config.pbtxt, max_batch_size is 0: the dims are whole shapes, batch included,
-        because the batch axis is not first in every tensor (h0/c0/h_n/c_n are [layers*directions,
-        batch, hidden]); the server still merges concurrent requests along each tensor's batch
-        axis: dynamic_batching says so when it is on (for stateful models sequence_batching takes
-        its place, as upstream allows only one). With a config.pbtxt of max_batch_size > 0 the dims
-        leave the batch (axis 0) out, as in the file. Everything else this server knows (export
-        metadata, execution provider, static length, axes, the full batching policy) is in
-        `parameters`, as strings."""
-        rt = self.repository.get(name, version)
-        sig = rt.signature
-        policy = self.policy_for(rt)
-        triton = rt.model_config.get("triton")
-        mbs = sig.max_batch_size
-
-        def dims(t: TensorSpec) -> list[int]:
-            if mbs > 0 and t.batch_axis is not None:
-                return [d for i, d in enumerate(t.shape) if i != t.batch_axis]
-            return list(t.shape)
-
-        declared = {}  # what the config.pbtxt (or a load request's config) set that the file does not say
-        if triton is not None:
-            declared = {("input", c.name): c for c in triton.inputs} | {("output", c.name): c for c in triton.outputs}
-
-        def tensor(t: TensorSpec, output: bool = False) -> dict:
-            entry = {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims(t)}
-            if t.model_shape is not None:
-                shape = t.model_shape if not (mbs > 0 and t.batch_axis is not None) else [
-                    d for i, d in enumerate(t.model_shape) if i != t.batch_axis]  # fmt: skip
-                entry["reshape"] = {"shape": shape}
-            given = declared.get(("output" if output else "input", t.name))
-            if output:
-                if given is not None and given.label_filename:
-                    entry["label_filename"] = given.label_filename
-            else:
-                entry["format"] = given.format if given is not None else "FORMAT_NONE"  # image clients read it
-                entry["optional"] = t.optional
-            return entry
-
-        gpu = rt.provider == "CUDAExecutionProvider"
-        config: dict = {
-            "name": rt.name,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
-            "max_batch_size": mbs,
-            "input": [tensor(t) for t in sig.inputs],
-            "output": [tensor(t, True) for t in sig.outputs],
-            "instance_group": [
-                {
-                    "name": f"{rt.name}_0",
-                    "count": policy.instances if policy.enabled else 1,
-                    "kind": "KIND_GPU" if gpu else "KIND_CPU",
-                }
-            ],  # fmt: skip
-        }
-        vp = triton.version_policy if triton is not None else ("all",)
-        config["version_policy"] = (
-            {"latest": {"num_versions": vp[1]}} if vp[0] == "latest"
-            else {"specific": {"versions": list(vp[1])}} if vp[0] == "specific" else {"all": {}}
-        )  # fmt: skip
-        if sig.stateful:  # one of the two (a oneof upstream); batching stays in `parameters`
-            idle_us = triton.idle_us if triton is not None and triton.idle_us else int(self.sequences.idle_s * 1e6)
-            seq: dict = {"max_sequence_idle_microseconds": idle_us}
-            implicit = [p for p in sig.states if p.implicit]
-            if implicit:
-                seq["state"] = []
-                for p in implicit:
-                    spec = sig.input(p.input)
-                    entry = {"input_name": p.input, "output_name": p.output,
-                             "data_type": triton_type(spec.datatype), "dims": dims(spec)}  # fmt: skip
-                    entry["initial_state"] = [
-                        {
-                            "data_type": entry["data_type"],
-                            "dims": entry["dims"],
-                            "name": f"{p.input}_initial",
-                            "zero_data": p.initial is None,
-                        }
-                    ]
-                    if p.initial is not None:
-                        del entry["initial_state"][0]["zero_data"]
-                        entry["initial_state"][0]["data_file"] = f"{p.input}_initial"
-                    seq["state"].append(entry)
-            if sig.controls:
-                seq["control_input"] = [control.config_entry(c) for c in sig.controls]
-            if triton is not None and triton.strategy:
-                strategy: dict = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
-                if triton.strategy == "oldest":
-                    strategy["max_candidate_sequences"] = triton.max_sequences
-                    strategy["preferred_batch_size"] = list(policy.preferred_batch_size)
-                seq[triton.strategy] = strategy
-            config["sequence_batching"] = seq
-        elif policy.enabled:
-            config["dynamic_batching"] = {"max_queue_delay_microseconds": policy.max_queue_delay_us}
-        params = {f"export.{k}": str(v) for k, v in rt.export_metadata.items()}
-        if triton is not None:
-            params.update(triton.parameters)
-        params["execution_provider"] = rt.provider
-        if rt.provider_note:
-            params["execution_provider_note"] = rt.provider_note
-        if metadata.PRECISION in rt.export_metadata:
-            params["precision"] = rt.export_metadata[metadata.PRECISION]
-        if sig.static_length is not None:
-            params["static_length"] = str(sig.static_length)
-        params["axes"] = json.dumps(sig.axes_json(), sort_keys=True)
-        params["batching_rule"] = sig.batching_rule
-        if rt.batch_invariance:
-            params["batch_invariance"] = rt.batch_invariance
-        params["roles"] = json.dumps(sig.roles_json(), sort_keys=True)
-        params["model_version"] = str(rt.version)
-        params.update({f"batching.{k}": json.dumps(v) for k, v in dataclasses.asdict(policy).items()})
-        config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}
-        return config
-
-    def model_metadata(self, name: str, version: str) -> tuple[dict, dict[str, str]]:
-        """Model metadata as plain data ({name, versions, platform, inputs, outputs}) and what this
-        server adds (export metadata, provider, batching, axes) as headers.
-
-        gRPC clients refuse response headers over 16 KB in all (some from ~8 KB), so each header
-        stays within 1 KB and all within 4 KB: the file's metadata_props go out as JSON with this
-        project's `lstm.*` keys first, then the others while they fit, and `"_omitted"` counting
-        the keys left out (ModelConfig's `export.<key>` parameters carry them all); any other
-        header that would not fit is left out whole (a cut JSON value would not parse; clients
-        treat a missing header as "not sent")."""
-        one_max, all_max = 1024, 4096
-
-        def metadata_json(meta: dict[str, str]) -> str:
-            whole = json.dumps(meta, sort_keys=True)
-            if len(whole) <= one_max:
-                return whole
-            kept: dict[str, object] = {}
-            omitted = 0
-            for key in sorted(meta, key=lambda k: (not k.startswith("lstm."), k)):
-                trial = {**kept, key: meta[key], "_omitted": len(meta)}
-                # the cheap test first: a large value is never serialized
-                if len(key) + len(meta[key]) < one_max and len(json.dumps(trial, sort_keys=True)) <= one_max:
-                    kept[key] = meta[key]
-                else:
-                    omitted += 1
-            kept["_omitted"] = omitted
-            return json.dumps(kept, sort_keys=True)
-
-        def bounded(headers: dict[str, str]) -> dict[str, str]:
-            out: dict[str, str] = {}
-            total = 0
-            for key, value in headers.items():
-                value = value.encode("ascii", "backslashreplace").decode("ascii")  # what gRPC sends
-                if len(value) <= one_max and total + len(key) + len(value) <= all_max:
-                    out[key] = value
-                    total += len(key) + len(value)
-            return out
-
-        rt = self.repository.get(name, version)
-        entry = self.repository.entry(name)
-        versions = sorted(entry.versions) if entry else [rt.version]
-        sig = rt.signature
-        described = {
-            "name": rt.name,
-            "versions": [str(v) for v in versions],
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in sig.inputs],
-            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in sig.outputs],
-        }
-        policy = self.policy_for(rt)
-        headers = {
-            "lstm-export-metadata": metadata_json(rt.export_metadata),
-            "lstm-provider": rt.provider,
-            "lstm-provider-note": rt.provider_note,
-            "lstm-precision": rt.export_metadata.get(metadata.PRECISION, ""),
-            "lstm-static-length": str(sig.static_length or ""),
-            "lstm-model-version": str(rt.version),
-            "lstm-batching": json.dumps(dataclasses.asdict(policy), sort_keys=True),
-            "lstm-batching-rule": sig.batching_rule,
-            "lstm-axes": json.dumps(sig.axes_json(), sort_keys=True),
-            "lstm-roles": json.dumps(sig.roles_json(), sort_keys=True),
-        }
-        return described, bounded(headers)
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -1,10 +1,12 @@
-"""What both frontends answer, transport-free: the gRPC servicer and the HTTP/REST app are peers
-that each turn these into their wire format; neither imports the other.
+"""What both frontends do alike: the gRPC servicer and the HTTP/REST app are peers that each
+turn these into their wire format; neither imports the other.
 
 - `error_status`: the one mapping from exceptions to (gRPC status, HTTP status, message);
 - `Admission`: inference calls in progress (bounded, refused once a drain starts, awaited by it);
-- server metadata, model metadata, model config, readiness, statistics and the repository index,
-  in the shapes Triton defines (its protobuf messages; REST writes them as Triton's JSON).
+- loading and unloading models (the repository extension's parameters checked once).
+
+What both answer about the server and its models (metadata, config, readiness, statistics, the
+repository index) is `server.describe`, in Triton's JSON shape.
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ from server.dataplane import DataPlane
 from server.errors import InvalidArgument, ResourceExhausted, Unavailable, clip, to_status
 from server.proto import grpc_service_pb2 as pb
 from server.repository import valid_name
-from server.stats import VersionStats
 
 log = logging.getLogger(__name__)
-SERVER_NAME = "lstm-serve"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
-SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed too while it is on (`server_metadata`)
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed too while it is on (`extensions`)
 
 # Every gRPC status code, as HTTP says it (Triton's choices where it makes one; 499 is the de-facto
 # "client closed request").
@@ -113,73 +112,9 @@ class Admission:
         return self.in_flight
 
 
-def server_metadata(shared_memory: bool = False) -> pb.ServerMetadataResponse:
-    """The server's name, version and extensions (`system_shared_memory` when it is on)."""
-    extensions = EXTENSIONS + [SHARED_MEMORY_EXTENSION] if shared_memory else EXTENSIONS
-    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions)
-
-
-def model_metadata(plane: DataPlane, name: str, version: str = "") -> tuple[pb.ModelMetadataResponse, dict[str, str]]:
-    """Triton's model metadata, and what this server adds (export metadata, provider, batching)
-    as headers (gRPC initial metadata)."""
-    data, headers = plane.model_metadata(name, version)
-    response = pb.ModelMetadataResponse(name=data["name"], versions=data["versions"], platform=data["platform"])
-    for key, target in (("inputs", response.inputs), ("outputs", response.outputs)):
-        for t in data[key]:
-            target.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-    return response, headers
-
-
-def model_config(plane: DataPlane, name: str, version: str = "") -> pb.ModelConfigResponse:
-    """Triton's ModelConfig message, from the data plane's plain description."""
-    return pb.ModelConfigResponse(config=json_format.ParseDict(plane.model_config(name, version), pb.ModelConfig()))
-
-
-def model_ready(plane: DataPlane, name: str, version: str, server_ready: bool) -> bool:
-    """Ready when the server is (not draining) and the model (version) is loaded; raises NOT_FOUND
-    for an unknown model or version and UNAVAILABLE for a known one that is not loaded."""
-    plane.repository.get(name, version)
-    return server_ready
-
-
-def statistics(plane: DataPlane, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
-    """Triton's ModelStatistics for one model (version) or all; NOT_FOUND for an unknown model."""
-    snap = plane.stats.snapshot()
-    response = pb.ModelStatisticsResponse()
-    if name:
-        plane.repository.get(name, version)  # NOT_FOUND if unknown
-    for model in plane.repository.ready_models():  # loaded versions that never ran: zeros, as Triton
-        entry = plane.repository.entry(model)
-        for ver in entry.versions if entry is not None else ():
-            snap.setdefault((model, ver), VersionStats())
-    for (model, ver), s in sorted(snap.items()):
-        if name and model != name:
-            continue
-        if version and str(ver) != version:
-            continue
-        ms = response.model_stats.add(
-            name=model,
-            version=str(ver),
-            last_inference=s.last_inference_ms,
-            inference_count=s.inference_count,
-            execution_count=s.execution_count,
-        )
-        for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-            d = getattr(s, field)
-            getattr(ms.inference_stats, field).CopyFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
-        for size, d in sorted(s.batches.items()):
-            ms.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=d.count, ns=d.ns))
-    return response
-
-
-def repository_index(plane: DataPlane, ready_only: bool = False) -> pb.RepositoryIndexResponse:
-    """Every model on disk or known, with its state, like Triton's repository index."""
-    response = pb.RepositoryIndexResponse()
-    for model, version, state, reason in plane.repository.index():
-        if ready_only and state != "READY":
-            continue
-        response.models.add(name=model, version=version, state=state, reason=reason)
-    return response
+def extensions(shared_memory: bool = False) -> list[str]:
+    """The protocol extensions served (`system_shared_memory` while it is on)."""
+    return EXTENSIONS + [SHARED_MEMORY_EXTENSION] if shared_memory else list(EXTENSIONS)
 
 
 async def load_model(plane: DataPlane, name: str, parameters: dict | None = None) -> None:

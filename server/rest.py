@@ -49,7 +49,7 @@ import numpy as np
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server import classification, handlers
+from server import classification, describe, handlers
 from server.codec import DATATYPES, MAX_RANK, Limits, check_bytes_count, check_shape
 from server.dataplane import InferRequest, InferResponse
 from server.dtypes import OBJECT, TRITON_TO_OIP, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
@@ -384,31 +384,6 @@ def response_body(response: InferResponse, binary_outputs: dict[str, bool], bina
     return b"".join([text, *blobs]), len(text)
 
 
-def _to_json(msg) -> dict:
-    """A protobuf message as Triton's REST API writes it: every field, default values included,
-    64-bit integers as numbers (protobuf's JSON would make them strings), enums by name."""
-    out = {}
-    for field in msg.DESCRIPTOR.fields:
-        value = getattr(msg, field.name)
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            out[field.name] = {
-                k: _to_json(v) if value_field.message_type else _scalar(value_field, v) for k, v in value.items()
-            }
-        elif field.is_repeated:
-            out[field.name] = [_to_json(v) if field.message_type else _scalar(field, v) for v in value]
-        elif field.message_type is not None:
-            if msg.HasField(field.name):
-                out[field.name] = _to_json(value)
-        elif field.containing_oneof is None or msg.HasField(field.name):
-            out[field.name] = _scalar(field, value)
-    return out
-
-
-def _scalar(field, value):
-    return field.enum_type.values_by_number[value].name if field.enum_type is not None else value
-
-
 def _dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -603,17 +578,14 @@ class RestApp:
             return await ex.respond(200 if ok else 503, _dumps({parts[1]: ok}))
         if not parts:
             self._need(ex, "GET")
-            meta = handlers.server_metadata(self.gate.shm_enabled)
-            return await ex.respond(
-                200, _dumps({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
-            )
+            return await ex.respond(200, _dumps(describe.server_metadata(handlers.extensions(self.gate.shm_enabled))))
         if parts[0] == "repository":
             return await self._repository(ex, parts[1:])
         if parts[0] in ("systemsharedmemory", "cudasharedmemory"):
             return await self._shared_memory(ex, parts)
         if parts == ["models", "stats"]:
             self._need(ex, "GET")
-            return await ex.respond(200, _dumps(_to_json(handlers.statistics(plane))))
+            return await ex.respond(200, _dumps(describe.statistics(plane)))
         if parts[0] != "models" or len(parts) < 2:
             raise HttpError(404, f"no such endpoint /v2/{clip('/'.join(parts))}")
         model, rest, version = parts[1], parts[2:], ""
@@ -623,18 +595,12 @@ class RestApp:
             version, rest = rest[1], rest[2:]
         if not rest:
             self._need(ex, "GET")
-            meta, _ = handlers.model_metadata(plane, model, version)
-
-            def tensors(ts):
-                return [{"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]} for t in ts]
-
-            body = {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
-                    "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)}  # fmt: skip
-            return await ex.respond(200, _dumps(body))
+            meta, _ = describe.model_metadata(plane, model, version)
+            return await ex.respond(200, _dumps(meta))
         if rest == ["ready"]:
             self._need(ex, "GET")
             try:
-                ready = handlers.model_ready(plane, model, version, self.is_ready())
+                ready = describe.model_ready(plane, model, version, self.is_ready())
             except NotFound as exc:
                 raise HttpError(404, exc.message) from None
             except Unavailable as exc:
@@ -642,10 +608,10 @@ class RestApp:
             return await ex.respond(200 if ready else 503, _dumps({"name": model, "ready": ready}))
         if rest == ["config"]:
             self._need(ex, "GET")
-            return await ex.respond(200, _dumps(_to_json(handlers.model_config(plane, model, version).config)))
+            return await ex.respond(200, _dumps(describe.model_config(plane, model, version)))
         if rest == ["stats"]:
             self._need(ex, "GET")
-            return await ex.respond(200, _dumps(_to_json(handlers.statistics(plane, model, version))))
+            return await ex.respond(200, _dumps(describe.statistics(plane, model, version)))
         if rest == ["infer"]:
             self._need(ex, "POST")
             return await self._infer(ex, model, version)
@@ -669,8 +635,7 @@ class RestApp:
                 ready_only = options.get("ready", False)
                 if not isinstance(ready_only, bool):
                     raise HttpError(400, f"Invalid value for 'ready': expected a boolean, got {clip(ready_only)}")
-                index = _to_json(handlers.repository_index(self.plane, ready_only))["models"]
-                return await ex.respond(200, _dumps(index))
+                return await ex.respond(200, _dumps(describe.repository_index(self.plane, ready_only)))
             if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
                 params = _params(options.get("parameters"), parts[2])
                 with self.admission.call():
@@ -848,7 +813,7 @@ def _parse(body: bytes, n: int, model: str, version: str, limits: Limits, plane=
     if n == 0:
         if plane is None:
             raise HttpError(400, f"{HEADER_LENGTH} 0 (a raw binary request) is not accepted here")
-        return raw_request(body, model, version, limits, plane.model_config(model, version))
+        return raw_request(body, model, version, limits, describe.model_config(plane, model, version))
     try:
         header = json.loads(body[:n] if n < len(body) else body)
     except (ValueError, RecursionError) as exc:

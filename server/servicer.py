@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from server import classification, handlers
+from server import classification, describe, handlers
 from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
 from server.errors import InvalidArgument, Unimplemented, clip
@@ -313,24 +313,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             return pb.ModelReadyResponse(
-                ready=handlers.model_ready(self.plane, request.name, request.version, self.is_ready())
+                ready=describe.model_ready(self.plane, request.name, request.version, self.is_ready())
             )
         except Exception:  # noqa: BLE001 - unknown or not loaded: not ready
             return pb.ModelReadyResponse(ready=False)
 
     @_unary
     async def ServerMetadata(self, request, context):
-        return handlers.server_metadata(self.gate.shm_enabled)
+        return pb.ServerMetadataResponse(**describe.server_metadata(handlers.extensions(self.gate.shm_enabled)))
 
     @_unary
     async def ModelMetadata(self, request, context):
-        response, headers = handlers.model_metadata(self.plane, request.name, request.version)
+        described, headers = describe.model_metadata(self.plane, request.name, request.version)
         await context.send_initial_metadata(tuple(headers.items()))
-        return response
+        return pb.ModelMetadataResponse(**described)
 
     @_unary
     async def ModelConfig(self, request, context):
-        return handlers.model_config(self.plane, request.name, request.version)
+        return pb.ModelConfigResponse(config=describe.model_config(self.plane, request.name, request.version))
 
     async def _infer(self, request: pb.ModelInferRequest, context, stream: bool = False):
         """Run one request through the gate (`server.gate`); (response, memory hold). A unary
@@ -453,11 +453,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelStatistics(self, request, context):
-        return handlers.statistics(self.plane, request.name, request.version)
+        return pb.ModelStatisticsResponse(**describe.statistics(self.plane, request.name, request.version))
 
     @_unary
     async def RepositoryIndex(self, request, context):
-        return handlers.repository_index(self.plane, request.ready)
+        return pb.RepositoryIndexResponse(models=describe.repository_index(self.plane, request.ready))
 
     @_unary
     async def RepositoryModelLoad(self, request, context):

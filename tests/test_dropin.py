@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server import classification
+from server import classification, describe
 from server.codec import Limits, check_shape
 from server.errors import InvalidArgument, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
@@ -368,7 +368,7 @@ def test_raw_binary_request_codec(server):
     plane, limits = server.plane, Limits()
 
     def raw(model, data):
-        return raw_request(data, model, "", limits, plane.model_config(model, ""))
+        return raw_request(data, model, "", limits, describe.model_config(plane, model, ""))
 
     for n in (8, 32):
         data = np.arange(n, dtype=np.float32).tobytes()

@@ -17,7 +17,10 @@ Policy (per model version):
   once that many rows are queued;
 - the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
 - a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED), nor one whose
-  caller cancelled its future while queued (an asyncio frontend whose client went away).
+  caller cancelled its future while queued (an asyncio frontend whose client went away);
+- a run is stopped (ONNX Runtime's terminate flag, `runtime.RunControl`) once every request in it
+  has left (`Ticket.leave`: their callers are gone), and at the latest of their deadlines (none
+  if one of them has none).
 `instances` worker threads run batches concurrently (Triton's instance count). Callers on an event
 loop submit with `inline=False`: the request is handed to those threads and the caller awaits the
 future (the gRPC frontend passes `inline=True` only for a small request that is the only call in
@@ -27,6 +30,7 @@ progress: see `DataPlane.infer_async`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from server.runtime import RunControl
 from server.signature import Signature
 
 log = logging.getLogger(__name__)
@@ -124,12 +129,50 @@ class Work:
         return self.key
 
 
+class Ticket(Future):
+    """A request's future in the batcher; gives (outputs, queue_ns, BatchInfo). `leave()`: its
+    caller is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = False
+        self.run: _Run | None = None  # the run it is part of, once it runs
+
+    def leave(self) -> None:
+        """The caller is gone: a queued request is not run; a running one's run is stopped once
+        every request in it has left (any thread, idempotent)."""
+        if self.cancel():
+            return
+        self.left = True  # before `run` is read: `_Run.check` after `run` is set sees it
+        run = self.run
+        if run is not None:
+            run.check()
+
+
+class _Run:
+    """One ONNX Runtime run of merged requests and what stops it (`RunControl`)."""
+
+    __slots__ = ("tickets", "control")
+
+    def __init__(self, tickets: list[Ticket], deadlines: list[float | None]) -> None:
+        self.tickets = tickets
+        # it runs as long as any of its requests may still want it
+        self.control = RunControl(None if any(d is None for d in deadlines) else max(deadlines))
+        for t in tickets:
+            t.run = self
+        self.check()
+
+    def check(self) -> None:
+        if all(t.left for t in self.tickets):
+            self.control.stop("cancelled")
+
+
 @dataclass
 class _Item:
     work: Work
     deadline: float | None  # time.monotonic() deadline, None = none
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+    future: Ticket = field(default_factory=Ticket)
 
     @property
     def rows(self) -> int:
@@ -251,11 +294,15 @@ class Batcher:
         on_batch: Callable[[BatchInfo], None] = lambda info: None,
         executor: Executor | None = None,
         signature: Signature | None = None,
+        stoppable: bool = False,
     ) -> None:
         """`executor`: where a request submitted with inline=False runs once this batcher is closed
-        (a retired version's late request); None: in the caller's thread."""
+        (a retired version's late request); None: in the caller's thread. `stoppable`: `run`
+        takes a `control` (`runtime.RunControl`, as `ModelRuntime.run` does): a run whose
+        requests all left, or whose deadlines all passed, is stopped."""
         self.name = name
         self.run = run
+        self.stoppable = stoppable
         self.policy = policy
         self.on_batch = on_batch
         self.executor = executor
@@ -271,7 +318,7 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, work: Work, deadline: float | None = None, inline: bool = True) -> Future:
+    def submit(self, work: Work, deadline: float | None = None, inline: bool = True) -> Ticket:
         """Queue a request; its future gives (outputs, queue_ns, BatchInfo). `inline`: an idle eager
         batcher may run it in the calling thread (False from an event loop: never)."""
         item = _Item(work, deadline)
@@ -395,10 +442,15 @@ class Batcher:
             self._run_live(live)
 
     def _run_live(self, live: list[_Item]) -> None:
+        run, control = self.run, None
+        if self.stoppable:
+            control = _Run([i.future for i in live], [i.deadline for i in live]).control
+            run = functools.partial(run, control=control)
         try:
-            results, info = merge_and_run(live, self.run, self.signature)
+            results, info = merge_and_run(live, run, self.signature)
         except Exception as exc:  # noqa: BLE001 - reported to the request(s) it belongs to
-            if len(live) > 1:  # one request's values may have failed the run: each alone, so only it fails
+            stopped = control is not None and control.reason is not None  # every caller left, or too late
+            if len(live) > 1 and not stopped:  # one request's values may have failed the run: each alone
                 for item in live:
                     self._run_live([item])
                 return

@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     client_cpus = set(cpus[1:]) if pin else None
     modes = tuple(args.modes.split(","))
     models = ensure_model(args.models, args.model)
-    line = run_line(models, args.model, server_cpus, client_cpus, args.warmup, args.duration, args.client_processes, tuple(args.server_args.split()), modes=modes)  # fmt: skip
+    extra = tuple(args.server_args.split())
+    line = run_line(models, args.model, server_cpus, client_cpus, args.warmup, args.duration, args.client_processes,
+                    extra, modes=modes)  # fmt: skip
     ref = line["reference"]
     print(f"streaming in-process batch {SEQUENCES}: {ref['frames_per_s']:.0f} frames/s "
           f"({ref['ms_per_run']:.2f} ms per run, {ref['cpu_ms_per_chunk']:.3f} ms CPU per chunk)")  # fmt: skip

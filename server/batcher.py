@@ -10,6 +10,11 @@ Policy (per model version):
 - it waits at most `max_queue_delay_us` after the oldest request arrived for more to come; with
   the default 0, a request that finds the model idle runs at once in its own thread (no hand-off),
   and requests that arrive while a run is in progress are merged into the next run;
+- eager (no delay asked for) but busy: when a run ends with requests already waiting, the next
+  run waits for company while requests keep arriving (each within `COALESCE_GAP_S` of the last,
+  `COALESCE_MAX_S` at most): where the threads that accept requests share cores with the run,
+  they could not queue much while it ran, and runs of one row each cost nearly as much as a run
+  of many (a lone request, finding the model idle, never waits);
 - a request larger than `max_batch` runs alone (never refused for its size);
 - `preferred_batch_size` (Triton's): the wait also ends when the queued rows make one of these
   sizes, and a run takes the largest preferred size the queue can fill (else up to max_batch);
@@ -45,6 +50,8 @@ from server.runtime import RunControl
 from server.signature import Signature
 
 log = logging.getLogger(__name__)
+COALESCE_GAP_S = 2e-3  # see the module doc: an eager, busy batcher waits for the next request this long
+COALESCE_MAX_S = 8e-3  # and for company this long at most
 
 
 @dataclass(frozen=True)
@@ -311,6 +318,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._slots = threading.Semaphore(policy.instances)  # runs in progress, inline or by a worker
+        self._busy = False  # the last worker run ended with requests waiting (see COALESCE_GAP_S)
         self._threads = [
             threading.Thread(target=self._worker, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.instances)
@@ -370,13 +378,17 @@ class Batcher:
         """Called holding a run slot; [] if other workers emptied the queue meanwhile."""
         policy = self.policy
         with self._cond:
+            coalesce_until = time.monotonic() + COALESCE_MAX_S if self._busy and not policy.max_queue_delay_us else 0.0
             while True:
                 if not self._queue:
                     return []
                 # Another worker may take the oldest while this one waits: re-read it each time.
                 oldest = self._queue[0]
                 queued = sum(i.rows for i in self._queue)
-                remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - time.monotonic()
+                now = time.monotonic()
+                remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - now
+                if coalesce_until:  # eager but busy: wait while requests keep arriving
+                    remaining = min(coalesce_until - now, self._queue[-1].enqueued + COALESCE_GAP_S - now)
                 preferred = policy.preferred_batch_size
                 full = queued >= policy.max_batch or queued in preferred or bool(preferred) and queued >= preferred[-1]
                 full = full or 0 < policy.ready_rows <= queued
@@ -414,6 +426,8 @@ class Batcher:
                     batch = self._take()
                     if batch:
                         self._run_safely(batch)
+                        with self._cond:
+                            self._busy = bool(self._queue)
             except Exception:  # noqa: BLE001 - never let a worker die while requests wait
                 log.exception("batcher %s: worker error", self.name)
 

@@ -158,7 +158,7 @@ def _client(target: str, mode: str, model: str, features: int, slots: list[int],
 
 
 def _statistics(target: str, model: str) -> tuple[int, int, int]:
-    """(inferences, executions, ORT compute ns) of the model so far."""
+    """(inferences, executions, ns in ORT runs) of the model so far."""
     import grpc
 
     from server.proto import grpc_service_pb2 as pb
@@ -167,8 +167,8 @@ def _statistics(target: str, model: str) -> tuple[int, int, int]:
     with grpc.insecure_channel(target) as ch:
         stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model))
     ms = stats.model_stats
-    return (sum(s.inference_count for s in ms), sum(s.execution_count for s in ms),
-            sum(s.inference_stats.compute_infer.ns for s in ms))  # fmt: skip
+    runs_ns = sum(b.compute_infer.ns for s in ms for b in s.batch_stats)  # each ORT run once
+    return sum(s.inference_count for s in ms), sum(s.execution_count for s in ms), runs_ns
 
 
 def served(target: str, pid: int, mode: str, model: str, features: int, warmup: float, duration: float,

@@ -7,7 +7,9 @@ Lines, on the same model (default `encoder`) and the same seeded requests:
   (t) the gRPC transport alone: a no-model server on the server's CPU, single50 at c=64 (targets)
   (i) the int8 twin (`encoder_int8`) and its float model served by one server, single50 at c=1/16/64,
       and in-process at batch 1/16/64; the int8 speaker classifier's served accuracy (bench.precision)
-  (s) system shared memory: the encoder's tensors in client regions vs in the message (bench.shm)
+  (m) system shared memory: the encoder's tensors in client regions vs in the message (bench.shm)
+  (s) streaming: 64 sequences of 10-frame chunks to `stream_encoder` (server-kept state), unary, one
+      stream per sequence and all on one stream, vs in-process batch 64 (bench.streaming)
   (f) the float32 matmul ceiling: every line shows achieved GFLOP/s and its fraction of it.
 LSTM FLOPs: 2 x 4H x (input + H) per valid step, per direction, per layer, per sequence.
 
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--static-model", default="encoder_static_t50")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--payloads", default="short,long,mixed")
-    parser.add_argument("--lines", default="a,b,c,d,e,i,s")
+    parser.add_argument("--lines", default="a,b,c,d,e,i,m,s")
     parser.add_argument("--int8-model", default=None, help="line (i): the int8 twin (default: MODEL_int8)")
     parser.add_argument("--classifier", default="speaker_id", help="line (i): the classifier whose _int8 twin's "
                         "served accuracy is measured")  # fmt: skip
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             batches=list(dict.fromkeys([1, tc["c16"], tc["c64"]])), threads=threads,
         )  # fmt: skip
 
-    if "s" in lines:  # (s) tensors in system shared memory vs in the message: bench.shm -> bench_shm.json
+    if "m" in lines:  # (m) tensors in system shared memory vs in the message: bench.shm -> bench_shm.json
         from bench import shm
 
         shm.run_line(args.models, args.model, cpus, args.warmup, args.duration, args.client_processes,
@@ -445,6 +447,14 @@ def main(argv: list[str] | None = None) -> int:
 
         transport = floor["seq_per_s"] if floor and floor.get("seq_per_s") else None
         targets += precision.targets(int8, precision.cpu_features(), judged=tc["c16"], transport=transport)
+    if "s" in lines:  # (s) streaming: 64 sequences of 10-frame chunks, unary and streamed (bench/streaming.py)
+        from bench import streaming
+
+        line_s = streaming.run_line(streaming.ensure_model(args.models), server_cpus=server_cpus,
+                                    client_cpus=client_cpus, warmup=args.warmup, duration=args.duration,
+                                    processes=args.client_processes, server_args=tuple(base))  # fmt: skip
+        Path(f"{args.out}_streaming.json").write_text(json.dumps(line_s, indent=1))
+        targets += streaming.targets(line_s) if targets_on else []
     for t in targets:
         was = f"before {t['before']:.2f} ({t['before_detail']}); " if "before" in t else ""
         met = "INFO" if t["ok"] is None else ("MET " if t["ok"] else "MISS")

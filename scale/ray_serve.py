@@ -106,8 +106,8 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
                 try:
                     yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
                 except Exception as exc:  # noqa: BLE001
-                    code, _, message = error_status(exc)
-                    yield pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+                    _, _, message = error_status(exc)
+                    yield pb.ModelStreamInferResponse(error_message=message)  # bare text, as Triton's
 
         def ServerLive(self, request):  # noqa: N802
             from server.proto import grpc_service_pb2 as pb

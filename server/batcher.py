@@ -10,6 +10,11 @@ Policy (per model version):
 - it waits at most `max_queue_delay_us` after the oldest request arrived for more to come; with
   the default 0, a request that finds the model idle runs at once in its own thread (no hand-off),
   and requests that arrive while a run is in progress are merged into the next run;
+- eager (no delay asked for) but busy: when a run ends with requests already waiting, the next
+  run waits for company while requests keep arriving (each within `COALESCE_GAP_S` of the last,
+  `COALESCE_MAX_S` at most): where the threads that accept requests share cores with the run,
+  they could not queue much while it ran, and runs of one row each cost nearly as much as a run
+  of many (a lone request, finding the model idle, never waits);
 - a request larger than `max_batch` runs alone (never refused for its size);
 - `preferred_batch_size` (Triton's): the wait also ends when the queued rows make one of these
   sizes, and a run takes the largest preferred size the queue can fill (else up to max_batch);
@@ -17,7 +22,10 @@ Policy (per model version):
   once that many rows are queued;
 - the queue is bounded: when `max_queue` requests wait, a new one gets RESOURCE_EXHAUSTED;
 - a request whose client deadline passed while queued is not run (DEADLINE_EXCEEDED), nor one whose
-  caller cancelled its future while queued (an asyncio frontend whose client went away).
+  caller cancelled its future while queued (an asyncio frontend whose client went away);
+- a run is stopped (ONNX Runtime's terminate flag, `runtime.RunControl`) once every request in it
+  has left (`Ticket.leave`: their callers are gone), and at the latest of their deadlines (none
+  if one of them has none).
 `instances` worker threads run batches concurrently (Triton's instance count). Callers on an event
 loop submit with `inline=False`: the request is handed to those threads and the caller awaits the
 future (the gRPC frontend passes `inline=True` only for a small request that is the only call in
@@ -27,6 +35,7 @@ progress: see `DataPlane.infer_async`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -37,9 +46,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from server.runtime import RunControl
 from server.signature import Signature
 
 log = logging.getLogger(__name__)
+COALESCE_GAP_S = 2e-3  # see the module doc: an eager, busy batcher waits for the next request this long
+COALESCE_MAX_S = 8e-3  # and for company this long at most
 
 
 @dataclass(frozen=True)
@@ -124,12 +136,50 @@ class Work:
         return self.key
 
 
+class Ticket(Future):
+    """A request's future in the batcher; gives (outputs, queue_ns, BatchInfo). `leave()`: its
+    caller is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = False
+        self.run: _Run | None = None  # the run it is part of, once it runs
+
+    def leave(self) -> None:
+        """The caller is gone: a queued request is not run; a running one's run is stopped once
+        every request in it has left (any thread, idempotent)."""
+        if self.cancel():
+            return
+        self.left = True  # before `run` is read: `_Run.check` after `run` is set sees it
+        run = self.run
+        if run is not None:
+            run.check()
+
+
+class _Run:
+    """One ONNX Runtime run of merged requests and what stops it (`RunControl`)."""
+
+    __slots__ = ("tickets", "control")
+
+    def __init__(self, tickets: list[Ticket], deadlines: list[float | None]) -> None:
+        self.tickets = tickets
+        # it runs as long as any of its requests may still want it
+        self.control = RunControl(None if any(d is None for d in deadlines) else max(deadlines))
+        for t in tickets:
+            t.run = self
+        self.check()
+
+    def check(self) -> None:
+        if all(t.left for t in self.tickets):
+            self.control.stop("cancelled")
+
+
 @dataclass
 class _Item:
     work: Work
     deadline: float | None  # time.monotonic() deadline, None = none
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+    future: Ticket = field(default_factory=Ticket)
 
     @property
     def rows(self) -> int:
@@ -251,11 +301,15 @@ class Batcher:
         on_batch: Callable[[BatchInfo], None] = lambda info: None,
         executor: Executor | None = None,
         signature: Signature | None = None,
+        stoppable: bool = False,
     ) -> None:
         """`executor`: where a request submitted with inline=False runs once this batcher is closed
-        (a retired version's late request); None: in the caller's thread."""
+        (a retired version's late request); None: in the caller's thread. `stoppable`: `run`
+        takes a `control` (`runtime.RunControl`, as `ModelRuntime.run` does): a run whose
+        requests all left, or whose deadlines all passed, is stopped."""
         self.name = name
         self.run = run
+        self.stoppable = stoppable
         self.policy = policy
         self.on_batch = on_batch
         self.executor = executor
@@ -264,6 +318,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._slots = threading.Semaphore(policy.instances)  # runs in progress, inline or by a worker
+        self._busy = False  # the last worker run ended with requests waiting (see COALESCE_GAP_S)
         self._threads = [
             threading.Thread(target=self._worker, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.instances)
@@ -271,7 +326,7 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, work: Work, deadline: float | None = None, inline: bool = True) -> Future:
+    def submit(self, work: Work, deadline: float | None = None, inline: bool = True) -> Ticket:
         """Queue a request; its future gives (outputs, queue_ns, BatchInfo). `inline`: an idle eager
         batcher may run it in the calling thread (False from an event loop: never)."""
         item = _Item(work, deadline)
@@ -323,13 +378,17 @@ class Batcher:
         """Called holding a run slot; [] if other workers emptied the queue meanwhile."""
         policy = self.policy
         with self._cond:
+            coalesce_until = time.monotonic() + COALESCE_MAX_S if self._busy and not policy.max_queue_delay_us else 0.0
             while True:
                 if not self._queue:
                     return []
                 # Another worker may take the oldest while this one waits: re-read it each time.
                 oldest = self._queue[0]
                 queued = sum(i.rows for i in self._queue)
-                remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - time.monotonic()
+                now = time.monotonic()
+                remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - now
+                if coalesce_until:  # eager but busy: wait while requests keep arriving
+                    remaining = min(coalesce_until - now, self._queue[-1].enqueued + COALESCE_GAP_S - now)
                 preferred = policy.preferred_batch_size
                 full = queued >= policy.max_batch or queued in preferred or bool(preferred) and queued >= preferred[-1]
                 full = full or 0 < policy.ready_rows <= queued
@@ -367,6 +426,8 @@ class Batcher:
                     batch = self._take()
                     if batch:
                         self._run_safely(batch)
+                        with self._cond:
+                            self._busy = bool(self._queue)
             except Exception:  # noqa: BLE001 - never let a worker die while requests wait
                 log.exception("batcher %s: worker error", self.name)
 
@@ -395,10 +456,15 @@ class Batcher:
             self._run_live(live)
 
     def _run_live(self, live: list[_Item]) -> None:
+        run, control = self.run, None
+        if self.stoppable:
+            control = _Run([i.future for i in live], [i.deadline for i in live]).control
+            run = functools.partial(run, control=control)
         try:
-            results, info = merge_and_run(live, self.run, self.signature)
+            results, info = merge_and_run(live, run, self.signature)
         except Exception as exc:  # noqa: BLE001 - reported to the request(s) it belongs to
-            if len(live) > 1:  # one request's values may have failed the run: each alone, so only it fails
+            stopped = control is not None and control.reason is not None  # every caller left, or too late
+            if len(live) > 1 and not stopped:  # one request's values may have failed the run: each alone
                 for item in live:
                     self._run_live([item])
                 return

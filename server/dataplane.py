@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server import classification, control
-from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
+from server.batcher import Batcher, BatchInfo, BatchPolicy, Ticket, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
@@ -98,7 +98,7 @@ class _Call:
 class _Wait:
     """A step of a request: the batcher's future, waited for until the client's deadline (+0.5 s)."""
 
-    future: concurrent.futures.Future
+    future: Ticket
     deadline: float | None
     model: str
 
@@ -368,6 +368,7 @@ class DataPlane:
                             on_batch=lambda info, rt=rt: self._on_batch(rt, info),
                             executor=self.executor,
                             signature=rt.signature,
+                            stoppable=True,
                         )
         return rt.batcher or None
 
@@ -469,6 +470,9 @@ class DataPlane:
                         value = await asyncio.wait_for(asyncio.wrap_future(step.future), step.timeout())
                     except asyncio.TimeoutError:
                         raise step.expired() from None
+                    except asyncio.CancelledError:  # the caller left: not run, or its run stopped
+                        step.future.leave()  # once every request in it left
+                        raise
             except BaseException as exc:  # noqa: BLE001 - handed back to the request's own steps
                 error = exc
 

@@ -290,6 +290,29 @@ async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_dea
     return result, hold
 
 
+# a stream's requests in progress at most; while that many are, the stream is not read further
+STREAM_IN_FLIGHT = 64
+
+
+def _sequence_key(request: pb.ModelInferRequest) -> tuple | None:
+    """What orders a stream's requests: the chunks of one sequence (model and `sequence_id`) run one
+    after another; a request without one is independent."""
+    if "sequence_id" not in request.parameters:
+        return None
+    p = request.parameters["sequence_id"]
+    kind = p.WhichOneof("parameter_choice")
+    value = getattr(p, kind) if kind else None
+    return request.model_name, str(value)
+
+
+def _release_answer(task: asyncio.Task) -> None:
+    """A stream answer that will never be written: its memory hold goes back."""
+    if not task.cancelled() and task.exception() is None:
+        hold = task.result()[2]
+        if hold is not None:
+            hold.release()
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, is_ready, admission: Admission | None = None,
                  budget: MemoryBudget | None = None, tokens_on: bool = False,
@@ -361,40 +384,88 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return to_infer_response_bytes(result, request)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Answers each request in order; a bad one gets an `error_message` and the stream goes on
-        (as Triton). Once a drain starts, a stream waiting for its next request ends UNAVAILABLE."""
+        """A stream's requests run concurrently (at most `STREAM_IN_FLIGHT`; the stream is not read
+        further meanwhile), so chunks of many sequences on one stream batch like many streams; the
+        chunks of one sequence run one after another, in order (`_sequence_key`). Each request is
+        answered with its id, in request order (this project's client reads them so; tritonclient
+        matches ids). A bad request gets an `error_message` (the bare text, as Triton's) and the
+        stream goes on. Once a drain starts, a stream waiting for its next request answers what it
+        has in progress, then ends UNAVAILABLE. The client leaving cancels what is in progress."""
         refused = asyncio.ensure_future(self.admission.refused_event().wait())
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        answers: asyncio.Queue = asyncio.Queue()  # tasks in request order; None: no more
+        last: dict[tuple, asyncio.Task] = {}  # the latest request of each sequence
+        tasks: set[asyncio.Task] = set()
+        writer = asyncio.ensure_future(self._stream_writer(context, answers, slots, asyncio.current_task()))
+        draining = False
         try:
             while True:
+                await slots.acquire()  # backpressure: a full stream is not read further
                 read = asyncio.ensure_future(context.read())
                 done, _ = await asyncio.wait({read, refused}, return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
                     read.cancel()
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream (another replica)"
-                    )
+                    draining = True
+                    break
                 request = read.result()
                 if request is grpc.aio.EOF:
-                    return
+                    break
                 request = await _parse_off_loop(request, self.plane.executor)
-                if isinstance(request, Malformed):
-                    await context.write(
-                        pb.ModelStreamInferResponse(error_message=f"INVALID_ARGUMENT: {request.message}")
-                    )
-                    continue
-                hold, result = None, None
-                start = time.perf_counter_ns()
-                try:
-                    result, hold = await self._infer(request, context, stream=True)
-                    response = pb.ModelStreamInferResponse(infer_response=to_infer_response(result, request))
-                except Exception as exc:  # noqa: BLE001 - reported in the stream, which goes on
-                    code, _, message = error_status(exc)
-                    response = pb.ModelStreamInferResponse(
-                        error_message=f"{code.name}: {message}",
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name, model_version=request.model_version, id=request.id
-                        ),
-                    )
+                key = None if isinstance(request, Malformed) else _sequence_key(request)
+                before = last.get(key) if key is not None else None
+                task = asyncio.ensure_future(self._stream_one(request, context, before))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                if key is not None:
+                    last[key] = task
+                    task.add_done_callback(lambda t, key=key: last.get(key) is t and last.pop(key))
+                answers.put_nowait(task)
+            answers.put_nowait(None)
+            await writer  # every request answered
+            if draining:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream (another replica)"
+                )
+        finally:
+            refused.cancel()
+            if not writer.done():
+                writer.cancel()
+            for task in list(tasks):  # the client left (or a write failed): stop what is in progress
+                task.cancel()
+            while not answers.empty():  # computed but never written: its memory goes back
+                task = answers.get_nowait()
+                if task is not None:
+                    task.add_done_callback(_release_answer)
+
+    async def _stream_one(self, request, context, before: asyncio.Task | None):
+        """One stream request, after `before` (the same sequence's previous request) finished:
+        (response message, InferResponse or None, memory hold or None, start ns)."""
+        if before is not None:
+            await asyncio.wait({before})  # its outcome is its own; only the order matters here
+        start = time.perf_counter_ns()
+        if isinstance(request, Malformed):
+            return pb.ModelStreamInferResponse(error_message=request.message), None, None, start
+        try:
+            result, hold = await self._infer(request, context, stream=True)
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, which goes on
+            _, _, message = error_status(exc)
+            reply = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                          id=request.id)  # fmt: skip
+            return pb.ModelStreamInferResponse(error_message=message, infer_response=reply), None, None, start
+        try:
+            response = pb.ModelStreamInferResponse(infer_response=to_infer_response(result, request))
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+        return response, result, hold, start
+
+    async def _stream_writer(self, context, answers: asyncio.Queue, slots: asyncio.Semaphore, reader) -> None:
+        """The stream's one writer: each request's answer in request order; a failed write (the
+        client gone) stops the reader and everything in progress."""
+        try:
+            while (task := await answers.get()) is not None:
+                response, result, hold, start = await task
                 try:
                     await context.write(response)
                 except BaseException:
@@ -405,8 +476,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 finally:
                     if hold is not None:
                         hold.release()
-        finally:
-            refused.cancel()
+                slots.release()
+        except BaseException:
+            reader.cancel()
+            raise
 
     # -- Triton's shared-memory extension (`server.shm`) ----------------------------------------
 

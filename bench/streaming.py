@@ -307,7 +307,8 @@ def targets(line: dict) -> list[dict]:
     out = []
     for row in line["rows"]:
         goal = TARGETS[row["mode"]]
-        out.append({"target": f"streaming {row['mode']} >= {goal}x in-process batch {SEQUENCES}",
+        out.append({"key": f"streaming_{row['mode']}",
+                    "target": f"streaming {row['mode']} >= {goal}x in-process batch {SEQUENCES}",
                     "value": row["ratio"], "goal": f">= {goal}", "ok": row["ratio"] >= goal,
                     "detail": f"{row['frames_per_s']:.0f} vs {line['reference']['frames_per_s']:.0f} frames/s; "
                               f"server CPU {row['server_cpu_ms_per_chunk']:.3f} ms/chunk"})  # fmt: skip

@@ -38,6 +38,8 @@ def test_bench_quick(repo, tmp_path):
     measured = [r for r in report["rows"] if "seq_per_s" in r]
     assert measured and all(r["errors"] == 0 and r["requests"] > 0 for r in measured)
     targets = {t["key"]: t for t in report["targets"]}
+    streaming = {k: targets.pop(k) for k in ("streaming_unary", "streaming_streams", "streaming_one")}
+    assert all(t["value"] > 0 for t in streaming.values()), streaming  # line (s), this run only
     assert set(targets) == {
         "threads", "c64_best", "c64_floor", "c1_over_live", "c64_meanbatch", "gain", "c1_over_run", "vs_torch"
     }  # fmt: skip

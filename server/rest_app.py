@@ -1,8 +1,9 @@
 """Open Inference Protocol v2 over HTTP/REST (KServe's "v2" protocol), a peer of the gRPC frontend.
 
-An ASGI app served by uvicorn (httptools parser, `server.rest_http`) on the server's event loop. HTTP itself (framing,
-keep-alive, pipelining, `Expect: 100-continue`, idle connections) is uvicorn's; this module maps
-OIP v2 JSON and Triton's binary tensor extension (`server.rest_codec`) to the data plane's numpy requests, and answers
+An ASGI app served by uvicorn (httptools parser; the port is `server.rest_http`) on the server's
+event loop. HTTP itself (framing, keep-alive, pipelining, `Expect: 100-continue`, idle connections)
+is uvicorn's; this module maps OIP v2 JSON and Triton's binary tensor extension (decoded by
+`server.rest_codec`) to the data plane's numpy requests, and answers
 what `server.handlers` answers. TLS, mutual TLS and bearer tokens as on the gRPC port (health open).
 
     GET  /v2/health/live | /v2/health/ready           200, or 503 when not ready/draining

@@ -61,10 +61,10 @@ def _serve(mode: str, models: Path) -> None:
     """Run one minimal server (sync | aio | aio-thread); print its port; serve until killed."""
     import grpc
 
+    from server.grpc_codec import to_infer_request, to_infer_response
     from server.handlers import error_status
     from server.proto import grpc_service_pb2 as pb
     from server.proto import grpc_service_pb2_grpc as pb_grpc
-    from server.servicer import to_infer_request, to_infer_response
 
     plane = _plane(models)
 

@@ -72,7 +72,7 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             grpc_context.set_details(message)
 
         def _response(self, response, request):
-            from server.servicer import to_infer_response
+            from server.grpc_codec import to_infer_response
 
             out = to_infer_response(response, request)
             out.parameters["ray_node_id"].string_param = self.node_id  # which node answered

@@ -31,7 +31,8 @@ from server.handlers import Admission
 from server.memory import budget_from_settings
 from server.metrics import Metrics
 from server.proto import grpc_service_pb2 as pb
-from server.rest import RestApp, RestServer
+from server.rest_app import RestApp
+from server.rest_http import RestServer
 from server.security import (
     RestrictedApiInterceptor,
     TokenAuthInterceptor,

@@ -1,5 +1,5 @@
-"""GRPCInferenceService on grpc.aio: protobuf <-> the data plane's numpy requests; errors map in one
-place (`server.handlers.error_status`).
+"""GRPCInferenceService on grpc.aio: the RPC methods; protobuf <-> the data plane's numpy requests is
+`server.grpc_codec`'s; errors map in one place (`server.handlers.error_status`).
 
 Every handler is a coroutine on the server's event loop: an idle, slow or half-open call costs a
 coroutine, not a thread; ONNX Runtime runs on the data plane's threads while the call awaits it.
@@ -13,14 +13,22 @@ import logging
 import time
 
 import grpc
-import numpy as np
-from google.protobuf.message import DecodeError
 
-from server import classification, describe, handlers
-from server.codec import decode_inputs, describe_output, encode_output, serialize_any, serialize_response, to_parameter
-from server.dataplane import DataPlane, InferRequest, InferResponse
+from server import describe, handlers
+from server.codec import serialize_any
+from server.dataplane import DataPlane
 from server.errors import InvalidArgument, Unimplemented, clip
-from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline, infer_request_counts_refusal
+from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline
+from server.grpc_codec import (
+    Malformed,
+    costly_to_decode,
+    deserializer,
+    parameter_value,
+    parse_off_loop,
+    to_infer_request,
+    to_infer_response,
+    to_infer_response_bytes,
+)
 from server.handlers import Admission, error_status
 from server.memory import MemoryBudget
 from server.proto import grpc_service_pb2 as pb
@@ -28,75 +36,10 @@ from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.shm import BYTE_SIZE as SHM_BYTE_SIZE
 from server.shm import INLINE_BYTES as SHM_INLINE_BYTES
 from server.shm import REGION as SHM_REGION
-from server.shm import ShmCall, cuda_shared_memory, owner_of
+from server.shm import cuda_shared_memory, owner_of
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-
-
-class Malformed:
-    """What the request deserializer hands a handler for bytes that are not the request message:
-    answered INVALID_ARGUMENT (in a stream: an error_message) instead of grpcio's bare UNKNOWN."""
-
-    def __init__(self, cls, exc: Exception) -> None:
-        # the parser's own text stays in the log: it names protobuf internals, not the request
-        self.message = f"request is not a valid {cls.DESCRIPTOR.full_name} message (it does not parse)"
-        log.debug("malformed %s: %s", cls.DESCRIPTOR.full_name, exc)
-
-
-# a request message larger than this is parsed on an executor thread, not the event loop (a 40 MB
-# message of millions of empty tensors takes seconds to parse)
-PARSE_INLINE_BYTES = 1 << 20
-
-
-class _Unparsed:
-    """A large request message's bytes, parsed by the handler off the event loop (`_parse_off_loop`)."""
-
-    __slots__ = ("cls", "data")
-
-    def __init__(self, cls, data: bytes) -> None:
-        self.cls, self.data = cls, data
-
-    def parse(self):
-        try:
-            return self.cls.FromString(self.data)
-        except DecodeError as exc:
-            return Malformed(self.cls, exc)
-
-
-class Refused(Malformed):
-    """A request refused before it is parsed (`gate.infer_request_counts_refusal`): INVALID_ARGUMENT."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-# a ModelInferRequest larger than this has its entries counted from the wire before it is parsed
-COUNT_ABOVE_BYTES = 64 << 10
-
-
-def _deserializer(cls):
-    infer = cls is pb.ModelInferRequest
-
-    def parse(data: bytes):
-        if infer and len(data) > COUNT_ABOVE_BYTES:
-            refusal = infer_request_counts_refusal(data)
-            if refusal is not None:
-                return Refused(refusal)
-        if len(data) > PARSE_INLINE_BYTES:
-            return _Unparsed(cls, data)
-        try:
-            return cls.FromString(data)
-        except DecodeError as exc:
-            return Malformed(cls, exc)
-
-    return parse
-
-
-async def _parse_off_loop(request, executor):
-    if isinstance(request, _Unparsed):
-        return await asyncio.get_running_loop().run_in_executor(executor, request.parse)
-    return request
 
 
 def add_to_server(servicer: InferenceServicer, server) -> None:
@@ -113,111 +56,11 @@ def add_to_server(servicer: InferenceServicer, server) -> None:
         make = kinds[(method.client_streaming, method.server_streaming)]
         methods[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
+            request_deserializer=deserializer(getattr(pb, method.input_type.name)),
             response_serializer=serialize_any,  # ModelInfer answers in wire format already
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, methods),))
     server.add_registered_method_handlers(SERVICE.full_name, methods)
-
-
-def parameter_value(p: pb.InferParameter):
-    """An InferParameter as a plain value (None when no field of its oneof is set)."""
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
-
-
-def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: float | None,
-                     shm: ShmCall | None = None) -> InferRequest:  # fmt: skip
-    """A ModelInferRequest as the data plane's request: tensors decoded (sizes checked before
-    anything is allocated), parameters (the request's and each output's) as plain values. With
-    `shm` (the call's shared-memory side), inputs naming a region are read from it and outputs
-    naming one have their region checked now (written by `ShmCall.write_async` after the run)."""
-    outputs, output_parameters = [], {}
-    for o in request.outputs:
-        if o.name in outputs:  # Triton's words
-            raise InvalidArgument(f"output {clip(o.name)} already exists in request")
-        outputs.append(o.name)
-        if o.parameters:
-            output_parameters[o.name] = params = {k: parameter_value(v) for k, v in o.parameters.items()}
-            if shm is not None:
-                shm.add_output(o.name, params)
-    classification.check(output_parameters)  # before anything runs
-    return InferRequest(
-        model_name=request.model_name,
-        model_version=request.model_version,
-        id=request.id,
-        inputs=decode_inputs(request, plane.limits, shm),
-        outputs=outputs,
-        parameters={k: parameter_value(v) for k, v in request.parameters.items()},
-        deadline=deadline,
-        output_parameters=output_parameters,
-    )
-
-
-def to_infer_response(response: InferResponse, request: pb.ModelInferRequest | None = None) -> pb.ModelInferResponse:
-    """The data plane's answer as a ModelInferResponse: outputs raw (tritonclient decodes only raw);
-    a parameter the request also carried (sequence_id) is echoed with the request's own type. An
-    output the request put in shared memory is described with an empty raw entry (as Triton: the
-    entries stay aligned with the outputs); its bytes are in its region already."""
-    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
-    in_shm = shm_outputs(request)
-    for name, array in response.outputs.items():
-        if name in in_shm:
-            describe_output(out, name, array)
-            out.raw_output_contents.append(b"")
-        else:
-            encode_output(out, name, array)
-    _echo_parameters(out, response, request)
-    return out
-
-
-def shm_outputs(request: pb.ModelInferRequest | None) -> set[str]:
-    """The outputs `request` asks to have written to shared memory (their replies carry no data)."""
-    if request is None:
-        return set()
-    return {o.name for o in request.outputs if SHM_REGION in o.parameters}
-
-
-_NO_BYTES = np.empty(0, np.uint8)
-
-
-def to_infer_response_bytes(response: InferResponse, request: pb.ModelInferRequest | None = None) -> bytes:
-    """`to_infer_response` in wire format, each output's bytes copied once (into the message)."""
-    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
-    in_shm = shm_outputs(request)
-    arrays = [
-        _NO_BYTES if name in in_shm else array
-        for name, array in ((name, describe_output(out, name, array)) for name, array in response.outputs.items())
-    ]
-    _echo_parameters(out, response, request)
-    return serialize_response(out, arrays)
-
-
-def _echo_parameters(out: pb.ModelInferResponse, response: InferResponse, request) -> None:
-    for key, value in response.parameters.items():
-        sent = request.parameters.get(key) if request is not None else None
-        if sent is not None and parameter_value(sent) == value:
-            out.parameters[key].CopyFrom(sent)
-        else:
-            out.parameters[key].CopyFrom(to_parameter(key, value))
-
-
-_TYPED_INLINE = 1 << 16  # typed values decoded on the loop at most (raw contents are a view: free)
-
-
-def _costly_to_decode(request: pb.ModelInferRequest) -> bool:
-    """BYTES tensors are decoded element by element, typed contents value by value."""
-    raw = bool(request.raw_input_contents)  # then no typed contents (decode_inputs refuses the mix)
-    for t in request.inputs:
-        if t.datatype == "BYTES":
-            return True
-        if raw:
-            continue
-        c = t.contents
-        typed = len(c.fp32_contents) + len(c.int64_contents) + len(c.int_contents) + len(c.fp64_contents)
-        if typed + len(c.uint_contents) + len(c.uint64_contents) + len(c.bool_contents) > _TYPED_INLINE:
-            return True
-    return False
 
 
 def _deadline(context) -> float | None:
@@ -229,7 +72,7 @@ def _deadline(context) -> float | None:
 def _unary(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        request = await _parse_off_loop(request, self.plane.executor)
+        request = await parse_off_loop(request, self.plane.executor)
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
@@ -269,7 +112,7 @@ async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_dea
         who = client(peer, authorizations, gate.tokens_on)
         shm = gate.shm_call(authorizations[0] if authorizations else None)
         # strings, typed values or large shared-memory reads: decoded off the event loop
-        if _costly_to_decode(request) or shm_in > SHM_INLINE_BYTES:
+        if costly_to_decode(request) or shm_in > SHM_INLINE_BYTES:
             loop = asyncio.get_running_loop()
             infer = await loop.run_in_executor(plane.executor, to_infer_request, request, plane, None, shm)
         else:
@@ -410,7 +253,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request = read.result()
                 if request is grpc.aio.EOF:
                     break
-                request = await _parse_off_loop(request, self.plane.executor)
+                request = await parse_off_loop(request, self.plane.executor)
                 key = None if isinstance(request, Malformed) else _sequence_key(request)
                 before = last.get(key) if key is not None else None
                 task = asyncio.ensure_future(self._stream_one(request, context, before))

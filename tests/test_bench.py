@@ -62,8 +62,8 @@ def test_wire_response_parses_like_the_message():
     import numpy as np
 
     from server.dataplane import InferResponse
+    from server.grpc_codec import to_infer_response, to_infer_response_bytes
     from server.proto import grpc_service_pb2 as pb
-    from server.servicer import to_infer_response, to_infer_response_bytes
 
     rng = np.random.default_rng(0)
     big = rng.standard_normal((3, 200, 512)).astype(np.float32)

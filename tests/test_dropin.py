@@ -24,7 +24,7 @@ from server.codec import Limits, check_shape
 from server.errors import InvalidArgument, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
-from server.rest import build_request, raw_request
+from server.rest_codec import build_request, raw_request
 
 HERE = Path(__file__).resolve().parent
 

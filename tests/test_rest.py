@@ -124,7 +124,7 @@ def test_json_non_finite_outputs():
     which Python's json and rapidjson (tritonclient) read. (ONNX Runtime's CPU LSTM was seen to
     turn a NaN input into finite outputs, so this is built from a response directly.)"""
     from server.dataplane import InferResponse
-    from server.rest import response_body
+    from server.rest_codec import response_body
 
     outputs = {"y": np.array([[1.5, np.nan], [np.inf, -2.25]], np.float32),
                "h_n": np.array([0.1, 1e-30, -3.4e38], np.float32)}  # fmt: skip
@@ -699,3 +699,48 @@ def test_sequence_idle_must_be_finite():
     for bad in (float("inf"), float("nan"), 0.0, -1.0):
         with pytest.raises(ValueError, match="sequence_idle_s"):
             Settings(sequence_idle_s=bad)
+
+
+def test_uvicorn_internals(rest):
+    """What `server/rest_http.py` relies on inside uvicorn, beyond its public API: the methods
+    `_HttpProtocol` overrides or calls, the state of a live connection it reads, and its
+    `flow.resume_reading` replacement in place. A uvicorn release that renames any of them fails
+    here, naming it (the behaviour built on them: tests/test_memory.py's head and pipelining tests)."""
+    import socket
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from server.rest_http import _HttpProtocol
+
+    methods = ("connection_made", "data_received", "on_message_begin", "on_url", "on_header", "on_headers_complete",
+               "on_body", "on_message_complete", "on_response_complete", "pause_writing", "resume_writing",
+               "connection_lost", "timeout_keep_alive_handler", "_unset_keepalive_if_required", "send_400_response",
+               "_should_upgrade", "handle_websocket_upgrade", "_unsupported_upgrade_warning")  # fmt: skip
+    missing = [f"HttpToolsProtocol.{m}" for m in methods if not callable(getattr(HttpToolsProtocol, m, None))]
+    missing += [f"uvicorn.Server.{m}" for m in ("capture_signals", "serve") if not hasattr(uvicorn.Server, m)]
+    assert issubclass(_HttpProtocol, HttpToolsProtocol)
+    server = rest.rest._server
+    for name in ("server_state", "servers", "started", "should_exit", "config"):
+        if not hasattr(server, name):
+            missing.append(f"uvicorn.Server().{name}")
+    with socket.create_connection(("127.0.0.1", rest.http_port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # a head still arriving: the connection stays
+        deadline = time.monotonic() + 10
+        while not server.server_state.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # the bytes parsed: on_message_begin has run
+        protocol = next(iter(server.server_state.connections))
+        assert isinstance(protocol, _HttpProtocol)
+        for name in ("flow", "pipeline", "parser", "transport", "loop", "timeout_keep_alive", "timeout_keep_alive_task",
+                     "url", "logger", "client"):  # fmt: skip
+            if not hasattr(protocol, name):
+                missing.append(f"HttpToolsProtocol().{name}")
+        for name in ("pause_reading", "resume_reading"):
+            if not callable(getattr(getattr(protocol, "flow", None), name, None)):
+                missing.append(f"HttpToolsProtocol().flow.{name}")
+        assert not missing, f"uvicorn {uvicorn.__version__} lacks what server/rest_http.py uses: {missing}"
+        # the replacement is in place on this connection's flow control (the one its cycles share)
+        assert protocol.flow.resume_reading.__name__ == "resume_unless_backlogged"
+        sock.sendall(b"\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")

@@ -33,6 +33,7 @@ import logging
 import math
 import tempfile
 import time
+import zlib
 from urllib.parse import unquote
 
 from server import describe, handlers
@@ -56,6 +57,27 @@ LARGE = 256 << 10  # JSON parsing and encoding above this size run on an executo
 # peak memory of parsing a JSON request and converting its data, per byte of JSON: measured 2.6x
 # for float32 values as json.dumps writes them; short values ("0.5,") make more objects per byte
 JSON_PARSE_FACTOR = 10
+
+
+INLINE_INFLATE = 1 << 20  # compressed bodies above this are inflated on an executor thread
+
+
+def _inflate(raw: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate (zlib, or raw deflate) body inflated to at most `limit` bytes: a body that
+    would inflate beyond it is refused before more than `limit` bytes are held."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    for bits in (wbits,) if encoding == "gzip" else (wbits, -zlib.MAX_WBITS):
+        inflater = zlib.decompressobj(bits)
+        try:
+            out = inflater.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise HttpError(400, f"request body inflates ({encoding}) to more than the limit of {limit} bytes")
+        if not inflater.eof:
+            raise HttpError(400, f"request body is a truncated {encoding} stream")
+        return out
+    raise HttpError(400, f"request body is not valid {encoding} data (Content-Encoding: {encoding})")
 
 
 class HttpError(Exception):
@@ -112,8 +134,18 @@ class _Exchange:
             hint = "; send the tensors in binary (Inference-Header-Content-Length)" if limit < self.app.max_body else ""
             raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes{hint}")
         encoding = (self.header("Content-Encoding") or "identity").lower()
+        if encoding not in ("identity", "gzip", "deflate"):
+            raise HttpError(
+                415, f"Content-Encoding {clip(encoding)} not supported; send it as gzip, deflate or identity"
+            )
         if encoding != "identity":
-            raise HttpError(415, f"Content-Encoding {clip(encoding)} not supported; send the body uncompressed")
+            raw = await self._read(length)
+            if len(raw) > INLINE_INFLATE:  # inflating is CPU work: off the event loop
+                return await asyncio.get_running_loop().run_in_executor(None, _inflate, raw, encoding, limit)
+            return _inflate(raw, encoding, limit)
+        return await self._read(length)
+
+    async def _read(self, length: int) -> bytes:
         spool = length > SPOOL_BYTES
         with self.app.spooling(length if spool else 0):
             sink = tempfile.TemporaryFile() if spool else bytearray()

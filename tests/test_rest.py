@@ -6,6 +6,7 @@ its own venv, TLS, mutual TLS and bearer tokens, and the error statuses.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import grpc
@@ -220,8 +222,26 @@ BAD = [
     ("POST", "/v2/models/bi", {}, {}, 405, "POST not allowed here; use GET"),
     ("GET", "/v1/models/bi", None, {}, 404, "the API is under /v2"),
     ("GET", "/v2/models/bi/bogus", None, {}, 404, "no such endpoint under model 'bi'"),
-    ("POST", "/v2/models/bi/infer", b"{}", {"Content-Encoding": "gzip"}, 415, "Content-Encoding 'gzip'"),
+    ("POST", "/v2/models/bi/infer", b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding 'br'"),
+    ("POST", "/v2/models/bi/infer", b"{}", {"Content-Encoding": "gzip"}, 400, "not valid gzip data"),
+    ("POST", "/v2/models/bi/infer", gzip.compress(b"{}")[:-4], {"Content-Encoding": "gzip"}, 400, "truncated gzip"),
 ]  # fmt: skip
+
+
+def test_compressed_bodies_are_inflated_within_the_limit(rest):
+    """Content-Encoding gzip or deflate, as Triton takes them: the same answer as the plain body; a body
+    that would inflate past the JSON limit is refused (400) before more than the limit is held."""
+    body = json.dumps({"inputs": [X6]}).encode()
+    plain = _json(rest.http_port, "POST", "/v2/models/bi/infer", body)
+    assert plain[0] == 200
+    for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        got = _json(rest.http_port, "POST", "/v2/models/bi/infer", packed, headers={"Content-Encoding": encoding})
+        assert got == plain, encoding
+    limit = 32 << 20  # RestApp's JSON body limit
+    bomb = gzip.compress(b"[" + b" " * (limit + 1024) + b"]")  # ~33 KB that inflates past the limit
+    status, reply = _json(rest.http_port, "POST", "/v2/models/bi/infer", bomb, headers={"Content-Encoding": "gzip"})
+    assert status == 400 and "inflates (gzip) to more than the limit" in reply["error"], reply
+    assert _json(rest.http_port, "GET", "/v2/health/ready")[0] == 200
 
 
 @pytest.mark.parametrize("method,path,body,headers,status,fragment", BAD, ids=[f"{b[4]}-{b[5][:28]}" for b in BAD])

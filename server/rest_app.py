@@ -73,7 +73,10 @@ def _inflate(raw: bytes, encoding: str, limit: int) -> bytes:
         except zlib.error:
             continue
         if len(out) > limit or inflater.unconsumed_tail:
-            raise HttpError(400, f"request body inflates ({encoding}) to more than the limit of {limit} bytes")
+            raise HttpError(
+                400,
+                f"request body inflates ({encoding}) to a size that exceeds the maximum allowed value of {limit} bytes",
+            )
         if not inflater.eof:
             raise HttpError(400, f"request body is a truncated {encoding} stream")
         return out
@@ -132,7 +135,9 @@ class _Exchange:
             return b""
         if length > limit:
             hint = "; send the tensors in binary (Inference-Header-Content-Length)" if limit < self.app.max_body else ""
-            raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes{hint}")
+            # Triton's leading words ("request JSON size of N bytes exceeds the maximum allowed value")
+            what = "request JSON size" if limit < self.app.max_body else "request size"
+            raise HttpError(413, f"{what} of {length} bytes exceeds the maximum allowed value of {limit} bytes{hint}")
         encoding = (self.header("Content-Encoding") or "identity").lower()
         if encoding not in ("identity", "gzip", "deflate"):
             raise HttpError(
@@ -441,7 +446,10 @@ class RestApp:
                 if not 0 <= n <= len(body):  # 0: Triton's raw binary request (the body is one input)
                     raise HttpError(400, f"{HEADER_LENGTH} {n} must be in 0..{len(body)} (the body length)")
                 if n > self.max_json:
-                    raise HttpError(413, f"JSON header of {n} bytes exceeds the limit of {self.max_json} bytes")
+                    raise HttpError(
+                        413,
+                        f"request JSON size of {n} bytes exceeds the maximum allowed value of {self.max_json} bytes",
+                    )
             else:
                 n = len(body)
             loop = asyncio.get_running_loop()

@@ -240,7 +240,7 @@ def test_compressed_bodies_are_inflated_within_the_limit(rest):
     limit = 32 << 20  # RestApp's JSON body limit
     bomb = gzip.compress(b"[" + b" " * (limit + 1024) + b"]")  # ~33 KB that inflates past the limit
     status, reply = _json(rest.http_port, "POST", "/v2/models/bi/infer", bomb, headers={"Content-Encoding": "gzip"})
-    assert status == 400 and "inflates (gzip) to more than the limit" in reply["error"], reply
+    assert status == 400 and "inflates (gzip) to a size that exceeds the maximum allowed value" in reply["error"], reply
     assert _json(rest.http_port, "GET", "/v2/health/ready")[0] == 200
 
 
@@ -427,7 +427,10 @@ def test_oversize_body_refused_before_reading(repo):
         conn.putheader("Content-Length", str(2 << 20))
         conn.endheaders()  # no body sent: the server must answer from the header alone
         resp = conn.getresponse()
-        assert resp.status == 413 and "exceeds the limit of 1048576 bytes" in json.loads(resp.read())["error"]
+        assert (
+            resp.status == 413
+            and "exceeds the maximum allowed value of 1048576 bytes" in json.loads(resp.read())["error"]
+        )
         conn.close()
         conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
         conn.putrequest("POST", "/v2/models/bi/infer")

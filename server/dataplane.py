@@ -28,7 +28,7 @@ from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceE
 from server.layout import output_dims
 from server.metrics import Metrics
 from server.repository import ModelRepository
-from server.runtime import ModelRuntime, RunControl
+from server.runtime import RunControl, Runtime
 from server.sequences import SequenceStore, parse_sequence
 from server.stats import Statistics
 from server.validate import Prepared, initial_state, validate
@@ -124,11 +124,11 @@ class DataPlane:
         self.sequences = sequences if sequences is not None else SequenceStore()
 
     # -- batching ---------------------------------------------------------------------------
-    def policy_for(self, rt: ModelRuntime) -> BatchPolicy:
+    def policy_for(self, rt: Runtime) -> BatchPolicy:
         """The model's batching policy (server defaults + its config), settled when it loaded."""
         return rt.policy if rt.policy is not None else self.policy
 
-    def _batcher(self, rt: ModelRuntime) -> Batcher | None:
+    def _batcher(self, rt: Runtime) -> Batcher | None:
         if rt.batcher is None:
             with rt.lock:  # with ModelRuntime.retire(): no batcher is created for a retired version
                 if rt.batcher is None:
@@ -147,7 +147,7 @@ class DataPlane:
                         )
         return rt.batcher or None
 
-    def _on_batch(self, rt: ModelRuntime, info: BatchInfo) -> None:
+    def _on_batch(self, rt: Runtime, info: BatchInfo) -> None:
         self.stats.record_execution(rt.name, rt.version, info.sequences, info.infer_ns)
         m = self.metrics
         m.infer.labels(rt.name).observe(info.infer_ns / 1e9)
@@ -255,7 +255,7 @@ class DataPlane:
         """A request as a generator of steps (`_Call`, `_Wait`) that `infer` and `infer_async`
         drive; written once, so both run the same checks, batching, sequences and statistics."""
         start = time.perf_counter_ns()
-        rt: ModelRuntime | None = None
+        rt: Runtime | None = None
         code = "OK"
         try:
             rt = self.repository.get(request.model_name, request.model_version)
@@ -304,7 +304,7 @@ class DataPlane:
                 f"{prepared.work.rows} sequences in one request exceed the per-request limit of {self.limits.max_batch}"
             )
 
-    def _respond(self, rt: ModelRuntime, request: InferRequest, prepared: Prepared, start: int, inline: bool,
+    def _respond(self, rt: Runtime, request: InferRequest, prepared: Prepared, start: int, inline: bool,
                  returned=None, after=None):  # fmt: skip
         """Steps that run a prepared request and build its response. `returned`: outputs the
         client gets (default: all that ran); `after(outputs)`: called with the outputs first."""
@@ -372,7 +372,7 @@ class DataPlane:
         self.stats.record_send_failure(response.model_name, version, elapsed_ns)
         self.metrics.send_failures.labels(response.model_name, code_name).inc()
 
-    def _sequence_steps(self, rt: ModelRuntime, request: InferRequest, sequence, start: int, inline: bool):
+    def _sequence_steps(self, rt: Runtime, request: InferRequest, sequence, start: int, inline: bool):
         """Steps of one chunk of a server-side stateful sequence (Triton's sequence_id/start/end)."""
         seq_id, first, last = sequence
         if not first:  # later chunks run, and are checked, on the version the sequence started on

@@ -13,7 +13,7 @@ import numpy as np
 from server.batcher import Work
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of
 from server.errors import InvalidArgument, clip
-from server.runtime import ModelRuntime, reshape
+from server.runtime import Runtime, reshape
 from server.signature import Signature, TensorSpec
 
 
@@ -21,7 +21,7 @@ from server.signature import Signature, TensorSpec
 class Prepared:
     """A validated request: complete feeds for the runtime, and what it asked for."""
 
-    runtime: ModelRuntime
+    runtime: Runtime
     work: Work  # feeds (defaults filled in), outputs to compute, rows, steps, merge key
 
     @property
@@ -112,7 +112,7 @@ def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None
     return out
 
 
-def validate(rt: ModelRuntime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False) -> Prepared:
+def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False) -> Prepared:
     """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
     signature; fill in what may be left out (lengths: full; states: initial). Messages name the
     input and what was expected. `sequence`: the request is a sequence's (the caller adds the

@@ -65,7 +65,7 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
             self.node_id = ray.get_runtime_context().get_node_id()
 
         def _fail(self, exc: Exception, grpc_context) -> None:
-            from server.handlers import error_status
+            from server.status import error_status
 
             code, _, message = error_status(exc)
             grpc_context.set_code(code)
@@ -99,8 +99,8 @@ def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: 
                 return pb.ModelInferResponse()
 
         async def ModelStreamInfer(self, request_iterator, grpc_context):  # noqa: N802
-            from server.handlers import error_status
             from server.proto import grpc_service_pb2 as pb
+            from server.status import error_status
 
             async for request in request_iterator:
                 try:

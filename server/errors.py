@@ -1,4 +1,6 @@
-"""Domain errors that carry their gRPC status: the one place where errors map to status codes.
+"""Domain errors, each with a transport-neutral status `Code` (the gRPC/Triton status names): what a
+client should be told. Each frontend maps a `Code` to its wire status in one place
+(`server.status`: the gRPC status and the HTTP status); nothing here imports a transport.
 
 Client-visible messages never carry absolute paths or Python exception text (those go to the
 server log); strings a client sent are shown through `clip` (repr-style, truncated), in messages
@@ -7,9 +9,8 @@ and in logs alike.
 
 from __future__ import annotations
 
+import enum
 import logging
-
-import grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,33 @@ def clip(value: object, limit: int = CLIP_CHARS) -> str:
     return text if len(text) <= limit + 2 else f"{text[:limit]}...(+{len(text) - limit} chars)"
 
 
-class ServingError(Exception):
-    """An error a client should see, with the gRPC status it maps to."""
+class Code(enum.Enum):
+    """The status of a failed call, named as gRPC and Triton name it (every gRPC status code, so a
+    frontend's table can be checked complete); `server.status` maps it to gRPC and HTTP."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
+
+class ServingError(Exception):
+    """An error a client should see, with the status `Code` it maps to."""
+
+    code: Code = Code.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -39,15 +63,15 @@ class ServingError(Exception):
 
 
 class InvalidArgument(ServingError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
 
 class NotFound(ServingError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
 
 
 class Unavailable(ServingError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class ModelControlDisabled(Unavailable):
@@ -56,25 +80,25 @@ class ModelControlDisabled(Unavailable):
 
 
 class ResourceExhausted(ServingError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(ServingError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Code.DEADLINE_EXCEEDED
 
 
 class Unauthenticated(ServingError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Code.UNAUTHENTICATED
 
 
 class Cancelled(ServingError):
     """The client went away (or the call was cancelled) while its model ran: the run was stopped."""
 
-    code = grpc.StatusCode.CANCELLED
+    code = Code.CANCELLED
 
 
 class Internal(ServingError):
-    code = grpc.StatusCode.INTERNAL
+    code = Code.INTERNAL
 
 
 class StartupError(Exception):
@@ -83,26 +107,26 @@ class StartupError(Exception):
 
 
 class FailedPrecondition(ServingError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
 
 
 class AlreadyExists(ServingError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = Code.ALREADY_EXISTS
 
 
 class Unimplemented(ServingError):
     """A feature this server does not have (CUDA shared memory; system shared memory when off)."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = Code.UNIMPLEMENTED
 
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
-def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The single mapping from exceptions to (gRPC status, client message). An unexpected error is
+def to_status(exc: BaseException) -> tuple[Code, str]:
+    """The single mapping from exceptions to (status code, client message). An unexpected error is
     INTERNAL with a fixed message; its type, text and traceback go to the server log only."""
     if isinstance(exc, ServingError):
         return exc.code, exc.message
     log.error("unexpected error: %s", clip(f"{type(exc).__name__}: {exc}", 500), exc_info=exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    return Code.INTERNAL, INTERNAL_MESSAGE

@@ -22,6 +22,7 @@ import time
 from server.errors import InvalidArgument, Unauthenticated, clip
 from server.handlers import Admission
 from server.memory import Hold, MemoryBudget, call_cost, client_key
+from server.runtime import Runtime
 from server.shm import ShmCall, owner_of
 
 MAX_PARAMETERS = 64  # request (or tensor) parameters at most; Triton's own are a handful
@@ -31,7 +32,7 @@ INLINE_QUIET_S = 0.5
 TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: microseconds the client will wait
 
 
-def check_structure(rt, inputs: int, outputs: int, parameters: int, id_chars: int) -> None:
+def check_structure(rt: Runtime, inputs: int, outputs: int, parameters: int, id_chars: int) -> None:
     """O(1) caps on a request's structure, from counts a transport has without decoding anything
     (len() of protobuf repeated fields or of JSON lists): a model takes each input and output at
     most once, so more than it has is refused before any of them is looked at."""

@@ -1,7 +1,8 @@
 """What both frontends do alike: the gRPC servicer and the HTTP/REST app are peers that each
 turn these into their wire format; neither imports the other.
 
-- `error_status`: the one mapping from exceptions to (gRPC status, HTTP status, message);
+- `error_status` (from `server.status`, the one mapping): an exception as (gRPC status, HTTP status,
+  message);
 - `Admission`: inference calls in progress (bounded, refused once a drain starts, awaited by it);
 - loading and unloading models (the repository extension's parameters checked once).
 
@@ -18,48 +19,18 @@ import json
 import logging
 import re
 
-import grpc
 from google.protobuf import json_format, text_format
 
 from server import model_config as triton_config
 from server.dataplane import DataPlane
-from server.errors import InvalidArgument, ResourceExhausted, Unavailable, clip, to_status
+from server.errors import InvalidArgument, ResourceExhausted, Unavailable, clip
 from server.proto import grpc_service_pb2 as pb
 from server.repository import valid_name
+from server.status import HTTP_STATUS, error_status  # noqa: F401 - the frontends import them from here
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ["classification", "model_repository", "statistics", "binary_tensor_data", "sequence_lens"]
 SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed too while it is on (`extensions`)
-
-# Every gRPC status code, as HTTP says it (Triton's choices where it makes one; 499 is the de-facto
-# "client closed request").
-HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-}
-
-
-def error_status(exc: BaseException) -> tuple[grpc.StatusCode, int, str]:
-    """(gRPC status, HTTP status, client message) for an exception: a domain error (`server.errors`)
-    carries its gRPC status (`errors.to_status`); anything else is INTERNAL / 500, with a fixed
-    message for the client and the details in the log."""
-    code, message = to_status(exc)
-    return code, HTTP_STATUS.get(code, 500), message
 
 
 class Admission:

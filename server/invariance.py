@@ -33,6 +33,7 @@ import numpy as np
 from contract import metadata
 from server.batcher import Work, _Item, merge_and_run
 from server.dtypes import OBJECT, numpy_dtype
+from server.runtime import Runtime
 
 log = logging.getLogger("server.invariance")
 
@@ -78,7 +79,7 @@ def own_float_export(meta: dict) -> bool:
     return project_export(meta) and meta.get(metadata.PRECISION, "fp32") == "fp32"
 
 
-def _random_request(rt, rng: np.random.Generator, rows: int, scale: float, free_dim: int, ints: bool) -> Work:
+def _random_request(rt: Runtime, rng: np.random.Generator, rows: int, scale: float, free_dim: int, ints: bool) -> Work:
     """Complete feeds for `rows` sequences of random values (floats scaled by `scale`, so that rows
     differ in range as real batch-mates do); ragged rows of random lengths up to STEPS; other free
     dims `free_dim`; integer inputs of unknown range 0 or 1 where `ints`, else zeros (an index or a
@@ -145,7 +146,7 @@ def _difference(alone: np.ndarray, merged: np.ndarray) -> tuple[float, float]:
     return worst, worst / scale
 
 
-def _rows_can_differ(rt, ints: bool) -> bool:
+def _rows_can_differ(rt: Runtime, ints: bool) -> bool:
     """Some input takes random values, so the random rows differ (else the check shows nothing)."""
     sig = rt.signature
     if sig.lengths is not None:
@@ -157,7 +158,7 @@ def _rows_can_differ(rt, ints: bool) -> bool:
     return False
 
 
-def measure(rt, seed: int = 0, budget_s: float | None = None) -> tuple[float, float, str] | None:
+def measure(rt: Runtime, seed: int = 0, budget_s: float | None = None) -> tuple[float, float, str] | None:
     """Max difference (absolute, relative) between each random request run alone and merged with
     the others (as they are, then reversed behind a block of other rows, up to FULL_ROWS in all:
     kernels may change with the batch size and a row's offset), and the output where it was
@@ -179,11 +180,11 @@ def measure(rt, seed: int = 0, budget_s: float | None = None) -> tuple[float, fl
     raise failure
 
 
-def _measure(rt, rng: np.random.Generator, deadline: float, free_dim: int, ints: bool):
+def _measure(rt: Runtime, rng: np.random.Generator, deadline: float, free_dim: int, ints: bool):
     """One attempt of `measure` with these feeds."""
     requests = [_random_request(rt, rng, rows, scale, free_dim, ints) for rows, scale in zip(ROWS, SCALES)]
     batches = [requests]
-    filler = min(FULL_ROWS, getattr(rt.policy, "max_batch", FULL_ROWS)) - sum(ROWS)
+    filler = min(FULL_ROWS, rt.policy.max_batch if rt.policy is not None else FULL_ROWS) - sum(ROWS)
     if filler > 0:
         batches.append([_random_request(rt, rng, filler, 1.0, free_dim, ints), *reversed(requests)])
     sig = rt.signature
@@ -208,7 +209,7 @@ def _measure(rt, rng: np.random.Generator, deadline: float, free_dim: int, ints:
     return worst
 
 
-def check(rt) -> Verdict:
+def check(rt: Runtime) -> Verdict:
     """Decide whether requests to `rt` may be merged (see the module doc); sets
     `rt.signature.merge` and `rt.batch_invariance`, and logs one line where it turns merging off."""
     sig, config = rt.signature, rt.model_config
@@ -233,7 +234,7 @@ def check(rt) -> Verdict:
     return verdict
 
 
-def _judge(rt, where: str) -> Verdict:
+def _judge(rt: Runtime, where: str) -> Verdict:
     own = own_float_export(rt.export_metadata)
     try:
         found = measure(rt)

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from contract import metadata
 from server.dtypes import DATATYPES, numpy_dtype
 from server.errors import ResourceExhausted
 from server.layout import output_dims
+
+if TYPE_CHECKING:  # server.runtime imports this module
+    from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -66,11 +70,11 @@ def _recurrent(meta: dict) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def step_bytes(rt) -> int | None:
-    """ONNX Runtime working bytes per sequence step of `rt` (a `ModelRuntime`), from the recurrent
+def step_bytes(rt: Runtime) -> int | None:
+    """ONNX Runtime working bytes per sequence step of `rt`, from the recurrent
     configuration its file records (`lstm.config`); None when the file records none. Computed once
     per runtime (kept on it)."""
-    cached = getattr(rt, "_memory_step_bytes", False)
+    cached = getattr(rt, "_memory_step_bytes", False)  # the per-runtime cache, not a member
     if cached is not False:
         return cached
     value = _step_bytes(rt)
@@ -81,8 +85,8 @@ def step_bytes(rt) -> int | None:
     return value
 
 
-def _step_bytes(rt) -> int | None:
-    config = _recurrent(getattr(rt, "export_metadata", {}) or {})
+def _step_bytes(rt: Runtime) -> int | None:
+    config = _recurrent(rt.export_metadata)
     if config is None:
         return None
     try:
@@ -95,24 +99,22 @@ def _step_bytes(rt) -> int | None:
     return cell * units + 8 * features + STEP_OVERHEAD
 
 
-def working_bytes(rt, input_bytes: int, batch: int | None = None, steps: int | None = None) -> int:
+def working_bytes(rt: Runtime, input_bytes: int, batch: int | None = None, steps: int | None = None) -> int:
     """Estimated ONNX Runtime working memory of one run of `rt`: per step (batch x time) when the
     model's recurrent layers are known and the request's batch and time are, else
     DEFAULT_INPUT_FACTOR x its input bytes. A static model runs padded to its own length."""
     per_step = step_bytes(rt)
     if per_step is None or not batch or not steps:
         return DEFAULT_INPUT_FACTOR * input_bytes
-    steps = max(steps, getattr(rt, "static_length", None) or 0)
+    steps = max(steps, rt.static_length or 0)
     return per_step * batch * steps
 
 
-def batch_and_time(rt, inputs: dict[str, np.ndarray]) -> tuple[int | None, int | None]:
+def batch_and_time(rt: Runtime, inputs: dict[str, np.ndarray]) -> tuple[int | None, int | None]:
     """(sequences, time steps) of a request, from its ragged input's batch and time axes as the
     model's signature names them (any input's batch axis when the model has no ragged input);
     None where unknown (a malformed request: validation will say why)."""
-    sig = getattr(rt, "signature", None)
-    if sig is None:
-        return None, None
+    sig = rt.signature
     batch = steps = None
     if sig.ragged is not None and sig.ragged in inputs:
         spec, array = sig.input(sig.ragged), inputs[sig.ragged]
@@ -129,7 +131,7 @@ def batch_and_time(rt, inputs: dict[str, np.ndarray]) -> tuple[int | None, int |
     return batch, steps
 
 
-def output_bytes(rt, outputs: list[str], batch: int | None, steps: int | None) -> int:
+def output_bytes(rt: Runtime, outputs: list[str], batch: int | None, steps: int | None) -> int:
     """Bytes of the outputs asked for ([] = all), from the layout probed when the version loaded
     (`layout.probe_output_layout`); 0 where it is unknown (strings, an unprobed version)."""
     total = 0
@@ -163,7 +165,7 @@ class Cost:
         )
 
 
-def call_cost(rt, inputs: dict[str, np.ndarray], outputs: list[str], request_bytes: int | None = None,
+def call_cost(rt: Runtime, inputs: dict[str, np.ndarray], outputs: list[str], request_bytes: int | None = None,
               response_factor: int = 1) -> Cost:  # fmt: skip
     """The memory a call on `rt` with these decoded inputs and requested outputs holds: its request
     (`request_bytes`, default the inputs' bytes), ORT's working memory and its response

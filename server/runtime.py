@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
@@ -32,6 +33,9 @@ from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, Resource
 from server.memory import batch_and_time, ort_arena_cap, run_options, working_bytes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
+
+if TYPE_CHECKING:
+    from server.batcher import BatchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +133,41 @@ def select_providers(options: RuntimeOptions) -> Providers:
     raise StartupError(f"--device {options.device}: CUDA cannot be used: {why}")
 
 
+@runtime_checkable
+class Runtime(Protocol):
+    """What a loaded model version offers the request path: the data plane, validation, the batcher,
+    the memory budget, the output-layout probe and the batch-invariance check use nothing else.
+    `ModelRuntime` is the implementation (an ONNX Runtime session); a test may pass any object with
+    these members (tests/test_dataplane.py runs the data plane on one without ORT)."""
+
+    name: str
+    version: int
+    signature: Signature
+    export_metadata: dict[str, str]  # the file's metadata_props (`lstm.*`: contract.metadata)
+    model_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
+    policy: BatchPolicy | None  # the model's batching policy, set at load (None: the server's)
+    batcher: object | None  # the data plane's Batcher once created; False once retired
+    retired: bool  # replaced or unloaded: requests that still hold it run alone
+    output_layout: dict  # {output: ['batch'|'time'|size, ...]} probed at load ({} when unknown)
+    batch_invariance: str  # alone vs merged, measured at load ("" when not measured)
+    bounded: bool  # run time bounded by the inputs' sizes: may run on the event loop
+    lock: threading.Lock  # guards `batcher` and `retired`
+
+    @property
+    def static_length(self) -> int | None: ...
+
+    @property
+    def batchable(self) -> bool: ...
+
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], control: RunControl | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+
 @dataclass
 class ModelRuntime:
-    """One loaded model version: its ORT session and its signature (what it takes and returns)."""
+    """One loaded model version: its ORT session and its signature (what it takes and returns); the
+    `Runtime` the request path uses."""
 
     name: str
     version: int
@@ -141,7 +177,7 @@ class ModelRuntime:
     export_metadata: dict[str, str]
     provider: str
     model_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
-    policy: object | None = None  # the BatchPolicy (server defaults + this model's config), set at load
+    policy: BatchPolicy | None = None  # the BatchPolicy (server defaults + this model's config), set at load
     batcher: object | None = None  # created by the data plane on first use when batching is on
     retired: bool = False  # replaced or unloaded: requests that still hold it run alone
     output_layout: dict = field(default_factory=dict)  # {output: ['batch'|'time'|size, ...]} probed at load

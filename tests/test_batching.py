@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from server.batcher import Batcher, BatchPolicy, _Item, merge_and_run
-from server.dataplane import validate
 from server.errors import DeadlineExceeded, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.runtime import RuntimeOptions, load_model, select_providers
+from server.validate import validate
 from tests.conftest import TOL, ragged, reference
 
 

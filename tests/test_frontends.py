@@ -385,13 +385,17 @@ def test_every_domain_error_maps_to_a_grpc_and_an_http_status():
 
     from server import errors
     from server.handlers import HTTP_STATUS, error_status
+    from server.status import GRPC_STATUS
 
-    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    assert set(HTTP_STATUS) == set(errors.Code) == set(GRPC_STATUS)
+    assert set(GRPC_STATUS.values()) == set(grpc.StatusCode)
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.ServingError)]
     assert len(classes) >= 8, classes
     for cls in classes:
         code, http_status, message = error_status(cls("what went wrong"))
-        assert code == cls.code and http_status == HTTP_STATUS[code] and message == "what went wrong", cls
+        assert (
+            code == GRPC_STATUS[cls.code] and http_status == HTTP_STATUS[cls.code] and message == "what went wrong"
+        ), cls
         server_side = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.UNIMPLEMENTED)  # fmt: skip
         assert (http_status >= 500) == (code in server_side), cls

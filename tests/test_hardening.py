@@ -127,8 +127,9 @@ def test_evicted_ids_are_bounded_by_count_and_bytes():
 def test_output_size_estimate_matches_the_real_response(server):
     """The estimate is never below the serialized response and at most ~2 KiB above it (dynamic,
     static with its time axis cut back, bidirectional, every output subset)."""
-    from server.dataplane import InferRequest, validate
+    from server.dataplane import InferRequest
     from server.grpc_codec import to_infer_response
+    from server.validate import validate
 
     plane = server.plane
     for model, shape, outputs in [("bi", (3, 7, 6), []), ("bi", (1, 1, 6), ["h_n"]), ("uni", (5, 9, 5), ["y"]),

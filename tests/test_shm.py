@@ -24,7 +24,6 @@ from server.errors import (
     NotFound,
     ResourceExhausted,
     Unimplemented,
-    to_status,
 )
 from server.shm import (
     SHM_ROOT,
@@ -35,6 +34,7 @@ from server.shm import (
     owner_of,
     parse_params,
 )
+from server.status import error_status
 
 HERE = Path(__file__).resolve().parent
 TRITON_PYTHON = os.environ.get("TRITON_PYTHON") or str(HERE.parent / ".venv-triton" / "bin" / "python")
@@ -166,7 +166,7 @@ def test_register_status_unregister(registry, make_object):
     assert registry.status("r") == [{"name": "r", "key": key, "offset": 64, "byte_size": 128}]
     with pytest.raises(AlreadyExists, match="shared memory region 'r' already in manager"):
         registry.register("r", key, 0, 16)
-    assert to_status(AlreadyExists("x"))[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert error_status(AlreadyExists("x"))[0] == grpc.StatusCode.ALREADY_EXISTS
     registry.register("r2", key, 0, 256)  # the same object under a second name
     assert [r["name"] for r in registry.status()] == ["r", "r2"]
     with pytest.raises(NotFound, match="Unable to find system shared memory region: 'nope'"):
@@ -242,7 +242,7 @@ def test_disabled_registry_refuses_register(make_object):
     reg = SharedMemoryRegistry(disabled="system shared memory needs --workers 1")
     with pytest.raises(Unimplemented, match="needs --workers 1"):
         reg.register("r", make_object(8), 0, 8)
-    assert reg.status() == [] and to_status(Unimplemented("x"))[0] == grpc.StatusCode.UNIMPLEMENTED
+    assert reg.status() == [] and error_status(Unimplemented("x"))[0] == grpc.StatusCode.UNIMPLEMENTED
 
 
 # -- owners ---------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def test_removed_object_gives_an_error(registry, make_object):
         registry.read_input("r", 0, 64, "UINT8", [64])
     with pytest.raises(FailedPrecondition, match="was removed"):
         registry.write_output("r", 0, 64, np.zeros(64, np.uint8))
-    code, message = to_status(FailedPrecondition("x"))
+    code, _, message = error_status(FailedPrecondition("x"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -8,7 +8,7 @@ finish; one that alone exceeds the budget, or its client's share of it, is refus
 
 Bounded by client too: one client (its bearer token when tokens are on, else its connection) holds
 at most `client_share` of the budget, so a client that never reads its replies stops itself, not
-the server (its connection is then cut by the per-connection limits: `server.app`, `server.rest`).
+the server (its connection is then cut by the per-connection limits: `server.app`, `server.rest_http`).
 
 Everything here runs on the server's event loop (both frontends do); `release` may be called from
 any thread.
@@ -58,7 +58,7 @@ DEFAULT_INPUT_FACTOR = 64
 SHRINK_ABOVE = 64 * MIB
 # a REST JSON response is text: "%.9g" floats are ~12 bytes per 4-byte value, plus the Python list
 # built on the way: a 16 MiB float32 output peaked at +197 MiB while encoded (12.3x, measured with
-# VmHWM around `rest.response_body`), a 3x body left
+# VmHWM around `rest_codec.response_body`), a 3x body left
 JSON_RESPONSE_FACTOR = 13
 
 

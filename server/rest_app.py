@@ -16,7 +16,7 @@ what `server.handlers` answers. TLS, mutual TLS and bearer tokens as on the gRPC
     POST /v2/repository/index, /v2/repository/models/{m}/load|unload
 
 Errors are `{"error": "<message>"}` with the HTTP status of the error's gRPC code
-(`handlers.HTTP_STATUS`), plus 401, 405, 408, 411, 413 and 415 for HTTP-level mistakes; requests
+(`status.HTTP_STATUS`), plus 401, 405, 408, 411, 413 and 415 for HTTP-level mistakes; requests
 the HTTP parser itself refuses get uvicorn's plain-text 400 and the connection is closed.
 
 Admission before the body: a request's Content-Length is checked against the limit and a request
@@ -42,7 +42,7 @@ from server.errors import InvalidArgument, Unavailable, Unimplemented, clip
 from server.gate import Gate, check_structure
 from server.gate import client as gate_client
 from server.gate import deadline as gate_deadline
-from server.handlers import error_status
+from server.status import error_status
 from server.memory import JSON_RESPONSE_FACTOR, call_cost
 from server.rest_codec import HEADER_LENGTH, json_error, parse_body, parse_params, response_body
 from server.security import bearer_matches, restricted_refusal

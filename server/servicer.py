@@ -1,5 +1,5 @@
 """GRPCInferenceService on grpc.aio: the RPC methods; protobuf <-> the data plane's numpy requests is
-`server.grpc_codec`'s; errors map in one place (`server.handlers.error_status`).
+`server.grpc_codec`'s; errors map in one place (`server.status.error_status`).
 
 Every handler is a coroutine on the server's event loop: an idle, slow or half-open call costs a
 coroutine, not a thread; ONNX Runtime runs on the data plane's threads while the call awaits it.
@@ -29,7 +29,8 @@ from server.grpc_codec import (
     to_infer_response,
     to_infer_response_bytes,
 )
-from server.handlers import Admission, error_status
+from server.handlers import Admission
+from server.status import error_status
 from server.memory import MemoryBudget
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc

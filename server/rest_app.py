@@ -42,12 +42,12 @@ from server.errors import InvalidArgument, Unavailable, Unimplemented, clip
 from server.gate import Gate, check_structure
 from server.gate import client as gate_client
 from server.gate import deadline as gate_deadline
-from server.status import error_status
 from server.memory import JSON_RESPONSE_FACTOR, call_cost
 from server.rest_codec import HEADER_LENGTH, json_error, parse_body, parse_params, response_body
 from server.security import bearer_matches, restricted_refusal
 from server.shm import REGION as SHM_REGION
 from server.shm import cuda_shared_memory, owner_of
+from server.status import error_status
 
 log = logging.getLogger(__name__)
 SPOOL_BYTES = 256 << 10  # bodies larger than this wait for their last byte in a temporary file

@@ -30,7 +30,6 @@ from server.grpc_codec import (
     to_infer_response_bytes,
 )
 from server.handlers import Admission
-from server.status import error_status
 from server.memory import MemoryBudget
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
@@ -38,6 +37,7 @@ from server.shm import BYTE_SIZE as SHM_BYTE_SIZE
 from server.shm import INLINE_BYTES as SHM_INLINE_BYTES
 from server.shm import REGION as SHM_REGION
 from server.shm import cuda_shared_memory, owner_of
+from server.status import error_status
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]

@@ -36,7 +36,7 @@ import time
 import zlib
 from urllib.parse import unquote
 
-from server import describe, handlers
+from server import describe, handlers, trace
 from server.dataplane import InferRequest
 from server.errors import InvalidArgument, Unavailable, Unimplemented, clip
 from server.gate import Gate, check_structure
@@ -304,6 +304,8 @@ class RestApp:
             return await self._repository(ex, parts[1:])
         if parts[0] in ("systemsharedmemory", "cudasharedmemory"):
             return await self._shared_memory(ex, parts)
+        if parts == ["trace", "setting"]:
+            return await self._trace(ex)
         if parts == ["models", "stats"]:
             self._need(ex, "GET")
             return await ex.respond(200, _dumps(describe.statistics(plane)))
@@ -331,7 +333,25 @@ class RestApp:
         if rest == ["infer"]:
             self._need(ex, "POST")
             return await self._infer(ex, model, version)
+        if rest == ["trace", "setting"] and not version:
+            plane.repository.get(model, "")  # NOT_FOUND / UNAVAILABLE by name
+            return await self._trace(ex)
         raise HttpError(404, f"no such endpoint under model {clip(model)}: {clip('/'.join(rest))}")
+
+    async def _trace(self, ex: _Exchange) -> None:
+        """Triton's trace settings: GET reads them, POST updates them (server/trace.py: tracing is
+        off and stays off; a change is refused by name)."""
+        if ex.method not in ("GET", "HEAD", "POST"):
+            raise HttpError(405, f"{ex.method} not allowed here; use GET or POST", {"Allow": "GET, HEAD, POST"})
+        updates: dict = {}
+        if ex.method == "POST":
+            with self.slot():
+                raw = await ex.body(self.max_json, required=False)
+            try:
+                updates = trace.from_json(json.loads(raw) if raw.strip() else {})
+            except (ValueError, RecursionError) as exc:
+                raise InvalidArgument(json_error(exc)) from None
+        return await ex.respond(200, _dumps(trace.rest_form(trace.trace_setting(updates))))
 
     async def _repository(self, ex: _Exchange, parts: list[str]) -> None:
         """Triton's model repository extension: index, load, unload (bodies: optional JSON)."""

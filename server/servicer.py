@@ -14,7 +14,7 @@ import time
 
 import grpc
 
-from server import describe, handlers
+from server import describe, handlers, trace
 from server.codec import serialize_any
 from server.dataplane import DataPlane
 from server.errors import InvalidArgument, Unimplemented, clip
@@ -367,6 +367,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request, context):
         cuda_shared_memory("unregister", request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
+
+    @_unary
+    async def TraceSetting(self, request, context):
+        if request.model_name:
+            self.plane.repository.get(request.model_name, "")  # NOT_FOUND / UNAVAILABLE by name
+        settings = trace.trace_setting({k: list(v.value) for k, v in request.settings.items()})
+        R = pb.TraceSettingResponse  # noqa: N806
+        return R(settings={k: R.SettingValue(value=v) for k, v in settings.items()})
 
     @_unary
     async def ModelStatistics(self, request, context):

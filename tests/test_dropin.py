@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from server import classification, describe
+from server import classification, describe, trace
 from server.codec import Limits, check_shape
 from server.errors import InvalidArgument, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
@@ -519,7 +519,19 @@ def test_tritonclient_classification_and_load_config(server):
         "labels_after_grpc_load": ["3.25:1:b", "8.5:3:d"],
         "http_load_config": 3,
         "reloaded": 8,
+        "grpc_trace": {k: {"value": v} for k, v in trace.SETTINGS.items()},
+        "http_trace": trace.rest_form(trace.SETTINGS),
+        "http_trace_update": trace.rest_form(trace.SETTINGS),
+        "http_model_trace": ["OFF"],
+        "grpc_trace_update": {"value": ["OFF"]},
+        "grpc_trace_on": ["StatusCode.UNIMPLEMENTED", TRACE_ON],
+        "http_trace_on": ["501", TRACE_ON],
     }, got
+
+
+TRACE_ON = (
+    "trace setting 'trace_level' = ['TIMESTAMPS']: tracing is not implemented by this server; trace_level stays ['OFF']"
+)
 
 
 def test_unload_parameters(server):

@@ -60,6 +60,21 @@ def main(grpc_port: int, http_port: int) -> dict:
             got[f"{name}_file"] = exc.message()
     h.load_model("cls")  # back to config.pbtxt
     got["reloaded"] = h.get_model_config("cls")["max_batch_size"]
+    # the trace extension: tracing is off; reading works, an update that changes nothing too, turning
+    # it on is refused by name
+    got["grpc_trace"] = dict(g.get_trace_settings(as_json=True)["settings"])
+    got["http_trace"] = h.get_trace_settings()
+    got["http_trace_update"] = h.update_trace_settings()
+    got["http_model_trace"] = h.get_trace_settings(model_name="cls")["trace_level"]
+    got["grpc_trace_update"] = g.update_trace_settings(settings={"trace_level": ["OFF"]}, as_json=True)["settings"][
+        "trace_level"
+    ]
+    for name, client in (("grpc", g), ("http", h)):
+        try:
+            client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+            got[f"{name}_trace_on"] = "accepted"
+        except InferenceServerException as exc:
+            got[f"{name}_trace_on"] = [exc.status(), exc.message()]
     return got
 
 

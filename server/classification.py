@@ -86,11 +86,11 @@ def _batch_first(rt, name: str) -> bool:
     if sig.max_batch_size > 0:
         return True
     spec = sig.output(name)
-    return rt.model_config.get("triton") is None and spec is not None and spec.batch_axis == 0
+    return rt.repo_config.get("triton") is None and spec is not None and spec.batch_axis == 0
 
 
 def _labels(rt, output: str) -> tuple[str, ...] | None:
     """The output's labels, read from its label_filename when the model loaded (model_config.py)."""
-    triton = rt.model_config.get("triton")
+    triton = rt.repo_config.get("triton")
     spec = next((t for t in triton.outputs if t.name == output), None) if triton is not None else None
     return spec.labels if spec is not None else None

@@ -419,7 +419,7 @@ class DataPlane:
                 f"{prepared.work.rows}"
             )
         initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
-        triton = rt.model_config.get("triton")
+        triton = rt.repo_config.get("triton")
         idle_s = triton.idle_us / 1e6 if triton is not None and triton.idle_us else None
         controls = control.feeds(sig.controls, sig.control_shapes, seq_id, first, last) if prepared else {}
         slots = control.slots_for(self.sequences)

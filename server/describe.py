@@ -15,6 +15,7 @@ import functools
 import json
 
 from contract import metadata
+from contract.cli import version
 from server import control
 from server.dataplane import DataPlane
 from server.dtypes import triton_type
@@ -23,7 +24,7 @@ from server.signature import TensorSpec
 from server.stats import VersionStats
 
 SERVER_NAME = "lstm-serve"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = version()  # the installed distribution's (pyproject.toml's in a checkout)
 PLATFORM = "onnxruntime_onnx"
 HEADER_MAX, HEADERS_MAX = 1024, 4096  # bytes: one `lstm-*` header, all of them
 
@@ -125,7 +126,7 @@ def model_config(plane: DataPlane, name: str, version: str = "") -> dict:
     rt = plane.repository.get(name, version)
     sig = rt.signature
     policy = plane.policy_for(rt)
-    triton = rt.model_config.get("triton")
+    triton = rt.repo_config.get("triton")
     mbs = sig.max_batch_size
 
     def dims(t: TensorSpec) -> list[int]:

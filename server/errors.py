@@ -97,10 +97,6 @@ class Cancelled(ServingError):
     code = Code.CANCELLED
 
 
-class Internal(ServingError):
-    code = Code.INTERNAL
-
-
 class StartupError(Exception):
     """The server cannot start as configured (bad flag, CUDA asked for but unusable, a model that
     failed to load with --exit-on-error, an auth-token source holding no token)."""

@@ -212,7 +212,7 @@ def _measure(rt: Runtime, rng: np.random.Generator, deadline: float, free_dim: i
 def check(rt: Runtime) -> Verdict:
     """Decide whether requests to `rt` may be merged (see the module doc); sets
     `rt.signature.merge` and `rt.batch_invariance`, and logs one line where it turns merging off."""
-    sig, config = rt.signature, rt.model_config
+    sig, config = rt.signature, rt.repo_config
     policy = rt.policy
     where = f"model {rt.name} version {rt.version}"
     if sig.batching_rule == "none":
@@ -257,7 +257,7 @@ def _judge(rt: Runtime, where: str) -> Verdict:
         what = f"output '{output}' differs (a non-float value or a shape)"
     else:
         what = f"max diff {absolute:.1e}"
-    if allowed(rt.model_config):
+    if allowed(rt.repo_config):
         log.info("%s: merged results differ from single runs (%s%s); merged anyway (%s)",
                  where, what, f" on output '{output}'" if what.startswith("max") else "", ALLOW)  # fmt: skip
         return Verdict(True, f"opted in: {what}", absolute, output)

@@ -331,16 +331,16 @@ class ModelRepository:
                 self._fail(name, previous, stamp, reason)
                 raise InvalidArgument(reason)
             try:
-                model_config = config if config is not None else _read_config(name, folder, self.providers.kind)
-                policy = policy_from_config(self.policy, name, model_config)
+                repo_config = config if config is not None else _read_config(name, folder, self.providers.kind)
+                policy = policy_from_config(self.policy, name, repo_config)
             except InvalidArgument as exc:
                 self._fail(name, previous, stamp, exc.message)
                 raise
-            triton = model_config.get("triton")
+            triton = repo_config.get("triton")
             if triton is not None and triton.ignored:
                 log.info("model %s config.pbtxt: field(s) %s ignored (nothing they set changes a result here)",
                          name, ", ".join(triton.ignored))  # fmt: skip
-            kept = _keep_versions(versions, model_config)
+            kept = _keep_versions(versions, repo_config)
             if not kept:
                 reason = f"model '{name}': config.pbtxt version_policy keeps none of the versions {sorted(versions)}"
                 self._fail(name, previous, stamp, reason)
@@ -361,7 +361,7 @@ class ModelRepository:
                 log.info("loading %s (version %d, %s)", name, version, describe_file(path, summary))
                 try:
                     loaded[version] = load_model(
-                        name, version, path, self.providers, self.options, model_config, summary.nodes
+                        name, version, path, self.providers, self.options, repo_config, summary.nodes
                     )
                     loaded[version].policy = policy
                     self._check_state(loaded[version], path)

@@ -144,7 +144,7 @@ class Runtime(Protocol):
     version: int
     signature: Signature
     export_metadata: dict[str, str]  # the file's metadata_props (`lstm.*`: contract.metadata)
-    model_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
+    repo_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
     policy: BatchPolicy | None  # the model's batching policy, set at load (None: the server's)
     batcher: object | None  # the data plane's Batcher once created; False once retired
     retired: bool  # replaced or unloaded: requests that still hold it run alone
@@ -176,7 +176,7 @@ class ModelRuntime:
     signature: Signature
     export_metadata: dict[str, str]
     provider: str
-    model_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
+    repo_config: dict  # <model>/config.json or config.pbtxt as read ({} when absent)
     policy: BatchPolicy | None = None  # the BatchPolicy (server defaults + this model's config), set at load
     batcher: object | None = None  # created by the data plane on first use when batching is on
     retired: bool = False  # replaced or unloaded: requests that still hold it run alone
@@ -323,7 +323,7 @@ def load_model(
     path: Path,
     providers: Providers,
     options: RuntimeOptions,
-    model_config: dict | None = None,
+    repo_config: dict | None = None,
     nodes: int | None = None,
 ) -> ModelRuntime:
     """Create the session and its signature; ValueError (starting with the path) when the file
@@ -348,7 +348,7 @@ def load_model(
         so.add_session_config_entry("session.use_env_allocators", "1")
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    config = model_config or {}
+    config = repo_config or {}
     try:
         signature = build_signature(session, meta, config.get("triton"))
     except SignatureError as exc:
@@ -379,7 +379,7 @@ def load_model(
         signature=signature,
         export_metadata=meta,
         provider=provider,
-        model_config=config,
+        repo_config=config,
         provider_note=note,
     )
 

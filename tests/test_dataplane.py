@@ -34,7 +34,7 @@ class Doubler:
         )
     )
     export_metadata: dict = dataclasses.field(default_factory=dict)
-    model_config: dict = dataclasses.field(default_factory=dict)
+    repo_config: dict = dataclasses.field(default_factory=dict)
     policy: object | None = None
     batcher: object | None = None
     retired: bool = False

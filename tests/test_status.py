@@ -30,7 +30,6 @@ def test_every_code_maps_to_its_grpc_namesake_and_an_http_status():
         (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
         (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
         (errors.Cancelled, grpc.StatusCode.CANCELLED, 499),
-        (errors.Internal, grpc.StatusCode.INTERNAL, 500),
         (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, 400),
         (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, 409),
         (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED, 501),

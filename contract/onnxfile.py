@@ -23,7 +23,9 @@ class FileSummary:
     nodes: int | None = None  # nodes of the top-level graph; None: no graph found
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
+def varint(buf, pos: int) -> tuple[int, int]:
+    """The base-128 varint at buf[pos] and the position after it (protobuf's wire format); IndexError
+    past the end, ValueError for one longer than 64 bits."""
     value = shift = 0
     while True:
         byte = buf[pos]
@@ -40,18 +42,18 @@ def fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, stop) of each length-delimited field in buf[pos:end]; other wire
     types are skipped. Raises ValueError on anything that is not a well-formed message."""
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:  # field 0 does not exist (and a run of zero bytes would parse 2 at a time)
             raise ValueError("field number 0")
         if wire == 0:
-            _, pos = _varint(buf, pos)
+            _, pos = varint(buf, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            size, pos = _varint(buf, pos)
+            size, pos = varint(buf, pos)
             if pos + size > end:
                 raise ValueError("truncated")
             yield number, pos, pos + size

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from contract.onnxfile import varint
 from server.errors import InvalidArgument, Unauthenticated, clip
 from server.handlers import Admission
 from server.memory import Hold, MemoryBudget, call_cost, client_key
@@ -183,16 +184,16 @@ def infer_request_counts_refusal(data: bytes) -> str | None:
     pos, end = 0, len(data)
     try:
         while pos < end:
-            key, pos = _varint(data, pos)
+            key, pos = varint(data, pos)
             number, wire = key >> 3, key & 7
             if wire == 0:
-                _, pos = _varint(data, pos)
+                _, pos = varint(data, pos)
             elif wire == 1:
                 pos += 8
             elif wire == 5:
                 pos += 4
             elif wire == 2:
-                size, pos = _varint(data, pos)
+                size, pos = varint(data, pos)
                 pos += size
             else:
                 return None
@@ -201,19 +202,6 @@ def infer_request_counts_refusal(data: bytes) -> str | None:
                 name, cap = _INFER_FIELDS[number]
                 if counts[number] > cap:
                     return f"the request carries more than {cap} {name}: at most {cap} are accepted"
-    except IndexError:
+    except (IndexError, ValueError):  # truncated, or a varint over 64 bits: the parser says what is wrong
         return None
     return None
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise IndexError("varint too long")

@@ -33,6 +33,7 @@ import numpy as np
 from contract import metadata
 from server.batcher import Work, _Item, merge_and_run
 from server.dtypes import OBJECT, numpy_dtype
+from server.layout import feed_shape
 from server.runtime import Runtime
 
 log = logging.getLogger("server.invariance")
@@ -94,14 +95,7 @@ def _random_request(rt: Runtime, rng: np.random.Generator, rows: int, scale: flo
     for spec in sig.all_inputs:
         if spec.name == sig.lengths:
             continue
-        shape = list(spec.shape)
-        for axis, d in enumerate(shape):
-            if axis == spec.batch_axis:
-                shape[axis] = rows
-            elif spec.name == sig.ragged and axis == spec.time_axis:
-                shape[axis] = steps
-            elif d < 0:
-                shape[axis] = free_dim
+        shape = feed_shape(sig, spec, rows, steps, free_dim)
         dtype = numpy_dtype(spec.datatype)
         if dtype == OBJECT:
             # numerals: text to a model that reads text, numbers to one that casts them (Triton's

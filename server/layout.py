@@ -21,6 +21,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def feed_shape(sig, spec, rows: int, steps: int | None, free_dim: int | None = None) -> list[int] | None:
+    """The shape of input `spec` for `rows` sequences of `steps` steps (its ragged time axis); other
+    free dims `free_dim`, or None when there is one and no `free_dim` is given."""
+    shape = list(spec.shape)
+    for axis, d in enumerate(shape):
+        if axis == spec.batch_axis:
+            shape[axis] = rows
+        elif spec.name == sig.ragged and axis == spec.time_axis:
+            shape[axis] = steps
+        elif d < 0:
+            if free_dim is None:
+                return None
+            shape[axis] = free_dim
+    return shape
+
+
 def _probe_feeds(rt: ModelRuntime, rows: int, steps: int) -> dict[str, np.ndarray] | None:
     """Zeros ("0" for strings) for every input of `rt` with `rows` sequences of `steps` steps (lengths = steps);
     None when some input has a free dim that is neither the batch nor the ragged time axis
@@ -28,14 +44,9 @@ def _probe_feeds(rt: ModelRuntime, rows: int, steps: int) -> dict[str, np.ndarra
     sig = rt.signature
     feeds = {}
     for spec in sig.all_inputs:
-        shape = list(spec.shape)
-        for axis, d in enumerate(shape):
-            if axis == spec.batch_axis:
-                shape[axis] = rows
-            elif spec.name == sig.ragged and axis == spec.time_axis:
-                shape[axis] = steps
-            elif d < 0:
-                return None
+        shape = feed_shape(sig, spec, rows, steps)
+        if shape is None:
+            return None
         dtype = numpy_dtype(spec.datatype)
         # strings: "0", zero to a model that casts them to numbers (a string CORRID), text to others
         feeds[spec.name] = np.zeros(shape, dtype) if dtype != OBJECT else np.full(shape, "0", OBJECT)

@@ -7,6 +7,8 @@ TRITON_VENV := .venv-triton
 RAY_VENV := .venv-ray
 KSERVE_VENV := .venv-kserve
 DOCS_VENV := .venv-docs
+# the stub generator (grpcio-tools) apart from .venv: its protoc sets the stubs' protobuf and grpcio floors
+PROTOGEN_VENV := .venv-protogen
 MODELS ?= models
 # what `make serve` (and serve-envoy, serve-ray, bench, soak) need: exported when missing; the int8
 # twins are served beside their float models and measured by make bench. Defined before any rule
@@ -18,7 +20,7 @@ SERVE_ARGS ?=
 HTTP_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-fast test-ray bench soak train lint clean triton-venv kserve-venv docs docs-venv
+.PHONY: help venv validate-deploy proto proto-check export serve serve-envoy serve-ray ray-venv test test-fast test-ray bench soak train lint clean triton-venv kserve-venv docs docs-venv protogen-venv
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -72,11 +74,19 @@ serve-ray: $(RAY_VENV)/.installed $(DEFAULT_MODELS) ## the data plane on Ray Ser
 validate-deploy: $(VENV)/.installed ## validate deploy/ manifests offline (Kubernetes schemas; KServe schema from its SDK)
 	$(PY) -m deploy.validate
 
-proto: $(VENV)/.installed ## regenerate the gRPC stubs in server/proto from protos/*.proto
-	$(PY) -m server.proto.generate $(PROTO_OUT)
+$(PROTOGEN_VENV)/.installed: requirements-protogen.txt
+	test -x $(PROTOGEN_VENV)/bin/python || $(PYTHON) -m venv $(PROTOGEN_VENV)
+	$(PROTOGEN_VENV)/bin/python -m pip install -q -r requirements-protogen.txt
+	touch $@
 
-proto-check: $(VENV)/.installed ## fail if the committed stubs differ from what protos/ generates
-	$(PY) -m server.proto.generate $(PROTO_OUT) --check
+protogen-venv: $(PROTOGEN_VENV)/.installed ## separate venv with the stub generator (grpcio-tools, pinned in requirements-protogen.txt)
+
+# generate.py runs as a script (not -m server...): the generator venv has grpcio-tools, not the server's dependencies
+proto: $(PROTOGEN_VENV)/.installed ## regenerate the gRPC stubs in server/proto from protos/*.proto
+	$(PROTOGEN_VENV)/bin/python server/proto/generate.py $(PROTO_OUT)
+
+proto-check: $(PROTOGEN_VENV)/.installed ## fail if the committed stubs differ from what protos/ generates
+	$(PROTOGEN_VENV)/bin/python server/proto/generate.py $(PROTO_OUT) --check
 
 export: $(VENV)/.installed ## export the default family with its int8 twins, and the static/dynamic/precision report, into models/
 	$(PY) -m export --out $(MODELS)
@@ -99,8 +109,8 @@ bench: $(VENV)/.installed $(DEFAULT_MODELS) ## benchmark: PyTorch, ORT, server (
 soak: $(VENV)/.installed $(DEFAULT_MODELS) ## 60 s saturation: every request accounted for, sampled results checked, RSS drift
 	$(PY) -m bench.soak --models $(MODELS) --out docs/soak.json
 
-test: $(VENV)/.installed $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed docs ## run the whole test suite (proto check, docs build, export, server, tritonclient); Ray: make test-ray
-	$(PY) -m server.proto.generate $(PROTO_OUT) --check
+test: $(VENV)/.installed $(TRITON_VENV)/.installed $(KSERVE_VENV)/.installed $(PROTOGEN_VENV)/.installed docs ## run the whole test suite (proto check, docs build, export, server, tritonclient); Ray: make test-ray
+	$(PROTOGEN_VENV)/bin/python server/proto/generate.py $(PROTO_OUT) --check
 	TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python \
 		$(PY) -m pytest -q --durations=10 --ignore=tests/test_ray.py
 

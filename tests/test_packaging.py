@@ -128,7 +128,9 @@ def test_package_declares_ranges_and_requirements_files_pin_inside_them():
 
 def test_protobuf_and_grpcio_floors_are_the_stubs_own():
     """The generated stubs refuse an older runtime at import: the declared floors are theirs, no lower
-    (pip would install a protobuf the stubs reject) and no higher (the package would refuse hosts it runs in)."""
+    (pip would install a protobuf the stubs reject) and no higher (the package would refuse hosts it runs in).
+    The generator that wrote them is the one requirements-protogen.txt pins, and grpc's own health and
+    reflection services go down to the same grpcio release."""
     ranges = _ranges(PROJECT["dependencies"])
     pb2 = (ROOT / "server" / "proto" / "grpc_service_pb2.py").read_text()
     major, minor, patch = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", pb2).groups()
@@ -136,6 +138,9 @@ def test_protobuf_and_grpcio_floors_are_the_stubs_own():
     grpc_stub = (ROOT / "server" / "proto" / "grpc_service_pb2_grpc.py").read_text()
     (generated,) = re.findall(r"^GRPC_GENERATED_VERSION = '([\d.]+)'", grpc_stub, flags=re.M)
     assert _low(ranges["grpcio"]) == generated
+    protogen = _pins((ROOT / "requirements-protogen.txt").read_text().splitlines())
+    assert protogen["grpcio-tools"] == generated, "make proto-check regenerates with another grpcio-tools"
+    assert _low(ranges["grpcio-health-checking"]) == _low(ranges["grpcio-reflection"]) == generated
 
 
 def _imports(folder: Path, skip: set[str] = frozenset()) -> dict[str, list[str]]:
@@ -165,7 +170,7 @@ def test_everything_the_code_imports_is_declared():
     base = _closure(PYPROJECT_REQUIRES, set())
     with_extras = _closure(PYPROJECT_REQUIRES, {"export", "train"})
     assert "torch" not in base and {"torch", "onnx", "sktime"} <= with_extras
-    # the stub generator is a developer tool (make proto): grpcio-tools is in requirements-dev.txt
+    # the stub generator is a developer tool (make proto): grpcio-tools is in requirements-protogen.txt
     for folder, declared, skip in (
         ("contract", base, set()),
         ("server", base, {"server/proto/generate.py"}),
@@ -350,9 +355,10 @@ def _newest_in(ranges: dict[str, SpecifierSet]) -> dict[str, str]:
 # Run by the venv's python: call the venv's lstm-serve with the venv's client, save what it answers and
 # print the versions this interpreter really imported.
 _CLIENT = """
-import json, sys
+import json, sys, warnings
 from importlib import metadata
 import numpy as np
+warnings.simplefilter("error")  # protobuf 6.30-6.31 warn at import of gencode a major older than themselves
 from server.client import LSTMClient
 feeds = np.load(sys.argv[2])
 with LSTMClient(sys.argv[1], timeout=30) as client:
@@ -371,6 +377,12 @@ def test_installs_and_serves_at_each_end_of_the_declared_ranges(tmp_path, wheel,
     ranges = _ranges(PROJECT["dependencies"])
     versions = {name: _low(spec) for name, spec in ranges.items()} if end == "low" else _newest_in(ranges)
     assert set(versions) == set(ranges) and all(ranges[n].contains(v) for n, v in versions.items()), versions
+    # the grpc family at this end is a set pip itself resolves together (the install below is --no-deps):
+    # grpcio-health-checking and -reflection ask for their own grpcio and a protobuf of the stubs' major
+    family = sorted(f"{n}=={v}" for n, v in versions.items() if n == "protobuf" or n.startswith("grpcio"))
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", *family]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"pip install {family}: {res.stdout}{res.stderr}"
     own = {name: version for name, version in versions.items() if metadata.version(name) != version}
     bin_dir, _ = _venv_with(tmp_path, wheel, set(), own, label=end)
     x, lengths = ragged(np.random.default_rng(6), 4, 9, 6)

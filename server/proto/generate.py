@@ -1,7 +1,9 @@
 """Generate the gRPC stubs from protos/*.proto into server/proto, with relative imports.
 
-`python -m server.proto.generate OUT [--check]`: with --check, generate into a temporary folder
-and fail (exit 1) if any generated file differs from the committed one.
+`python server/proto/generate.py OUT [--check]`, with the generator venv's python (`make proto`,
+`make proto-check`): with --check, generate into a temporary folder and fail (exit 1) if any generated
+file differs from the committed one. It imports only grpc_tools and the standard library, and refuses
+a grpcio-tools other than the one requirements-protogen.txt pins: its protoc sets the stubs' floors.
 """
 
 from __future__ import annotations
@@ -11,12 +13,25 @@ import filecmp
 import re
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
+PINS = ROOT / "requirements-protogen.txt"
+
+
+def _check_generator() -> None:
+    """Exit with a one-line error unless the installed grpcio-tools is the pinned one."""
+    (pinned,) = re.findall(r"^grpcio-tools==(\S+)", PINS.read_text(), flags=re.M)
+    have = metadata.version("grpcio-tools")
+    if have != pinned:
+        raise SystemExit(
+            f"error: the stubs are generated with grpcio-tools {pinned} ({PINS.name}), this python has {have}: "
+            "use .venv-protogen (`make proto`, `make proto-check`)"
+        )
 
 
 def generate(out: Path) -> list[Path]:
@@ -47,6 +62,7 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
+    _check_generator()
     if not args.check:
         for path in generate(args.out):
             print(f"wrote {path}")

@@ -397,6 +397,20 @@ def test_installs_and_serves_at_each_end_of_the_declared_ranges(tmp_path, wheel,
 
 
 @pytest.mark.slow
+def test_pip_resolves_the_package_beside_tritonclient(wheel):
+    """The host the protobuf floor is for: pip installs the package together with tritonclient's gRPC
+    client, which asks for protobuf < 7 (the two are importable in one venv, not in one process:
+    docs/development.md)."""
+    pin = _pins((ROOT / "requirements-triton.txt").read_text().splitlines())["tritonclient"]
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--report", "-"]
+    res = subprocess.run([*cmd, str(wheel), f"tritonclient[grpc]=={pin}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)["install"]
+    got = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report}
+    assert got["tritonclient"] == pin and got["protobuf"].split(".")[0] == "6", got
+
+
+@pytest.mark.slow
 def test_pip_install_export_extra_gives_working_lstm_export(tmp_path, wheel):
     bin_dir, dists = _venv_with(tmp_path, wheel, {"export"})
     assert {"torch", "onnx", "matplotlib"} <= dists and "sktime" not in dists

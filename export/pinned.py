@@ -258,3 +258,32 @@ def pin(model: onnx.ModelProto, ranges: dict[str, float], name: str) -> onnx.Mod
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return model
+
+
+def from_npy(path: Path, reference: Path) -> Calibration:
+    """--int8-calibration FILE.npy: x like the model's real inputs, (N, T, features) or (T, features)
+    (token ids: (N, T) or (T,)), every sequence T steps long; checked against the float model's x.
+    Also the parity gate's inputs (a model's real inputs need not be the gate's standard-normal ones)."""
+    import onnxruntime as ort
+
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--int8-calibration {path}: not a readable .npy array ({exc})") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    spec = ort.InferenceSession(str(reference), so, providers=["CPUExecutionProvider"]).get_inputs()[0]
+    tokens = spec.type == "tensor(int64)"
+    rank = len(spec.shape)  # (batch, time) ids or (batch, time, features)
+    if x.ndim == rank - 1:
+        x = x[None]
+    want = "(N, T) or (T,) token ids" if tokens else f"(N, T, {spec.shape[-1]}) or (T, {spec.shape[-1]}) float32"
+    numeric = np.issubdtype(x.dtype, np.integer) if tokens else np.issubdtype(x.dtype, np.floating)
+    if x.ndim != rank or not numeric or x.size == 0 or (not tokens and x.shape[-1] != spec.shape[-1]):
+        raise ExportError(f"--int8-calibration {path}: array {x.dtype}{list(x.shape)}; expected {want}")
+    x = x.astype(np.int64 if tokens else np.float32)
+    if not tokens and not np.isfinite(x).all():
+        raise ExportError(f"--int8-calibration {path}: non-finite values; expected finite {want}")
+    batches = [(x[i : i + 64], np.full(len(x[i : i + 64]), x.shape[1], np.int64)) for i in range(0, len(x), 64)]
+    source = f"{path.name} ({x.shape[0]} sequences of {x.shape[1]} steps)"
+    return Calibration(source, batches, batches, f"the calibration inputs {path.name}")

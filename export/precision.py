@@ -574,6 +574,23 @@ def japanese_vowels_test() -> LabelledData | None:
     return LabelledData("Japanese Vowels test split", sequences, labels)
 
 
+def japanese_vowels_calibration() -> Calibration | None:
+    """The speaker model's training split (its first layer's range) and held-out split (the parity
+    gate's inputs: the gate's standard-normal x is far outside what the model normalises), or None
+    where sktime is not installed."""
+    from export import japanese_vowels
+
+    try:
+        train, _ = japanese_vowels.load("train")
+        test, _ = japanese_vowels.load("test")
+    except RuntimeError:
+        return None
+    return Calibration(
+        f"the Japanese Vowels training split ({len(train)} sequences)", pinned.batches_of(train),
+        pinned.batches_of(test, 16), "the Japanese Vowels test split",
+    )  # fmt: skip
+
+
 def scores(path: Path, data: LabelledData, providers: list | None = None) -> np.ndarray:
     """`data.output` (N, classes) for every sequence of `data`: one padded batch, in-process."""
     session = _session(path, providers or ["CPUExecutionProvider"])
@@ -692,7 +709,7 @@ def make_twin(
     with _atomic_path(path) as tmp:
         if precision == "int8":
             form, done = quantize_int8(reference, tmp, twin_of, calibration)
-            notes.append(f"int8 form: {FORMS[form]}")
+            notes.append(f"int8 form: {FORMS[form]}" + (f"; {done[-1]}" if form == "pinned" else ""))
             notes.append(
                 "DynamicQuantizeLSTM has CPU kernels only: a server on --device cuda runs these nodes on its CPU"
             )

@@ -162,10 +162,11 @@ def targets(result: dict, cpu: dict, judged: int, transport: float | None = None
     rows = []
     for conc in concurrency:
         a, b = result["served"][(model, conc)], result["served"][(int8_model, conc)]
+        ratio = b / a if a > 0 else float("nan")  # a load point that completed nothing: no ratio
         goal = f">= {INT8_SERVED_GOAL:g}" if conc == judged and fast else "measured"
-        ok = (b / a >= INT8_SERVED_GOAL) if conc == judged and fast else None
+        ok = (ratio >= INT8_SERVED_GOAL) if conc == judged and fast else None
         rows.append({"key": f"int8_served_c{conc}", "target": f"served {int8_model} / served {model}, c={conc} "
-                     "(same server, batching on, single50)", "value": b / a, "goal": goal, "ok": ok,
+                     "(same server, batching on, single50)", "value": ratio, "goal": goal, "ok": ok,
                      "detail": f"{b:.0f} vs {a:.0f} seq/s; CPU {isa}; twin {result.get('form', '?')}"})  # fmt: skip
     if transport and (model, judged) in result["inprocess"]:
         # each served sequence costs its run plus one call's transport, which int8 does not shrink

@@ -3,12 +3,14 @@ precision, each checked against that float model (the reference) before it is wr
 
 int8: ONNX Runtime's dynamic quantization (`quantize_dynamic`, QInt8 weights per tensor, uint8
 activations quantized on every run): each `LSTM` becomes `com.microsoft.DynamicQuantizeLSTM`
-(`sequence_lens` kept), each MatMul with a constant weight (and each Gemm, rewritten as MatMul +
-Add first) a dynamically quantized MatMul. That graph is then wrapped in an ONNX Loop over the
-batch (`row_loop`), each row cut to its length, so every activation scale comes from one row and a
-sequence's int8 answer is bit-identical alone or merged with others. ONNX Runtime has no quantized
-GRU or RNN kernel, so a model with a GRU or RNN layer is refused rather than written as a float
-copy named `_int8`.
+(`sequence_lens` kept). A sequence's int8 answer must be bit-identical alone or merged with others,
+and ORT takes each activation range from the whole run, so the twin is written in one of two forms
+(FORMS): `pinned` where calibration data for the first layer's input is given (export.pinned: the
+ranges fixed in the graph, the whole batch in one run; only the LSTMs int8), else `row_loop`: each
+MatMul with a constant weight (and each Gemm, rewritten as MatMul + Add first) dynamically quantized
+too, and the graph wrapped in an ONNX Loop over the batch, each row cut to its length, so every
+activation range comes from one row. ONNX Runtime has no quantized GRU or RNN kernel, so a model
+with a GRU or RNN layer is refused rather than written as a float copy named `_int8`.
 
 fp16: float16 weights and activations (`onnxruntime.transformers.float16`, ONNX Runtime's copy of
 onnxconverter-common's converter, so no extra package), float32 `x` and outputs at the boundary
@@ -265,14 +267,13 @@ def quantize_int8(src: Path, dst: Path, name: str, calibration: Calibration | No
 # -- batch invariance: one row at a time ---------------------------------------------------------
 # ONNX Runtime's dynamic quantization takes one activation scale per tensor and run: the input
 # projection's over all rows and steps, each recurrent step's over all rows. A merged batch would
-# quantize a request with its batch-mates' range. ORT has no LSTM kernel with a fixed (calibrated)
-# activation scale, so the twin instead runs its quantized graph in an ONNX Loop over the batch,
+# quantize a request with its batch-mates' range. Without calibration data (export.pinned needs it
+# for the first layer's input) the twin runs its quantized graph in an ONNX Loop over the batch,
 # each row cut to its own length: every scale is then that row's alone, and a request's answer is
 # the same bits alone or merged. The Loop body is the quantized graph itself (nothing unrolled, the
 # file stays the size it was). Measured (ORT 1.31, 1 thread, T = 50, a shared 2-CPU host): the
-# encoder's twin 1.9-2.3x the float model's rate at batch 16 and 64, the batch-dependent one
-# 2.6-2.7x; a fixed calibrated scale would leave the LSTMs float (no such ORT kernel): ~1.0x.
-# docs/precision.md has the figures.
+# encoder's twin 1.9-2.1x the float model's rate at batch 16 and 64, the pinned one 2.4-2.5x, the
+# batch-dependent one 2.6-2.7x. docs/precision.md has the figures.
 _ROW = "row_loop/"  # prefix of every name the Loop adds
 
 

@@ -66,7 +66,7 @@ QUANTIZED_OPS = ("LSTM", "MatMul")  # op types handed to quantize_dynamic (Gemm 
 # report line and, in other words, in the twin's lstm.precision_method.
 FORMS = {
     "pinned": "pinned (activation ranges fixed in the graph from calibration data; the whole batch in one run)",
-    "row_loop": "row_loop (the graph runs once per row of the batch: no calibration data for the first layer)",
+    "row_loop": "row_loop (the graph runs once per row of the batch: {why})",
 }
 METHODS = {
     "pinned": (
@@ -213,6 +213,7 @@ def quantize_int8(src: Path, dst: Path, name: str, calibration: Calibration | No
     if why:
         raise ExportError(why)
     why_not = "no calibration data for the first layer's input" if calibration is None else pinned.unsupported(model)
+    why_not = why_not and (why_not if calibration is None else f"not pinned: {why_not}")
     form = "row_loop" if why_not else "pinned"
     gemms = _gemm_to_matmul(model) if form == "row_loop" else 0
     ranges = pinned.input_ranges(src, calibration, name) if form == "pinned" else {}
@@ -260,6 +261,7 @@ def quantize_int8(src: Path, dst: Path, name: str, calibration: Calibration | No
             wrapped = row_loop(out, name)
             onnx.checker.check_model(wrapped)
         done.append(f"the graph runs once per row of the batch (an ONNX Loop), each row cut to its length ({why_not})")
+        done.append(why_not)
     onnx.save(wrapped, str(dst))
     return form, done
 
@@ -710,7 +712,10 @@ def make_twin(
     with _atomic_path(path) as tmp:
         if precision == "int8":
             form, done = quantize_int8(reference, tmp, twin_of, calibration)
-            notes.append(f"int8 form: {FORMS[form]}" + (f"; {done[-1]}" if form == "pinned" else ""))
+            if form == "pinned":
+                notes.append(f"int8 form: {FORMS[form]}; {done[-1]}")
+            else:
+                notes.append(f"int8 form: {FORMS[form].format(why=done.pop())}")
             notes.append(
                 "DynamicQuantizeLSTM has CPU kernels only: a server on --device cuda runs these nodes on its CPU"
             )

@@ -384,6 +384,38 @@ def test_pinned_anchors_hold_h_at_plus_minus_one_exactly(tmp_path):
         assert not np.take(pair, [1], axis=b).any() and np.array_equal(np.take(pair, [0], axis=b), one), out.name
 
 
+def test_an_lstm_the_anchors_cannot_hold_falls_back_to_row_loop(tmp_path):
+    """An LSTM with cell clipping (clip < the anchors' cell of 100): calibration data given, the twin
+    is still written row by row, and the report line says why."""
+    rng = np.random.default_rng(4)
+    hidden = 4
+    init = [onnx.numpy_helper.from_array((0.3 * rng.standard_normal(shape)).astype(np.float32), name)
+            for name, shape in (("W", (1, 4 * hidden, FEATURES)), ("R", (1, 4 * hidden, hidden)))]  # fmt: skip
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("Cast", ["lengths"], ["seq"], to=onnx.TensorProto.INT32),
+        helper.make_node("LSTM", ["xt", "W", "R", "", "seq"], ["Y"], hidden_size=hidden, clip=5.0, name="clipped"),
+        helper.make_node("Squeeze", ["Y", "one"], ["Ys"]),
+        helper.make_node("Transpose", ["Ys"], ["y"], perm=[1, 0, 2]),
+    ]
+    init.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "one"))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "time", FEATURES]),
+         helper.make_tensor_value_info("lengths", onnx.TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "time", hidden])], init,
+    )  # fmt: skip
+    base = tmp_path / "clip.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(base))
+    twin = precision.make_twin(base, "int8", tmp_path / "clip_int8" / "model.onnx", "clip",
+                               calibration=pinned.standard_normal(FEATURES))  # fmt: skip
+    lines = "\n".join(twin.lines())
+    assert (
+        "int8 form: row_loop (the graph runs once per row of the batch: not pinned: LSTM 'clipped' sets clip" in lines
+    )
+    assert batch_dependence(twin.path, FEATURES) == 0.0
+
+
 @pytest.mark.parametrize("form", ["row_loop", "pinned"])
 def test_the_invariance_check_sees_a_batch_dependent_twin(tmp_path, monkeypatch, form):
     """The check above can fail: the same twin without its per-row Loop or its pinned ranges (plain

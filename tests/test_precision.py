@@ -327,19 +327,25 @@ def interface(path: Path) -> list[tuple]:
 
 
 @pytest.mark.parametrize("form", ["row_loop", "pinned"])
-@pytest.mark.parametrize("initial_state", [False, True])
-def test_int8_twin_is_batch_invariant(tmp_path, initial_state, form):
+@pytest.mark.parametrize(("initial_state", "bidirectional"), [(False, True), (True, False), (True, True)])
+def test_int8_twin_is_batch_invariant(tmp_path, initial_state, bidirectional, form):
     """Alone vs merged, through ONNX Runtime, several batch compositions (a 10x louder mate, a longer
     one, a lone row, 13 rows; with h0/c0 inputs too): bit-identical in both forms (row by row; ranges
     pinned from calibration data), still within the int8 gate, and the float model's interface."""
-    cfg = family.LSTMConfig(FEATURES, HIDDEN, 2, not initial_state)
+    cfg = family.LSTMConfig(FEATURES, HIDDEN, 2 + bidirectional * initial_state, bidirectional)
     base = family.model_path(tmp_path, "m")
-    export_dynamic(family.build(family.FamilyMember("m", cfg, seed=2)), base, initial_state=initial_state)
+    export_dynamic(
+        family.build(family.FamilyMember("m", cfg, seed=2 + bidirectional)), base, initial_state=initial_state
+    )
     cal = pinned.standard_normal(FEATURES) if form == "pinned" else None
     twin = precision.make_twin(base, "int8", family.model_path(tmp_path, "m_int8"), "m", calibration=cal)
     assert f"int8 form: {form} (" in "\n".join(twin.lines())
     ops = [n.op_type for n in all_nodes(onnx.load(str(twin.path)).graph)]
-    assert ("Loop" in ops) == (form == "row_loop") and "LSTM" not in ops and ops.count("DynamicQuantizeLSTM") == 2
+    assert (
+        ("Loop" in ops) == (form == "row_loop")
+        and "LSTM" not in ops
+        and ops.count("DynamicQuantizeLSTM") == cfg.num_layers
+    )
     states = {n: (cfg.num_layers * cfg.num_directions, HIDDEN) for n in ("h0", "c0")} if initial_state else None
     assert batch_dependence(twin.path, FEATURES, states) == 0.0
     assert twin.parity.max_scaled <= precision.TOLERANCE["int8"]

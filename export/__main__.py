@@ -99,6 +99,7 @@ def _export_family(
     out: Path, report: bool, report_lengths: list[int], requested: list[str] | None = None, io16: bool = False
 ) -> None:
     from export.onnx_export import export_dynamic, export_static
+    from export.pinned import standard_normal
     from export.precision import make_twin, twin_name
     from export.progress import step
 
@@ -111,7 +112,10 @@ def _export_family(
         for precision in (p for p in twins if p in member.twins):
             name = twin_name(member.name, precision)
             with step(f"{name}: {precision} twin + parity check against {member.name}"):
-                twin = make_twin(res.path, precision, family.model_path(out, name), member.name, io_float16=io16)
+                # the family's random-weight encoders take standard-normal x (the gate, tests and bench feed it)
+                cal = standard_normal(member.config.input_size) if precision == "int8" else None
+                twin = make_twin(res.path, precision, family.model_path(out, name), member.name, io_float16=io16,
+                                 calibration=cal)  # fmt: skip
             _print_twin(twin, res.path)
         for steps in member.static_lengths:
             with step(f"{member.name}: static T={steps} export + parity check (ONNX Runtime loads the unrolled graph)"):
@@ -158,7 +162,7 @@ def _export_speaker_id(out: Path, twins: list[str] = (), io16: bool = False) -> 
     """The trained speaker classifier, from the committed checkpoint (no data set needed), and its
     twins, whose accuracy is checked on the held-out split where sktime (which ships it) is installed."""
     from export.onnx_export import export_classifier
-    from export.precision import make_twin, twin_name
+    from export.precision import japanese_vowels_calibration, make_twin, twin_name
     from export.train import CHECKPOINT, load_checkpoint
 
     if not CHECKPOINT.is_file():
@@ -184,7 +188,8 @@ def _export_speaker_id(out: Path, twins: list[str] = (), io16: bool = False) -> 
     for precision in wanted:
         name = twin_name("speaker_id", precision)
         with step(f"{name}: {precision} twin + parity and accuracy check against speaker_id"):
-            twin = make_twin(res.path, precision, family.model_path(out, name), "speaker_id", data, io16)
+            cal = japanese_vowels_calibration() if precision == "int8" else None
+            twin = make_twin(res.path, precision, family.model_path(out, name), "speaker_id", data, io16, cal)
         _print_twin(twin, res.path)
         made.append(twin)
     name = family.static_name("speaker_id", SPEAKER_ID_STATIC_T)
@@ -273,6 +278,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fp16 twins take and return float16 (default: float32 x and outputs, cast at the boundary)",
     )
+    parser.add_argument(
+        "--int8-calibration",
+        type=Path,
+        metavar="FILE.npy",
+        help="with --precision int8 and --name: inputs like the model's real ones, (N, T, features) float32 (token "
+        "ids: (N, T)); the int8 twin then has its activation ranges pinned from them (the whole batch in one run) "
+        "instead of running row by row, and is gated on them. Both forms answer a sequence the same alone or merged",
+    )
     parser.add_argument("--no-report", action="store_true", help="family only: skip the comparison")
     parser.add_argument(
         "--report-lengths",
@@ -359,6 +372,8 @@ def _main(args) -> int:
     twins = _twins(args.precision)
     if args.fp16_io_float16 and "fp16" not in (twins or family.FAMILY[0].twins):
         raise ExportError("--fp16-io-float16 applies to fp16 twins: add --precision fp16")
+    if args.int8_calibration is not None and (args.name is None or "int8" not in (twins or ())):
+        raise ExportError("--int8-calibration applies to --name exports with --precision int8")
     if args.name is None:
         if args.weights or args.module:
             raise ExportError("--weights/--module need --name NAME (the model's folder in the repository)")
@@ -412,7 +427,13 @@ def _main(args) -> int:
         made = []
         for precision in twins or ():  # twins of the dynamic model, checked against it before anything is said
             path = family.model_path(args.out, twin_name(args.name, precision), args.model_version)
-            made.append(make_twin(results[0].path, precision, path, args.name, io_float16=args.fp16_io_float16))
+            cal = None
+            if precision == "int8" and args.int8_calibration is not None:
+                from export.pinned import from_npy
+
+                cal = from_npy(args.int8_calibration, results[0].path)
+            made.append(make_twin(results[0].path, precision, path, args.name, io_float16=args.fp16_io_float16,
+                                  calibration=cal))  # fmt: skip
         for res in results:
             what = "dynamic" if res.steps is None else f"static T={res.steps}"
             print(f"{args.name}: {what} -> {res.path} ({res.seconds:.2f} s; {res.path.stat().st_size:,} bytes)")

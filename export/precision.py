@@ -3,12 +3,14 @@ precision, each checked against that float model (the reference) before it is wr
 
 int8: ONNX Runtime's dynamic quantization (`quantize_dynamic`, QInt8 weights per tensor, uint8
 activations quantized on every run): each `LSTM` becomes `com.microsoft.DynamicQuantizeLSTM`
-(`sequence_lens` kept), each MatMul with a constant weight (and each Gemm, rewritten as MatMul +
-Add first) a dynamically quantized MatMul. That graph is then wrapped in an ONNX Loop over the
-batch (`row_loop`), each row cut to its length, so every activation scale comes from one row and a
-sequence's int8 answer is bit-identical alone or merged with others. ONNX Runtime has no quantized
-GRU or RNN kernel, so a model with a GRU or RNN layer is refused rather than written as a float
-copy named `_int8`.
+(`sequence_lens` kept). A sequence's int8 answer must be bit-identical alone or merged with others,
+and ORT takes each activation range from the whole run, so the twin is written in one of two forms
+(FORMS): `pinned` where calibration data for the first layer's input is given (export.pinned: the
+ranges fixed in the graph, the whole batch in one run; only the LSTMs int8), else `row_loop`: each
+MatMul with a constant weight (and each Gemm, rewritten as MatMul + Add first) dynamically quantized
+too, and the graph wrapped in an ONNX Loop over the batch, each row cut to its length, so every
+activation range comes from one row. ONNX Runtime has no quantized GRU or RNN kernel, so a model
+with a GRU or RNN layer is refused rather than written as a float copy named `_int8`.
 
 fp16: float16 weights and activations (`onnxruntime.transformers.float16`, ONNX Runtime's copy of
 onnxconverter-common's converter, so no extra package), float32 `x` and outputs at the boundary
@@ -37,6 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from contract import metadata
 from contract.cuda import cuda_usable
+from export import pinned
+from export.pinned import Calibration
 from export.verify import ExportError, ragged_batches
 
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -58,6 +62,22 @@ TWINS = ("int8", "fp16")
 TOLERANCE = {"int8": 1e-1, "fp16": 1e-2}
 MAX_ACCURACY_DROP = 0.5  # accuracy points (percent) a twin may lose on labelled data
 QUANTIZED_OPS = ("LSTM", "MatMul")  # op types handed to quantize_dynamic (Gemm is rewritten first)
+# The int8 twin's two forms, both batch-invariant (bit-identical alone or merged): in the export's
+# report line and, in other words, in the twin's lstm.precision_method.
+FORMS = {
+    "pinned": "pinned (activation ranges fixed in the graph from calibration data; the whole batch in one run)",
+    "row_loop": "row_loop (the graph runs once per row of the batch: {why})",
+}
+METHODS = {
+    "pinned": (
+        "uint8 activations quantized with ranges pinned in the graph (a sequence's result does not depend on the "
+        "batch it runs in; an input beyond the calibrated range is clipped, moving that sequence's own result)"
+    ),
+    "row_loop": (
+        "uint8 activations quantized per row (the graph runs each row of a batch on its own, so a sequence's "
+        "result does not depend on the batch it runs in)"
+    ),
+}
 
 
 def twin_name(name: str, precision: str) -> str:
@@ -182,8 +202,9 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize_int8(src: Path, dst: Path, name: str) -> list[str]:
-    """Write the int8 twin of `src` to `dst`; return what was quantized, in words.
+def quantize_int8(src: Path, dst: Path, name: str, calibration: Calibration | None = None) -> tuple[str, list[str]]:
+    """Write the int8 twin of `src` to `dst`; return its form (FORMS) and what was done, in words.
+    Pinned (export.pinned) where `calibration` is given and the LSTMs allow it, else row by row.
     ExportError (nothing written) where it cannot be done."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -191,12 +212,17 @@ def quantize_int8(src: Path, dst: Path, name: str) -> list[str]:
     why = _int8_refusal(model, name)
     if why:
         raise ExportError(why)
-    gemms = _gemm_to_matmul(model)
+    why_not = "no calibration data for the first layer's input" if calibration is None else pinned.unsupported(model)
+    why_not = why_not and (why_not if calibration is None else f"not pinned: {why_not}")
+    form = "row_loop" if why_not else "pinned"
+    gemms = _gemm_to_matmul(model) if form == "row_loop" else 0
+    ranges = pinned.input_ranges(src, calibration, name) if form == "pinned" else {}
     with _quiet_root_logger(), _tool(name, "int8: onnxruntime quantize_dynamic"):
         quantize_dynamic(
             model,
             str(dst),
-            op_types_to_quantize=list(QUANTIZED_OPS),
+            # pinned: only the LSTMs (a dynamically quantized MatMul takes its batch's range)
+            op_types_to_quantize=list(QUANTIZED_OPS) if form == "row_loop" else ["LSTM"],
             weight_type=QuantType.QInt8,
             per_channel=False,  # measured: per-channel weights did not reduce the error (TOLERANCE)
             reduce_range=False,
@@ -219,25 +245,37 @@ def quantize_int8(src: Path, dst: Path, name: str) -> list[str]:
         done.append(f"{matmuls} MatMul -> MatMulInteger" + (f" ({gemms} of them Gemm)" if gemms else ""))
     if not done:
         raise ExportError(f"{name}: int8: nothing in the graph could be quantized; refused (it would be a float copy)")
-    with _tool(name, "int8: the per-row Loop"):
-        rows = row_loop(out, name)
-        onnx.checker.check_model(rows)
-    onnx.save(rows, str(dst))
-    done.append("the graph runs once per row of the batch (an ONNX Loop), each row cut to its length")
-    return done
+    if form == "pinned":
+        with _tool(name, "int8: pinning the activation ranges"):
+            wrapped = pinned.pin(out, ranges, name)
+            onnx.checker.check_model(wrapped)
+        first = {k: v for k, v in ranges.items() if v != 1.0}
+        done.append(
+            "activation ranges pinned in the graph (two anchor units per direction hold h's range at [-1, 1]; "
+            "LSTM inputs clipped to [-R, R] with two constant features +-R: R = 1 where an LSTM feeds the layer, "
+            + ", ".join(f"{v:.4g} for {k!r}" for k, v in first.items())
+            + f" = {pinned.MARGIN:g} x the largest |x| on {calibration.source}); the rest of the graph float32"
+        )
+    else:
+        with _tool(name, "int8: the per-row Loop"):
+            wrapped = row_loop(out, name)
+            onnx.checker.check_model(wrapped)
+        done.append(f"the graph runs once per row of the batch (an ONNX Loop), each row cut to its length ({why_not})")
+        done.append(why_not)
+    onnx.save(wrapped, str(dst))
+    return form, done
 
 
 # -- batch invariance: one row at a time ---------------------------------------------------------
 # ONNX Runtime's dynamic quantization takes one activation scale per tensor and run: the input
 # projection's over all rows and steps, each recurrent step's over all rows. A merged batch would
-# quantize a request with its batch-mates' range. ORT has no LSTM kernel with a fixed (calibrated)
-# activation scale, so the twin instead runs its quantized graph in an ONNX Loop over the batch,
+# quantize a request with its batch-mates' range. Without calibration data (export.pinned needs it
+# for the first layer's input) the twin runs its quantized graph in an ONNX Loop over the batch,
 # each row cut to its own length: every scale is then that row's alone, and a request's answer is
 # the same bits alone or merged. The Loop body is the quantized graph itself (nothing unrolled, the
 # file stays the size it was). Measured (ORT 1.31, 1 thread, T = 50, a shared 2-CPU host): the
-# encoder's twin 1.9-2.3x the float model's rate at batch 16 and 64, the batch-dependent one
-# 2.6-2.7x; a fixed calibrated scale would leave the LSTMs float (no such ORT kernel): ~1.0x.
-# docs/precision.md has the figures.
+# encoder's twin 1.9-2.1x the float model's rate at batch 16 and 64, the pinned one 2.4-2.5x, the
+# batch-dependent one 2.6-2.7x. docs/precision.md has the figures.
 _ROW = "row_loop/"  # prefix of every name the Loop adds
 
 
@@ -405,11 +443,14 @@ class TwinParity:
     longest: int  # the longest T among the batches
     outputs: list[str]
     provider: str  # what ran the twin
+    source: str = ""  # the batches' inputs where not the gate's own seeded ones
 
     def line(self, reference: str) -> str:
+        of = f" of {self.source}" if self.source else ""
         return (
             f"parity vs {reference} (float32): max abs error {self.max_abs:.2e}, {self.max_scaled:.2e} of the "
-            f"output's range ({self.batches} ragged batches up to T={self.longest}, outputs {', '.join(self.outputs)}; "
+            f"output's range ({self.batches} ragged batches{of} up to T={self.longest}, outputs "
+            f"{', '.join(self.outputs)}; "
             f"tolerance {self.tolerance:g}) on {self.provider}"
         )
 
@@ -450,8 +491,11 @@ def _state_values(session, batch: int, rng: np.random.Generator) -> dict[str, np
     return states
 
 
-def check_twin(reference: Path, twin: Path, precision: str, name: str, providers: list) -> TwinParity:
-    """Run the float model and its twin on the same batches; ExportError past TOLERANCE[precision]."""
+def check_twin(
+    reference: Path, twin: Path, precision: str, name: str, providers: list, given: Calibration | None = None
+) -> TwinParity:
+    """Run the float model and its twin on the same batches (twin_batches, or `given.check` where a
+    pinned twin's inputs are not the gate's standard-normal ones); ExportError past TOLERANCE[precision]."""
     ref = _session(reference, ["CPUExecutionProvider"])
     with _tool(name, f"ONNX Runtime loading the {precision} twin"):
         got = _session(twin, providers)
@@ -462,9 +506,14 @@ def check_twin(reference: Path, twin: Path, precision: str, name: str, providers
     axes = [d if isinstance(d, str) else None for d in ref.get_inputs()[0].shape[:2]]  # (batch, time) names
     rng = np.random.default_rng(99)
     max_abs = max_scaled = 0.0
-    batches = twin_batches(features, vocab_size=int(vocab) if vocab else None)
+    if given is not None and given.check is not None:
+        batches = list(given.check)
+    else:
+        batches = twin_batches(features, vocab_size=int(vocab) if vocab else None)
     for x, lengths in batches:
         states = _state_values(ref, x.shape[0], rng)
+        if given is not None:  # a pinned twin clips h0 to [-1, 1], where every state an LSTM returns lies
+            states = {k: np.clip(v, -1.0, 1.0) for k, v in states.items()}
         want = dict(zip(names, ref.run(names, _feeds(ref, x, lengths, states))))
         have = dict(zip(names, got.run(names, _feeds(got, x, lengths, states))))
         for out in names:
@@ -492,7 +541,8 @@ def check_twin(reference: Path, twin: Path, precision: str, name: str, providers
                     "the file was not written"
                 )
     longest = max(x.shape[1] for x, _ in batches)
-    return TwinParity(max_abs, max_scaled, tolerance, len(batches), longest, names, got.get_providers()[0])
+    source = given.check_source if given is not None and given.check is not None else ""
+    return TwinParity(max_abs, max_scaled, tolerance, len(batches), longest, names, got.get_providers()[0], source)
 
 
 def _within_lengths(session, output: str, axes: list, lengths: np.ndarray, shape: tuple) -> np.ndarray | bool:
@@ -527,6 +577,23 @@ def japanese_vowels_test() -> LabelledData | None:
     except RuntimeError:
         return None
     return LabelledData("Japanese Vowels test split", sequences, labels)
+
+
+def japanese_vowels_calibration() -> Calibration | None:
+    """The speaker model's training split (its first layer's range) and held-out split (the parity
+    gate's inputs: the gate's standard-normal x is far outside what the model normalises), or None
+    where sktime is not installed."""
+    from export import japanese_vowels
+
+    try:
+        train, _ = japanese_vowels.load("train")
+        test, _ = japanese_vowels.load("test")
+    except RuntimeError:
+        return None
+    return Calibration(
+        f"the Japanese Vowels training split ({len(train)} sequences)", pinned.batches_of(train),
+        pinned.batches_of(test, 16), "the Japanese Vowels test split",
+    )  # fmt: skip
 
 
 def scores(path: Path, data: LabelledData, providers: list | None = None) -> np.ndarray:
@@ -630,9 +697,11 @@ def make_twin(
     twin_of: str,
     data: LabelledData | None = None,
     io_float16: bool = False,
+    calibration: Calibration | None = None,
 ) -> TwinResult:
     """Write the `precision` twin of the float32 file `reference` (model `twin_of`) to `path`,
-    atomically, after the parity gate (and the accuracy gate where `data` is given) pass."""
+    atomically, after the parity gate (and the accuracy gate where `data` is given) pass. An int8
+    twin is pinned where `calibration` (inputs like the model's real ones) is given, else row by row."""
     from export.onnx_export import _atomic_path
 
     if precision not in TWINS:
@@ -641,23 +710,25 @@ def make_twin(
     start = time.perf_counter()
     providers, note = check_provider(precision)
     notes = [note] if note else []
+    form = ""
     with _atomic_path(path) as tmp:
         if precision == "int8":
-            done = quantize_int8(reference, tmp, twin_of)
+            form, done = quantize_int8(reference, tmp, twin_of, calibration)
+            if form == "pinned":
+                notes.append(f"int8 form: {FORMS[form]}; {done[-1]}")
+            else:
+                notes.append(f"int8 form: {FORMS[form].format(why=done.pop())}")
             notes.append(
                 "DynamicQuantizeLSTM has CPU kernels only: a server on --device cuda runs these nodes on its CPU"
             )
-            method = (
-                "onnxruntime quantize_dynamic: QInt8 weights per tensor, uint8 activations quantized per row (the "
-                "graph runs each row of a batch on its own, so a sequence's result does not depend on the batch it "
-                "runs in); " + "; ".join(done)
-            )
+            method = f"onnxruntime quantize_dynamic: QInt8 weights per tensor, {METHODS[form]}; " + "; ".join(done)
         else:
             done = convert_fp16(reference, tmp, twin_of, io_float16)
             method = "onnxruntime.transformers.float16: " + "; ".join(done)
             if io_float16:
                 notes.append("x and outputs are float16: clients send FP16 and get FP16 back")
-        parity = check_twin(reference, tmp, precision, name, providers)
+        pinned_by = calibration if precision == "int8" and form == "pinned" else None
+        parity = check_twin(reference, tmp, precision, name, providers, pinned_by)
         result = TwinResult(name, path, precision, twin_of, 0.0, parity, notes=notes)
         if data is not None:
             result.accuracy = check_accuracy(reference, tmp, data, twin_of, precision, providers)

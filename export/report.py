@@ -69,7 +69,8 @@ def family_precision_rows(
     provider where no GPU is usable)."""
     from export import family
     from export.onnx_export import export_dynamic, export_static
-    from export.precision import japanese_vowels_test, make_twin
+    from export.pinned import standard_normal
+    from export.precision import japanese_vowels_calibration, japanese_vowels_test, make_twin
     from export.progress import step
 
     rows: list[PrecisionRow] = []
@@ -80,11 +81,17 @@ def family_precision_rows(
             family.build(small), steps, report_dir / f"{small.name}_static_t{steps}" / "model.onnx", verify=False
         )
     encoder_static = next((r for r in statics if r.steps == steps), None)
-    for model, base, static in (("encoder", encoder, encoder_static), (small.name, small_dyn, small_static)):
+    for model, base, static, features in (
+        ("encoder", encoder, encoder_static, family.FAMILY[0].config.input_size),
+        (small.name, small_dyn, small_static, small.config.input_size),
+    ):
         rows.append(PrecisionRow(model, "fp32", base.path, steps))
         for precision in ("int8", "fp16"):
             with step(f"report: {model} {precision} twin + parity check"):
-                twin = make_twin(base.path, precision, report_dir / f"{model}_{precision}" / "model.onnx", model)
+                # the int8 twin as `make export` writes it (pinned from standard-normal x, like the family's)
+                cal = standard_normal(features) if precision == "int8" else None
+                target = report_dir / f"{model}_{precision}" / "model.onnx"
+                twin = make_twin(base.path, precision, target, model, calibration=cal)
             rows.append(PrecisionRow.of_twin(twin, steps))
         if static is not None:
             rows.append(PrecisionRow(model, "fp32", static.path, static.steps or 0, static=True))
@@ -96,7 +103,9 @@ def family_precision_rows(
         if precision not in made:
             with step(f"report: speaker_id {precision} twin + parity and accuracy check"):
                 target = report_dir / f"speaker_id_{precision}" / "model.onnx"
-                made[precision] = make_twin(base, precision, target, "speaker_id", japanese_vowels_test())
+                cal = japanese_vowels_calibration() if precision == "int8" else None
+                made[precision] = make_twin(base, precision, target, "speaker_id", japanese_vowels_test(),
+                                            calibration=cal)  # fmt: skip
     accuracy = next((t.accuracy.reference for t in made.values() if t.accuracy is not None), None)
     rows.append(PrecisionRow("speaker_id", "fp32", base, steps, accuracy=accuracy))
     rows += [PrecisionRow.of_twin(made[p], steps) for p in ("int8", "fp16")]

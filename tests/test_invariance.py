@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from export import family, precision
+from export import family, pinned, precision
 from export.onnx_export import export_dynamic, export_static
 from server import invariance
 from server.batcher import BatchPolicy
@@ -136,6 +136,10 @@ def models_root(tmp_path_factory) -> Path:
     export_static(make_encoder(SMALL["bi"]), 12, family.model_path(root, "bi_static_t12"))
     for prec in ("int8", "fp16"):
         precision.make_twin(family.model_path(root, "bi"), prec, family.model_path(root, f"bi_{prec}"), "bi")
+    # the int8 twin `make export` writes for the family (activation ranges pinned from calibration data)
+    features = SMALL["bi"].input_size
+    precision.make_twin(family.model_path(root, "bi"), "int8", family.model_path(root, "bi_int8_pinned"), "bi",
+                        calibration=pinned.standard_normal(features))  # fmt: skip
     # an int8 twin as written before twins ran row by row: ORT's dynamic quantization over the whole
     # batch (what an int8 file from elsewhere typically is)
     row_loop = precision.row_loop
@@ -245,10 +249,23 @@ def test_project_float_exports_still_merge(repository, name):
 
 
 def test_int8_twin_runs_row_by_row_and_merges(repository):
-    """The export's int8 twin quantizes each batch row on its own: bit-identical alone vs merged."""
+    """The export's int8 twin without calibration data quantizes each batch row on its own:
+    bit-identical alone vs merged."""
     rt = repository.get("bi_int8", "")
     assert rt.export_metadata["lstm.precision"] == "int8"
+    assert "per row" in rt.export_metadata["lstm.precision_method"]
     assert rt.signature.batching_rule == "ragged" and rt.batch_invariance == "bit-identical", rt.batch_invariance
+
+
+def test_pinned_int8_twin_is_bit_identical_and_merges(repository):
+    """The int8 twin with pinned activation ranges runs the whole batch in one run, every scale
+    fixed in the graph: the load check finds it bit-identical and it is served merged."""
+    rt = repository.get("bi_int8_pinned", "")
+    assert rt.export_metadata["lstm.precision"] == "int8"
+    assert "pinned" in rt.export_metadata["lstm.precision_method"]
+    assert rt.signature.batching_rule == "ragged" and rt.batch_invariance == "bit-identical", rt.batch_invariance
+    found = invariance.measure(rt, seed=11)  # other rows and lengths than the load's check
+    assert found is not None and found[1] == 0.0, found
 
 
 def test_batch_dependent_int8_is_caught_and_served_unmerged(repository):
@@ -356,6 +373,7 @@ def _sequences(seed: int, count: int, features: int) -> list[dict]:
         ("layernorm", "rows", 0.0),
         ("bi", "seq", TOL),
         ("bi_int8", "seq", 0.0),
+        ("bi_int8_pinned", "seq", 0.0),
         ("bi_int8_per_run", "seq", 0.0),
     ],
 )

@@ -34,6 +34,7 @@ progress: see `DataPlane.infer_async`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -136,6 +137,11 @@ class Work:
         return self.key
 
 
+# per batcher thread: the event-loop waiters (`Ticket.wait_on`) of the run in progress, by loop;
+# woken with one call_soon_threadsafe per loop once the run's tickets are all settled
+_deliveries = threading.local()
+
+
 class Ticket(Future):
     """A request's future in the batcher; gives (outputs, queue_ns, BatchInfo). `leave()`: its
     caller is gone."""
@@ -144,6 +150,19 @@ class Ticket(Future):
         super().__init__()
         self.left = False
         self.run: _Run | None = None  # the run it is part of, once it runs
+
+    def wait_on(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """An asyncio future on `loop` with this ticket's outcome (`asyncio.wrap_future`'s
+        semantics: cancelling it cancels a still-queued ticket). The tickets one run settles reach
+        their loop in one `call_soon_threadsafe` (one wake-up of the loop per run, not per request)."""
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._waiter_done)
+        self.add_done_callback(functools.partial(_deliver, loop, waiter))
+        return waiter
+
+    def _waiter_done(self, waiter: asyncio.Future) -> None:
+        if waiter.cancelled():
+            self.cancel()
 
     def leave(self) -> None:
         """The caller is gone: a queued request is not run; a running one's run is stopped once
@@ -154,6 +173,56 @@ class Ticket(Future):
         run = self.run
         if run is not None:
             run.check()
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future, ticket: Ticket) -> None:
+    """Done-callback of a ticket with a loop waiter: collected while its batcher thread settles a
+    run (`_Delivering`), else handed to the loop at once."""
+    pending = getattr(_deliveries, "pending", None)
+    if pending is not None:
+        pending.setdefault(loop, []).append((waiter, ticket))
+        return
+    try:
+        loop.call_soon_threadsafe(_settle, [(waiter, ticket)])
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
+def _settle(pairs: list[tuple[asyncio.Future, Ticket]]) -> None:
+    """On the loop: each waiter gets its ticket's outcome (a waiter cancelled meanwhile is skipped)."""
+    for waiter, ticket in pairs:
+        if waiter.done():
+            continue
+        if ticket.cancelled():
+            waiter.cancel()
+            continue
+        exc = ticket.exception()
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(ticket.result())
+
+
+class _Delivering:
+    """Around settling a run in a batcher thread: its tickets' loop waiters are woken together on
+    exit (nested uses join the outermost)."""
+
+    __slots__ = ("outer",)
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_deliveries, "pending", None) is not None
+        if not self.outer:
+            _deliveries.pending = {}
+
+    def __exit__(self, *exc) -> None:
+        if self.outer:
+            return
+        pending, _deliveries.pending = _deliveries.pending, None
+        for loop, pairs in pending.items():
+            try:
+                loop.call_soon_threadsafe(_settle, pairs)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
 
 
 class _Run:
@@ -319,6 +388,7 @@ class Batcher:
         self._closed = False
         self._slots = threading.Semaphore(policy.instances)  # runs in progress, inline or by a worker
         self._busy = False  # the last worker run ended with requests waiting (see COALESCE_GAP_S)
+        self._rows = 0  # rows queued (the sum of the queue's `rows`)
         self._threads = [
             threading.Thread(target=self._worker, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.instances)
@@ -341,7 +411,12 @@ class Batcher:
             here = here and self._slots.acquire(blocking=False)
             if not here and not closed:
                 self._queue.append(item)
-                self._cond.notify()
+                self._rows += item.rows
+                # a worker waits for the first request (`_wait_for_work`) or for a full batch; one
+                # waiting for company re-reads the queue when its wait times out (`_take`): a wake-up
+                # per request would cost a thread switch each
+                if len(self._queue) == 1 or self._full(self._rows):
+                    self._cond.notify()
         if closed:
             # This version was replaced or unloaded after the request found it: the session
             # still works, so the request runs alone rather than failing.
@@ -374,6 +449,13 @@ class Batcher:
                 self._cond.wait()
             return True
 
+    def _full(self, queued: int) -> bool:
+        """Whether `queued` rows end a wait for company (max_batch, a preferred size, ready_rows)."""
+        policy = self.policy
+        preferred = policy.preferred_batch_size
+        full = queued >= policy.max_batch or queued in preferred or bool(preferred) and queued >= preferred[-1]
+        return full or 0 < policy.ready_rows <= queued
+
     def _take(self) -> list[_Item]:
         """Called holding a run slot; [] if other workers emptied the queue meanwhile."""
         policy = self.policy
@@ -384,15 +466,12 @@ class Batcher:
                     return []
                 # Another worker may take the oldest while this one waits: re-read it each time.
                 oldest = self._queue[0]
-                queued = sum(i.rows for i in self._queue)
+                queued = self._rows
                 now = time.monotonic()
                 remaining = oldest.enqueued + policy.max_queue_delay_us / 1e6 - now
                 if coalesce_until:  # eager but busy: wait while requests keep arriving
                     remaining = min(coalesce_until - now, self._queue[-1].enqueued + COALESCE_GAP_S - now)
-                preferred = policy.preferred_batch_size
-                full = queued >= policy.max_batch or queued in preferred or bool(preferred) and queued >= preferred[-1]
-                full = full or 0 < policy.ready_rows <= queued
-                if full or remaining <= 0 or self._closed:
+                if self._full(queued) or remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
             self._queue.pop(0)
@@ -417,6 +496,7 @@ class Batcher:
             if len(batch) > 1:
                 taken = {id(i) for i in batch}
                 self._queue = [i for i in self._queue if id(i) not in taken]
+            self._rows -= rows
             return batch
 
     def _worker(self) -> None:
@@ -432,13 +512,14 @@ class Batcher:
                 log.exception("batcher %s: worker error", self.name)
 
     def _run_safely(self, batch: list[_Item]) -> None:
-        try:
-            self._run_batch(batch)
-        except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
-            log.exception("batcher %s: unexpected failure", self.name)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+        with _Delivering():
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
+                log.exception("batcher %s: unexpected failure", self.name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
 
     def _run_batch(self, batch: list[_Item]) -> None:
         now = time.monotonic()

@@ -241,13 +241,7 @@ class DataPlane:
                 elif step.future.done():  # ran inline (an idle batcher) or already answered
                     value = step.future.result()
                 else:
-                    try:
-                        value = await asyncio.wait_for(asyncio.wrap_future(step.future), step.timeout())
-                    except asyncio.TimeoutError:
-                        raise step.expired() from None
-                    except asyncio.CancelledError:  # the caller left: not run, or its run stopped
-                        step.future.leave()  # once every request in it left
-                        raise
+                    value = await _wait(loop, step)
             except BaseException as exc:  # noqa: BLE001 - handed back to the request's own steps
                 error = exc
 
@@ -470,6 +464,33 @@ class DataPlane:
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
         response.parameters["sequence_end"] = last
         return response
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, step: _Wait):
+    """The batcher's answer, awaited until the step's timeout (as `asyncio.wait_for` over
+    `asyncio.wrap_future`, with one timer and no extra future or task per request): at the timeout
+    a still-queued request is not run and the step's DeadlineExceeded is raised; the caller
+    cancelled: the request leaves (`Ticket.leave`)."""
+    waiter = step.future.wait_on(loop)
+    timeout = step.timeout()
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        waiter.cancel()  # and so the ticket, while it is queued
+
+    timer = loop.call_later(timeout, expire) if timeout is not None else None
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if expired and not (task is not None and task.cancelling()):
+            raise step.expired() from None
+        step.future.leave()  # the caller left: not run, or its run stopped once every request in it left
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _retrieve(future: asyncio.Future) -> None:

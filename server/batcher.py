@@ -431,6 +431,10 @@ class Batcher:
                 self._slots.release()
         return item.future
 
+    def queued(self) -> int:
+        """Requests queued now, read without the lock (for a gauge)."""
+        return len(self._queue)
+
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._queue)

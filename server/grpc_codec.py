@@ -121,6 +121,7 @@ def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: 
         parameters={k: parameter_value(v) for k, v in request.parameters.items()},
         deadline=deadline,
         output_parameters=output_parameters,
+        checked=True,  # decode_inputs checked every input's shape (codec.check_shape) before allocating it
     )
 
 

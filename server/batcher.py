@@ -137,11 +137,6 @@ class Work:
         return self.key
 
 
-# per batcher thread: the event-loop waiters (`Ticket.wait_on`) of the run in progress, by loop;
-# woken with one call_soon_threadsafe per loop once the run's tickets are all settled
-_deliveries = threading.local()
-
-
 class Ticket(Future):
     """A request's future in the batcher; gives (outputs, queue_ns, BatchInfo). `leave()`: its
     caller is gone."""
@@ -152,9 +147,8 @@ class Ticket(Future):
         self.run: _Run | None = None  # the run it is part of, once it runs
 
     def wait_on(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """An asyncio future on `loop` with this ticket's outcome (`asyncio.wrap_future`'s
-        semantics: cancelling it cancels a still-queued ticket). The tickets one run settles reach
-        their loop in one `call_soon_threadsafe` (one wake-up of the loop per run, not per request)."""
+        """An asyncio future on `loop` with this ticket's outcome: `asyncio.wrap_future` without
+        its generality (cancelling the waiter cancels a still-queued ticket)."""
         waiter = loop.create_future()
         waiter.add_done_callback(self._waiter_done)
         self.add_done_callback(functools.partial(_deliver, loop, waiter))
@@ -176,53 +170,25 @@ class Ticket(Future):
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future, ticket: Ticket) -> None:
-    """Done-callback of a ticket with a loop waiter: collected while its batcher thread settles a
-    run (`_Delivering`), else handed to the loop at once."""
-    pending = getattr(_deliveries, "pending", None)
-    if pending is not None:
-        pending.setdefault(loop, []).append((waiter, ticket))
-        return
+    """Done-callback of a ticket with a loop waiter: its outcome goes to the loop."""
     try:
-        loop.call_soon_threadsafe(_settle, [(waiter, ticket)])
+        loop.call_soon_threadsafe(_settle, waiter, ticket)
     except RuntimeError:  # the loop is closed: nobody waits any more
         pass
 
 
-def _settle(pairs: list[tuple[asyncio.Future, Ticket]]) -> None:
-    """On the loop: each waiter gets its ticket's outcome (a waiter cancelled meanwhile is skipped)."""
-    for waiter, ticket in pairs:
-        if waiter.done():
-            continue
-        if ticket.cancelled():
-            waiter.cancel()
-            continue
-        exc = ticket.exception()
-        if exc is not None:
-            waiter.set_exception(exc)
-        else:
-            waiter.set_result(ticket.result())
-
-
-class _Delivering:
-    """Around settling a run in a batcher thread: its tickets' loop waiters are woken together on
-    exit (nested uses join the outermost)."""
-
-    __slots__ = ("outer",)
-
-    def __enter__(self) -> None:
-        self.outer = getattr(_deliveries, "pending", None) is not None
-        if not self.outer:
-            _deliveries.pending = {}
-
-    def __exit__(self, *exc) -> None:
-        if self.outer:
-            return
-        pending, _deliveries.pending = _deliveries.pending, None
-        for loop, pairs in pending.items():
-            try:
-                loop.call_soon_threadsafe(_settle, pairs)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
+def _settle(waiter: asyncio.Future, ticket: Ticket) -> None:
+    """On the loop: the waiter gets the ticket's outcome (unless it was cancelled meanwhile)."""
+    if waiter.done():
+        return
+    if ticket.cancelled():
+        waiter.cancel()
+        return
+    exc = ticket.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(ticket.result())
 
 
 class _Run:
@@ -516,14 +482,13 @@ class Batcher:
                 log.exception("batcher %s: worker error", self.name)
 
     def _run_safely(self, batch: list[_Item]) -> None:
-        with _Delivering():
-            try:
-                self._run_batch(batch)
-            except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
-                log.exception("batcher %s: unexpected failure", self.name)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+        try:
+            self._run_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - a worker must never die with requests waiting
+            log.exception("batcher %s: unexpected failure", self.name)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
     def _run_batch(self, batch: list[_Item]) -> None:
         now = time.monotonic()

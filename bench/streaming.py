@@ -171,8 +171,33 @@ def _statistics(target: str, model: str) -> tuple[int, int, int]:
     return sum(s.inference_count for s in ms), sum(s.execution_count for s in ms), runs_ns
 
 
+class _PerfStat:
+    """`perf stat` counting a process's instructions (where the machine has the counter) and
+    context switches until `stop()`."""
+
+    EVENTS = ("instructions", "context-switches")
+
+    def __init__(self, pid: int) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(self.EVENTS), "-p", str(pid)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def stop(self) -> dict[str, float]:
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=30)
+        out = {}
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] in self.EVENTS and fields[0].replace(".", "").isdigit():
+                out[fields[2].replace("-", "_")] = float(fields[0])
+        return out
+
+
 def served(target: str, pid: int, mode: str, model: str, features: int, warmup: float, duration: float,
-           client_cpus, processes: int, mode_seed: int) -> dict:  # fmt: skip
+           client_cpus, processes: int, mode_seed: int, perf: bool = False) -> dict:  # fmt: skip
     """One mode against a running server: frames/s, server CPU per chunk, mean merged batch."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -186,9 +211,11 @@ def served(target: str, pid: int, mode: str, model: str, features: int, warmup: 
     for w in workers:
         w.start()
     time.sleep(max(0.0, window[0] - time.time()))
+    counters = _PerfStat(pid) if perf else None
     cpu0, stats0 = _proc_cpu_s(pid), _statistics(target, model)
     time.sleep(max(0.0, window[1] - time.time()))
     cpu1, stats1 = _proc_cpu_s(pid), _statistics(target, model)
+    counted = counters.stop() if counters is not None else {}
     results = [out.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(30)
@@ -207,6 +234,8 @@ def served(target: str, pid: int, mode: str, model: str, features: int, warmup: 
         "ort_ms_per_chunk": (stats1[2] - stats0[2]) / 1e6 / inferences if inferences else float("nan"),
         "mean_batch": inferences / executions if executions else float("nan"),
     }
+    for event, value in counted.items():  # instructions and thread switches: steadier than CPU time on a busy machine
+        row[f"{event}_per_chunk"] = value / chunks if chunks else float("nan")
     # a 10 ms-frame stream needs 1/FRAME_S frames/s; one core gives 1 s of CPU per s
     row["realtime_streams_per_core"] = chunks * FRAMES / cpu * FRAME_S if cpu > 0 else float("nan")
     return row
@@ -257,7 +286,7 @@ def ensure_model(models: Path, name: str = "stream_encoder") -> Path:
 
 def run_line(models: Path, model: str = "stream_encoder", server_cpus=None, client_cpus=None, warmup: float = 1.0,
              duration: float = 4.0, processes: int = 2, server_args: tuple[str, ...] = (), root: Path = ROOT,
-             modes: tuple[str, ...] = MODES) -> dict:  # fmt: skip
+             modes: tuple[str, ...] = MODES, perf: bool = False) -> dict:  # fmt: skip
     """The whole line: in-process reference, then each mode against one server process."""
     from scale.replicas import start_replica
 
@@ -280,7 +309,7 @@ def run_line(models: Path, model: str = "stream_encoder", server_cpus=None, clie
         time.sleep(1.0)
         for seed, mode in enumerate(modes, start=1):
             row = served(replica.address, replica.proc.pid, mode, model, features, warmup, duration, client_cpus,
-                         processes, seed)  # fmt: skip
+                         processes, seed, perf)  # fmt: skip
             row["ratio"] = row["frames_per_s"] / reference["frames_per_s"]
             rows.append(row)
             print(format_row(row), flush=True)
@@ -294,6 +323,10 @@ def format_row(row: dict) -> str:
             f"({row['ratio']:.2f}x in-process)  server CPU {row['server_cpu_ms_per_chunk']:.3f} ms/chunk "
             f"(ORT {row['ort_ms_per_chunk']:.3f})  mean batch {row['mean_batch']:.1f}  "
             f"real-time streams/core {row['realtime_streams_per_core']:.0f}  errors {row['errors']}")  # fmt: skip
+    if "instructions_per_chunk" in row:
+        text += f"  server {row['instructions_per_chunk'] / 1e6:.2f} M instructions/chunk"
+    if "context_switches_per_chunk" in row:
+        text += f"  server {row['context_switches_per_chunk']:.1f} thread switches/chunk"
     if row["first_error"]:
         text += f"  first error: {row['first_error']}"
     return text
@@ -326,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--server-args", default="")
+    parser.add_argument("--server-root", type=Path, default=ROOT, help="the source tree the server runs from")
+    parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="also count the server's instructions and thread switches per chunk (`perf stat`)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the line's figures here")
     args = parser.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
@@ -336,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ensure_model(args.models, args.model)
     extra = tuple(args.server_args.split())
     line = run_line(models, args.model, server_cpus, client_cpus, args.warmup, args.duration, args.client_processes,
-                    extra, modes=modes)  # fmt: skip
+                    extra, args.server_root.resolve(), modes, args.perf)  # fmt: skip
     ref = line["reference"]
     print(f"streaming in-process batch {SEQUENCES}: {ref['frames_per_s']:.0f} frames/s "
           f"({ref['ms_per_run']:.2f} ms per run, {ref['cpu_ms_per_chunk']:.3f} ms CPU per chunk)")  # fmt: skip

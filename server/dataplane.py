@@ -50,6 +50,7 @@ class InferRequest:
     deadline: float | None = None
     client: str = ""
     output_parameters: dict[str, dict[str, object]] = field(default_factory=dict)  # per requested output
+    checked: bool = False  # the frontend checked each input's shape against the limits (`codec.check_shape`)
 
 
 @dataclass
@@ -149,11 +150,11 @@ class DataPlane:
 
     def _on_batch(self, rt: Runtime, info: BatchInfo) -> None:
         self.stats.record_execution(rt.name, rt.version, info.sequences, info.infer_ns)
-        m = self.metrics
-        m.infer.labels(rt.name).observe(info.infer_ns / 1e9)
-        m.batch.labels(rt.name).observe(info.sequences)
-        m.batch_requests.labels(rt.name).observe(info.requests)
-        m.padding.labels(rt.name).observe(info.padding_fraction)
+        m = self.metrics.model(rt.name)
+        m.infer.observe(info.infer_ns / 1e9)
+        m.batch.observe(info.sequences)
+        m.batch_requests.observe(info.requests)
+        m.padding.observe(info.padding_fraction)
 
     def _execute(self, p: Prepared, deadline: float | None, inline: bool):
         """Steps (see `_steps`) that run a prepared request; returns (outputs, queue_ns, infer_ns)."""
@@ -163,10 +164,11 @@ class DataPlane:
             # inline: an idle batcher runs the request in this (the caller's) thread; else it is
             # queued for the batcher's own thread (an event loop must not run ONNX Runtime)
             future = batcher.submit(p.work, deadline, inline=inline)
-            self.metrics.queue_depth.labels(rt.name).set(batcher.queue_depth())
+            m = self.metrics.model(rt.name)
+            m.queue_depth.set(batcher.queued())
             # the client's deadline bounds the wait (a request expired in the queue is not run)
             result, queue_ns, info = yield _Wait(future, deadline, rt.name)
-            self.metrics.queue.labels(rt.name).observe(max(queue_ns, 0) / 1e9)
+            m.queue.observe(max(queue_ns, 0) / 1e9)
             return result, max(queue_ns, 0), info.infer_ns
         # a run by itself can be stopped: at the client's deadline, or when the client goes away
         control = RunControl(deadline)
@@ -241,13 +243,7 @@ class DataPlane:
                 elif step.future.done():  # ran inline (an idle batcher) or already answered
                     value = step.future.result()
                 else:
-                    try:
-                        value = await asyncio.wait_for(asyncio.wrap_future(step.future), step.timeout())
-                    except asyncio.TimeoutError:
-                        raise step.expired() from None
-                    except asyncio.CancelledError:  # the caller left: not run, or its run stopped
-                        step.future.leave()  # once every request in it left
-                        raise
+                    value = await _wait(loop, step)
             except BaseException as exc:  # noqa: BLE001 - handed back to the request's own steps
                 error = exc
 
@@ -259,7 +255,8 @@ class DataPlane:
         code = "OK"
         try:
             rt = self.repository.get(request.model_name, request.model_version)
-            self._check_limits(request.inputs)
+            if not request.checked:
+                self._check_limits(request.inputs)
             sequence = _sequence(request.parameters)
             if sequence is not None:
                 return (yield from self._sequence_steps(rt, request, sequence, start, inline))
@@ -278,12 +275,12 @@ class DataPlane:
             code = "INTERNAL"
             raise
         finally:
-            label = rt.name if rt is not None else "_unknown"
             elapsed = time.perf_counter_ns() - start
             if rt is not None and code != "OK":
                 self.stats.record_failure(rt.name, rt.version, elapsed)
-            self.metrics.requests.labels(label, code).inc()
-            self.metrics.latency.labels(label).observe(elapsed / 1e9)
+            m = self.metrics.model(rt.name if rt is not None else "_unknown")
+            m.requests(code).inc()
+            m.latency.observe(elapsed / 1e9)
 
     def _check_limits(self, inputs: dict[str, np.ndarray]) -> None:
         """--max-elements per tensor, for callers that hand the data plane arrays directly (the
@@ -318,8 +315,9 @@ class DataPlane:
         response = InferResponse(rt.name, str(rt.version), request.id, {name: outputs[name] for name in names})
         response.outputs = classification.apply(rt, request.output_parameters, response.outputs)
         # what came out, too: a prediction made on zeros cannot see outputs sized by input values (Tile, Range)
-        self._check_size(sum(_nbytes(a) for a in response.outputs.values()), request, {
-            n: (list(a.shape), _nbytes(a)) for n, a in response.outputs.items()})  # fmt: skip
+        outputs = response.outputs
+        detail = lambda: {n: (list(a.shape), _nbytes(a)) for n, a in outputs.items()}  # noqa: E731 - refusals only
+        self._check_size(sum(_nbytes(a) for a in outputs.values()), request, detail, len(outputs))
         end = time.perf_counter_ns()
         self.stats.record_success(
             rt.name, rt.version, end - start, queue_ns, t_in - start, infer_ns, end - t_run, prepared.work.rows
@@ -346,10 +344,14 @@ class DataPlane:
         if shapes is not None:
             self._check_size(sum(size for _, size in shapes.values()), request, shapes)
 
-    def _check_size(self, payload: int, request, shapes: dict) -> None:
+    def _check_size(self, payload: int, request, shapes, count: int | None = None) -> None:
+        """`shapes`: {output: (dims, bytes)}, or a callable giving it with `count` its length (built
+        only for the refusal's message)."""
         # protobuf framing: names, datatypes, shapes, the echoed id and parameters (generous)
-        total = payload + 1024 + len(request.id) + 64 * len(shapes)
+        total = payload + 1024 + len(request.id) + 64 * (len(shapes) if count is None else count)
         if total > self.max_message_bytes:
+            if callable(shapes):
+                shapes = shapes()
             parts = ", ".join(f"'{n}' {dims} = {size:,} B" for n, (dims, size) in shapes.items())
             raise ResourceExhausted(
                 f"the response would be about {total:,} bytes (outputs {parts}), more than the message limit of "
@@ -470,6 +472,33 @@ class DataPlane:
         response.parameters["sequence_id"] = request.parameters["sequence_id"]
         response.parameters["sequence_end"] = last
         return response
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, step: _Wait):
+    """The batcher's answer, awaited until the step's timeout (as `asyncio.wait_for` over
+    `asyncio.wrap_future`, with one timer and no extra future or task per request): at the timeout
+    a still-queued request is not run and the step's DeadlineExceeded is raised; the caller
+    cancelled: the request leaves (`Ticket.leave`)."""
+    waiter = step.future.wait_on(loop)
+    timeout = step.timeout()
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        waiter.cancel()  # and so the ticket, while it is queued
+
+    timer = loop.call_later(timeout, expire) if timeout is not None else None
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if expired and not (task is not None and task.cancelling()):
+            raise step.expired() from None
+        step.future.leave()  # the caller left: not run, or its run stopped once every request in it left
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -121,6 +121,7 @@ def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: 
         parameters={k: parameter_value(v) for k, v in request.parameters.items()},
         deadline=deadline,
         output_parameters=output_parameters,
+        checked=True,  # decode_inputs checked every input's shape (codec.check_shape) before allocating it
     )
 
 
@@ -161,6 +162,25 @@ def to_infer_response_bytes(response: InferResponse, request: pb.ModelInferReque
     ]
     _echo_parameters(out, response, request)
     return serialize_response(out, arrays)
+
+
+_STREAM_INFER_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2, length-delimited
+
+
+def to_stream_response_bytes(response: InferResponse, request: pb.ModelInferRequest | None = None) -> bytes:
+    """A ModelStreamInferResponse carrying `to_infer_response_bytes` (no error), in wire format:
+    the outputs are not copied into a message and serialized again."""
+    body = to_infer_response_bytes(response, request)
+    return b"".join((_STREAM_INFER_RESPONSE_TAG, _varint(len(body)), body))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _echo_parameters(out: pb.ModelInferResponse, response: InferResponse, request) -> None:

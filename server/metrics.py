@@ -35,6 +35,31 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _FRAC = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
+class ModelMetrics:
+    """One model's labelled series of `Metrics` (what the request path updates)."""
+
+    __slots__ = ("_metrics", "name", "latency", "queue", "queue_depth", "infer", "batch", "batch_requests",
+                 "padding", "_requests")  # fmt: skip
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._metrics, self.name = metrics, name
+        self.latency = metrics.latency.labels(name)
+        self.queue = metrics.queue.labels(name)
+        self.queue_depth = metrics.queue_depth.labels(name)
+        self.infer = metrics.infer.labels(name)
+        self.batch = metrics.batch.labels(name)
+        self.batch_requests = metrics.batch_requests.labels(name)
+        self.padding = metrics.padding.labels(name)
+        self._requests: dict[str, Counter] = {}
+
+    def requests(self, code: str):
+        """lstm_requests_total{model, code}."""
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.requests.labels(self.name, code)
+        return child
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -103,6 +128,14 @@ class Metrics:
             "lstm_connections_cut", "connections closed because their client took no reply (send timeout)", registry=r
         )
         self._open = 0
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        """The per-model series of `name` (`labels()` looked up once per model, not per request)."""
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelMetrics(self, name)
+        return series
 
     def bind(self, host: str, port: int) -> socket.socket:
         """The metrics socket, bound and listening (OSError if it cannot be)."""

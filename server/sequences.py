@@ -94,6 +94,10 @@ class SequenceStore:
         self._kept_by_client: dict[str, int] = {}
         self.idle_s = idle_s
         self._lock = threading.Lock()
+        # no sequence can be idle past its timeout before this time.monotonic() (`_sweep_locked`
+        # looks at every live sequence only from then on); computed with `_due_idle_s` as idle_s
+        self._next_due = float("-inf")
+        self._due_idle_s = idle_s
         self._live: dict[tuple[str, object], SequenceState] = {}
         self._evicted: OrderedDict[tuple[str, object], int] = OrderedDict()  # key -> its bytes (clear errors)
         self._evicted_bytes = 0
@@ -263,6 +267,7 @@ class SequenceStore:
                 self._forget(key)
                 if replaced is not None:
                     self._live[key] = replaced
+                    self._next_due = float("-inf")  # it is idle again: the next sweep looks
             elif (end and new is not None) or problem is not None:
                 self._forget(key)  # ended, or its state outgrew what it may keep: freed
                 if replaced is not None:
@@ -277,6 +282,7 @@ class SequenceStore:
                     self._count(state, _state_bytes(state.state))
                 state.busy = False
                 state.last_used = time.monotonic()
+                self._next_due = min(self._next_due, state.last_used + (state.idle_s or self.idle_s))
             self.on_change(len(self._live), 0)
         if problem is not None:
             raise ResourceExhausted(f"{problem}; the sequence is freed: start it again with sequence_start")
@@ -297,7 +303,17 @@ class SequenceStore:
             self._evicted_bytes -= size
 
     def _sweep_locked(self, now: float) -> int:
-        idle = [k for k, s in self._live.items() if not s.busy and now - s.last_used > (s.idle_s or self.idle_s)]
+        if now <= self._next_due and self.idle_s == self._due_idle_s:
+            return 0  # none can be idle yet: not every live sequence looked at on every chunk
+        idle, due = [], float("inf")
+        for k, s in self._live.items():
+            if not s.busy:
+                until = s.last_used + (s.idle_s or self.idle_s)
+                if now > until:
+                    idle.append(k)
+                else:
+                    due = min(due, until)
+        self._next_due, self._due_idle_s = due, self.idle_s
         for key in idle:
             own = self._forget(key).idle_s
             self._forget_evicted(key)

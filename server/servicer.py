@@ -26,8 +26,8 @@ from server.grpc_codec import (
     parameter_value,
     parse_off_loop,
     to_infer_request,
-    to_infer_response,
     to_infer_response_bytes,
+    to_stream_response_bytes,
 )
 from server.handlers import Admission
 from server.memory import MemoryBudget
@@ -235,23 +235,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         matches ids). A bad request gets an `error_message` (the bare text, as Triton's) and the
         stream goes on. Once a drain starts, a stream waiting for its next request answers what it
         has in progress, then ends UNAVAILABLE. The client leaving cancels what is in progress."""
+        me = asyncio.current_task()
+        draining, reading = False, False
+
+        def drain(event_wait: asyncio.Future) -> None:  # the server started to drain: stop reading
+            nonlocal draining
+            if not event_wait.cancelled():
+                draining = True
+                if reading:
+                    me.cancel()  # only the wait for the next request is interrupted (see below)
+
+        # one watcher per stream rather than a task and an asyncio.wait per request read
         refused = asyncio.ensure_future(self.admission.refused_event().wait())
+        refused.add_done_callback(drain)
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         answers: asyncio.Queue = asyncio.Queue()  # tasks in request order; None: no more
         last: dict[tuple, asyncio.Task] = {}  # the latest request of each sequence
         tasks: set[asyncio.Task] = set()
-        writer = asyncio.ensure_future(self._stream_writer(context, answers, slots, asyncio.current_task()))
-        draining = False
+        writer = asyncio.ensure_future(self._stream_writer(context, answers, slots, me))
         try:
             while True:
                 await slots.acquire()  # backpressure: a full stream is not read further
-                read = asyncio.ensure_future(context.read())
-                done, _ = await asyncio.wait({read, refused}, return_when=asyncio.FIRST_COMPLETED)
-                if read not in done:
-                    read.cancel()
-                    draining = True
+                if draining:
                     break
-                request = read.result()
+                reading = True
+                try:
+                    request = await context.read()
+                except asyncio.CancelledError:
+                    if not draining or me.uncancel() > 0:  # the call itself was cancelled too
+                        raise
+                    break
+                finally:
+                    reading = False
                 if request is grpc.aio.EOF:
                     break
                 request = await parse_off_loop(request, self.plane.executor)
@@ -283,8 +298,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request, context, before: asyncio.Task | None):
         """One stream request, after `before` (the same sequence's previous request) finished:
-        (response message, InferResponse or None, memory hold or None, start ns)."""
-        if before is not None:
+        (response message or its wire bytes, InferResponse or None, memory hold or None, start ns)."""
+        if before is not None and not before.done():
             await asyncio.wait({before})  # its outcome is its own; only the order matters here
         start = time.perf_counter_ns()
         if isinstance(request, Malformed):
@@ -297,7 +312,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                           id=request.id)  # fmt: skip
             return pb.ModelStreamInferResponse(error_message=message, infer_response=reply), None, None, start
         try:
-            response = pb.ModelStreamInferResponse(infer_response=to_infer_response(result, request))
+            response = to_stream_response_bytes(result, request)
         except BaseException:
             if hold is not None:
                 hold.release()

@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,11 +180,12 @@ def call_cost(rt: Runtime, inputs: dict[str, np.ndarray], outputs: list[str], re
     )
 
 
-def run_options(working: int):
-    """ONNX Runtime RunOptions for a run of `working` estimated bytes: above SHRINK_ABOVE the CPU
-    arena gives back what the run grew it by (measured: 504 MB held after an encoder run of 16 x
-    2000 steps with the arena, 28 MB with shrinkage; docs/behaviour.md, memory budget); None below."""
-    if working <= SHRINK_ABOVE:
+def run_options(working: int, always: bool = False):
+    """ONNX Runtime RunOptions for a run of `working` estimated bytes: above SHRINK_ABOVE, or
+    `always` (a version whose memory is sized by input values: no estimate holds), the CPU arena
+    gives back what the run grew it by (measured: 504 MB held after an encoder run of 16 x 2000
+    steps with the arena, 28 MB with shrinkage; docs/behaviour.md, memory budget); None otherwise."""
+    if working <= SHRINK_ABOVE and not always:
         return None
     import onnxruntime as ort
 
@@ -439,42 +441,180 @@ def budget_from_settings(settings, metrics=None) -> MemoryBudget:
         settings.memory_client_share * 100,
         f"{request_limit / MIB:,.0f} MiB (--max-request-memory-mb)" if request_limit else "its client's share",
     )
-    if getattr(settings, "ort_arena_cap", False):
-        share_ort_arena(total)
+    every = bool(getattr(settings, "ort_arena_cap", False))
+    cap, flag = arena_cap(total, request_limit, every)
+    arena = share_ort_arena(cap, flag, every)
+    log.info(
+        "ONNX Runtime: %s allocate CPU memory from one shared arena, %s",
+        "all model versions" if arena.every_session else "model versions sized by input values",
+        arena.describe(),
+    )
     return MemoryBudget(total, settings.memory_client_share, settings.memory_wait_s, metrics, request_limit)
 
 
 # -- ONNX Runtime's own allocations ----------------------------------------------------------------
-# The budget above counts what calls are *estimated* to need; ONNX Runtime allocates what a run
-# really needs, which for an output sized by input values (ConstantOfShape, Tile, Range) no estimate
-# sees. With --ort-arena-cap every session allocates CPU memory from one shared arena capped at the
-# budget: a run that would take more fails cleanly (RESOURCE_EXHAUSTED naming --memory-budget-mb)
-# instead of growing the process. Registered once per process (ONNX Runtime cannot replace it):
-# later servers in the same process share the first one's cap.
-_ARENA: dict[str, int | None] = {"max_bytes": None}
+# The budget above counts what calls are *estimated* to need. A version whose output sizes or run
+# time come from input *values* (ConstantOfShape, Range, Tile, a Loop's trip count:
+# `runtime.bounded_by_input_size`) has no estimate: an 8-byte request can ask for gigabytes. Such
+# versions allocate their CPU memory from one shared ONNX Runtime arena with a maximum, so a run
+# that would take more fails cleanly (RESOURCE_EXHAUSTED naming the flag that set the cap) instead
+# of growing the process; every such run shrinks the arena afterwards, and what it returned is given
+# back once its outputs are dropped (`released_soon`). With --ort-arena-cap every version uses it.
+# Registered once per process (ONNX Runtime cannot replace it): later servers in the same process
+# share the first one's cap.
+@dataclass(frozen=True)
+class SharedArena:
+    """The shared CPU arena in force: its cap, the flag that set it, and who allocates from it."""
+
+    max_bytes: int
+    flag: str  # "--max-request-memory-mb" or "--memory-budget-mb": what a refusal names
+    every_session: bool  # --ort-arena-cap: every version; else only those sized by input values
+
+    def describe(self) -> str:
+        return f"{self.max_bytes / MIB:,.0f} MiB cap ({self.flag})"
+
+
+_ARENA: dict[str, SharedArena | None] = {"arena": None}
 _ARENA_LOCK = threading.Lock()
 
 
-def share_ort_arena(max_bytes: int) -> int:
+def arena_cap(total: int, request_limit: int | None, every_session: bool = False) -> tuple[int, str]:
+    """(bytes, flag) the shared arena is capped at. Versions sized by input values only: what one
+    call may hold (--max-request-memory-mb), or the budget where that is smaller: the arena holds
+    every such run at once, and a cap of the whole budget (60 % of the machine by default) would let
+    one 8-byte request take that much. Every version (--ort-arena-cap): the budget, which all calls
+    share."""
+    if every_session or request_limit is None or total <= request_limit:
+        return int(total), "--memory-budget-mb"
+    return int(request_limit), "--max-request-memory-mb"
+
+
+def share_ort_arena(max_bytes: int, flag: str = "--memory-budget-mb", every_session: bool = False) -> SharedArena:
     """Register ONNX Runtime's shared CPU arena capped at `max_bytes` (once per process); returns
-    the cap in force."""
+    the arena in force. `every_session` sticks once any server of the process asked for it."""
     with _ARENA_LOCK:
-        if _ARENA["max_bytes"] is None:
+        arena = _ARENA["arena"]
+        if arena is None:
             import onnxruntime as ort
 
             info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            # kSameAsRequested (1): the arena grows by what a run asks for (so shrinkage can return it)
+            # kSameAsRequested (1): the arena grows by what a run asks for, so a shrink returns all of it
             config = ort.OrtArenaCfg({"max_mem": int(max_bytes), "arena_extend_strategy": 1})
             ort.create_and_register_allocator(info, config)
-            _ARENA["max_bytes"] = int(max_bytes)
-        elif _ARENA["max_bytes"] != int(max_bytes):
+            arena = SharedArena(int(max_bytes), flag, every_session)
+        elif arena.max_bytes != int(max_bytes):
             log.warning(
-                "ONNX Runtime's shared arena stays capped at %s MiB (set by the first server of this process)",
-                f"{_ARENA['max_bytes'] / MIB:,.0f}",
+                "ONNX Runtime's shared arena stays capped at %s (set by the first server of this process)",
+                arena.describe(),
             )
-        return _ARENA["max_bytes"]
+        if every_session and not arena.every_session:
+            arena = SharedArena(arena.max_bytes, arena.flag, True)
+        _ARENA["arena"] = arena
+    _shrinker()  # its session now, not in the first run that needs it
+    return arena
+
+
+def shared_arena() -> SharedArena | None:
+    """The shared arena in force; None while none is registered (every session has its own)."""
+    return _ARENA["arena"]
 
 
 def ort_arena_cap() -> int | None:
-    """The shared arena's cap in bytes; None while none is registered (sessions have their own)."""
-    return _ARENA["max_bytes"]
+    """The shared arena's cap in bytes; None while none is registered."""
+    arena = _ARENA["arena"]
+    return None if arena is None else arena.max_bytes
+
+
+def uses_shared_arena(bounded: bool) -> bool:
+    """Whether a version loaded now allocates from the shared arena: one whose memory is sized by
+    input values (`bounded` False), or any with --ort-arena-cap; none while no arena is registered."""
+    arena = _ARENA["arena"]
+    return arena is not None and (arena.every_session or not bounded)
+
+
+def _pb(number: int, payload: bytes | int) -> bytes:
+    """One protobuf field: a varint (int) or a length-delimited payload (bytes)."""
+
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    if isinstance(payload, int):
+        return varint(number << 3) + varint(payload)
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def _neg_model() -> bytes:
+    """An ONNX model b = Neg(a), a and b float[1] (written here: the server does not need onnx)."""
+    tensor = _pb(1, _pb(1, 1) + _pb(2, _pb(1, _pb(1, 1))))  # TypeProto.tensor_type: FLOAT, shape [1]
+    graph = (_pb(1, _pb(1, b"a") + _pb(2, b"b") + _pb(4, b"Neg")) + _pb(2, b"shrink")
+             + _pb(11, _pb(1, b"a") + _pb(2, tensor)) + _pb(12, _pb(1, b"b") + _pb(2, tensor)))  # fmt: skip
+    return _pb(1, 8) + _pb(7, graph) + _pb(8, _pb(1, b"") + _pb(2, 17))  # ir_version 8, opset 17
+
+
+class _Shrinker:
+    """Shrinks the shared arena on demand, on its own thread. ONNX Runtime shrinks an arena only at
+    the end of a run, when the run's outputs still hold their chunks; once the caller drops them
+    (replies sent), a region stays mapped until a later run's shrink, and then only if none of that
+    run's outputs landed in it. So a run of a one-value model whose input and output are the
+    caller's buffers (io-binding: it allocates nothing in the arena) shrinks it soon after."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(_neg_model(), options, providers=["CPUExecutionProvider"])
+        self._buffers = np.zeros(1, np.float32), np.zeros(1, np.float32)
+        self._binding = self._session.io_binding()
+        self._binding.bind_input("a", "cpu", 0, np.float32, [1], self._buffers[0].ctypes.data)
+        self._binding.bind_output("b", "cpu", 0, np.float32, [1], self._buffers[1].ctypes.data)
+        self._options = ort.RunOptions()
+        self._options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._due = threading.Event()
+        self.shrinks = 0
+        threading.Thread(target=self._loop, name="ort-arena-shrink", daemon=True).start()
+
+    def request(self) -> None:
+        """Shrink soon (any thread; also called from a finalizer, inside a deallocation)."""
+        self._due.set()
+
+    def shrink(self) -> None:
+        self._session.run_with_iobinding(self._binding, self._options)
+        self.shrinks += 1
+
+    def _loop(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                self.shrink()
+            except Exception:  # never fatal: the next run's own shrink still returns memory
+                log.exception("shrinking ONNX Runtime's shared arena failed")
+
+
+_SHRINKER: dict[str, _Shrinker | None] = {"shrinker": None}
+
+
+def _shrinker() -> _Shrinker:
+    with _ARENA_LOCK:
+        if _SHRINKER["shrinker"] is None:
+            _SHRINKER["shrinker"] = _Shrinker()
+        return _SHRINKER["shrinker"]
+
+
+def released_soon(results) -> None:
+    """After a run on the shared arena that shrank it: shrink again once each of its output arrays
+    (which are ONNX Runtime's memory: no copy) is dropped, and once now for what the run freed after
+    its own shrink (a failed run's outputs, string outputs copied out)."""
+    shrinker = _shrinker()
+    for value in results or ():
+        if isinstance(value, np.ndarray) and value.base is not None:
+            weakref.finalize(value, shrinker.request).atexit = False
+    shrinker.request()

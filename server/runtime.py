@@ -30,7 +30,7 @@ from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
 from contract.onnxfile import fields, graph_nodes
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
-from server.memory import batch_and_time, ort_arena_cap, run_options, working_bytes
+from server.memory import batch_and_time, released_soon, run_options, shared_arena, uses_shared_arena, working_bytes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -189,6 +189,8 @@ class ModelRuntime:
     bounded: bool = False
     unbounded_why: str = ""
     max_run_s: float = 0.0  # --max-run-s: every run of this version is stopped after this long (0: no cap)
+    # CPU memory from ONNX Runtime's shared capped arena (`server.memory.uses_shared_arena`), not its own
+    shared_arena: bool = False
 
     def retire(self) -> None:
         """This version was replaced or unloaded: close its batcher (queued requests still run, then
@@ -242,6 +244,7 @@ class ModelRuntime:
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         options = _run_options(self, feeds)
+        shrinks = self.shared_arena and options is not None  # this run shrinks the shared arena
         watched = None
         if control is not None or self.max_run_s:
             control = control or RunControl()
@@ -256,14 +259,15 @@ class ModelRuntime:
                 watched = (control, at, why)
                 WATCHDOG.add(watched)
         started = time.monotonic()
+        results = None
         try:
             results = self.session.run(outputs, feeds, options)
         except (OrtFail, OrtInvalidArgument) as exc:  # the model refused these values (a shape it checks)
             if control is not None and control.reason is not None:
                 raise self._stopped(control, time.monotonic() - started) from None
             if _ALLOCATION_FAILED.search(str(exc)):
-                cap = ort_arena_cap()
-                within = f" within its {cap / (1 << 20):,.0f} MiB cap (--memory-budget-mb)" if cap else ""
+                arena = shared_arena() if self.shared_arena else None
+                within = f" within its {arena.describe()}" if arena is not None else ""
                 raise ResourceExhausted(
                     f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs{within}; "
                     "send smaller requests (an output sized by input values counts too), or retry later"
@@ -274,6 +278,8 @@ class ModelRuntime:
         finally:
             if watched is not None:
                 WATCHDOG.discard(watched)
+            if shrinks:  # and again once its outputs are dropped
+                released_soon(results)
         out = {}
         for name, value in zip(outputs, results):
             spec = sig.output(name)
@@ -303,10 +309,11 @@ _ALLOCATION_FAILED = re.compile(r"Failed to allocate|bad_alloc|Available memory 
 
 
 def _run_options(rt: ModelRuntime, feeds: dict[str, np.ndarray]):
-    """RunOptions for one run: a run needing much working memory shrinks ONNX Runtime's CPU arena
-    afterwards, so memory a large request grew it by is returned (`server.memory.run_options`)."""
+    """RunOptions for one run: a run needing much working memory, and every run of a version whose
+    memory is sized by input values, shrinks ONNX Runtime's CPU arena afterwards, so memory a large
+    request grew it by is returned (`server.memory.run_options`)."""
     batch, steps = batch_and_time(rt, feeds)
-    return run_options(working_bytes(rt, sum(a.nbytes for a in feeds.values()), batch, steps))
+    return run_options(working_bytes(rt, sum(a.nbytes for a in feeds.values()), batch, steps), not rt.bounded)
 
 
 def reshape(array: np.ndarray, shape: list[int], batch_axis: int | None) -> np.ndarray:
@@ -344,7 +351,9 @@ def load_model(
             LARGE_GRAPH_NODES,
         )
     so.log_severity_level = 3
-    if ort_arena_cap() is not None:  # CPU allocations from the shared arena capped at the memory budget
+    bounded, why = bounded_by_input_size(Path(path))
+    shared = uses_shared_arena(bounded)
+    if shared:  # CPU allocations from the shared arena with a cap (server.memory.share_ort_arena)
         so.add_session_config_entry("session.use_env_allocators", "1")
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
@@ -365,10 +374,12 @@ def load_model(
         # of the work, run on the CPU provider (with copies between the two)
         note = "int8 twin: its DynamicQuantizeLSTM nodes run on CPUExecutionProvider (no CUDA kernel)"
         log.info("%s version %d: %s", name, version, note)
-    bounded, why = bounded_by_input_size(Path(path))
     if not bounded:
-        log.info("%s version %d: never run on the event loop: %s", name, version, why)
+        arena = shared_arena() if shared else None
+        memory = f"; its CPU memory comes from the shared arena, {arena.describe()}" if arena is not None else ""
+        log.info("%s version %d: never run on the event loop%s: %s", name, version, memory, why)
     return ModelRuntime(
+        shared_arena=shared,
         bounded=bounded,
         unbounded_why=why,
         max_run_s=options.max_run_s,

@@ -724,3 +724,126 @@ def test_rest_json_parse_is_held_in_the_budget(served):
     assert answer.status == 429, text[:300]
     assert "per-client share of 150 MiB" in text and "--memory-budget-mb 300" in text, text[:300]
     assert time.monotonic() - t0 < 10 and served.rss() < base + 100  # the body, not its parse
+
+
+# -- outputs sized by input values -----------------------------------------------------------------------
+def _fill_models(root: Path) -> Path:
+    """`fill`: y = ConstantOfShape(x), an output the request's *values* size; `peak`: y =
+    ReduceMax(ConstantOfShape(x)), a temporary they size behind a one-value output. Every value 2.5."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    def save(name: str, nodes: list, out) -> None:
+        graph = oh.make_graph(nodes, name, [oh.make_tensor_value_info("x", TensorProto.INT64, [1])], [out])
+        model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+        model.ir_version = 8
+        (root / name / "1").mkdir(parents=True)
+        onnx.save(model, str(root / name / "1" / "model.onnx"))
+
+    value = oh.make_tensor("v", TensorProto.FLOAT, [1], [2.5])
+    save("fill", [oh.make_node("ConstantOfShape", ["x"], ["y"], value=value)],
+         oh.make_tensor_value_info("y", TensorProto.FLOAT, ["n"]))  # fmt: skip
+    save("peak", [oh.make_node("ConstantOfShape", ["x"], ["t"], value=value),
+                  oh.make_node("ReduceMax", ["t"], ["y"], keepdims=0)],
+         oh.make_tensor_value_info("y", TensorProto.FLOAT, []))  # fmt: skip
+    return root
+
+
+def _ask(port: int, model: str, n: int) -> tuple[int, np.ndarray | str]:
+    """A ~90-byte REST request for n float32 values (binary reply): (status, values or error text)."""
+    import http.client
+
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [n]}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", f"/v2/models/{model}/infer", body=body, headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        data = answer.read()
+        split = answer.getheader("Inference-Header-Content-Length")
+    finally:
+        conn.close()
+    if answer.status != 200:
+        return answer.status, data.decode("utf-8", "replace")
+    return 200, np.frombuffer(data[int(split) :], np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget_mb", [512, 0], ids=["budget-512", "defaults"])
+def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
+    """Tiny requests whose values ask ONNX Runtime for far more than one call may hold (an output,
+    or a temporary, sized by ConstantOfShape) fail cleanly at the cap of the shared arena that
+    versions sized by values allocate from, naming the flag that set it; an honest client's calls
+    meanwhile all succeed; an in-budget value-sized call answers; and RSS 10 s after is within
+    512 MiB of the start (the arena gives back what the runs grew it by)."""
+    root = _fill_models(tmp_path / "models")
+    http = free_port()
+    budget = ["--memory-budget-mb", str(budget_mb)] if budget_mb else []
+    replica = start_process(["-m", "server", "--model-repository", str(root), "--port", "0", "--device", "cpu",
+                             "--http-port", str(http), "--metrics-port", "-1", *budget])  # fmt: skip
+    pid = replica.proc.pid
+    cap_mb, flag = (512, "--memory-budget-mb") if budget_mb else (1024, "--max-request-memory-mb")
+    huge = 2 * cap_mb << 18  # float32 values: twice the cap
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def honest() -> None:
+        while not stop.is_set():
+            for model in ("fill", "peak"):
+                t = time.monotonic()
+                status, values = _ask(http, model, 1000)
+                latencies.append(time.monotonic() - t)
+                want = 1000 if model == "fill" else 1
+                if status != 200 or len(values) != want or not np.all(values == 2.5):
+                    failures.append(f"{model}: {status} {str(values)[:200]}")
+            time.sleep(0.02)
+
+    try:
+        for _ in range(3):
+            assert _ask(http, "fill", 10)[0] == 200
+        time.sleep(1)
+        base = peak = _rss_mib(pid)
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _rss_mib(pid))
+                time.sleep(0.01)
+
+        watcher, prober = threading.Thread(target=watch), threading.Thread(target=honest)
+        watcher.start()
+        prober.start()
+        refused = []
+        for model in ("fill", "peak", "fill"):  # three ~90-byte requests for twice the cap each
+            t0 = time.monotonic()
+            status, text = _ask(http, model, huge)
+            refused.append((model, status, round(time.monotonic() - t0, 2)))
+            assert status == 429, (model, status, str(text)[:300])
+            assert flag in text and "ONNX Runtime could not allocate" in text, text[:300]
+        status, values = _ask(http, "fill", 8 << 20)  # 32 MiB of output: within every limit
+        assert status == 200 and len(values) == 8 << 20 and np.all(values == 2.5)
+        del values
+        status, values = _ask(http, "peak", cap_mb << 17)  # a temporary of half the cap
+        assert status == 200 and values.tolist() == [2.5]
+        time.sleep(0.5)
+        stop.set()
+        prober.join(60)
+        peak_during = peak
+        time.sleep(10)
+        after = _rss_mib(pid)
+        done.set()
+        watcher.join()
+    finally:
+        stop.set()
+        replica.proc.terminate()
+        replica.proc.wait(30)
+    p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
+    print(f"values-sized x3 ({flag} cap {cap_mb} MiB): RSS start {base:.0f} MiB, peak {peak_during:.0f}, "
+          f"10 s after {after:.0f}; refused {refused}; honest {len(latencies)} calls, p99 {p99 * 1000:.0f} ms, "
+          f"failures {failures[:3]}")  # fmt: skip
+    assert not failures and len(latencies) >= 10
+    assert peak_during < base + 2048  # one call never takes 2 GiB
+    assert after < base + 512

@@ -578,7 +578,8 @@ class _Shrinker:
         self._options = ort.RunOptions()
         self._options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._due = threading.Event()
-        self.shrinks = 0
+        self.shrinks = self.trims = 0
+        self._floor = _resident()  # RSS after the last trim (or the lowest seen since)
         threading.Thread(target=self._loop, name="ort-arena-shrink", daemon=True).start()
 
     def request(self) -> None:
@@ -586,8 +587,17 @@ class _Shrinker:
         self._due.set()
 
     def shrink(self) -> None:
+        """Shrink now; then, when RSS has grown TRIM_AFTER since the last trim, `malloc_trim`: the
+        arena's regions of less than glibc's mmap threshold (up to 32 MiB) were heap, which glibc
+        keeps mapped when freed (measured: +98 MiB after a 4 x 3,000-step encoder run, +0 trimmed)."""
         self._session.run_with_iobinding(self._binding, self._options)
         self.shrinks += 1
+        resident = _resident()
+        if resident - self._floor >= TRIM_AFTER:
+            self.trims += malloc_trim()
+            self._floor = _resident()  # what stays is in use: the next trim waits for growth beyond it
+        else:
+            self._floor = min(self._floor, resident)
 
     def _loop(self) -> None:
         while True:
@@ -597,6 +607,14 @@ class _Shrinker:
                 self.shrink()
             except Exception:  # never fatal: the next run's own shrink still returns memory
                 log.exception("shrinking ONNX Runtime's shared arena failed")
+
+
+def _resident() -> int:
+    """This process's resident bytes (0 where /proc has no statm)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 _SHRINKER: dict[str, _Shrinker | None] = {"shrinker": None}

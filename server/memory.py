@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
+import gc
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -187,11 +190,7 @@ def run_options(working: int, always: bool = False):
     steps with the arena, 28 MB with shrinkage; docs/behaviour.md, memory budget); None otherwise."""
     if working <= SHRINK_ABOVE and not always:
         return None
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    return options
+    return shrink_options()
 
 
 def client_key(peer: str, authorization: str | None = None, tokens_on: bool = False) -> str:
@@ -255,6 +254,18 @@ def malloc_trim() -> bool:
         return False
 
 
+def _collect_and_trim(collect: bool) -> None:
+    """`malloc_trim`, after a garbage collection when `collect`: a failed or cancelled call may leave its frames
+    in reference cycles (an exception's traceback holds the frames that hold it), so its request,
+    its outputs and the ONNX Runtime arena regions those outputs lie in stay until the cyclic
+    collector runs, which an idle server may not do for long (measured in-process: a stalled
+    reader's encoder calls, cut off by their connection's end, left RSS at 377 MiB 5 s after, start
+    110; 173 MiB once collected)."""
+    if collect:
+        gc.collect()
+    malloc_trim()
+
+
 # -- the budget -------------------------------------------------------------------------------------
 def _describe(cost: Cost | int) -> str:
     return cost.describe() if isinstance(cost, Cost) else f"{int(cost) / MIB:,.0f} MiB"
@@ -269,11 +280,16 @@ class Hold:
         self.budget, self.nbytes, self.client = budget, nbytes, client
         self._released = False
 
-    def release(self, *_ignored) -> None:  # also a grpc done-callback: (context)
+    def release(self, *context) -> None:  # also a grpc done-callback: (context)
         if self._released:
             return
         self._released = True
-        self.budget._release_soon(self)
+        # a call that failed or was cancelled: released while its exception unwinds it, or by grpc's
+        # done-callback with a cancelled context (`MemoryBudget._trim` then collects garbage)
+        unwound = sys.exc_info()[1] is not None or (
+            bool(context) and callable(getattr(context[0], "cancelled", None)) and context[0].cancelled()
+        )
+        self.budget._release_soon(self, unwound)
 
 
 class MemoryBudget:
@@ -294,7 +310,9 @@ class MemoryBudget:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._released = 0  # bytes released since the last malloc_trim
+        self._unwound = 0  # ... of them by calls that failed or were cancelled
         self._trim_due = False
+        self.collections = 0  # garbage collections after failed or cancelled calls (`_trim`)
         if metrics is not None:
             metrics.memory_budget.set(self.total)
 
@@ -383,14 +401,15 @@ class MemoryBudget:
             future.cancel()
         self._wake()
 
-    def _release_soon(self, hold: Hold) -> None:
+    def _release_soon(self, hold: Hold, unwound: bool = False) -> None:
         if self._loop is None or threading.get_ident() == self._loop_thread:
-            self._release(hold)
+            self._release(hold, unwound)
         elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._release, hold)
+            self._loop.call_soon_threadsafe(self._release, hold, unwound)
 
-    def _release(self, hold: Hold) -> None:
+    def _release(self, hold: Hold, unwound: bool = False) -> None:
         self._released += hold.nbytes
+        self._unwound += hold.nbytes if unwound else 0
         if self._released >= TRIM_AFTER and not self._trim_due and self._loop is not None:
             # freed heap goes back to the OS soon after large calls end (glibc keeps it otherwise)
             self._trim_due = True
@@ -405,9 +424,11 @@ class MemoryBudget:
         self._wake()
 
     def _trim(self) -> None:
-        self._trim_due, self._released = False, 0
+        collect = self._unwound >= TRIM_AFTER
+        self._trim_due, self._released, self._unwound = False, 0, 0
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.run_in_executor(None, malloc_trim)
+            self.collections += collect
+            self._loop.run_in_executor(None, _collect_and_trim, collect)
 
     def _wake(self) -> None:
         """Grant waiters in order while they fit; one that does not fit blocks those behind it only
@@ -510,7 +531,7 @@ def share_ort_arena(max_bytes: int, flag: str = "--memory-budget-mb", every_sess
         if every_session and not arena.every_session:
             arena = SharedArena(arena.max_bytes, arena.flag, True)
         _ARENA["arena"] = arena
-    _shrinker()  # its session now, not in the first run that needs it
+    _shared_shrink()  # its session now, not in the first run that needs it
     return arena
 
 
@@ -556,12 +577,10 @@ def _neg_model() -> bytes:
     return _pb(1, 8) + _pb(7, graph) + _pb(8, _pb(1, b"") + _pb(2, 17))  # ir_version 8, opset 17
 
 
-class _Shrinker:
-    """Shrinks the shared arena on demand, on its own thread. ONNX Runtime shrinks an arena only at
-    the end of a run, when the run's outputs still hold their chunks; once the caller drops them
-    (replies sent), a region stays mapped until a later run's shrink, and then only if none of that
-    run's outputs landed in it. So a run of a one-value model whose input and output are the
-    caller's buffers (io-binding: it allocates nothing in the arena) shrinks it soon after."""
+class _SharedArenaShrink:
+    """Shrinks the shared arena now: a run of a one-value model whose input and output are this
+    object's buffers (io-binding), so the run itself allocates nothing in the arena that could keep
+    a region from being returned."""
 
     def __init__(self) -> None:
         import onnxruntime as ort
@@ -575,38 +594,71 @@ class _Shrinker:
         self._binding = self._session.io_binding()
         self._binding.bind_input("a", "cpu", 0, np.float32, [1], self._buffers[0].ctypes.data)
         self._binding.bind_output("b", "cpu", 0, np.float32, [1], self._buffers[1].ctypes.data)
-        self._options = ort.RunOptions()
-        self._options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._due = threading.Event()
-        self.shrinks = self.trims = 0
-        self._floor = _resident()  # RSS after the last trim (or the lowest seen since)
-        threading.Thread(target=self._loop, name="ort-arena-shrink", daemon=True).start()
+        self._options = shrink_options()
 
-    def request(self) -> None:
-        """Shrink soon (any thread; also called from a finalizer, inside a deallocation)."""
-        self._due.set()
-
-    def shrink(self) -> None:
-        """Shrink now; then, when RSS has grown TRIM_AFTER since the last trim, `malloc_trim`: the
-        arena's regions of less than glibc's mmap threshold (up to 32 MiB) were heap, which glibc
-        keeps mapped when freed (measured: +98 MiB after a 4 x 3,000-step encoder run, +0 trimmed)."""
+    def __call__(self) -> None:
         self._session.run_with_iobinding(self._binding, self._options)
-        self.shrinks += 1
+
+
+def shrink_options():
+    """RunOptions that shrink ONNX Runtime's CPU arena at the end of the run."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+class _Shrinker:
+    """Shrinks ONNX Runtime arenas soon after the outputs of a run that shrank one are dropped, on
+    one thread. ONNX Runtime shrinks an arena only at the end of a run, when that run's outputs
+    (which Python's arrays then use without a copy) still hold their chunks: the regions they lie in
+    stay mapped until a later shrinking run finds them free (measured in-process: after a stalled
+    reader's 40 s of encoder calls of 16 x 400 steps, RSS 918 MiB 5 s after it went, start 108;
+    180 MiB after one more shrinking run). Then, when RSS has grown TRIM_AFTER since the last trim, `malloc_trim`:
+    regions under glibc's mmap threshold (up to 32 MiB) were heap, which glibc keeps mapped when
+    freed (measured: +98 MiB after a 4 x 3,000-step encoder run on the shared arena, +0 trimmed)."""
+
+    def __init__(self) -> None:
+        # re-entrant: a finalizer may call `request` on this thread while it holds the lock
+        self._cond = threading.Condition(threading.RLock())
+        self._due: dict[object, object] = {}  # key -> what shrinks it (a callable)
+        self._thread: threading.Thread | None = None
+        self._floor = _resident()  # RSS after the last trim (or the lowest seen since)
+        self.shrinks = self.trims = 0
+
+    def request(self, key: object, shrink) -> None:
+        """Call `shrink()` soon (once for several requests of one key); any thread, also from a
+        finalizer inside a deallocation."""
+        with self._cond:
+            self._due[key] = shrink
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="ort-arena-shrink", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                due, self._due = self._due, {}
+            for shrink in due.values():
+                try:
+                    shrink()
+                    self.shrinks += 1
+                except Exception:  # never fatal: the next shrinking run still returns the memory
+                    log.exception("shrinking an ONNX Runtime arena failed")
+            del due
+            self._trim_if_grown()
+
+    def _trim_if_grown(self) -> None:
         resident = _resident()
         if resident - self._floor >= TRIM_AFTER:
             self.trims += malloc_trim()
             self._floor = _resident()  # what stays is in use: the next trim waits for growth beyond it
         else:
             self._floor = min(self._floor, resident)
-
-    def _loop(self) -> None:
-        while True:
-            self._due.wait()
-            self._due.clear()
-            try:
-                self.shrink()
-            except Exception:  # never fatal: the next run's own shrink still returns memory
-                log.exception("shrinking ONNX Runtime's shared arena failed")
 
 
 def _resident() -> int:
@@ -617,22 +669,31 @@ def _resident() -> int:
         return 0
 
 
-_SHRINKER: dict[str, _Shrinker | None] = {"shrinker": None}
+SHRINKER = _Shrinker()
+_SHARED_SHRINK: dict[str, _SharedArenaShrink | None] = {"shrink": None}
 
 
-def _shrinker() -> _Shrinker:
+def _shared_shrink() -> _SharedArenaShrink:
     with _ARENA_LOCK:
-        if _SHRINKER["shrinker"] is None:
-            _SHRINKER["shrinker"] = _Shrinker()
-        return _SHRINKER["shrinker"]
+        if _SHARED_SHRINK["shrink"] is None:
+            _SHARED_SHRINK["shrink"] = _SharedArenaShrink()
+        return _SHARED_SHRINK["shrink"]
 
 
-def released_soon(results) -> None:
-    """After a run on the shared arena that shrank it: shrink again once each of its output arrays
-    (which are ONNX Runtime's memory: no copy) is dropped, and once now for what the run freed after
-    its own shrink (a failed run's outputs, string outputs copied out)."""
-    shrinker = _shrinker()
+def released_soon(results, key: object, shrink) -> None:
+    """After a run that shrank an arena: `shrink()` again (on the shrinker's thread) once each of
+    its output arrays, which are ONNX Runtime's memory (no copy), is dropped; at once when the run
+    left none (it failed) or some were copied out (strings)."""
+    request = functools.partial(SHRINKER.request, key, shrink)
+    tracked = 0
     for value in results or ():
         if isinstance(value, np.ndarray) and value.base is not None:
-            weakref.finalize(value, shrinker.request).atexit = False
-    shrinker.request()
+            weakref.finalize(value, request).atexit = False
+            tracked += 1
+    if not results or tracked < len(results):
+        request()
+
+
+def shared_arena_shrink():
+    """What shrinks the shared arena (for `released_soon`); None while none is registered."""
+    return _shared_shrink() if _ARENA["arena"] is not None else None

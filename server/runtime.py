@@ -30,7 +30,16 @@ from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
 from contract.onnxfile import fields, graph_nodes
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
-from server.memory import batch_and_time, released_soon, run_options, shared_arena, uses_shared_arena, working_bytes
+from server.memory import (
+    batch_and_time,
+    released_soon,
+    run_options,
+    shared_arena,
+    shared_arena_shrink,
+    shrink_options,
+    uses_shared_arena,
+    working_bytes,
+)
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -191,6 +200,9 @@ class ModelRuntime:
     max_run_s: float = 0.0  # --max-run-s: every run of this version is stopped after this long (0: no cap)
     # CPU memory from ONNX Runtime's shared capped arena (`server.memory.uses_shared_arena`), not its own
     shared_arena: bool = False
+    # the feeds and one output of this version's first small run (its load probe): rerun to shrink its own
+    # arena once a large run's outputs are dropped (`_shrink_own_arena`)
+    _small_run: tuple | None = field(default=None, repr=False)
 
     def retire(self) -> None:
         """This version was replaced or unloaded: close its batcher (queued requests still run, then
@@ -244,7 +256,7 @@ class ModelRuntime:
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         options = _run_options(self, feeds)
-        shrinks = self.shared_arena and options is not None  # this run shrinks the shared arena
+        shrinks = options is not None  # this run shrinks ONNX Runtime's CPU arena
         watched = None
         if control is not None or self.max_run_s:
             control = control or RunControl()
@@ -279,7 +291,9 @@ class ModelRuntime:
             if watched is not None:
                 WATCHDOG.discard(watched)
             if shrinks:  # and again once its outputs are dropped
-                released_soon(results)
+                self._shrink_later(results)
+        if not shrinks and self.bounded and self._small_run is None:  # small feeds: a small run (bounded)
+            self._remember_small_run(feeds, outputs)
         out = {}
         for name, value in zip(outputs, results):
             spec = sig.output(name)
@@ -293,6 +307,25 @@ class ModelRuntime:
             out[name] = value
         return out
 
+    def _shrink_later(self, results) -> None:
+        """After a run that shrank the arena: shrink it again once the run's outputs, which lie in
+        it, are dropped (`server.memory.released_soon`). The shared arena shrinks with a run that
+        allocates nothing; a session's own arena only with a run of that session: its first small
+        run again, whose few bytes land in the arena's first region (never returned anyway)."""
+        if self.shared_arena:
+            released_soon(results, "shared", shared_arena_shrink())
+        elif self._small_run is not None:
+            released_soon(results, id(self), self._shrink_own_arena)
+
+    def _remember_small_run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> None:
+        if sum(a.nbytes for a in feeds.values()) <= SMALL_RUN_BYTES:
+            names = outputs[:1] or self.output_names[:1]
+            self._small_run = ({k: np.array(v, copy=True) for k, v in feeds.items()}, names, shrink_options())
+
+    def _shrink_own_arena(self) -> None:
+        feeds, names, options = self._small_run
+        self.session.run(names, feeds, options)
+
     def _stopped(self, control: RunControl, elapsed: float) -> Exception:
         if control.reason == "cancelled":
             return Cancelled(f"model '{self.name}': the call was cancelled; its run was stopped after {elapsed:.2f} s")
@@ -305,6 +338,7 @@ class ModelRuntime:
                                 f"{elapsed:.2f} s")  # fmt: skip
 
 
+SMALL_RUN_BYTES = 64 << 10  # feeds of at most this many bytes: a run kept to shrink the arena with
 _ALLOCATION_FAILED = re.compile(r"Failed to allocate|bad_alloc|Available memory of", re.IGNORECASE)
 
 

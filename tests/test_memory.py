@@ -847,3 +847,56 @@ def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
     assert not failures and len(latencies) >= 10
     assert peak_during < base + 2048  # one call never takes 2 GiB
     assert after < base + 512
+
+
+@pytest.mark.slow
+def test_stalled_reader_under_default_settings_gives_its_memory_back(mid_model, tmp_path):
+    """A client announcing a zero receive window asks a server with default settings for large
+    encoder outputs for 15 s and never reads; an honest client's calls meanwhile all succeed, and
+    10 s after the stalled client goes the server is back near its start: its cancelled calls'
+    garbage is collected and the session's arena, whose regions their outputs kept, is shrunk again."""
+    shutil.copytree(mid_model.parents[1], tmp_path / "models" / "mid")
+    replica = start_process(["-m", "server", "--model-repository", str(tmp_path / "models"), "--port", "0",
+                             "--device", "cpu", "--http-port", str(free_port()), "--metrics-port", "-1",
+                             "--intra-op-threads", "1"])  # fmt: skip
+    pid, target = replica.proc.pid, f"127.0.0.1:{replica.port}"
+    message = _request("mid", np.zeros((16, 800, 80), np.float32), ("y",)).SerializeToString()  # y: 13 MB
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    try:
+        with _channel(target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            small = _request("mid", np.ones((1, 3, 80), np.float32))
+            stub.ModelInfer(small, timeout=30)
+            time.sleep(1)
+            base = peak = _rss_mib(pid)
+            attacker = _H2(replica.port, window=0)
+            t0 = sent = 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 15:
+                if sent < (time.monotonic() - t0) / 0.3:  # a call every 0.3 s, none of them read
+                    attacker.call(replica.port, message)
+                    sent += 1
+                attacker.pump(0.05)
+                attacker.send_pending()
+                t = time.monotonic()
+                try:
+                    stub.ModelInfer(small, timeout=30)
+                    codes["OK"] = codes.get("OK", 0) + 1
+                except grpc.RpcError as exc:
+                    codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                latencies.append(time.monotonic() - t)
+                peak = max(peak, _rss_mib(pid))
+            attacker.sock.close()
+            time.sleep(10)
+            after = _rss_mib(pid)
+            stub.ModelInfer(small, timeout=30)  # the server goes on
+    finally:
+        replica.proc.terminate()
+        replica.proc.wait(30)
+    p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))]
+    print(f"stalled reader, defaults: {sent} calls of 13 MB never read; RSS {base:.0f} MiB before, peak {peak:.0f}, "
+          f"10 s after it left {after:.0f}; honest {codes}, p99 {p99 * 1000:.0f} ms")  # fmt: skip
+    assert set(codes) == {"OK"} and codes["OK"] >= 20
+    assert peak > base + 300  # the attack did hold memory while it lasted
+    assert after < base + 150, (base, after)

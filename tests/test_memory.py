@@ -787,7 +787,8 @@ def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
     huge = 2 * cap_mb << 18  # float32 values: twice the cap
     latencies: list[float] = []
     failures: list[str] = []
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()
+    base = peak = _rss_mib(pid)
 
     def honest() -> None:
         while not stop.is_set():
@@ -800,20 +801,18 @@ def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
                     failures.append(f"{model}: {status} {str(values)[:200]}")
             time.sleep(0.02)
 
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_mib(pid))
+            time.sleep(0.01)
+
+    watcher, prober = threading.Thread(target=watch), threading.Thread(target=honest)
     try:
         for _ in range(3):
             assert _ask(http, "fill", 10)[0] == 200
         time.sleep(1)
         base = peak = _rss_mib(pid)
-        done = threading.Event()
-
-        def watch() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _rss_mib(pid))
-                time.sleep(0.01)
-
-        watcher, prober = threading.Thread(target=watch), threading.Thread(target=honest)
         watcher.start()
         prober.start()
         refused = []
@@ -834,10 +833,12 @@ def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
         peak_during = peak
         time.sleep(10)
         after = _rss_mib(pid)
-        done.set()
-        watcher.join()
     finally:
         stop.set()
+        done.set()
+        for thread in (prober, watcher):
+            if thread.is_alive():
+                thread.join(60)
         replica.proc.terminate()
         replica.proc.wait(30)
     p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")

@@ -822,6 +822,12 @@ def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
             refused.append((model, status, round(time.monotonic() - t0, 2)))
             assert status == 429, (model, status, str(text)[:300])
             assert flag in text and "ONNX Runtime could not allocate" in text, text[:300]
+        with _channel(f"127.0.0.1:{replica.port}") as ch:  # gRPC alike
+            request = pb.ModelInferRequest(model_name="peak")
+            encode_input(request, "x", np.array([huge], np.int64))
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and flag in err.value.details()
         status, values = _ask(http, "fill", 8 << 20)  # 32 MiB of output: within every limit
         assert status == 200 and len(values) == 8 << 20 and np.all(values == 2.5)
         del values

@@ -323,8 +323,16 @@ class ModelRuntime:
             self._small_run = ({k: np.array(v, copy=True) for k, v in feeds.items()}, names, shrink_options())
 
     def _shrink_own_arena(self) -> None:
-        feeds, names, options = self._small_run
-        self.session.run(names, feeds, options)
+        small = self._small_run
+        if small is None:
+            return
+        feeds, names, options = small
+        try:
+            self.session.run(names, feeds, options)
+        except Exception as exc:  # noqa: BLE001 - never again for this version: the next large run shrinks
+            self._small_run = None
+            log.warning("%s version %d: rerunning a small run to shrink the arena failed (%s); not tried again",
+                        self.name, self.version, clip(str(exc), 200))  # fmt: skip
 
     def _stopped(self, control: RunControl, elapsed: float) -> Exception:
         if control.reason == "cancelled":

@@ -484,8 +484,8 @@ def budget_from_settings(settings, metrics=None) -> MemoryBudget:
 # `runtime.bounded_by_input_size`) has no estimate: an 8-byte request can ask for gigabytes. Such
 # versions allocate their CPU memory from one shared ONNX Runtime arena with a maximum, so a run
 # that would take more fails cleanly (RESOURCE_EXHAUSTED naming the flag that set the cap) instead
-# of growing the process; every such run shrinks the arena afterwards, and what it returned is given
-# back once its outputs are dropped (`released_soon`). With --ort-arena-cap every version uses it.
+# of growing the process; every such run shrinks the arena afterwards, and again once its outputs
+# are dropped (`released_soon`). With --ort-arena-cap every version uses it.
 # Registered once per process (ONNX Runtime cannot replace it): later servers in the same process
 # share the first one's cap.
 @dataclass(frozen=True)
@@ -543,12 +543,6 @@ def share_ort_arena(max_bytes: int, flag: str = "--memory-budget-mb", every_sess
 def shared_arena() -> SharedArena | None:
     """The shared arena in force; None while none is registered (every session has its own)."""
     return _ARENA["arena"]
-
-
-def ort_arena_cap() -> int | None:
-    """The shared arena's cap in bytes; None while none is registered."""
-    arena = _ARENA["arena"]
-    return None if arena is None else arena.max_bytes
 
 
 def uses_shared_arena(bounded: bool) -> bool:

@@ -108,9 +108,10 @@ class Settings:
     )  # fmt: skip
     ort_arena_cap: bool = field(
         default=False,
-        metadata={"help": "ONNX Runtime sessions allocate CPU memory from one shared arena capped at the memory "
-                  "budget: a run needing more (an output sized by input values) fails with RESOURCE_EXHAUSTED "
-                  "instead of growing the process"},
+        metadata={"help": "every model version allocates ONNX Runtime CPU memory from the shared arena, capped "
+                  "then at the memory budget (a run needing more fails with RESOURCE_EXHAUSTED instead of growing "
+                  "the process); without it only versions sized by input values do, capped at "
+                  "--max-request-memory-mb (or the budget where smaller)"},
     )  # fmt: skip
     memory_client_share: float = field(
         default=0.5,

@@ -30,7 +30,16 @@ from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
 from contract.onnxfile import fields, graph_nodes
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
-from server.memory import batch_and_time, ort_arena_cap, run_options, working_bytes
+from server.memory import (
+    batch_and_time,
+    released_soon,
+    run_options,
+    shared_arena,
+    shared_arena_shrink,
+    shrink_options,
+    uses_shared_arena,
+    working_bytes,
+)
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -189,6 +198,11 @@ class ModelRuntime:
     bounded: bool = False
     unbounded_why: str = ""
     max_run_s: float = 0.0  # --max-run-s: every run of this version is stopped after this long (0: no cap)
+    # CPU memory from ONNX Runtime's shared capped arena (`server.memory.uses_shared_arena`), not its own
+    shared_arena: bool = False
+    # the feeds and one output of this version's first small run (its load probe): rerun to shrink its own
+    # arena once a large run's outputs are dropped (`_shrink_own_arena`)
+    _small_run: tuple | None = field(default=None, repr=False)
 
     def retire(self) -> None:
         """This version was replaced or unloaded: close its batcher (queued requests still run, then
@@ -242,6 +256,7 @@ class ModelRuntime:
             if spec.model_shape is not None and spec.name in feeds:
                 feeds[spec.name] = reshape(feeds[spec.name], spec.model_shape, spec.batch_axis)
         options = _run_options(self, feeds)
+        shrinks = options is not None  # this run shrinks ONNX Runtime's CPU arena
         watched = None
         if control is not None or self.max_run_s:
             control = control or RunControl()
@@ -256,14 +271,15 @@ class ModelRuntime:
                 watched = (control, at, why)
                 WATCHDOG.add(watched)
         started = time.monotonic()
+        results = None
         try:
             results = self.session.run(outputs, feeds, options)
         except (OrtFail, OrtInvalidArgument) as exc:  # the model refused these values (a shape it checks)
             if control is not None and control.reason is not None:
                 raise self._stopped(control, time.monotonic() - started) from None
             if _ALLOCATION_FAILED.search(str(exc)):
-                cap = ort_arena_cap()
-                within = f" within its {cap / (1 << 20):,.0f} MiB cap (--memory-budget-mb)" if cap else ""
+                arena = shared_arena() if self.shared_arena else None
+                within = f" within its {arena.describe()}" if arena is not None else ""
                 raise ResourceExhausted(
                     f"model '{self.name}': ONNX Runtime could not allocate the memory this run needs{within}; "
                     "send smaller requests (an output sized by input values counts too), or retry later"
@@ -274,6 +290,10 @@ class ModelRuntime:
         finally:
             if watched is not None:
                 WATCHDOG.discard(watched)
+            if shrinks:  # and again once its outputs are dropped
+                self._shrink_later(results)
+        if not shrinks and self.bounded and self._small_run is None:  # small feeds: a small run (bounded)
+            self._remember_small_run(feeds, outputs)
         out = {}
         for name, value in zip(outputs, results):
             spec = sig.output(name)
@@ -287,6 +307,33 @@ class ModelRuntime:
             out[name] = value
         return out
 
+    def _shrink_later(self, results) -> None:
+        """After a run that shrank the arena: shrink it again once the run's outputs, which lie in
+        it, are dropped (`server.memory.released_soon`). The shared arena shrinks with a run that
+        allocates nothing; a session's own arena only with a run of that session: its first small
+        run again, whose few bytes land in the arena's first region (never returned anyway)."""
+        if self.shared_arena:
+            released_soon(results, "shared", shared_arena_shrink())
+        elif self._small_run is not None:
+            released_soon(results, id(self), self._shrink_own_arena)
+
+    def _remember_small_run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> None:
+        if sum(a.nbytes for a in feeds.values()) <= SMALL_RUN_BYTES:
+            names = outputs[:1] or self.output_names[:1]
+            self._small_run = ({k: np.array(v, copy=True) for k, v in feeds.items()}, names, shrink_options())
+
+    def _shrink_own_arena(self) -> None:
+        small = self._small_run
+        if small is None:
+            return
+        feeds, names, options = small
+        try:
+            self.session.run(names, feeds, options)
+        except Exception as exc:  # noqa: BLE001 - never again for this version: the next large run shrinks
+            self._small_run = None
+            log.warning("%s version %d: rerunning a small run to shrink the arena failed (%s); not tried again",
+                        self.name, self.version, clip(str(exc), 200))  # fmt: skip
+
     def _stopped(self, control: RunControl, elapsed: float) -> Exception:
         if control.reason == "cancelled":
             return Cancelled(f"model '{self.name}': the call was cancelled; its run was stopped after {elapsed:.2f} s")
@@ -299,14 +346,16 @@ class ModelRuntime:
                                 f"{elapsed:.2f} s")  # fmt: skip
 
 
+SMALL_RUN_BYTES = 64 << 10  # feeds of at most this many bytes: a run kept to shrink the arena with
 _ALLOCATION_FAILED = re.compile(r"Failed to allocate|bad_alloc|Available memory of", re.IGNORECASE)
 
 
 def _run_options(rt: ModelRuntime, feeds: dict[str, np.ndarray]):
-    """RunOptions for one run: a run needing much working memory shrinks ONNX Runtime's CPU arena
-    afterwards, so memory a large request grew it by is returned (`server.memory.run_options`)."""
+    """RunOptions for one run: a run needing much working memory, and every run of a version whose
+    memory is sized by input values, shrinks ONNX Runtime's CPU arena afterwards, so memory a large
+    request grew it by is returned (`server.memory.run_options`)."""
     batch, steps = batch_and_time(rt, feeds)
-    return run_options(working_bytes(rt, sum(a.nbytes for a in feeds.values()), batch, steps))
+    return run_options(working_bytes(rt, sum(a.nbytes for a in feeds.values()), batch, steps), not rt.bounded)
 
 
 def reshape(array: np.ndarray, shape: list[int], batch_axis: int | None) -> np.ndarray:
@@ -344,7 +393,9 @@ def load_model(
             LARGE_GRAPH_NODES,
         )
     so.log_severity_level = 3
-    if ort_arena_cap() is not None:  # CPU allocations from the shared arena capped at the memory budget
+    bounded, why = bounded_by_input_size(Path(path))
+    shared = uses_shared_arena(bounded)
+    if shared:  # CPU allocations from the shared arena with a cap (server.memory.share_ort_arena)
         so.add_session_config_entry("session.use_env_allocators", "1")
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
@@ -365,10 +416,12 @@ def load_model(
         # of the work, run on the CPU provider (with copies between the two)
         note = "int8 twin: its DynamicQuantizeLSTM nodes run on CPUExecutionProvider (no CUDA kernel)"
         log.info("%s version %d: %s", name, version, note)
-    bounded, why = bounded_by_input_size(Path(path))
     if not bounded:
-        log.info("%s version %d: never run on the event loop: %s", name, version, why)
+        arena = shared_arena() if shared else None
+        memory = f"; its CPU memory comes from the shared arena, {arena.describe()}" if arena is not None else ""
+        log.info("%s version %d: never run on the event loop%s: %s", name, version, memory, why)
     return ModelRuntime(
+        shared_arena=shared,
         bounded=bounded,
         unbounded_why=why,
         max_run_s=options.max_run_s,

@@ -579,3 +579,33 @@ def test_large_releases_give_heap_back_to_the_os():
 
     before, after = asyncio.run(main())
     assert after < before - 100, (before, after)  # the freed 200 MiB left the process
+
+
+def test_versions_sized_by_values_allocate_from_the_shared_capped_arena(served):
+    """The inline decision's classification also picks the allocator: a version whose work is not
+    bounded by its input sizes (the Loop) allocates from ONNX Runtime's shared arena with a cap; a
+    bounded one (the exported encoder) keeps its own arena."""
+    from server.memory import MIB, arena_cap, shared_arena
+
+    loop, uni = served.repository.get("loop"), served.repository.get("uni")
+    assert not loop.bounded and loop.shared_arena
+    assert uni.bounded and not uni.shared_arena
+    arena = shared_arena()  # registered by the first server of this test process
+    assert arena is not None and not arena.every_session and arena.max_bytes > 0
+    # the cap: what one call may hold, or the budget where that is smaller; every session: the budget
+    assert arena_cap(8192 * MIB, 1024 * MIB) == (1024 * MIB, "--max-request-memory-mb")
+    assert arena_cap(512 * MIB, 1024 * MIB) == (512 * MIB, "--memory-budget-mb")
+    assert arena_cap(8192 * MIB, None) == (8192 * MIB, "--memory-budget-mb")
+    assert arena_cap(8192 * MIB, 1024 * MIB, every_session=True) == (8192 * MIB, "--memory-budget-mb")
+    # a run of the Loop shrinks the arena at its end and again once its outputs are dropped
+    from server.memory import SHRINKER
+
+    before = SHRINKER.shrinks
+    out = loop.run({"n": np.array(3, np.int64), "x": np.ones(64, np.float32)}, ["y"])
+    assert out["y"].shape == (64,)
+    del out
+    for _ in range(100):
+        if SHRINKER.shrinks > before:
+            break
+        time.sleep(0.02)
+    assert SHRINKER.shrinks > before

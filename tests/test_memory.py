@@ -724,3 +724,186 @@ def test_rest_json_parse_is_held_in_the_budget(served):
     assert answer.status == 429, text[:300]
     assert "per-client share of 150 MiB" in text and "--memory-budget-mb 300" in text, text[:300]
     assert time.monotonic() - t0 < 10 and served.rss() < base + 100  # the body, not its parse
+
+
+# -- outputs sized by input values -----------------------------------------------------------------------
+def _fill_models(root: Path) -> Path:
+    """`fill`: y = ConstantOfShape(x), an output the request's *values* size; `peak`: y =
+    ReduceMax(ConstantOfShape(x)), a temporary they size behind a one-value output. Every value 2.5."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    def save(name: str, nodes: list, out) -> None:
+        graph = oh.make_graph(nodes, name, [oh.make_tensor_value_info("x", TensorProto.INT64, [1])], [out])
+        model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+        model.ir_version = 8
+        (root / name / "1").mkdir(parents=True)
+        onnx.save(model, str(root / name / "1" / "model.onnx"))
+
+    value = oh.make_tensor("v", TensorProto.FLOAT, [1], [2.5])
+    save("fill", [oh.make_node("ConstantOfShape", ["x"], ["y"], value=value)],
+         oh.make_tensor_value_info("y", TensorProto.FLOAT, ["n"]))  # fmt: skip
+    save("peak", [oh.make_node("ConstantOfShape", ["x"], ["t"], value=value),
+                  oh.make_node("ReduceMax", ["t"], ["y"], keepdims=0)],
+         oh.make_tensor_value_info("y", TensorProto.FLOAT, []))  # fmt: skip
+    return root
+
+
+def _ask(port: int, model: str, n: int) -> tuple[int, np.ndarray | str]:
+    """A ~90-byte REST request for n float32 values (binary reply): (status, values or error text)."""
+    import http.client
+
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [n]}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", f"/v2/models/{model}/infer", body=body, headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        data = answer.read()
+        split = answer.getheader("Inference-Header-Content-Length")
+    finally:
+        conn.close()
+    if answer.status != 200:
+        return answer.status, data.decode("utf-8", "replace")
+    return 200, np.frombuffer(data[int(split) :], np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget_mb", [512, 0], ids=["budget-512", "defaults"])
+def test_outputs_sized_by_values_are_capped_and_returned(tmp_path, budget_mb):
+    """Tiny requests whose values ask ONNX Runtime for far more than one call may hold (an output,
+    or a temporary, sized by ConstantOfShape) fail cleanly at the cap of the shared arena that
+    versions sized by values allocate from, naming the flag that set it; an honest client's calls
+    meanwhile all succeed; an in-budget value-sized call answers; and RSS 10 s after is within
+    512 MiB of the start (the arena gives back what the runs grew it by)."""
+    root = _fill_models(tmp_path / "models")
+    http = free_port()
+    budget = ["--memory-budget-mb", str(budget_mb)] if budget_mb else []
+    replica = start_process(["-m", "server", "--model-repository", str(root), "--port", "0", "--device", "cpu",
+                             "--http-port", str(http), "--metrics-port", "-1", *budget])  # fmt: skip
+    pid = replica.proc.pid
+    cap_mb, flag = (512, "--memory-budget-mb") if budget_mb else (1024, "--max-request-memory-mb")
+    huge = 2 * cap_mb << 18  # float32 values: twice the cap
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop, done = threading.Event(), threading.Event()
+    base = peak = _rss_mib(pid)
+
+    def honest() -> None:
+        while not stop.is_set():
+            for model in ("fill", "peak"):
+                t = time.monotonic()
+                status, values = _ask(http, model, 1000)
+                latencies.append(time.monotonic() - t)
+                want = 1000 if model == "fill" else 1
+                if status != 200 or len(values) != want or not np.all(values == 2.5):
+                    failures.append(f"{model}: {status} {str(values)[:200]}")
+            time.sleep(0.02)
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_mib(pid))
+            time.sleep(0.01)
+
+    watcher, prober = threading.Thread(target=watch), threading.Thread(target=honest)
+    try:
+        for _ in range(3):
+            assert _ask(http, "fill", 10)[0] == 200
+        time.sleep(1)
+        base = peak = _rss_mib(pid)
+        watcher.start()
+        prober.start()
+        refused = []
+        for model in ("fill", "peak", "fill"):  # three ~90-byte requests for twice the cap each
+            t0 = time.monotonic()
+            status, text = _ask(http, model, huge)
+            refused.append((model, status, round(time.monotonic() - t0, 2)))
+            assert status == 429, (model, status, str(text)[:300])
+            assert flag in text and "ONNX Runtime could not allocate" in text, text[:300]
+        with _channel(f"127.0.0.1:{replica.port}") as ch:  # gRPC alike
+            request = pb.ModelInferRequest(model_name="peak")
+            encode_input(request, "x", np.array([huge], np.int64))
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and flag in err.value.details()
+        status, values = _ask(http, "fill", 8 << 20)  # 32 MiB of output: within every limit
+        assert status == 200 and len(values) == 8 << 20 and np.all(values == 2.5)
+        del values
+        status, values = _ask(http, "peak", cap_mb << 17)  # a temporary of half the cap
+        assert status == 200 and values.tolist() == [2.5]
+        time.sleep(0.5)
+        stop.set()
+        prober.join(60)
+        peak_during = peak
+        time.sleep(10)
+        after = _rss_mib(pid)
+    finally:
+        stop.set()
+        done.set()
+        for thread in (prober, watcher):
+            if thread.is_alive():
+                thread.join(60)
+        replica.proc.terminate()
+        replica.proc.wait(30)
+    p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
+    print(f"values-sized x3 ({flag} cap {cap_mb} MiB): RSS start {base:.0f} MiB, peak {peak_during:.0f}, "
+          f"10 s after {after:.0f}; refused {refused}; honest {len(latencies)} calls, p99 {p99 * 1000:.0f} ms, "
+          f"failures {failures[:3]}")  # fmt: skip
+    assert not failures and len(latencies) >= 10
+    assert peak_during < base + 2048  # one call never takes 2 GiB
+    assert after < base + 512
+
+
+@pytest.mark.slow
+def test_stalled_reader_under_default_settings_gives_its_memory_back(mid_model, tmp_path):
+    """A client announcing a zero receive window asks a server with default settings for large
+    encoder outputs for 15 s and never reads; an honest client's calls meanwhile all succeed, and
+    10 s after the stalled client goes the server is back near its start: its cancelled calls'
+    garbage is collected and the session's arena, whose regions their outputs kept, is shrunk again."""
+    shutil.copytree(mid_model.parents[1], tmp_path / "models" / "mid")
+    replica = start_process(["-m", "server", "--model-repository", str(tmp_path / "models"), "--port", "0",
+                             "--device", "cpu", "--http-port", str(free_port()), "--metrics-port", "-1",
+                             "--intra-op-threads", "1"])  # fmt: skip
+    pid, target = replica.proc.pid, f"127.0.0.1:{replica.port}"
+    message = _request("mid", np.zeros((16, 800, 80), np.float32), ("y",)).SerializeToString()  # y: 13 MB
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    try:
+        with _channel(target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            small = _request("mid", np.ones((1, 3, 80), np.float32))
+            stub.ModelInfer(small, timeout=30)
+            time.sleep(1)
+            base = peak = _rss_mib(pid)
+            attacker = _H2(replica.port, window=0)
+            t0 = sent = 0
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 15:
+                if sent < (time.monotonic() - t0) / 0.3:  # a call every 0.3 s, none of them read
+                    attacker.call(replica.port, message)
+                    sent += 1
+                attacker.pump(0.05)
+                attacker.send_pending()
+                t = time.monotonic()
+                try:
+                    stub.ModelInfer(small, timeout=30)
+                    codes["OK"] = codes.get("OK", 0) + 1
+                except grpc.RpcError as exc:
+                    codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                latencies.append(time.monotonic() - t)
+                peak = max(peak, _rss_mib(pid))
+            attacker.sock.close()
+            time.sleep(10)
+            after = _rss_mib(pid)
+            stub.ModelInfer(small, timeout=30)  # the server goes on
+    finally:
+        replica.proc.terminate()
+        replica.proc.wait(30)
+    p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))]
+    print(f"stalled reader, defaults: {sent} calls of 13 MB never read; RSS {base:.0f} MiB before, peak {peak:.0f}, "
+          f"10 s after it left {after:.0f}; honest {codes}, p99 {p99 * 1000:.0f} ms")  # fmt: skip
+    assert set(codes) == {"OK"} and codes["OK"] >= 20
+    assert peak > base + 300  # the attack did hold memory while it lasted
+    assert after < base + 150, (base, after)

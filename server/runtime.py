@@ -28,18 +28,10 @@ from contract import metadata
 from contract.cuda import cuda_usable
 from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
 from contract.onnxfile import fields, graph_nodes
+from server.arena import released_soon, shared_arena, shared_arena_shrink, shrink_options, uses_shared_arena
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
-from server.memory import (
-    batch_and_time,
-    released_soon,
-    run_options,
-    shared_arena,
-    shared_arena_shrink,
-    shrink_options,
-    uses_shared_arena,
-    working_bytes,
-)
+from server.memory import batch_and_time, run_options, working_bytes
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -198,7 +190,7 @@ class ModelRuntime:
     bounded: bool = False
     unbounded_why: str = ""
     max_run_s: float = 0.0  # --max-run-s: every run of this version is stopped after this long (0: no cap)
-    # CPU memory from ONNX Runtime's shared capped arena (`server.memory.uses_shared_arena`), not its own
+    # CPU memory from ONNX Runtime's shared capped arena (`server.arena.uses_shared_arena`), not its own
     shared_arena: bool = False
     # the feeds and one output of this version's first small run (its load probe): rerun to shrink its own
     # arena once a large run's outputs are dropped (`_shrink_own_arena`)
@@ -309,7 +301,7 @@ class ModelRuntime:
 
     def _shrink_later(self, results) -> None:
         """After a run that shrank the arena: shrink it again once the run's outputs, which lie in
-        it, are dropped (`server.memory.released_soon`). The shared arena shrinks with a run that
+        it, are dropped (`server.arena.released_soon`). The shared arena shrinks with a run that
         allocates nothing; a session's own arena only with a run of that session: its first small
         run again, whose few bytes land in the arena's first region (never returned anyway)."""
         if self.shared_arena:
@@ -395,7 +387,7 @@ def load_model(
     so.log_severity_level = 3
     bounded, why = bounded_by_input_size(Path(path))
     shared = uses_shared_arena(bounded)
-    if shared:  # CPU allocations from the shared arena with a cap (server.memory.share_ort_arena)
+    if shared:  # CPU allocations from the shared arena with a cap (server.arena.share_ort_arena)
         so.add_session_config_entry("session.use_env_allocators", "1")
     session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)

@@ -559,7 +559,8 @@ def test_ort_arena_cap_refuses_an_output_sized_by_values_cleanly(tmp_path):
 def test_large_releases_give_heap_back_to_the_os():
     import asyncio
 
-    from server.memory import MIB, TRIM_DELAY_S, MemoryBudget, malloc_trim
+    from server.arena import malloc_trim
+    from server.memory import MIB, TRIM_DELAY_S, MemoryBudget
 
     assert malloc_trim() in (True, False)  # glibc here: callable
 
@@ -585,7 +586,7 @@ def test_versions_sized_by_values_allocate_from_the_shared_capped_arena(served):
     """The inline decision's classification also picks the allocator: a version whose work is not
     bounded by its input sizes (the Loop) allocates from ONNX Runtime's shared arena with a cap; a
     bounded one (the exported encoder) keeps its own arena."""
-    from server.memory import MIB, arena_cap, shared_arena
+    from server.arena import MIB, arena_cap, shared_arena
 
     loop, uni = served.repository.get("loop"), served.repository.get("uni")
     assert not loop.bounded and loop.shared_arena
@@ -598,7 +599,7 @@ def test_versions_sized_by_values_allocate_from_the_shared_capped_arena(served):
     assert arena_cap(8192 * MIB, None) == (8192 * MIB, "--memory-budget-mb")
     assert arena_cap(8192 * MIB, 1024 * MIB, every_session=True) == (8192 * MIB, "--memory-budget-mb")
     # a run of the Loop shrinks the arena at its end and again once its outputs are dropped
-    from server.memory import SHRINKER
+    from server.arena import SHRINKER
 
     before = SHRINKER.shrinks
     out = loop.run({"n": np.array(3, np.int64), "x": np.ones(64, np.float32)}, ["y"])

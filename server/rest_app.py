@@ -182,6 +182,30 @@ class _Exchange:
                 if spool:
                     sink.close()
 
+    async def unless_gone(self, work):
+        """Await the coroutine `work`; if the client disconnects first, cancel it (a run it started
+        is stopped: the data plane's RunControl, as for a cancelled gRPC call) and raise _Gone.
+        After the body is read, uvicorn's `receive` answers only when the connection is lost."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(self._disconnected())
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            watch.cancel()
+            raise
+        if task.done():
+            watch.cancel()
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise _Gone()
+
+    async def _disconnected(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
     async def respond(self, status: int, body: bytes, content_type: str = "application/json",
                       headers: dict[str, str] | None = None) -> None:  # fmt: skip
         out = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
@@ -498,7 +522,8 @@ class RestApp:
                 held = await self._hold(request, len(body), binary_outputs, binary_all)
                 with held:
                     start = time.perf_counter_ns()
-                    response = await self.plane.infer_async(request, gate.inline())
+                    # a client that leaves stops its run (no deadline needed)
+                    response = await ex.unless_gone(self.plane.infer_async(request, gate.inline()))
                     in_shm = set(shm.outputs) if shm is not None else set()
                     if in_shm:  # only after the run succeeded
                         await shm.write_async(response.outputs, self.plane.executor)

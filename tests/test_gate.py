@@ -7,6 +7,7 @@ the shape of a generation model's max_length).
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -214,6 +215,27 @@ def test_cancelled_call_stops_its_run(served):
         time.sleep(1.0)
         assert _cpu_s() - cpu < 0.5, "the cancelled call's run still burns CPU"
         assert stub.ModelInfer(_loop_request(3), timeout=10).outputs[0].name == "y"  # the model still serves
+
+
+def test_rest_client_that_leaves_stops_its_run(served):
+    """A REST call with no deadline whose client hangs up: its run is stopped as a cancelled gRPC
+    call's is, so abandoned calls neither burn CPU nor keep the executor's threads from others."""
+    inputs = [{"name": "n", "datatype": "INT64", "shape": [], "data": [2**62]},
+              {"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]  # fmt: skip
+    body = json.dumps({"inputs": inputs}).encode()
+    head = (f"POST /v2/models/loop/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    for _ in range(3):  # more than the executor could run at once were they kept
+        with socket.create_connection(("127.0.0.1", served.http_port), timeout=10) as sock:
+            sock.sendall(head + body)
+            time.sleep(0.5)  # the run is under way
+    time.sleep(0.5)  # the stop reaches ORT within the watchdog's tick
+    cpu = _cpu_s()
+    time.sleep(1.0)
+    assert _cpu_s() - cpu < 0.5, "the run of a client that left still burns CPU"
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as ch:  # the model still serves
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ModelInfer(_loop_request(3), timeout=5).outputs[0].name == "y"
 
 
 def test_run_cap_stops_any_run_and_names_the_flag(loop_repo):

@@ -283,6 +283,26 @@ def test_millions_of_empty_entries_are_refused_by_count_while_health_answers(ser
     assert probe.worst_grpc < HEALTH_S and probe.worst_rest < HEALTH_S, (probe.worst_grpc, probe.worst_rest)
 
 
+def test_rest_json_with_millions_of_keys_is_refused_before_it_is_parsed(served):
+    """REST: a body of 2,000,000 parameters (27 MB, under the JSON size limit) is refused from a
+    count of its keys, before the parser (which holds the interpreter for seconds) sees it."""
+    params = ",".join(f'"{i:x}":0' for i in range(2_000_000))
+    body = ('{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}],"parameters":{' + params + "}}").encode()
+    url = f"http://127.0.0.1:{served.http_port}/v2/models/loop/infer"
+    with HealthProbe(served) as probe:
+        for _ in range(3):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(
+                    urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=60
+                )
+            with err.value:
+                assert err.value.code == 400
+                assert "object keys" in json.loads(err.value.read())["error"]
+        time.sleep(0.3)
+    print(f"honest health meanwhile: worst gRPC {probe.worst_grpc:.3f} s, REST {probe.worst_rest:.3f} s")
+    assert probe.worst_grpc < HEALTH_S and probe.worst_rest < HEALTH_S, (probe.worst_grpc, probe.worst_rest)
+
+
 def test_shared_memory_parameters_are_checked_and_the_server_goes_on(served):
     """Shared memory is on by default: a tensor's region parameters are checked (Triton's words),
     an unknown region is NOT_FOUND before anything runs, and the next plain call is served."""

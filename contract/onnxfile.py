@@ -38,6 +38,16 @@ def varint(buf, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+def varint_bytes(value: int) -> bytes:
+    """`value` (>= 0) as a base-128 varint: what `varint` reads."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, stop) of each length-delimited field in buf[pos:end]; other wire
     types are skipped. Raises ValueError on anything that is not a well-formed message."""

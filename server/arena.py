@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.onnxfile import varint_bytes
+
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
@@ -112,18 +114,9 @@ def uses_shared_arena(bounded: bool) -> bool:
 
 def _pb(number: int, payload: bytes | int) -> bytes:
     """One protobuf field: a varint (int) or a length-delimited payload (bytes)."""
-
-    def varint(value: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
-            value >>= 7
-            if not value:
-                return bytes(out)
-
     if isinstance(payload, int):
-        return varint(number << 3) + varint(payload)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+        return varint_bytes(number << 3) + varint_bytes(payload)
+    return varint_bytes(number << 3 | 2) + varint_bytes(len(payload)) + payload
 
 
 def _neg_model() -> bytes:

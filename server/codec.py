@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.onnxfile import varint_bytes
 from server.dtypes import DATATYPES as _TYPES
 from server.dtypes import OBJECT, contiguous, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, ResourceExhausted, clip
@@ -191,15 +192,6 @@ def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray)
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents = 6, length-delimited
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def serialize_response(response: pb.ModelInferResponse, raw: list[np.ndarray]) -> bytes:
     """`response` (outputs described, no raw contents) in wire format with `raw` appended as its
     raw_output_contents: each array's bytes are copied once, into the message (building the field
@@ -209,10 +201,10 @@ def serialize_response(response: pb.ModelInferResponse, raw: list[np.ndarray]) -
     for array in raw:
         if array.dtype == OBJECT:
             data = serialize_bytes(array)
-            parts += [_RAW_OUTPUT_TAG, _varint(len(data)), data]
+            parts += [_RAW_OUTPUT_TAG, varint_bytes(len(data)), data]
             continue
         array = contiguous(array)
-        parts += [_RAW_OUTPUT_TAG, _varint(array.nbytes), array]  # join reads its buffer: no copy
+        parts += [_RAW_OUTPUT_TAG, varint_bytes(array.nbytes), array]  # join reads its buffer: no copy
     return b"".join(parts)  # exactly bytes: grpc refuses a subclass
 
 

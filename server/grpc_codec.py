@@ -13,6 +13,7 @@ import logging
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from contract.onnxfile import varint_bytes
 from server import classification
 from server.codec import decode_inputs, describe_output, encode_output, serialize_response, to_parameter
 from server.dataplane import DataPlane, InferRequest, InferResponse
@@ -171,16 +172,7 @@ def to_stream_response_bytes(response: InferResponse, request: pb.ModelInferRequ
     """A ModelStreamInferResponse carrying `to_infer_response_bytes` (no error), in wire format:
     the outputs are not copied into a message and serialized again."""
     body = to_infer_response_bytes(response, request)
-    return b"".join((_STREAM_INFER_RESPONSE_TAG, _varint(len(body)), body))
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    return b"".join((_STREAM_INFER_RESPONSE_TAG, varint_bytes(len(body)), body))
 
 
 def _echo_parameters(out: pb.ModelInferResponse, response: InferResponse, request) -> None:

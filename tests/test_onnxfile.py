@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from contract.graphs import LARGE_GRAPH_NODES, memory_reuse
-from contract.onnxfile import FileSummary, graph_nodes, summarize
+from contract.onnxfile import FileSummary, graph_nodes, summarize, varint, varint_bytes
 from tests.conftest import STATIC_T, TOL, ragged, reference
 
 
@@ -87,3 +87,10 @@ def test_static_model_is_exact_with_the_planner_off_and_on(repo, encoders):
         got = dict(zip(["y", "h_n", "c_n"], session.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})))
         for name in want:
             np.testing.assert_allclose(got[name], want[name], atol=TOL, rtol=0, err_msg=f"{name} reuse={reuse}")
+
+
+def test_varint_bytes_is_what_varint_reads():
+    for value in (0, 1, 127, 128, 300, 2**32, 2**63 - 1):
+        data = b"\x01" + varint_bytes(value) + b"\x02"
+        assert varint(data, 1) == (value, len(data) - 1), value
+    assert varint_bytes(300) == b"\xac\x02"  # protobuf's documented example

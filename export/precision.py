@@ -599,12 +599,8 @@ def japanese_vowels_calibration() -> Calibration | None:
 def scores(path: Path, data: LabelledData, providers: list | None = None) -> np.ndarray:
     """`data.output` (N, classes) for every sequence of `data`: one padded batch, in-process."""
     session = _session(path, providers or ["CPUExecutionProvider"])
-    steps = max(len(s) for s in data.sequences)
-    x = np.zeros((len(data.sequences), steps, data.sequences[0].shape[1]), np.float32)  # (N, T, F)
-    for i, seq in enumerate(data.sequences):
-        x[i, : len(seq)] = seq
-    lengths = np.array([len(s) for s in data.sequences], np.int64)
-    (out,) = session.run([data.output], _feeds(session, x, lengths, {}))
+    ((x, lengths),) = pinned.batches_of(data.sequences, len(data.sequences))  # (N, T, F), zero-padded
+    (out,) = session.run([data.output], _feeds(session, x.astype(np.float32, copy=False), lengths, {}))
     return out.astype(np.float32)
 
 

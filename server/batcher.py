@@ -407,10 +407,6 @@ class Batcher:
         """Requests queued now, read without the lock (for a gauge)."""
         return len(self._queue)
 
-    def queue_depth(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
     def close(self) -> None:
         """Stop taking requests; the queued ones still run (drain), then the workers exit."""
         with self._cond:

@@ -12,8 +12,8 @@ Proxies prefer replicas on their own node unless RAY_SERVE_PROXY_PREFER_LOCAL_NO
 With more than one Serve application, clients must send an `application` metadata header.
 
 `python -m scale.ray_serve --nodes 2 --replicas 2` starts a local Ray cluster of N nodes on this
-machine (ray.cluster_utils.Cluster, one raylet per node) and the application; it prints the
-proxy's address.
+machine (ray.cluster_utils.Cluster, one raylet per node) and the application; once the proxy routes
+calls to it (`wait_routed`), it prints the proxy's address.
 """
 
 from __future__ import annotations
@@ -30,6 +30,35 @@ SERVICER = "server.proto.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_
 
 def ray_pythonpath() -> str:
     return os.pathsep.join([str(ROOT), str(ROOT / "server" / "proto")])
+
+
+def wait_routed(port: int, timeout_s: float = 120.0, in_a_row: int = 8) -> None:
+    """Return once the proxy on `port` routes a call without an `application` header to the
+    application. `serve.run` returns before every proxy has learned the route (it arrives by long
+    poll): a call in between gets NOT_FOUND "Application metadata not set". ServerReady must answer
+    on `in_a_row` fresh connections in a row (each node's proxy may listen on the port);
+    SystemExit after `timeout_s`."""
+    import time
+
+    import grpc
+
+    from server.proto import grpc_service_pb2 as pb
+    from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout_s
+    answered = 0
+    while answered < in_a_row:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=10)
+                answered += 1
+                continue
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"ray serve: the gRPC proxy on port {port} does not route to the application "
+                                     f"after {timeout_s:g} s: {exc.code().name} {exc.details()}") from None  # fmt: skip
+        answered = 0
+        time.sleep(0.2)
 
 
 def build_app(models: str, replicas: int, cpus_per_replica: float, autoscaling: dict | None = None):
@@ -221,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": ray_pythonpath()}})
     serve.start(grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER]))
     serve.run(build_app(args.models, args.replicas, args.cpus_per_replica, autoscaling), name="lstm")
+    wait_routed(args.grpc_port)  # the line below means calls are routed
     scaling = f"autoscaling {autoscaling}" if autoscaling else f"{args.replicas} replicas"
     print(f"ray serve gRPC proxy on 127.0.0.1:{args.grpc_port} ({args.nodes} nodes, {scaling})", flush=True)
     try:

@@ -197,7 +197,7 @@ class _PerfStat:
 
 
 def served(target: str, pid: int, mode: str, model: str, features: int, warmup: float, duration: float,
-           client_cpus, processes: int, mode_seed: int, perf: bool = False) -> dict:  # fmt: skip
+           client_cpus, processes: int, mode_seed: int, perf: bool = False, stats: bool = True) -> dict:  # fmt: skip
     """One mode against a running server: frames/s, server CPU per chunk, mean merged batch."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -212,9 +212,10 @@ def served(target: str, pid: int, mode: str, model: str, features: int, warmup: 
         w.start()
     time.sleep(max(0.0, window[0] - time.time()))
     counters = _PerfStat(pid) if perf else None
-    cpu0, stats0 = _proc_cpu_s(pid), _statistics(target, model)
+    statistics = _statistics if stats else (lambda target, model: (0, 0, 0))  # the floor keeps none
+    cpu0, stats0 = _proc_cpu_s(pid), statistics(target, model)
     time.sleep(max(0.0, window[1] - time.time()))
-    cpu1, stats1 = _proc_cpu_s(pid), _statistics(target, model)
+    cpu1, stats1 = _proc_cpu_s(pid), statistics(target, model)
     counted = counters.stop() if counters is not None else {}
     results = [out.get(timeout=120) for _ in workers]
     for w in workers:
@@ -272,6 +273,72 @@ def in_process(model_file: Path, features: int, seconds: float, threads: int) ->
             "cpu_ms_per_chunk": best * 1e3 / SEQUENCES}  # fmt: skip
 
 
+def _features(model_file: Path) -> int:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    return int(next(i.shape[2] for i in sess.get_inputs() if i.name == "x"))
+
+
+TAIL = 64  # bytes at the end of a chunk request that tell its slot (see `serve_floor`)
+
+
+def serve_floor(model_file: Path, model: str, features: int) -> None:
+    """The transport alone (`--serve-floor`): a minimal grpc.aio server answering the modes' very
+    requests (bytes in, bytes out: no parsing, no model, no state) with replies of the real
+    sizes (each output's true shape, zeros; the request's id and sequence parameters), read and
+    answered one after another as a plain grpc.aio servicer would. Its CPU per chunk under the
+    same clients is what gRPC in Python costs per chunk before any work of the server's own."""
+    import grpc
+    import onnxruntime as ort
+
+    from server.proto import grpc_service_pb2 as pb
+
+    sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    feeds = {"x": np.zeros((1, FRAMES, features), np.float32), "lengths": np.array([FRAMES], np.int64)}
+    for i in sess.get_inputs():
+        if i.name not in feeds:  # h0 / c0: (layers, batch, hidden)
+            feeds[i.name] = np.zeros([i.shape[0], 1, i.shape[2]], np.float32)
+    outputs = [(o.name, value) for o, value in zip(sess.get_outputs(), sess.run(None, feeds), strict=True)]
+    # a request's last bytes (the end of its x and its lengths, raw) tell its slot: x is the slot's
+    # own random draw; the whole message cannot be the key (protobuf writes a map's entries in no
+    # fixed order, so the clients' bytes differ from this process's)
+    unary, stream = {}, {}
+    for slot in range(SEQUENCES):
+        start = _chunks(model, features, slot, 1)[0]
+        asked = pb.ModelInferRequest.FromString(start)
+        reply = pb.ModelInferResponse(model_name=model, model_version="1", id=asked.id)
+        for name, value in outputs:
+            reply.outputs.add(name=name, datatype="FP32", shape=list(value.shape))
+            reply.raw_output_contents.append(np.zeros_like(value).tobytes())
+        for key in ("sequence_id", "sequence_end"):
+            reply.parameters[key].CopyFrom(asked.parameters[key])
+        unary[start[-TAIL:]] = reply.SerializeToString()
+        stream[start[-TAIL:]] = pb.ModelStreamInferResponse(infer_response=reply).SerializeToString()
+    if len(unary) != SEQUENCES:
+        raise RuntimeError("two slots' requests end alike: the floor cannot tell them apart")
+
+    async def infer(request: bytes, context) -> bytes:
+        return unary[request[-TAIL:]]
+
+    async def infer_stream(requests, context) -> None:
+        while (request := await context.read()) is not grpc.aio.EOF:
+            await context.write(stream[request[-TAIL:]])
+
+    async def main() -> None:
+        handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(infer_stream)})  # fmt: skip
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"listening on 127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def ensure_model(models: Path, name: str = "stream_encoder") -> Path:
     """`models`, with `name` exported into it when missing (the family's stream_encoder shape: 80
     features, 2 unidirectional LSTM layers of 256, h0/c0 inputs)."""
@@ -286,16 +353,14 @@ def ensure_model(models: Path, name: str = "stream_encoder") -> Path:
 
 def run_line(models: Path, model: str = "stream_encoder", server_cpus=None, client_cpus=None, warmup: float = 1.0,
              duration: float = 4.0, processes: int = 2, server_args: tuple[str, ...] = (), root: Path = ROOT,
-             modes: tuple[str, ...] = MODES, perf: bool = False) -> dict:  # fmt: skip
-    """The whole line: in-process reference, then each mode against one server process."""
+             modes: tuple[str, ...] = MODES, perf: bool = False, floor: bool = True) -> dict:  # fmt: skip
+    """The whole line: in-process reference, then each mode against one server process, then
+    (`floor`) against the transport alone (`transport_floor`)."""
     from scale.replicas import start_replica
 
     model_file = models / model / "1" / "model.onnx"
-    import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    features = int(next(i.shape[2] for i in sess.get_inputs() if i.name == "x"))
-    del sess
+    features = _features(model_file)
     here = os.sched_getaffinity(0)
     if server_cpus:
         os.sched_setaffinity(0, server_cpus)
@@ -315,7 +380,37 @@ def run_line(models: Path, model: str = "stream_encoder", server_cpus=None, clie
             print(format_row(row), flush=True)
     finally:
         replica.stop()
-    return {"reference": reference, "rows": rows, "sequences": SEQUENCES, "frames": FRAMES, "model": model}
+    line = {"reference": reference, "rows": rows, "sequences": SEQUENCES, "frames": FRAMES, "model": model}
+    if floor:
+        line["floor"] = transport_floor(models, model, server_cpus, client_cpus, warmup, duration, processes, modes,
+                                        features, reference)  # fmt: skip
+    return line
+
+
+def transport_floor(models: Path, model: str, server_cpus, client_cpus, warmup: float, duration: float,
+                    processes: int, modes, features: int, reference: dict) -> list[dict]:  # fmt: skip
+    """Each mode against the transport alone (`serve_floor`, same core, same clients): its CPU per
+    chunk, and the ceiling it sets: the ratio a server would reach whose only costs were this
+    transport and ONNX Runtime's CPU per chunk at batch SEQUENCES (one core)."""
+    from scale.replicas import start_process
+
+    floor = start_process(["-m", "bench.streaming", "--serve-floor", "--models", str(models), "--model", model],
+                          server_cpus)  # fmt: skip
+    rows = []
+    try:
+        time.sleep(1.0)
+        for seed, mode in enumerate(modes, start=1):
+            row = served(floor.address, floor.proc.pid, mode, model, features, warmup, duration, client_cpus,
+                         processes, seed, stats=False)  # fmt: skip
+            ort_ms = reference["cpu_ms_per_chunk"]
+            row["ceiling"] = ort_ms / (ort_ms + row["server_cpu_ms_per_chunk"])
+            rows.append(row)
+            print(f"streaming {mode:7} transport alone: {row['frames_per_s']:8.0f} frames/s, "
+                  f"{row['server_cpu_ms_per_chunk']:.3f} ms CPU/chunk: ceiling {row['ceiling']:.2f}x in-process "
+                  f"(ORT {ort_ms:.3f} + transport, one core)  errors {row['errors']}", flush=True)  # fmt: skip
+    finally:
+        floor.stop()
+    return rows
 
 
 def format_row(row: dict) -> str:
@@ -338,13 +433,17 @@ TARGETS = {"unary": 0.2, "streams": 0.4, "one": 0.4}  # served / in-process fram
 def targets(line: dict) -> list[dict]:
     """The streaming targets as ratios from this run (the make bench target format)."""
     out = []
+    floors = {row["mode"]: row for row in line.get("floor", ())}
     for row in line["rows"]:
         goal = TARGETS[row["mode"]]
+        floor = floors.get(row["mode"])
+        ceiling = (f"; transport alone {floor['server_cpu_ms_per_chunk']:.3f} ms/chunk, ceiling "
+                   f"{floor['ceiling']:.2f}x") if floor and floor["chunks"] else ""  # fmt: skip
         out.append({"key": f"streaming_{row['mode']}",
                     "target": f"streaming {row['mode']} >= {goal}x in-process batch {SEQUENCES}",
                     "value": row["ratio"], "goal": f">= {goal}", "ok": row["ratio"] >= goal,
                     "detail": f"{row['frames_per_s']:.0f} vs {line['reference']['frames_per_s']:.0f} frames/s; "
-                              f"server CPU {row['server_cpu_ms_per_chunk']:.3f} ms/chunk"})  # fmt: skip
+                              f"server CPU {row['server_cpu_ms_per_chunk']:.3f} ms/chunk{ceiling}"})  # fmt: skip
     return out
 
 
@@ -366,7 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also count the server's instructions and thread switches per chunk (`perf stat`)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the line's figures here")
+    parser.add_argument("--no-floor", action="store_true", help="skip the transport-alone runs")
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_floor:
+        model_file = args.models / args.model / "1" / "model.onnx"
+        serve_floor(model_file, args.model, _features(model_file))
+        return 0
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) >= 2
     server_cpus = {cpus[0]} if pin else None
@@ -375,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ensure_model(args.models, args.model)
     extra = tuple(args.server_args.split())
     line = run_line(models, args.model, server_cpus, client_cpus, args.warmup, args.duration, args.client_processes,
-                    extra, args.server_root.resolve(), modes, args.perf)  # fmt: skip
+                    extra, args.server_root.resolve(), modes, args.perf, not args.no_floor)  # fmt: skip
     ref = line["reference"]
     print(f"streaming in-process batch {SEQUENCES}: {ref['frames_per_s']:.0f} frames/s "
           f"({ref['ms_per_run']:.2f} ms per run, {ref['cpu_ms_per_chunk']:.3f} ms CPU per chunk)")  # fmt: skip

@@ -38,14 +38,13 @@ progress: see `DataPlane.infer_async`).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +52,7 @@ import numpy as np
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from server.runtime import RunControl
 from server.signature import Signature
+from server.ticket import Ticket, deliver_all
 
 log = logging.getLogger(__name__)
 COALESCE_GAP_S = 2e-3  # see the module doc: an eager, busy batcher waits for the next request this long
@@ -140,60 +140,6 @@ class Work:
                 key.append((name, array.dtype.str, tuple(d for i, d in enumerate(array.shape) if i not in skip)))
             self.key = tuple(key)
         return self.key
-
-
-class Ticket(Future):
-    """A request's future in the batcher; gives (outputs, queue_ns, BatchInfo). `leave()`: its
-    caller is gone."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.left = False
-        self.run: _Run | None = None  # the run it is part of, once it runs
-
-    def wait_on(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """An asyncio future on `loop` with this ticket's outcome: `asyncio.wrap_future` without
-        its generality (cancelling the waiter cancels a still-queued ticket)."""
-        waiter = loop.create_future()
-        waiter.add_done_callback(self._waiter_done)
-        self.add_done_callback(functools.partial(_deliver, loop, waiter))
-        return waiter
-
-    def _waiter_done(self, waiter: asyncio.Future) -> None:
-        if waiter.cancelled():
-            self.cancel()
-
-    def leave(self) -> None:
-        """The caller is gone: a queued request is not run; a running one's run is stopped once
-        every request in it has left (any thread, idempotent)."""
-        if self.cancel():
-            return
-        self.left = True  # before `run` is read: `_Run.check` after `run` is set sees it
-        run = self.run
-        if run is not None:
-            run.check()
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future, ticket: Ticket) -> None:
-    """Done-callback of a ticket with a loop waiter: its outcome goes to the loop."""
-    try:
-        loop.call_soon_threadsafe(_settle, waiter, ticket)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
-
-
-def _settle(waiter: asyncio.Future, ticket: Ticket) -> None:
-    """On the loop: the waiter gets the ticket's outcome (unless it was cancelled meanwhile)."""
-    if waiter.done():
-        return
-    if ticket.cancelled():
-        waiter.cancel()
-        return
-    exc = ticket.exception()
-    if exc is not None:
-        waiter.set_exception(exc)
-    else:
-        waiter.set_result(ticket.result())
 
 
 class _Run:
@@ -529,8 +475,10 @@ class Batcher:
                 item.future.set_exception(exc)
             return
         start = time.monotonic()
+        deliveries: list = []
         for item, result in zip(live, results):
-            item.future.set_result((result, int((start - item.enqueued) * 1e9) - info.infer_ns, info))
+            item.future.set_result((result, int((start - item.enqueued) * 1e9) - info.infer_ns, info), deliveries)
+        deliver_all(deliveries)
         try:
             self.on_batch(info)
         except Exception:  # noqa: BLE001

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import math
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server import classification, control
-from server.batcher import Batcher, BatchInfo, BatchPolicy, Ticket, run_alone
+from server.batcher import Batcher, BatchInfo, BatchPolicy, Work, run_alone
 from server.codec import Limits, check_shape
 from server.dtypes import OBJECT, numpy_dtype
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
@@ -31,6 +30,7 @@ from server.repository import ModelRepository
 from server.runtime import RunControl, Runtime
 from server.sequences import SequenceStore, parse_sequence
 from server.stats import Statistics
+from server.ticket import Ticket
 from server.validate import Prepared, initial_state, validate
 
 
@@ -455,9 +455,9 @@ class DataPlane:
             else:
                 returned = prepared.outputs
                 feeds = {**prepared.feeds, **state.state, **controls}
-                work = dataclasses.replace(
-                    prepared.work, feeds=feeds, outputs=sorted(set(returned) | {p.output for p in pairs}), key=None
-                )
+                w = prepared.work  # as dataclasses.replace(w, feeds=..., outputs=..., key=None), at a third the cost
+                work = Work(feeds, sorted(set(returned) | {p.output for p in pairs}), w.rows, w.steps, None, w.cells,
+                            w.signature)  # fmt: skip
 
                 def keep(outputs):
                     stored.update({p.input: outputs[p.output] for p in pairs})

@@ -104,6 +104,7 @@ class SequenceStore:
         self._evicted_idle: dict = {}  # key -> a model's own idle timeout, for the message (bounded below)
         self.evictions = 0
         self.on_change = on_change
+        self._reported = -1  # the live count `on_change` was last told
 
     def __len__(self) -> int:
         with self._lock:
@@ -181,8 +182,16 @@ class SequenceStore:
                 )
             state.busy = True
             state.last_used = now
-            self.on_change(len(self._live), 0)
+            self._report(0)
             return state
+
+    def _report(self, evicted: int) -> None:
+        """`on_change` (holding the lock), only when the live count moved or sequences were evicted
+        (a gauge set per chunk costs a lock of its own)."""
+        live = len(self._live)
+        if live != self._reported or evicted:
+            self._reported = live
+            self.on_change(live, evicted)
 
     @staticmethod
     def _owned_by(state: SequenceState, client: str) -> bool:
@@ -247,7 +256,7 @@ class SequenceStore:
             state = self._live.get((model, seq_id))
             if state is not None and not state.busy and (client is None or self._owned_by(state, client)):
                 self._forget((model, seq_id))
-                self.on_change(len(self._live), 0)
+                self._report(0)
 
     def release(self, model: str, seq_id, new: dict[str, np.ndarray] | None, end: bool,
                 client: str | None = None) -> None:  # fmt: skip
@@ -283,7 +292,7 @@ class SequenceStore:
                 state.busy = False
                 state.last_used = time.monotonic()
                 self._next_due = min(self._next_due, state.last_used + (state.idle_s or self.idle_s))
-            self.on_change(len(self._live), 0)
+            self._report(0)
         if problem is not None:
             raise ResourceExhausted(f"{problem}; the sequence is freed: start it again with sequence_start")
 
@@ -329,7 +338,7 @@ class SequenceStore:
                 self._evicted_idle.pop(old, None)
         if idle:
             self.evictions += len(idle)
-            self.on_change(len(self._live), len(idle))
+            self._report(len(idle))
         return len(idle)
 
 

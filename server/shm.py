@@ -10,8 +10,8 @@ that truncates or removes its object can make a mapped read fault (SIGBUS, the w
 while a read past the end of a file only comes back short. Each access checks the request's offset
 and size against the registered size first, then the object's current size (fstat; a call's
 outputs in one object share one fstat, taken after every output's bounds were checked and before
-the first is written), and a short read is an error too. The cost is the same one copy a mapping would take (object -> the input's
-own array; the output's array -> object).
+the first is written), and a short read is an error too. The cost is the same one copy a mapping
+would take (object -> the input's own array; the output's array -> object).
 
 With bearer tokens on, a region belongs to its token: names are per owner, another owner sees
 NOT_FOUND, and an object registered by one owner cannot be registered by another. Unregistering a

@@ -12,6 +12,12 @@ Lines (payload single50: one sequence of T = 50 per request; batching on):
 Then the acceptance figures: shm c=64 / best (goal >= 0.85), shm c=1 p50 - in-process batch-1
 run - live p50 (goal <= 0.5 ms), and the shm outputs equal the plain call's (1e-5).
 
+Each served line also states the server's own CPU (utime + stime of its process, all threads, from
+/proc/<pid>/stat) over a window inside its load: `server_cpu_ms` per request (per sequence for
+plain and shm, counted by the server's ModelStatistics over the same window; per call for live,
+from the clients' rate), and `server_busy`, the share of one CPU it used. Compared with the
+in-process run's time per sequence, it shows what the served path adds, whatever the clients do.
+
 Pinned as `python -m bench` is (server and in-process lines on CPU 0, clients on the other CPUs).
 Clients and server must share /dev/shm (same machine, same IPC namespace).
 """
@@ -22,11 +28,14 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.loadgen import PAYLOADS, LoadResult, closed_loop, make_requests, run_grpc_load, run_in_processes
+from bench.streaming import _proc_cpu_s
 from server.dtypes import numpy_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +179,49 @@ def run_shm_load(target, model, payload, features, concurrency, warmup_s, durati
     return total
 
 
+def _inferences(target: str, model: str) -> int:
+    """Sequences the server has inferred for `model` so far (ModelStatistics)."""
+    import grpc
+
+    from server.proto import grpc_service_pb2 as pb
+    from server.proto import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30)
+    return sum(s.inference_count for s in stats.model_stats)
+
+
+def with_server_cpu(pid: int, target: str, model: str, load, warmup_s: float, duration_s: float,
+                    count: bool = True) -> tuple[LoadResult, dict]:  # fmt: skip
+    """`load()` (a closed-loop run) in a thread while the server's CPU is read over a window inside
+    it: from `warmup_s` + 1 s after its first request (the clients' own warm-up) for half of
+    `duration_s`. {"server_cpu_ms": ms of server CPU per sequence (ModelStatistics over the same
+    window; per call from the clients' rate when not `count`: ServerLive), "server_busy": share
+    of one CPU}; the ms is None when the window saw no request."""
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", load()), daemon=True)
+    before = _inferences(target, model) if count else 0
+    started = time.monotonic()
+    thread.start()
+    if count:  # the clients' first request: they set up (processes, regions) before it
+        while thread.is_alive() and _inferences(target, model) == before and time.monotonic() - started < 120:
+            time.sleep(0.05)
+    else:
+        time.sleep(1.5)  # no count to watch: the clients' usual set-up time
+    thread.join(timeout=max(0.0, warmup_s + 1.0))
+    cpu0, n0, t0 = _proc_cpu_s(pid), _inferences(target, model) if count else 0, time.monotonic()
+    thread.join(timeout=duration_s / 2)
+    cpu1, n1, t1 = _proc_cpu_s(pid), _inferences(target, model) if count else 0, time.monotonic()
+    thread.join()
+    if "result" not in out:
+        raise RuntimeError("the load did not finish")
+    result: LoadResult = out["result"]
+    seconds = max(t1 - t0, 1e-9)
+    served = n1 - n0 if count else result.summary()["seq_per_s"] * seconds
+    cpu = cpu1 - cpu0
+    return result, {"server_cpu_ms": 1e3 * cpu / served if served > 0 else None, "server_busy": cpu / seconds}
+
+
 def check_equal(target: str, model: str, features: int) -> float:
     """Largest |difference| between the shm call's outputs and the plain call's, over 8 requests."""
     import grpc
@@ -235,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     best_batch, best = max(((b, batch_throughput(ort_run, features, b, steps, seconds)[0]) for b in (16, 64)),
                            key=lambda t: t[1])  # fmt: skip
     print(f"in-process: batch 1 {run1:.0f} seq/s (median run {run1_ms:.3f} ms); best {best:.0f} seq/s at batch "
-          f"{best_batch}", flush=True)  # fmt: skip
+          f"{best_batch} ({1e3 / best:.3f} ms per sequence)", flush=True)  # fmt: skip
     if pin:
         os.sched_setaffinity(0, set(cpus))
 
@@ -244,19 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     srv = ServerProcess(args.models, ["--batching", *args.server_args.split()], server_cpus)
     try:
 
-        def show(line: str, conc: int, res: LoadResult) -> dict:
-            s = res.summary()
+        def show(line: str, conc: int, load, count: bool = True) -> dict:
+            res, cpu = with_server_cpu(srv.proc.pid, srv.target, args.model, load, args.warmup, args.duration, count)
+            s = {**res.summary(), **cpu}
             figures["lines"][f"{line}_c{conc}"] = s
+            ms = "n/a" if s["server_cpu_ms"] is None else f"{s['server_cpu_ms']:.3f} ms"
             print(f"{line:6} c={conc:<3} {s['seq_per_s']:8.1f} seq/s  p50 {s['p50_ms']:7.3f} ms  "
-                  f"p99 {s['p99_ms']:7.3f} ms  errors {s['errors']}", flush=True)  # fmt: skip
+                  f"p99 {s['p99_ms']:7.3f} ms  errors {s['errors']}  server CPU {ms}/req "
+                  f"({100 * s['server_busy']:.0f}% busy)", flush=True)  # fmt: skip
             return s
 
         common = (args.warmup, args.duration, args.client_processes)
-        live = show("live", 1, run_grpc_load(srv.target, args.model, "single50", features, 1, *common,
-                                             cpus=client_cpus, method="ServerLive"))  # fmt: skip
+        live = show("live", 1, lambda: run_grpc_load(srv.target, args.model, "single50", features, 1, *common,
+                                                     cpus=client_cpus, method="ServerLive"), count=False)  # fmt: skip
         for conc in levels:
-            show("plain", conc, run_grpc_load(srv.target, args.model, "single50", features, conc, *common,
-                                              cpus=client_cpus))  # fmt: skip
+            show("plain", conc, lambda conc=conc: run_grpc_load(srv.target, args.model, "single50", features, conc,
+                                                                *common, cpus=client_cpus))  # fmt: skip
         try:
             worst = check_equal(srv.target, args.model, features)
         except Exception as exc:  # noqa: BLE001 - a server without the extension: say so, keep the rest
@@ -266,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         if worst is not None:
             print(f"shm outputs vs plain: max |diff| {worst:.2e} (goal <= {TOL:g})", flush=True)
             figures["max_abs_diff"] = worst
-            shm = {conc: show("shm", conc, run_shm_load(srv.target, args.model, "single50", features, conc, *common,
-                                                        cpus=client_cpus)) for conc in levels}  # fmt: skip
+            shm = {conc: show("shm", conc, lambda conc=conc: run_shm_load(srv.target, args.model, "single50", features,
+                                                                          conc, *common, cpus=client_cpus))
+                   for conc in levels}  # fmt: skip
             targets = []
             if max(levels) >= 64:
                 ratio = shm[max(levels)]["seq_per_s"] / best

@@ -15,7 +15,9 @@ from server.dtypes import DATATYPES as _TYPES
 from server.dtypes import OBJECT, contiguous, deserialize_bytes, oip_of, serialize_bytes, to_bytes_array
 from server.errors import InvalidArgument, ResourceExhausted, clip
 from server.proto import grpc_service_pb2 as pb
-from server.shm import PARAMETERS as SHM_PARAMETERS
+from server.shm import BYTE_SIZE as SHM_BYTE_SIZE
+from server.shm import OFFSET as SHM_OFFSET
+from server.shm import REGION as SHM_REGION
 
 DATATYPES = {name: (dtype, field) for name, (dtype, field, _) in _TYPES.items()}  # OIP -> (numpy, contents field)
 _CONTENT_FIELDS = (
@@ -54,10 +56,10 @@ def check_shape(name: str, shape, limits: Limits, itemsize: int = 0) -> tuple[in
     A shape no tensor can have (element count or byte size past int64) is INVALID_ARGUMENT with
     Triton's wording, since no retry can succeed; one over this server's --max-elements is
     RESOURCE_EXHAUSTED, gRPC's status for a message over a size limit."""
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(map(int, shape))
     if len(shape) > MAX_RANK:
         raise InvalidArgument(f"input {clip(name)}: {len(shape)} dimensions; at most {MAX_RANK} are accepted")
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise InvalidArgument(f"input {clip(name)}: shape {clip(list(shape))} has a negative dimension")
     count = 1
     for d in shape:
@@ -73,7 +75,7 @@ def check_shape(name: str, shape, limits: Limits, itemsize: int = 0) -> tuple[in
             f"exceeds maximum allowed size ({INT64_MAX})"
         )
     # each dim too (a zero elsewhere makes the product small, but numpy refuses such a shape)
-    if count > limits.max_elements or any(d > limits.max_elements for d in shape):
+    if count > limits.max_elements or max(shape, default=0) > limits.max_elements:
         raise ResourceExhausted(
             f"input {clip(name)}: shape {clip(list(shape))} is {count} elements, "
             f"more than the limit of {limits.max_elements} (or a dimension above it)"
@@ -102,17 +104,40 @@ def _typed_ints(name: str, values, dtype: np.dtype) -> np.ndarray:
     return wide.astype(dtype)
 
 
+def _has_contents(contents) -> bool:
+    return any(len(getattr(contents, f)) for f in _CONTENT_FIELDS)
+
+
+def plain_parameters(parameters) -> dict:
+    """A protobuf map of InferParameter as plain values (the set field of each; None when none
+    is): what the transport-free code reads. Keys are read and looked up directly (the map's
+    items() view walks it through Python's generic Mapping code, ~2x slower)."""
+    out = {}
+    for key in parameters:
+        value = parameters[key]
+        kind = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, kind) if kind else None
+    return out
+
+
 def decode_inputs(request: pb.ModelInferRequest, limits: Limits, shm=None) -> dict[str, np.ndarray]:
     """Decode every input of a request into numpy arrays (shape and byte counts checked). With
     `shm` (the call's `server.shm.ShmCall`), an input whose parameters name a region is read from
     it, and raw_input_contents hold the other inputs only, in order (as tritonclient sends them)."""
     raw = request.raw_input_contents
-    names = [t.name for t in request.inputs]
+    tensors = list(request.inputs)  # each element read once: protobuf builds a wrapper per access
+    names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"inputs {clip(names)}: each input name may appear once")
     # inputs with shared-memory parameters (one without a region is refused by `read_input`)
-    in_shm = {t.name for t in request.inputs if shm is not None and any(k in t.parameters for k in SHM_PARAMETERS)}
-    typed = [t.name for t in request.inputs if any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS)]
+    in_shm = set()
+    if shm is not None:
+        for t in tensors:
+            params = t.parameters
+            if params and (SHM_REGION in params or SHM_OFFSET in params or SHM_BYTE_SIZE in params):
+                in_shm.add(t.name)
+    # typed contents: only a tensor whose `contents` message was sent can hold any
+    typed = [t.name for t in tensors if t.HasField("contents") and _has_contents(t.contents)]
     if raw and typed:
         raise InvalidArgument(
             f"input(s) {clip(typed)} use typed 'contents' while the request also has raw_input_contents; "
@@ -131,7 +156,7 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits, shm=None) -> di
         )
     out: dict[str, np.ndarray] = {}
     index = -1  # raw_input_contents entry of the current input
-    for tensor in request.inputs:
+    for tensor in tensors:
         if tensor.datatype not in DATATYPES:
             raise InvalidArgument(
                 f"input {clip(tensor.name)}: unknown datatype {clip(tensor.datatype)}; expected one of "
@@ -140,9 +165,8 @@ def decode_inputs(request: pb.ModelInferRequest, limits: Limits, shm=None) -> di
         dtype, field = DATATYPES[tensor.datatype]
         shape = check_shape(tensor.name, tensor.shape, limits, dtype.itemsize if dtype != OBJECT else 0)
         count = math.prod(shape)  # shape checked above: small Python ints (np.prod costs ~10x)
-        if tensor.name in in_shm:
-            params = {k: getattr(v, v.WhichOneof("parameter_choice") or "", None) for k, v in tensor.parameters.items()}
-            out[tensor.name] = shm.read_input(tensor.name, tensor.datatype, shape, params)
+        if in_shm and tensor.name in in_shm:
+            out[tensor.name] = shm.read_input(tensor.name, tensor.datatype, shape, plain_parameters(tensor.parameters))
             continue
         index += 1
         if raw:

@@ -15,7 +15,14 @@ from google.protobuf.message import DecodeError
 
 from contract.onnxfile import varint_bytes
 from server import classification
-from server.codec import decode_inputs, describe_output, encode_output, serialize_response, to_parameter
+from server.codec import (
+    decode_inputs,
+    describe_output,
+    encode_output,
+    plain_parameters,
+    serialize_response,
+    to_parameter,
+)
 from server.dataplane import DataPlane, InferRequest, InferResponse
 from server.errors import InvalidArgument, clip
 from server.gate import infer_request_counts_refusal
@@ -105,21 +112,23 @@ def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: 
     naming one have their region checked now (written by `ShmCall.write_async` after the run)."""
     outputs, output_parameters = [], {}
     for o in request.outputs:
-        if o.name in outputs:  # Triton's words
-            raise InvalidArgument(f"output {clip(o.name)} already exists in request")
-        outputs.append(o.name)
+        name = o.name
+        if name in outputs:  # Triton's words
+            raise InvalidArgument(f"output {clip(name)} already exists in request")
+        outputs.append(name)
         if o.parameters:
-            output_parameters[o.name] = params = {k: parameter_value(v) for k, v in o.parameters.items()}
+            output_parameters[name] = params = plain_parameters(o.parameters)
             if shm is not None:
-                shm.add_output(o.name, params)
-    classification.check(output_parameters)  # before anything runs
+                shm.add_output(name, params)
+    if output_parameters:
+        classification.check(output_parameters)  # before anything runs
     return InferRequest(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
         inputs=decode_inputs(request, plane.limits, shm),
         outputs=outputs,
-        parameters={k: parameter_value(v) for k, v in request.parameters.items()},
+        parameters=plain_parameters(request.parameters) if request.parameters else {},
         deadline=deadline,
         output_parameters=output_parameters,
         checked=True,  # decode_inputs checked every input's shape (codec.check_shape) before allocating it
@@ -193,7 +202,7 @@ def costly_to_decode(request: pb.ModelInferRequest) -> bool:
     for t in request.inputs:
         if t.datatype == "BYTES":
             return True
-        if raw:
+        if raw or not t.HasField("contents"):  # no contents message sent: no typed values
             continue
         c = t.contents
         typed = len(c.fp32_contents) + len(c.int64_contents) + len(c.int_contents) + len(c.fp64_contents)

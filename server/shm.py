@@ -8,9 +8,10 @@ tritonclient.utils.shared_memory create) plus an offset and a byte size. The ser
 object's file descriptor open and moves bytes with pread/pwrite, never through a mapping: a client
 that truncates or removes its object can make a mapped read fault (SIGBUS, the whole server gone),
 while a read past the end of a file only comes back short. Each access checks the request's offset
-and size against the registered size first, then the object's current size (fstat), and a short
-read is an error too. The cost is the same one copy a mapping would take (object -> the input's
-own array; the output's array -> object).
+and size against the registered size first, then the object's current size (fstat; a call's
+outputs in one object share one fstat, taken after every output's bounds were checked and before
+the first is written), and a short read is an error too. The cost is the same one copy a mapping
+would take (object -> the input's own array; the output's array -> object).
 
 With bearer tokens on, a region belongs to its token: names are per owner, another owner sees
 NOT_FOUND, and an object registered by one owner cannot be registered by another. Unregistering a
@@ -26,8 +27,8 @@ import math
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,8 +59,7 @@ PARAMETERS = (REGION, OFFSET, BYTE_SIZE)
 INLINE_BYTES = 256 << 10
 
 
-@dataclass(frozen=True)
-class ShmRef:
+class ShmRef(NamedTuple):
     """Where a tensor lives: `byte_size` bytes at `offset` into the registered region `region`."""
 
     region: str
@@ -81,6 +81,18 @@ def parse_params(tensor: str, params, what: str = "tensor") -> ShmRef | None:
     gRPC InferParameter's set field or a JSON value) as a ShmRef; None when it names no region.
     Checks and messages follow Triton's: a string region, integer offset and byte size >= 0,
     offset / byte size only with a region, byte size required with one."""
+    region = params.get(REGION)
+    if type(region) is str:  # the usual call: plain values of the right types (no bool, no subclass)
+        offset, byte_size = params.get(OFFSET, 0), params.get(BYTE_SIZE)
+        if type(offset) is int and type(byte_size) is int and offset >= 0 and byte_size >= 0:
+            return ShmRef(region, offset, byte_size)
+    elif region is None and REGION not in params and OFFSET not in params and BYTE_SIZE not in params:
+        return None
+    return _checked_params(tensor, params, what)
+
+
+def _checked_params(tensor: str, params, what: str) -> ShmRef | None:
+    """`parse_params` for parameters off its fast path: each rule checked, in Triton's order."""
     region = params.get(REGION)
     has = REGION in params
     if has and not isinstance(region, str):
@@ -127,12 +139,15 @@ def cuda_shared_memory(action: str, name: str = "") -> list[dict]:
     return []
 
 
-def output_bytes(array: np.ndarray, datatype: str | None = None) -> bytes | memoryview:
-    """An output's bytes as they go into a region: raw little-endian elements, or for BYTES each
-    element as a 4-byte little-endian length and its bytes (Triton's layout)."""
+def output_bytes(array: np.ndarray, datatype: str | None = None) -> memoryview:
+    """An output's bytes as they go into a region (a memoryview of format 'B'): raw little-endian
+    elements, or for BYTES each element as a 4-byte little-endian length and its bytes (Triton's
+    layout)."""
     if (datatype or oip_of(array.dtype)) == "BYTES" or array.dtype == OBJECT:
-        return serialize_bytes(array)
-    return memoryview(contiguous(array).reshape(-1)).cast("B")
+        return memoryview(serialize_bytes(array))
+    if not array.flags.c_contiguous:
+        array = contiguous(array)
+    return memoryview(array.reshape(-1)).cast("B")
 
 
 class _Region:
@@ -161,12 +176,15 @@ class _Region:
             )
         return self.offset + offset
 
-    def check_object(self, end: int) -> None:
-        """The object still exists and still holds `end` bytes: what makes the next access safe."""
-        try:
-            info = os.fstat(self.fd)
-        except OSError:
-            info = None
+    def check_object(self, end: int, info: os.stat_result | None = None) -> os.stat_result:
+        """The object still exists and still holds `end` bytes: what makes the next access safe.
+        `info`: the object's fstat taken for an earlier access of the same call (one per region
+        per call); its result, for the next."""
+        if info is None:
+            try:
+                info = os.fstat(self.fd)
+            except OSError:
+                info = None
         if info is None or info.st_nlink == 0:
             raise FailedPrecondition(
                 f"system shared memory region {clip(self.name)}: its object {clip(self.key)} was removed after the "
@@ -178,9 +196,11 @@ class _Region:
                 f"{info.st_size} bytes, fewer than the {end} the access needs; it shrank after the region was "
                 "registered"
             )
+        return info
 
     def read_into(self, buffer: memoryview, position: int) -> None:
-        done, total = 0, len(buffer)
+        total = len(buffer)
+        done = os.preadv(self.fd, [buffer], position) if total <= _IO_CHUNK else 0  # the usual: one call
         while done < total:
             got = os.preadv(self.fd, [buffer[done : done + _IO_CHUNK]], position + done)
             if got <= 0:  # the object shrank between fstat and the read
@@ -188,9 +208,11 @@ class _Region:
                 raise FailedPrecondition(f"system shared memory region {clip(self.name)}: short read")
             done += got
 
-    def write_from(self, data, position: int) -> None:
-        view, done = memoryview(data).cast("B"), 0
-        while done < len(view):
+    def write_from(self, view: memoryview, position: int) -> None:
+        """`view`: bytes (a memoryview of format 'B', as `output_bytes` gives)."""
+        total = len(view)
+        done = os.pwritev(self.fd, [view], position) if total <= _IO_CHUNK else 0
+        while done < total:
             done += os.pwritev(self.fd, [view[done : done + _IO_CHUNK]], position + done)
 
 
@@ -285,11 +307,11 @@ class SharedMemoryRegistry:
     def check(self, name: str, offset: int, byte_size: int, owner=None) -> None:
         """That a request's region exists for this owner and holds offset + byte_size (no access):
         for outputs, before the run, so that a bad output region costs no model run."""
-        region = self._acquire(name, owner)
-        try:
+        with self._lock:  # nothing is accessed: no use count to take
+            region = self._regions.get((owner, name))
+            if region is None:
+                raise NotFound(f"Unable to find shared memory region: {clip(name)}")
             region.locate(offset, byte_size)
-        finally:
-            self._release(region)
 
     def read_input(
         self, name: str, offset: int, byte_size: int, datatype: str, shape, owner=None, tensor: str = ""
@@ -297,27 +319,31 @@ class SharedMemoryRegistry:
         """An input tensor read out of a region into an array of its own (one copy; the region can
         change or go right after). `shape` is checked against the element limits by the caller;
         here its bytes must be exactly `byte_size` (BYTES: length-prefixed elements filling it)."""
-        what = f"input {clip(tensor)}"
-        if datatype not in DATATYPES:
-            raise InvalidArgument(f"{what}: unknown datatype {clip(datatype)}; expected one of {', '.join(DATATYPES)}")
-        shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"{what}: shape {clip(list(shape))} has a negative dimension")
-        count, dtype = math.prod(shape), DATATYPES[datatype][0]
-        if dtype == OBJECT:
+        entry = DATATYPES.get(datatype)
+        if entry is None:
+            raise InvalidArgument(
+                f"input {clip(tensor)}: unknown datatype {clip(datatype)}; expected one of {', '.join(DATATYPES)}"
+            )
+        shape = tuple(map(int, shape))
+        if shape and min(shape) < 0:
+            raise InvalidArgument(f"input {clip(tensor)}: shape {clip(list(shape))} has a negative dimension")
+        count, dtype = math.prod(shape), entry[0]
+        strings = dtype.kind == "O"  # BYTES (dtype comparisons cost more than this)
+        if strings:
             if count > MAX_BYTES_ELEMENTS:
                 raise ResourceExhausted(
-                    f"{what}: {count} BYTES elements, more than the limit of {MAX_BYTES_ELEMENTS} per tensor"
+                    f"input {clip(tensor)}: {count} BYTES elements, more than the limit of {MAX_BYTES_ELEMENTS} "
+                    "per tensor"
                 )
             if 4 * count > byte_size:  # each element takes its 4-byte length at least
                 raise InvalidArgument(
-                    f"{what}: {byte_size} bytes of shared memory cannot hold {count} BYTES elements "
+                    f"input {clip(tensor)}: {byte_size} bytes of shared memory cannot hold {count} BYTES elements "
                     "(each takes a 4-byte length and its bytes)"
                 )
         elif count * dtype.itemsize != byte_size:
             raise InvalidArgument(
-                f"{what}: shared memory byte size {byte_size} does not match {datatype} {list(shape)}, "
-                f"which takes {count * dtype.itemsize} bytes"
+                f"input {clip(tensor)}: shared memory byte size {byte_size} does not match {datatype} "
+                f"{list(shape)}, which takes {count * dtype.itemsize} bytes"
             )
         region = self._acquire(name, owner)
         try:
@@ -327,13 +353,13 @@ class SharedMemoryRegistry:
             region.read_into(memoryview(raw), position)
         finally:
             self._release(region)
-        if dtype == OBJECT:
+        if strings:
             try:
-                return deserialize_bytes(raw, count, what).reshape(shape)
+                return deserialize_bytes(raw, count, f"input {clip(tensor)}").reshape(shape)
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
-        if dtype == np.bool_ and byte_size and raw.max() > 1:
-            raise InvalidArgument(f"{what}: BOOL content in shared memory holds bytes other than 0 and 1")
+        if dtype.kind == "b" and byte_size and raw.max() > 1:
+            raise InvalidArgument(f"input {clip(tensor)}: BOOL content in shared memory holds bytes other than 0 and 1")
         return raw.view(dtype).reshape(shape)
 
     def write_output(self, name: str, offset: int, byte_size: int, array: np.ndarray, owner=None, tensor: str = ""):
@@ -344,7 +370,7 @@ class SharedMemoryRegistry:
         """Outputs into their regions, after the run succeeded: `items` are (region, offset,
         byte_size, array, tensor name). Every output is checked (region, bounds, its bytes fit
         byte_size, the object's size) before the first byte is written. The bytes each took."""
-        datas = [output_bytes(array) for _, _, _, array, _ in items]
+        datas = [output_bytes(item[3]) for item in items]
         for (_, _, byte_size, _, tensor), data in zip(items, datas, strict=True):
             if len(data) > byte_size:
                 raise InvalidArgument(
@@ -353,16 +379,22 @@ class SharedMemoryRegistry:
                 )
         regions: list[_Region] = []
         try:
-            for name, _, _, _, _ in items:
-                regions.append(self._acquire(name, owner))
+            with self._lock:  # one lock round for all of them (each region's use count taken per item)
+                for item in items:
+                    region = self._regions.get((owner, item[0]))
+                    if region is None:
+                        raise NotFound(f"Unable to find shared memory region: {clip(item[0])}")
+                    region.users += 1
+                    regions.append(region)
             positions = [r.locate(it[1], it[2]) for r, it in zip(regions, items, strict=True)]
+            seen: dict[int, os.stat_result] = {}  # one fstat per object for the whole call
             for region, position, data in zip(regions, positions, datas, strict=True):
-                region.check_object(position + len(data))
+                seen[id(region)] = region.check_object(position + len(data), seen.get(id(region)))
             for region, position, data in zip(regions, positions, datas, strict=True):
                 region.write_from(data, position)
         finally:
-            for region in regions:
-                self._release(region)
+            if regions:
+                self._release_all(regions)
         return [len(d) for d in datas]
 
     # -- internals -------------------------------------------------------------------------------
@@ -429,6 +461,13 @@ class SharedMemoryRegistry:
             region.users -= 1
             if region.gone and region.users == 0:
                 os.close(region.fd)
+
+    def _release_all(self, regions: list[_Region]) -> None:
+        with self._lock:
+            for region in regions:
+                region.users -= 1
+                if region.gone and region.users == 0:
+                    os.close(region.fd)
 
 
 class ShmCall:

@@ -16,7 +16,6 @@ decided here, in this order:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -135,15 +134,19 @@ class Gate:
             return None
         return ShmCall(self.shm, owner_of(authorization, self.tokens_on))
 
-    @contextlib.contextmanager
-    def call(self):
-        """One inference call in progress (admission: refused while draining or over the limit)."""
-        with self.admission.call():
-            try:
-                yield
-            finally:
-                self._last_end = time.monotonic()
-                self._end_cpu, self._end_thread = time.thread_time(), threading.get_ident()
+    def call(self) -> _GateCall:
+        """One inference call in progress (admission: refused while draining or over the limit), as
+        a context manager."""
+        return _GateCall(self)
+
+    def _ended(self) -> None:
+        """A call ended. When it was the last in progress, when and how busy the loop thread was
+        is kept for `inline` (the only case it reads: a lone next call)."""
+        admission = self.admission
+        admission.leave()
+        if admission.in_flight == 0:
+            self._last_end = time.monotonic()
+            self._end_cpu, self._end_thread = time.thread_time(), threading.get_ident()
 
     def model(self, name: str, version: str):
         """The loaded model version a call names (NOT_FOUND / UNAVAILABLE otherwise)."""
@@ -179,6 +182,22 @@ class Gate:
         if threading.get_ident() != self._end_thread:  # another thread ended the last call: wall time only
             return gap > INLINE_GAP_S
         return gap - (time.thread_time() - self._end_cpu) > INLINE_IDLE_S
+
+
+class _GateCall:
+    """`Gate.call()`: a plain context manager (a generator-based one costs several times more per
+    call)."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def __enter__(self) -> None:
+        self.gate.admission.enter()
+
+    def __exit__(self, *exc) -> None:
+        self.gate._ended()
 
 
 # -- before a large gRPC message is parsed ----------------------------------------------------------

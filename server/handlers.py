@@ -49,17 +49,24 @@ class Admission:
 
     @contextlib.contextmanager
     def call(self):
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def enter(self) -> None:
+        """A call starts (refused while draining or at the limit); `leave()` once it ended."""
         if self.refusing:
             raise Unavailable("server is shutting down and takes no new requests; retry (another replica)")
         if self.limit is not None and self.in_flight >= self.limit:
             raise ResourceExhausted(f"{self.in_flight} inference calls in progress: the limit; retry later")
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0 and self._idle is not None:
-                self._idle.set()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
 
     def refuse(self) -> None:
         """From now on new calls are refused (call on the event loop)."""

@@ -199,32 +199,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=describe.model_config(self.plane, request.name, request.version))
 
-    async def _infer(self, request: pb.ModelInferRequest, context, stream: bool = False):
-        """Run one request through the gate (`server.gate`); (response, memory hold). A unary
-        call's hold is returned when the RPC ends (its reply sent, or the call cancelled); a stream
-        returns it after its write."""
+    async def _infer(self, request: pb.ModelInferRequest, context):
+        """Run one request through the gate (`server.gate`); (response, memory hold or None). The
+        hold is the caller's to return once the reply is written (a failed call returns its own)."""
         authorizations = []
         if self.gate.tokens_on:  # the per-client key is the token then (reading metadata costs: not otherwise)
             authorizations = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
-
-        def on_hold(hold) -> None:
-            if not stream:
-                context.add_done_callback(hold.release)
-
-        return await infer_message(self.gate, request, _deadline(context), context.peer() or "", authorizations,
-                                   on_hold)  # fmt: skip
+        return await infer_message(self.gate, request, _deadline(context), context.peer() or "", authorizations)
 
     @_unary
     async def ModelInfer(self, request, context):
         start = time.perf_counter_ns()
-        result, _ = await self._infer(request, context)
+        result, hold = await self._infer(request, context)
         plane = self.plane
 
-        def sent(ctx) -> None:  # the reply could not be sent: the call was cancelled or timed out
+        def ended(ctx) -> None:  # the RPC ended: the call's memory goes back; a reply not sent is counted
+            if hold is not None:
+                hold.release()
             if ctx.cancelled():
                 plane.record_send_failure(result, grpc.StatusCode.CANCELLED, time.perf_counter_ns() - start)
 
-        context.add_done_callback(sent)
+        context.add_done_callback(ended)  # one callback (each costs grpc.aio a registration)
         return to_infer_response_bytes(result, request)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -305,7 +300,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(request, Malformed):
             return pb.ModelStreamInferResponse(error_message=request.message), None, None, start
         try:
-            result, hold = await self._infer(request, context, stream=True)
+            result, hold = await self._infer(request, context)
         except Exception as exc:  # noqa: BLE001 - reported in the stream, which goes on
             _, _, message = error_status(exc)
             reply = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,

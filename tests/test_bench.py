@@ -96,3 +96,18 @@ def test_transport_experiment_quick(repo, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["product", "aio-thread", "rest-binary", "rest-json"]
     assert all(r["errors"] == 0 and r["c16_seq_per_s"] > 0 and r["live_calls_per_s"] > 0 for r in rows)
+
+
+def test_stream_path_harness_quick(repo, tmp_path):
+    """`python -m bench.path`: chunks of a stateful model through the servicer's stream path without
+    gRPC; every chunk answered (a refused one fails the run), CPU per chunk measured."""
+    out = tmp_path / "path.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.path", "--models", str(repo), "--model", "suni", "--seconds", "0.3",
+         "--sequences", "4", "--no-pin", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    figures = json.loads(out.read_text())
+    assert figures["chunks"] > 0 and figures["cpu_ms_per_chunk"] > 0, figures
+    assert "stream path without gRPC, 4 sequences of suni" in res.stdout

@@ -132,32 +132,13 @@ class Work:
         """Dtypes and every dim that is not the batch (nor the ragged input's time axis), per feed:
         computed only when the batcher has another request to compare with."""
         if self.key is None:
-            feeds = self.feeds
+            feeds, skips = self.feeds, self.signature.merge_skips
             key = []
-            for name, skip in _merge_axes(self.signature, tuple(feeds)):
-                array = feeds[name]
+            for name in sorted(feeds):
+                array, skip = feeds[name], skips[name]
                 key.append((name, array.dtype.str, tuple(d for i, d in enumerate(array.shape) if i not in skip)))
             self.key = tuple(key)
         return self.key
-
-
-_MERGE_AXES: dict[tuple[int, tuple[str, ...]], tuple] = {}  # (signature, feed names) -> `_merge_axes`
-
-
-def _merge_axes(sig: Signature, names: tuple[str, ...]) -> tuple[tuple[str, tuple], ...]:
-    """The feeds sorted by name, each with the axes its merge key leaves out (batch; time for the
-    ragged input): looked up once per signature and set of feeds, not per request."""
-    cache_key = (id(sig), names)
-    found = _MERGE_AXES.get(cache_key)
-    if found is None or found[0] is not sig:
-        axes = []
-        for name in sorted(names):
-            spec = sig.input(name)
-            axes.append((name, (spec.batch_axis, spec.time_axis if name == sig.ragged else None)))
-        if len(_MERGE_AXES) > 4096:  # signatures of unloaded versions: forget them all (rebuilt on use)
-            _MERGE_AXES.clear()
-        found = _MERGE_AXES[cache_key] = (sig, tuple(axes))
-    return found[1]
 
 
 class _Run:

@@ -92,6 +92,10 @@ class Signature:
                      if d >= 0 and a != t.batch_axis and not (t.name == self.ragged and a == t.time_axis)]
             for t in self._inputs.values()
         }  # fmt: skip
+        # per input, the axes a request's merge key leaves out (`batcher.Work.merge_key`)
+        self.merge_skips = {
+            t.name: (t.batch_axis, t.time_axis if t.name == self.ragged else None) for t in self._inputs.values()
+        }
         # requests can be merged only where every tensor has a batch axis
         self.batchable = all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
 

@@ -108,16 +108,17 @@ def _has_contents(contents) -> bool:
     return any(len(getattr(contents, f)) for f in _CONTENT_FIELDS)
 
 
+def parameter_value(p: pb.InferParameter):
+    """An InferParameter as a plain value (None when no field of its oneof is set)."""
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
 def plain_parameters(parameters) -> dict:
-    """A protobuf map of InferParameter as plain values (the set field of each; None when none
-    is): what the transport-free code reads. Keys are read and looked up directly (the map's
-    items() view walks it through Python's generic Mapping code, ~2x slower)."""
-    out = {}
-    for key in parameters:
-        value = parameters[key]
-        kind = value.WhichOneof("parameter_choice")
-        out[key] = getattr(value, kind) if kind else None
-    return out
+    """A protobuf map of InferParameter as plain values (`parameter_value` of each): what the
+    transport-free code reads. Keys are read and looked up directly (the map's items() view walks
+    it through Python's generic Mapping code, ~2x slower)."""
+    return {key: parameter_value(parameters[key]) for key in parameters}
 
 
 def decode_inputs(request: pb.ModelInferRequest, limits: Limits, shm=None) -> dict[str, np.ndarray]:

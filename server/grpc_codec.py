@@ -19,6 +19,7 @@ from server.codec import (
     decode_inputs,
     describe_output,
     encode_output,
+    parameter_value,
     plain_parameters,
     serialize_response,
     to_parameter,
@@ -96,12 +97,6 @@ async def parse_off_loop(request, executor):
     if isinstance(request, _Unparsed):
         return await asyncio.get_running_loop().run_in_executor(executor, request.parse)
     return request
-
-
-def parameter_value(p: pb.InferParameter):
-    """An InferParameter as a plain value (None when no field of its oneof is set)."""
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
 
 
 def to_infer_request(request: pb.ModelInferRequest, plane: DataPlane, deadline: float | None,

@@ -15,7 +15,7 @@ import time
 import grpc
 
 from server import describe, handlers, trace
-from server.codec import serialize_any
+from server.codec import parameter_value, plain_parameters, serialize_any
 from server.dataplane import DataPlane
 from server.errors import InvalidArgument, Unimplemented, clip
 from server.gate import Gate, check_structure, check_tensor_parameters, client, deadline
@@ -23,7 +23,6 @@ from server.grpc_codec import (
     Malformed,
     costly_to_decode,
     deserializer,
-    parameter_value,
     parse_off_loop,
     to_infer_request,
     to_infer_response_bytes,
@@ -86,11 +85,10 @@ def _unary(method):
 
 
 async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_deadline: float | None, peer: str,
-                        authorizations: list[str], on_hold=None):  # fmt: skip
+                        authorizations: list[str]):  # fmt: skip
     """A ModelInferRequest through the gate (`server.gate`) and the data plane: (InferResponse,
-    memory hold or None); the caller releases the hold once the reply is sent (`on_hold(hold)` is
-    called as soon as it is taken; the hold is released here if the call fails). gRPC servicer
-    and Ray Serve deployment alike."""
+    memory hold or None); the caller releases the hold once the reply is sent (the hold is
+    released here if the call fails). gRPC servicer and Ray Serve deployment alike."""
     plane = gate.plane
     with gate.call():
         rt = gate.model(request.model_name, request.model_version)
@@ -121,8 +119,6 @@ async def infer_message(gate: Gate, request: pb.ModelInferRequest, transport_dea
         infer.deadline = deadline(transport_deadline, infer.parameters)
         infer.client = who
         hold = await gate.hold(rt, infer)
-        if hold is not None and on_hold is not None:
-            on_hold(hold)
         try:
             result = await plane.infer_async(infer, gate.inline())
             if shm is not None:  # only after the run succeeded
@@ -143,10 +139,7 @@ def _sequence_key(request: pb.ModelInferRequest) -> tuple | None:
     after another; a request without one is independent."""
     if "sequence_id" not in request.parameters:
         return None
-    p = request.parameters["sequence_id"]
-    kind = p.WhichOneof("parameter_choice")
-    value = getattr(p, kind) if kind else None
-    return request.model_name, str(value)
+    return request.model_name, str(parameter_value(request.parameters["sequence_id"]))
 
 
 def _release_answer(task: asyncio.Task) -> None:
@@ -398,7 +391,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         """Load with the request's parameters as plain values (`config`: string_param, as
         tritonclient sends it; `file:` ones, bytes_param, are refused by `handlers.load_model`)."""
-        parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
+        parameters = plain_parameters(request.parameters)
         with self.admission.call():
             await handlers.load_model(self.plane, request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
@@ -406,6 +399,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_unary
     async def RepositoryModelUnload(self, request, context):
         with self.admission.call():
-            params = {k: parameter_value(v) for k, v in request.parameters.items()}
+            params = plain_parameters(request.parameters)
             await handlers.unload_model(self.plane, request.model_name, params)
         return pb.RepositoryModelUnloadResponse()

@@ -2,8 +2,8 @@
 
     python -m bench.path [--models DIR] [--model stream_encoder] [--seconds 4] [--tree DIR]
 
-`SEQUENCES` sequences send `bench.streaming`'s chunk requests (parsed once, up front) through the
-gRPC servicer's per-request stream path (`InferenceServicer._stream_one`: the gate, decoding,
+`--sequences` sequences (64) send the streaming line's chunk requests (`chunk_requests`, parsed
+once) through the gRPC servicer's per-request stream path (`InferenceServicer._stream_one`: the gate, decoding,
 validation, sequence state, the batcher and ONNX Runtime on its thread, the reply's wire bytes),
 each a closed loop, on one event loop in this process, pinned to one CPU with one ONNX Runtime
 thread; the transport is left out (the call context is a stand-in that answers "no deadline, no
@@ -47,13 +47,15 @@ class _NoTransport:
         return False
 
 
-FRAMES = 10  # frames per chunk, as bench.streaming's
-CHUNKS_PER_SEQUENCE = 50  # a sequence ends after this many chunks and starts again
+# The streaming line's chunks (bench.streaming uses these): defined here, where nothing of this
+# project but its protos is imported, so that `--tree` can run them against another tree's server.
+FRAMES = 10  # frames per chunk
+CHUNKS_PER_SEQUENCE = 50  # a sequence ends (sequence_end) after this many chunks and starts again
 
 
-def _chunk_requests(pb, model: str, features: int, slot: int) -> list:
-    """A sequence slot's (start, middle, end) requests, built here from the protos alone so that
-    another tree's server code can run them (`--tree`)."""
+def chunk_requests(pb, model: str, features: int, slot: int, first_id: int = 1) -> list:
+    """A sequence slot's (start, middle, end) ModelInferRequests: x of the slot's own random draw,
+    its `FRAMES` as lengths, request id = the slot, sequence_id = `first_id` + the slot."""
     import numpy as np
 
     x = np.random.default_rng(slot).standard_normal((1, FRAMES, features)).astype(np.float32)
@@ -63,7 +65,7 @@ def _chunk_requests(pb, model: str, features: int, slot: int) -> list:
         r.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
         r.inputs.add(name="lengths", datatype="INT64", shape=[1])
         r.raw_input_contents.extend([x.tobytes(), np.array([FRAMES], np.int64).tobytes()])
-        r.parameters["sequence_id"].uint64_param = slot + 1
+        r.parameters["sequence_id"].uint64_param = first_id + slot
         r.parameters["sequence_start"].bool_param = start
         r.parameters["sequence_end"].bool_param = end
         out.append(r)
@@ -85,7 +87,7 @@ async def measure(models: Path, model: str, seconds: float, sequences: int, prof
     server.repository.load_all()
     servicer = InferenceServicer(server.plane, lambda: True, gate=server._gate([]))
     context = _NoTransport()
-    requests = [_chunk_requests(pb, model, features, k) for k in range(sequences)]
+    requests = [chunk_requests(pb, model, features, k) for k in range(sequences)]
     done, stop = [0], [False]
 
     async def sequence(k: int) -> None:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.path import CHUNKS_PER_SEQUENCE, FRAMES, chunk_requests
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCES = 64
-FRAMES = 10
-CHUNKS_PER_SEQUENCE = 50  # a sequence ends (sequence_end) after this many chunks and starts again
 FRAME_S = 0.010  # a real-time stream sends one frame every 10 ms
 MODES = ("unary", "streams", "one")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -50,21 +50,12 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 def _chunks(model: str, features: int, slot: int, mode_seed: int) -> tuple[bytes, bytes, bytes]:
-    """A sequence slot's serialized chunk requests: (start, middle, end); id = the slot."""
-    from server.codec import encode_input
+    """A sequence slot's serialized chunk requests (`bench.path.chunk_requests`): (start, middle,
+    end); id = the slot; sequence ids distinct per mode."""
     from server.proto import grpc_service_pb2 as pb
 
-    x = np.random.default_rng(slot).standard_normal((1, FRAMES, features)).astype(np.float32)
-    out = []
-    for start, end in ((True, False), (False, False), (False, True)):
-        r = pb.ModelInferRequest(model_name=model, id=str(slot))
-        encode_input(r, "x", x, raw=True)
-        encode_input(r, "lengths", np.array([FRAMES], np.int64), raw=True)
-        r.parameters["sequence_id"].uint64_param = mode_seed * 1000 + slot + 1
-        r.parameters["sequence_start"].bool_param = start
-        r.parameters["sequence_end"].bool_param = end
-        out.append(r.SerializeToString())
-    return out[0], out[1], out[2]
+    start, middle, end = chunk_requests(pb, model, features, slot, mode_seed * 1000 + 1)
+    return start.SerializeToString(), middle.SerializeToString(), end.SerializeToString()
 
 
 class _Sequence:

@@ -73,15 +73,21 @@ def test_after_a_merged_run_the_next_requests_wait_for_company(runtime):
     batcher.close()
 
 
+def _queued_behind_a_held_run(runtime, infos, seed):
+    """A held batcher (`_held`) with one request running (the blocker) and one queued behind it."""
+    batcher, gate = _held(runtime, infos)
+    rng = np.random.default_rng(seed)
+    blocker = batcher.submit(_work(runtime, *ragged(rng, 1, 5, 6)), inline=False)
+    time.sleep(0.1)
+    queued = batcher.submit(_work(runtime, *ragged(rng, 1, 5, 6)), inline=False)
+    return batcher, gate, blocker, queued
+
+
 def test_loop_wait_on_a_queued_request_expires_and_it_is_not_run(runtime):
     """The loop's wait (`dataplane._wait`) ends at its timeout with the step's DeadlineExceeded, and
     the request, still queued behind a held run, is never run."""
     infos: list = []
-    batcher, gate = _held(runtime, infos)
-    rng = np.random.default_rng(6)
-    blocker = batcher.submit(_work(runtime, *ragged(rng, 1, 5, 6)), inline=False)
-    time.sleep(0.1)
-    queued = batcher.submit(_work(runtime, *ragged(rng, 1, 5, 6)), inline=False)
+    batcher, gate, blocker, queued = _queued_behind_a_held_run(runtime, infos, seed=6)
 
     async def wait():
         step = _Wait(queued, time.monotonic() - 1, "bi")  # deadline passed: the wait's timeout is its 0.5 s grace
@@ -103,11 +109,7 @@ def test_loop_wait_cancelled_by_its_caller_leaves_the_request(runtime):
     """The caller's task is cancelled while its request is queued: CancelledError (not a deadline
     error), and the request is not run."""
     infos: list = []
-    batcher, gate = _held(runtime, infos)
-    rng = np.random.default_rng(7)
-    blocker = batcher.submit(_work(runtime, *ragged(rng, 1, 5, 6)), inline=False)
-    time.sleep(0.1)
-    queued = batcher.submit(_work(runtime, *ragged(rng, 1, 5, 6)), inline=False)
+    batcher, gate, blocker, queued = _queued_behind_a_held_run(runtime, infos, seed=7)
 
     async def main():
         task = asyncio.ensure_future(_wait(asyncio.get_running_loop(), _Wait(queued, None, "bi")))

@@ -53,6 +53,14 @@ FRAMES = 10  # frames per chunk
 CHUNKS_PER_SEQUENCE = 50  # a sequence ends (sequence_end) after this many chunks and starts again
 
 
+def features_of(model_file: Path) -> int:
+    """The feature size of a streaming model's x (batch, time, features)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    return int(next(i.shape[2] for i in session.get_inputs() if i.name == "x"))
+
+
 def chunk_requests(pb, model: str, features: int, slot: int, first_id: int = 1) -> list:
     """A sequence slot's (start, middle, end) ModelInferRequests: x of the slot's own random draw,
     its `FRAMES` as lengths, request id = the slot, sequence_id = `first_id` + the slot."""
@@ -73,16 +81,12 @@ def chunk_requests(pb, model: str, features: int, slot: int, first_id: int = 1) 
 
 
 async def measure(models: Path, model: str, seconds: float, sequences: int, profile: bool) -> dict:
-    import onnxruntime as ort
-
     from server.app import InferenceServer
     from server.config import Settings
     from server.proto import grpc_service_pb2 as pb
     from server.servicer import InferenceServicer
 
-    session = ort.InferenceSession(str(models / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    features = int(next(i.shape[2] for i in session.get_inputs() if i.name == "x"))
-    del session
+    features = features_of(models / model / "1" / "model.onnx")
     server = InferenceServer(Settings(model_repository=models, port=0, intra_op_threads=1))
     server.repository.load_all()
     servicer = InferenceServicer(server.plane, lambda: True, gate=server._gate([]))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.path import CHUNKS_PER_SEQUENCE, FRAMES, chunk_requests
+from bench.path import CHUNKS_PER_SEQUENCE, FRAMES, chunk_requests, features_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCES = 64
@@ -264,13 +264,6 @@ def in_process(model_file: Path, features: int, seconds: float, threads: int) ->
             "cpu_ms_per_chunk": best * 1e3 / SEQUENCES}  # fmt: skip
 
 
-def _features(model_file: Path) -> int:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    return int(next(i.shape[2] for i in sess.get_inputs() if i.name == "x"))
-
-
 TAIL = 64  # bytes at the end of a chunk request that tell its slot (see `serve_floor`)
 
 
@@ -351,7 +344,7 @@ def run_line(models: Path, model: str = "stream_encoder", server_cpus=None, clie
 
     model_file = models / model / "1" / "model.onnx"
 
-    features = _features(model_file)
+    features = features_of(model_file)
     here = os.sched_getaffinity(0)
     if server_cpus:
         os.sched_setaffinity(0, server_cpus)
@@ -461,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve_floor:
         model_file = args.models / args.model / "1" / "model.onnx"
-        serve_floor(model_file, args.model, _features(model_file))
+        serve_floor(model_file, args.model, features_of(model_file))
         return 0
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) >= 2

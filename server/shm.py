@@ -308,10 +308,7 @@ class SharedMemoryRegistry:
         """That a request's region exists for this owner and holds offset + byte_size (no access):
         for outputs, before the run, so that a bad output region costs no model run."""
         with self._lock:  # nothing is accessed: no use count to take
-            region = self._regions.get((owner, name))
-            if region is None:
-                raise NotFound(f"Unable to find shared memory region: {clip(name)}")
-            region.locate(offset, byte_size)
+            self._find(name, owner).locate(offset, byte_size)
 
     def read_input(
         self, name: str, offset: int, byte_size: int, datatype: str, shape, owner=None, tensor: str = ""
@@ -381,9 +378,7 @@ class SharedMemoryRegistry:
         try:
             with self._lock:  # one lock round for all of them (each region's use count taken per item)
                 for item in items:
-                    region = self._regions.get((owner, item[0]))
-                    if region is None:
-                        raise NotFound(f"Unable to find shared memory region: {clip(item[0])}")
+                    region = self._find(item[0], owner)
                     region.users += 1
                     regions.append(region)
             positions = [r.locate(it[1], it[2]) for r, it in zip(regions, items, strict=True)]
@@ -448,19 +443,21 @@ class SharedMemoryRegistry:
             raise
         return fd
 
+    def _find(self, name: str, owner) -> _Region:
+        """The owner's region of that name (NOT_FOUND otherwise); called holding the lock."""
+        region = self._regions.get((owner, name))
+        if region is None:
+            raise NotFound(f"Unable to find shared memory region: {clip(name)}")
+        return region
+
     def _acquire(self, name: str, owner) -> _Region:
         with self._lock:
-            region = self._regions.get((owner, name))
-            if region is None:
-                raise NotFound(f"Unable to find shared memory region: {clip(name)}")
+            region = self._find(name, owner)
             region.users += 1
             return region
 
     def _release(self, region: _Region) -> None:
-        with self._lock:
-            region.users -= 1
-            if region.gone and region.users == 0:
-                os.close(region.fd)
+        self._release_all([region])
 
     def _release_all(self, regions: list[_Region]) -> None:
         with self._lock:

@@ -8,7 +8,9 @@ validation, sequence state, the batcher and ONNX Runtime on its thread, the repl
 each a closed loop, on one event loop in this process, pinned to one CPU with one ONNX Runtime
 thread; the transport is left out (the call context is a stand-in that answers "no deadline, no
 metadata"). Printed: chunks/s and the process's CPU per chunk (ONNX Runtime's share included:
-`bench.streaming`'s in-process line gives that alone, ~0.18 ms for `stream_encoder` at batch 64).
+`bench.streaming`'s in-process line gives that alone, ~0.18 ms for `stream_encoder` at batch 64),
+and the event loop's thread's own CPU per chunk (everything but the batcher's thread: the
+request's path before and after the run).
 On this project's shared 2-core machine repeated runs agree within ~3 %, where the served lines
 move by 10 % or more, so compare trees with it (`--tree`, alternating) before running the line.
 `--profile` adds a cProfile of the event loop's thread (wall clock; compare shares, not times).
@@ -110,7 +112,7 @@ async def measure(models: Path, model: str, seconds: float, sequences: int, prof
     tasks = [asyncio.ensure_future(sequence(k)) for k in range(sequences)]
     try:
         await asyncio.sleep(min(1.0, seconds))  # warm-up
-        cpu0, n0, t0 = time.process_time(), done[0], time.perf_counter()
+        cpu0, n0, t0, loop0 = time.process_time(), done[0], time.perf_counter(), time.thread_time()
         profiler = None
         if profile:
             import cProfile
@@ -120,14 +122,15 @@ async def measure(models: Path, model: str, seconds: float, sequences: int, prof
         await asyncio.sleep(seconds)
         if profiler is not None:
             profiler.disable()
-        cpu1, n1, t1 = time.process_time(), done[0], time.perf_counter()
+        cpu1, n1, t1, loop1 = time.process_time(), done[0], time.perf_counter(), time.thread_time()
     finally:
         stop[0] = True
         await asyncio.gather(*tasks, return_exceptions=True)
     chunks = n1 - n0
     figures = {"model": model, "sequences": sequences, "seconds": t1 - t0, "chunks": chunks,
                "chunks_per_s": chunks / (t1 - t0), "cpu_ms_per_chunk": (cpu1 - cpu0) / chunks * 1e3 if chunks else None,
-               "cpu_busy": (cpu1 - cpu0) / (t1 - t0)}  # fmt: skip
+               "cpu_busy": (cpu1 - cpu0) / (t1 - t0),
+               "loop_ms_per_chunk": (loop1 - loop0) / chunks * 1e3 if chunks else None}  # fmt: skip
     if profiler is not None:
         import pstats
 
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = asyncio.run(measure(args.models.resolve(), args.model, args.seconds, args.sequences, args.profile))
     print(f"stream path without gRPC, {figures['sequences']} sequences of {args.model}: "
           f"{figures['chunks_per_s']:.0f} chunks/s, CPU {figures['cpu_ms_per_chunk']:.3f} ms per chunk "
-          f"({100 * figures['cpu_busy']:.0f} % busy)")  # fmt: skip
+          f"({100 * figures['cpu_busy']:.0f} % busy; the event loop's thread {figures['loop_ms_per_chunk']:.3f} ms)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     sys.stdout.flush()

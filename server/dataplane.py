@@ -339,10 +339,18 @@ class DataPlane:
         return shapes
 
     def _check_response_size(self, prepared: Prepared, names: list[str], request) -> None:
-        """RESOURCE_EXHAUSTED before any compute when the response could not be sent."""
-        shapes = self.output_shapes(prepared, names)
-        if shapes is not None:
-            self._check_size(sum(size for _, size in shapes.values()), request, shapes)
+        """RESOURCE_EXHAUSTED before any compute when the response could not be sent. The outputs'
+        bytes are computed once per (batch, time, outputs) and model version (`Signature.plans`)."""
+        w, sig = prepared.work, prepared.runtime.signature
+        key = ("response", w.rows, w.steps, *names)
+        payload = sig.plans.get(key, False)
+        if payload is False:
+            shapes = self.output_shapes(prepared, names)  # None: unknown before the run
+            payload = sig.remember(
+                key, (sum(size for _, size in shapes.values()), shapes) if shapes is not None else None
+            )
+        if payload is not None:
+            self._check_size(payload[0], request, payload[1])
 
     def _check_size(self, payload: int, request, shapes, count: int | None = None) -> None:
         """`shapes`: {output: (dims, bytes)}, or a callable giving it with `count` its length (built
@@ -412,7 +420,7 @@ class DataPlane:
             raise InvalidArgument(
                 f"missing required input(s) {required} (only a sequence_end request may carry no inputs)"
             )
-        prepared = validate(rt, arrays, list(request.outputs), sequence=True) if arrays else None
+        prepared = validate(rt, arrays, list(request.outputs), sequence=True, states=first) if arrays else None
         if prepared is not None and prepared.work.rows != 1:
             first_batched = next((t.name for t in sig.inputs if t.batch_axis is not None and t.name in arrays), "")
             raise InvalidArgument(  # Triton's leading words: its clients and QA tests match them
@@ -420,7 +428,9 @@ class DataPlane:
                 f"batcher: input '{first_batched}': a sequence chunk carries one sequence (batch 1), got batch "
                 f"{prepared.work.rows}"
             )
-        initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
+        initial = {}  # a start's state: what it sent, the config's initial_state or zeros
+        if first:
+            initial = {n: prepared.feeds[n] for n in sig.state_input_names()} if prepared else initial_state(sig, 1)
         triton = rt.repo_config.get("triton")
         idle_s = triton.idle_us / 1e6 if triton is not None and triton.idle_us else None
         controls = control.feeds(sig.controls, sig.control_shapes, seq_id, first, last) if prepared else {}
@@ -456,7 +466,10 @@ class DataPlane:
                 returned = prepared.outputs
                 feeds = {**prepared.feeds, **state.state, **controls}
                 w = prepared.work  # as dataclasses.replace(w, feeds=..., outputs=..., key=None), at a third the cost
-                work = Work(feeds, sorted(set(returned) | {p.output for p in pairs}), w.rows, w.steps, None, w.cells,
+                cells = w.cells  # a model without a ragged input: per row, its largest input, the state included
+                if sig.ragged is None:
+                    cells = max([cells, *(a.size // w.rows for a in state.state.values())])
+                work = Work(feeds, sorted(set(returned) | {p.output for p in pairs}), w.rows, w.steps, None, cells,
                             w.signature)  # fmt: skip
 
                 def keep(outputs):

@@ -170,14 +170,33 @@ def call_cost(rt: Runtime, inputs: dict[str, np.ndarray], outputs: list[str], re
               response_factor: int = 1) -> Cost:  # fmt: skip
     """The memory a call on `rt` with these decoded inputs and requested outputs holds: its request
     (`request_bytes`, default the inputs' bytes), ORT's working memory and its response
-    (x `response_factor`: a REST JSON reply is text)."""
+    (x `response_factor`: a REST JSON reply is text). It depends on the inputs' datatypes and
+    shapes only: without `request_bytes` it is computed once per request structure and model
+    version (kept with `validate`'s in `Signature.plans`, which bounds them)."""
+    key, sig = None, rt.signature
+    # remembered only for the model's own names and ranks (this runs before validation): the
+    # keys' sizes are the model's, not what a request may carry
+    if request_bytes is None and _known(sig, inputs, outputs):
+        key = ("cost", response_factor, *outputs, None, *[(name, a.dtype, a.shape) for name, a in inputs.items()])
+        cost = sig.plans.get(key)
+        if cost is not None:
+            return cost
     in_bytes = sum(int(a.nbytes) for a in inputs.values())
     batch, steps = batch_and_time(rt, inputs)
-    return Cost(
+    cost = Cost(
         request=in_bytes if request_bytes is None else max(request_bytes, in_bytes),
         working=working_bytes(rt, in_bytes, batch, steps),
         response=output_bytes(rt, outputs, batch, steps) * response_factor,
     )
+    return cost if key is None else sig.remember(key, cost)
+
+
+def _known(sig, inputs: dict[str, np.ndarray], outputs: list[str]) -> bool:
+    for name, array in inputs.items():
+        spec = sig.input(name)
+        if spec is None or array.ndim != spec.rank:
+            return False
+    return all(sig.output(name) is not None for name in outputs)
 
 
 def run_options(working: int, always: bool = False):

@@ -63,6 +63,9 @@ class StatePair:
     initial: np.ndarray | None = None  # one sequence's initial value (batch axis of size 1); None: zeros
 
 
+PLANS_MAX = 256  # request structures remembered per model version (`Signature.plans`)
+
+
 @dataclass
 class Signature:
     inputs: list[TensorSpec]  # as the client sees them (implicit state inputs left out)
@@ -96,11 +99,21 @@ class Signature:
         self.merge_skips = {
             t.name: (t.batch_axis, t.time_axis if t.name == self.ragged else None) for t in self._inputs.values()
         }
+        # what `validate` concluded of each request structure it passed (bounded there)
+        self.plans: dict[tuple, tuple] = {}
         # requests can be merged only where every tensor has a batch axis
         self.batchable = all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
 
     def input(self, name: str) -> TensorSpec | None:
         return self._inputs.get(name)
+
+    def remember(self, key: tuple, value):
+        """Keep what was concluded of one request structure (`plans`): at most `PLANS_MAX`, then
+        all are forgotten (a client cycling through shapes costs recomputation, never memory)."""
+        if len(self.plans) >= PLANS_MAX:
+            self.plans.clear()
+        self.plans[key] = value
+        return value
 
     def output(self, name: str) -> TensorSpec | None:
         return self._outputs.get(name)

@@ -114,11 +114,71 @@ def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None
     return out
 
 
-def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False) -> Prepared:
+def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False,
+             states: bool = True) -> Prepared:  # fmt: skip
     """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
-    signature; fill in what may be left out (lengths: full; states: initial). Messages name the
-    input and what was expected. `sequence`: the request is a sequence's (the caller adds the
-    control inputs); a model with control inputs takes no other."""
+    signature; fill in what may be left out (lengths: full; states: initial, unless `states` is
+    False: a sequence's later chunk, whose state the server keeps). Messages name the input and
+    what was expected. `sequence`: the request is a sequence's (the caller adds the control
+    inputs); a model with control inputs takes no other.
+
+    What depends only on the request's structure (its inputs' names, datatypes and shapes, the
+    outputs asked for) is checked once per structure and model version (`_structure`, remembered
+    in `Signature.plans`); what depends on values (lengths, finite, token ids, text) every time."""
+    sig = rt.signature
+    key = (sequence, *requested, None, *[(name, a.dtype, a.shape) for name, a in arrays.items()])
+    plan = sig.plans.get(key)
+    if plan is None:
+        plan = sig.remember(key, _structure(rt, arrays, requested, sequence))
+    rows, steps, outputs = plan
+    feeds = {name: _as_text(name, a) if a.dtype == OBJECT or a.dtype.kind in "SU" else contiguous(a)
+             for name, a in arrays.items()}  # fmt: skip
+    if sig.lengths is not None and sig.ragged in feeds:
+        if sig.lengths in feeds:
+            lengths = feeds[sig.lengths]
+            if rows <= _FEW_ROWS:  # Python's min/max over a short list: ~6x cheaper than two numpy reductions
+                values = lengths.tolist()
+                out_of_range = min(values) < 1 or max(values) > steps
+            else:
+                out_of_range = lengths.min() < 1 or lengths.max() > steps
+            bad = np.flatnonzero((lengths < 1) | (lengths > steps)) if out_of_range else ()
+            if len(bad):
+                i = int(bad[0])
+                raise InvalidArgument(
+                    f"input '{sig.lengths}': every length must be in 1..{steps} (the time size of '{sig.ragged}'); "
+                    f"{sig.lengths}[{i}] = {int(lengths[i])}"
+                )
+        else:
+            lengths = feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
+        _check_finite(sig.ragged, feeds[sig.ragged], sig.input(sig.ragged), lengths)
+    for pair in sig.states:
+        if pair.input in feeds and not pair.implicit:  # a recurrent export's h0/c0
+            _check_finite(pair.input, feeds[pair.input], sig.input(pair.input))
+    for name, array in feeds.items() if sig.checks_values else ():
+        spec = sig.input(name)
+        if spec.value_range is not None and array.size:
+            lo, hi = spec.value_range
+            bad = np.flatnonzero((array < lo) | (array > hi))
+            if bad.size:
+                where = [int(i) for i in np.unravel_index(int(bad[0]), array.shape)]
+                raise InvalidArgument(
+                    f"input '{name}': values must be in {lo}..{hi} (token ids below the vocabulary size "
+                    f"{hi + 1}); {name}{where} = {int(array.reshape(-1)[bad[0]])}"
+                )
+    if sig.states and states:
+        feeds.update(initial_state(sig, rows, feeds))
+    if sig.ragged is not None and sig.ragged in feeds:
+        x = feeds[sig.ragged]
+        cells = x.size // max(1, rows * steps)
+    else:
+        cells = max((a.size // rows for a in feeds.values()), default=1)
+    return Prepared(rt, Work(feeds, list(outputs), rows, steps if sig.ragged is not None else None, None, cells, sig))
+
+
+def _structure(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool):
+    """`validate`'s checks of what the request's structure alone decides (names, datatypes, ranks,
+    fixed dims, batch sizes, the lengths' shape, config.pbtxt reshapes, the outputs asked for):
+    (rows, steps, outputs), or the refusal naming the input and what was expected."""
     sig = rt.signature
     if sig.controls and not sequence:
         raise InvalidArgument(
@@ -178,38 +238,14 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
         raise InvalidArgument(f"input '{which}': batch and time must be >= 1, got shape {list(arrays[which].shape)}")
     if rows is None:
         rows = 1  # no batch axis: one request is one sequence
-    feeds = {name: _as_text(name, a) if a.dtype == OBJECT or a.dtype.kind in "SU" else contiguous(a)
-             for name, a in arrays.items()}  # fmt: skip
-    lengths = None
-    if sig.lengths is not None and sig.ragged in feeds:
-        lspec = sig.input(sig.lengths)
-        dtype = numpy_dtype(lspec.datatype)
-        if sig.lengths in feeds:
-            lengths = feeds[sig.lengths]
-            if lengths.shape != (rows,):
-                raise InvalidArgument(
-                    f"input '{sig.lengths}': expected shape [{rows}] (one length per sequence of '{sig.ragged}'), "
-                    f"got {list(lengths.shape)}"
-                )
-            if rows <= _FEW_ROWS:  # Python's min/max over a short list: ~6x cheaper than two numpy reductions
-                values = lengths.tolist()
-                out_of_range = min(values) < 1 or max(values) > steps
-            else:
-                out_of_range = lengths.min() < 1 or lengths.max() > steps
-            bad = np.flatnonzero((lengths < 1) | (lengths > steps)) if out_of_range else ()
-            if len(bad):
-                i = int(bad[0])
-                raise InvalidArgument(
-                    f"input '{sig.lengths}': every length must be in 1..{steps} (the time size of '{sig.ragged}'); "
-                    f"{sig.lengths}[{i}] = {int(lengths[i])}"
-                )
-        else:
-            lengths = feeds[sig.lengths] = np.full((rows,), steps, dtype)
-        _check_finite(sig.ragged, feeds[sig.ragged], sig.input(sig.ragged), lengths)
-    for pair in sig.states:
-        if pair.input in feeds and not pair.implicit:  # a recurrent export's h0/c0
-            _check_finite(pair.input, feeds[pair.input], sig.input(pair.input))
-    for name, array in feeds.items() if sig.checks_values else ():
+    if sig.lengths is not None and sig.ragged in arrays and sig.lengths in arrays:
+        shape = arrays[sig.lengths].shape
+        if shape != (rows,):
+            raise InvalidArgument(
+                f"input '{sig.lengths}': expected shape [{rows}] (one length per sequence of '{sig.ragged}'), "
+                f"got {list(shape)}"
+            )
+    for name, array in arrays.items() if sig.checks_values else ():
         spec = sig.input(name)
         if spec.model_shape is not None:  # config.pbtxt reshape: refused here, not inside the run
             try:
@@ -219,19 +255,6 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
                     f"input '{name}': shape {list(array.shape)} cannot be reshaped to the model's {spec.model_shape} "
                     f"(config.pbtxt reshape)"
                 ) from None
-    for name, array in feeds.items() if sig.checks_values else ():
-        spec = sig.input(name)
-        if spec.value_range is not None and array.size:
-            lo, hi = spec.value_range
-            bad = np.flatnonzero((array < lo) | (array > hi))
-            if bad.size:
-                where = [int(i) for i in np.unravel_index(int(bad[0]), array.shape)]
-                raise InvalidArgument(
-                    f"input '{name}': values must be in {lo}..{hi} (token ids below the vocabulary size "
-                    f"{hi + 1}); {name}{where} = {int(array.reshape(-1)[bad[0]])}"
-                )
-    if sig.states:
-        feeds.update(initial_state(sig, rows, feeds))
     names = sig.output_names
     outputs = list(requested) or names
     unknown = [n for n in outputs if n not in names]
@@ -239,9 +262,4 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
         raise InvalidArgument(f"requested output(s) {clip(unknown)} unknown; model '{rt.name}' has {names}")
     if len(set(outputs)) != len(outputs):
         raise InvalidArgument(f"requested outputs {clip(outputs)}: each may appear once")
-    if sig.ragged is not None and sig.ragged in feeds:
-        x = feeds[sig.ragged]
-        cells = x.size // max(1, rows * steps)
-    else:
-        cells = max((a.size // rows for a in feeds.values()), default=1)
-    return Prepared(rt, Work(feeds, outputs, rows, steps if sig.ragged is not None else None, None, cells, sig))
+    return rows, steps, tuple(outputs)

@@ -25,6 +25,7 @@ from server.codec import (
     to_parameter,
 )
 from server.dataplane import DataPlane, InferRequest, InferResponse
+from server.dtypes import OBJECT
 from server.errors import InvalidArgument, clip
 from server.gate import infer_request_counts_refusal
 from server.proto import grpc_service_pb2 as pb
@@ -157,10 +158,31 @@ def shm_outputs(request: pb.ModelInferRequest | None) -> set[str]:
 _NO_BYTES = np.empty(0, np.uint8)
 
 
+_HEADS: dict[tuple, bytes] = {}  # (model, version, each output's name, dtype, shape) -> those fields' wire bytes
+_HEADS_MAX = 1024  # then all are forgotten (outputs' shapes follow the requests': bounded, never grown)
+
+
 def to_infer_response_bytes(response: InferResponse, request: pb.ModelInferRequest | None = None) -> bytes:
-    """`to_infer_response` in wire format, each output's bytes copied once (into the message)."""
-    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    """`to_infer_response` in wire format, each output's bytes copied once (into the message).
+    The model's name and version and the outputs' descriptions are serialized once per output
+    structure (`_HEADS`); the id and parameters follow them (protobuf reads fields in any order,
+    and a message's fields may come in separate runs: the reply parses as the one message)."""
     in_shm = shm_outputs(request)
+    outputs = response.outputs
+    if not in_shm and not any(a.dtype == OBJECT for a in outputs.values()):
+        key = (response.model_name, response.model_version, *[(n, a.dtype, a.shape) for n, a in outputs.items()])
+        head = _HEADS.get(key)
+        if head is None:
+            described = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
+            for name, array in outputs.items():
+                describe_output(described, name, array)
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            head = _HEADS[key] = described.SerializeToString()
+        tail = pb.ModelInferResponse(id=response.id)
+        _echo_parameters(tail, response, request)
+        return serialize_response(head + tail.SerializeToString(), list(outputs.values()))
+    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
     arrays = [
         _NO_BYTES if name in in_shm else array
         for name, array in ((name, describe_output(out, name, array)) for name, array in response.outputs.items())

@@ -100,7 +100,7 @@ class Signature:
             t.name: (t.batch_axis, t.time_axis if t.name == self.ragged else None) for t in self._inputs.values()
         }
         # what `validate` concluded of each request structure it passed (bounded there)
-        self.plans: dict[tuple, tuple] = {}
+        self.plans: dict[tuple, object] = {}
         # requests can be merged only where every tensor has a batch axis
         self.batchable = all(t.batch_axis is not None for t in self.all_inputs + self.all_outputs)
 

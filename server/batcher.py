@@ -132,11 +132,14 @@ class Work:
         """Dtypes and every dim that is not the batch (nor the ragged input's time axis), per feed:
         computed only when the batcher has another request to compare with."""
         if self.key is None:
-            feeds, skips = self.feeds, self.signature.merge_skips
+            skips = self.signature.merge_skips
             key = []
-            for name in sorted(feeds):
-                array, skip = feeds[name], skips[name]
-                key.append((name, array.dtype.str, tuple(d for i, d in enumerate(array.shape) if i not in skip)))
+            for name, array in sorted(self.feeds.items()):
+                shape = list(array.shape)  # the axes left out count as -1
+                for axis in skips[name]:
+                    if axis is not None and axis < len(shape):
+                        shape[axis] = -1
+                key.append((name, array.dtype, *shape))
             self.key = tuple(key)
         return self.key
 
@@ -186,14 +189,6 @@ class BatchInfo:
     infer_ns: int
 
 
-def _take_rows(value: np.ndarray, axis: int, rows: slice, time_axis: int | None, steps: int | None) -> np.ndarray:
-    index = [slice(None)] * value.ndim
-    index[axis] = rows
-    if time_axis is not None and steps is not None:
-        index[time_axis] = slice(0, steps)  # back to this request's own T
-    return value[tuple(index)]
-
-
 def _merge(works: list[Work], signature: Signature) -> tuple[dict[str, np.ndarray], int]:
     """One feed dict for all rows: the ragged input padded to the longest along its time axis,
     lengths and everything else concatenated along each tensor's batch axis."""
@@ -208,9 +203,8 @@ def _merge(works: list[Work], signature: Signature) -> tuple[dict[str, np.ndarra
             shape = list(first.shape)
             shape[axis], shape[spec.time_axis] = total, steps
             merged = np.zeros(shape, first.dtype)  # padding: zeros, never read (sequence_lens)
-            row = 0
+            row, index = 0, [slice(None)] * len(shape)
             for w in works:
-                index = [slice(None)] * len(shape)
                 index[axis] = slice(row, row + w.rows)
                 index[spec.time_axis] = slice(0, w.steps)
                 merged[tuple(index)] = w.feeds[name]
@@ -252,14 +246,22 @@ def merge_and_run(
     if len(works) == 1:
         results = [{name: out[name] for name in works[0].outputs}]
     else:
+        # per output: the merged value, its batch and time axes, and an index reused for each request
+        cuts = {}
+        for name in wanted:
+            spec = signature.output(name)
+            cuts[name] = (out[name], spec.batch_axis, spec.time_axis, [slice(None)] * out[name].ndim)
         results = []
         row = 0
         for w in works:
-            rows = slice(row, row + w.rows)
+            rows, own = slice(row, row + w.rows), w.steps
             mine = {}
             for name in w.outputs:
-                spec = signature.output(name)
-                mine[name] = _take_rows(out[name], spec.batch_axis, rows, spec.time_axis, w.steps)
+                value, axis, time_axis, index = cuts[name]
+                index[axis] = rows
+                if time_axis is not None:  # back to this request's own T
+                    index[time_axis] = slice(None) if own is None else slice(0, own)
+                mine[name] = value[tuple(index)]
             results.append(mine)
             row += w.rows
     padding = 0.0

@@ -174,13 +174,15 @@ def call_cost(rt: Runtime, inputs: dict[str, np.ndarray], outputs: list[str], re
     shapes only: without `request_bytes` it is computed once per request structure and model
     version (kept with `validate`'s in `Signature.plans`, which bounds them)."""
     key, sig = None, rt.signature
-    # remembered only for the model's own names and ranks (this runs before validation): the
-    # keys' sizes are the model's, not what a request may carry
-    if request_bytes is None and _known(sig, inputs, outputs):
+    if request_bytes is None:
         key = ("cost", response_factor, *outputs, None, *[(name, a.dtype, a.shape) for name, a in inputs.items()])
         cost = sig.plans.get(key)
         if cost is not None:
             return cost
+        # remembered only for the model's own names and ranks (this runs before validation): the
+        # keys kept are the model's size, not what a request may carry
+        if not _known(sig, inputs, outputs):
+            key = None
     in_bytes = sum(int(a.nbytes) for a in inputs.values())
     batch, steps = batch_and_time(rt, inputs)
     cost = Cost(

@@ -472,8 +472,9 @@ class DataPlane:
                 work = Work(feeds, sorted(set(returned) | {p.output for p in pairs}), w.rows, w.steps, None, cells,
                             w.signature)  # fmt: skip
 
-                def keep(outputs):
-                    stored.update({p.input: outputs[p.output] for p in pairs})
+                def keep(outputs):  # each state output as its own copy (the run's are views of a merged
+                    for p in pairs:  # batch), which the reply then reads too: one copy, not one for each
+                        stored[p.input] = outputs[p.output] = np.array(outputs[p.output])
 
                 response = yield from self._respond(rt, request, Prepared(rt, work), start, inline, returned, keep)
         except BaseException:

@@ -285,8 +285,9 @@ class SequenceStore:
                 if replaced is not None:
                     self._count(replaced, 0)
                 state.pending_start, state.previous = False, None
-                if new is not None:  # copies: do not keep a whole batch's output alive
-                    state.state = {k: np.array(v) for k, v in new.items()}
+                if new is not None:  # copies: do not keep a whole batch's output alive (an array that
+                    # owns its memory is no view of one: kept as it is)
+                    state.state = {k: v if getattr(v, "base", 0) is None else np.array(v) for k, v in new.items()}
                     state.chunks += 1
                     self._count(state, _state_bytes(state.state))
                 state.busy = False

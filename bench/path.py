@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = asyncio.run(measure(args.models.resolve(), args.model, args.seconds, args.sequences, args.profile))
     print(f"stream path without gRPC, {figures['sequences']} sequences of {args.model}: "
           f"{figures['chunks_per_s']:.0f} chunks/s, CPU {figures['cpu_ms_per_chunk']:.3f} ms per chunk "
-          f"({100 * figures['cpu_busy']:.0f} % busy; the event loop's thread {figures['loop_ms_per_chunk']:.3f} ms)")  # fmt: skip
+          f"({100 * figures['cpu_busy']:.0f} % busy; the event loop's thread "
+          f"{figures['loop_ms_per_chunk']:.3f} ms)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     sys.stdout.flush()

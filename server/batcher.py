@@ -51,7 +51,7 @@ import numpy as np
 
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from server.runtime import RunControl
-from server.signature import Signature, TensorSpec
+from server.signature import Signature
 from server.ticket import Ticket, deliver_all
 
 log = logging.getLogger(__name__)
@@ -116,31 +116,6 @@ def policy_from_config(default: BatchPolicy, name: str, config: dict) -> BatchPo
 MAX_STRETCH = 4  # a request is merged only with requests at most 4x longer or shorter
 
 
-def check_finite(name: str, array: np.ndarray, spec: TensorSpec, lengths: np.ndarray | None = None) -> None:
-    """NaN/Inf values are refused in a recurrent model's sequence and state inputs: ONNX Runtime's
-    CPU LSTM turns a NaN input into finite outputs (measured) where PyTorch gives NaN, so passing
-    them on would answer with plausible numbers that agree with nothing. Only the valid steps count
-    (padding is never read)."""
-    if array.dtype.kind != "f":
-        return
-    finite = np.isfinite(array)
-    if finite.all():
-        return
-    bad = ~finite
-    if lengths is not None:
-        b, t = spec.batch_axis, spec.time_axis
-        valid = np.arange(array.shape[t])[None, :] < lengths[:, None]  # (B, T)
-        valid = valid.reshape(valid.shape + (1,) * (array.ndim - 2))
-        bad &= np.moveaxis(valid, (0, 1), (b, t))
-        if not bad.any():
-            return
-    where = [int(i) for i in np.argwhere(bad)[0]]
-    raise InvalidArgument(
-        f"input '{name}': values must be finite; {name}{where} = {array[tuple(where)]} "
-        f"({int(bad.sum())} non-finite value(s){' within the valid lengths' if lengths is not None else ''})"
-    )
-
-
 @dataclass
 class Work:
     """What one request hands the batcher: complete feeds for its rows and what merging needs."""
@@ -152,9 +127,6 @@ class Work:
     key: tuple | None = None  # requests merge only with equal keys (None: computed when first needed)
     cells: int = 0  # elements one row contributes per time step (ragged) or in all (equal)
     signature: Signature | None = None  # what the key is computed from
-    # (input, its lengths input or None) whose values must be finite (`check_finite`), checked
-    # by the run (`merge_and_run`: once over the merged feeds, per request only when that fails)
-    finite: tuple = ()
 
     def merge_key(self) -> tuple:
         """Dtypes and every dim that is not the batch (nor the ragged input's time axis), per feed:
@@ -251,10 +223,8 @@ def merge_and_run(
     works = [i.work for i in items]
     if len(works) == 1:  # a request alone runs as it came: no padded copy
         feeds, steps = works[0].feeds, works[0].steps or 1
-        _check_values(works[0])
     else:
         feeds, steps = _merge(works, signature)
-        _check_merged(works, feeds)
     wanted = sorted({o for w in works for o in w.outputs})
     t0 = time.perf_counter_ns()
     out = run(feeds, wanted)
@@ -299,39 +269,6 @@ def merge_and_run(
         valid = sum(sum(w.feeds[signature.lengths].tolist()) for w in works)  # (few rows: no numpy reductions)
         padding = 1.0 - valid / float(total * steps)
     return results, BatchInfo(len(works), total, steps, padding, infer_ns)
-
-
-class Refused(Exception):
-    """Requests of a merged run refused for their values (`check_finite`): {index: its error}; the
-    others are run without them."""
-
-    def __init__(self, errors: dict[int, Exception]) -> None:
-        super().__init__(f"{len(errors)} request(s) refused")
-        self.errors = errors
-
-
-def _check_values(work: Work) -> None:
-    sig = work.signature
-    for name, lengths in work.finite:
-        check_finite(name, work.feeds[name], sig.input(name), work.feeds[lengths] if lengths else None)
-
-
-def _check_merged(works: list[Work], feeds: dict[str, np.ndarray]) -> None:
-    """The requests' values that must be finite, checked once over the merged feeds (their data
-    was just copied there); only when that finds a non-finite value (which may lie in a request's
-    own padding, which is allowed) is each request checked by itself, and `Refused` names those
-    that fail."""
-    names = {name for w in works for name, _ in w.finite}
-    if all(np.isfinite(feeds[name]).all() for name in names if feeds[name].dtype.kind == "f"):
-        return
-    errors = {}
-    for index, work in enumerate(works):
-        try:
-            _check_values(work)
-        except InvalidArgument as exc:
-            errors[index] = exc
-    if errors:
-        raise Refused(errors)
 
 
 def run_alone(work: Work, run: Callable, signature: Signature) -> tuple[dict[str, np.ndarray], BatchInfo]:
@@ -529,13 +466,6 @@ class Batcher:
             run = functools.partial(run, control=control)
         try:
             results, info = merge_and_run(live, run, self.signature)
-        except Refused as refused:  # some requests' values: they get their own errors, the others run
-            for index, error in refused.errors.items():
-                live[index].future.set_exception(error)
-            rest = [item for index, item in enumerate(live) if index not in refused.errors]
-            if rest:
-                self._run_live(rest)
-            return
         except Exception as exc:  # noqa: BLE001 - reported to the request(s) it belongs to
             stopped = control is not None and control.reason is not None  # every caller left, or too late
             if len(live) > 1 and not stopped:  # one request's values may have failed the run: each alone

@@ -260,7 +260,7 @@ class DataPlane:
             sequence = _sequence(request.parameters)
             if sequence is not None:
                 return (yield from self._sequence_steps(rt, request, sequence, start, inline))
-            args = (rt, request.inputs, list(request.outputs), False, True, True)  # finite values: by the run
+            args = (rt, request.inputs, list(request.outputs))
             large = sum(a.nbytes for a in request.inputs.values()) > _VALIDATE_INLINE_BYTES
             prepared = (yield _Call(validate, args)) if large else validate(*args)
             self._check_rows(prepared)
@@ -420,7 +420,7 @@ class DataPlane:
             raise InvalidArgument(
                 f"missing required input(s) {required} (only a sequence_end request may carry no inputs)"
             )
-        prepared = validate(rt, arrays, list(request.outputs), True, first, True) if arrays else None  # see _steps
+        prepared = validate(rt, arrays, list(request.outputs), sequence=True, states=first) if arrays else None
         if prepared is not None and prepared.work.rows != 1:
             first_batched = next((t.name for t in sig.inputs if t.batch_axis is not None and t.name in arrays), "")
             raise InvalidArgument(  # Triton's leading words: its clients and QA tests match them
@@ -470,7 +470,7 @@ class DataPlane:
                 if sig.ragged is None:
                     cells = max([cells, *(a.size // w.rows for a in state.state.values())])
                 work = Work(feeds, sorted(set(returned) | {p.output for p in pairs}), w.rows, w.steps, None, cells,
-                            w.signature, w.finite)  # fmt: skip
+                            w.signature)  # fmt: skip
 
                 def keep(outputs):  # each state output as its own copy (the run's are views of a merged
                     for p in pairs:  # batch), which the reply then reads too: one copy, not one for each

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.batcher import Work, check_finite
+from server.batcher import Work
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of
 from server.errors import InvalidArgument, clip
 from server.runtime import Runtime, reshape
@@ -37,6 +37,31 @@ class Prepared:
 
 def _oip(dtype: np.dtype) -> str:
     return oip_of(dtype) or str(dtype)
+
+
+def _check_finite(name: str, array: np.ndarray, spec: TensorSpec, lengths: np.ndarray | None = None) -> None:
+    """NaN/Inf values are refused in a recurrent model's sequence and state inputs: ONNX Runtime's
+    CPU LSTM turns a NaN input into finite outputs (measured) where PyTorch gives NaN, so passing
+    them on would answer with plausible numbers that agree with nothing. Only the valid steps count
+    (padding is never read)."""
+    if array.dtype.kind != "f":
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    bad = ~finite
+    if lengths is not None:
+        b, t = spec.batch_axis, spec.time_axis
+        valid = np.arange(array.shape[t])[None, :] < lengths[:, None]  # (B, T)
+        valid = valid.reshape(valid.shape + (1,) * (array.ndim - 2))
+        bad &= np.moveaxis(valid, (0, 1), (b, t))
+        if not bad.any():
+            return
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    raise InvalidArgument(
+        f"input '{name}': values must be finite; {name}{where} = {array[tuple(where)]} "
+        f"({int(bad.sum())} non-finite value(s){' within the valid lengths' if lengths is not None else ''})"
+    )
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
@@ -90,13 +115,11 @@ def initial_state(sig: Signature, rows: int, given: dict[str, np.ndarray] | None
 
 
 def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool = False,
-             states: bool = True, defer_finite: bool = False) -> Prepared:  # fmt: skip
+             states: bool = True) -> Prepared:  # fmt: skip
     """Check names, datatypes, ranks, fixed dims, batch sizes and lengths against the model's
     signature; fill in what may be left out (lengths: full; states: initial, unless `states` is
     False: a sequence's later chunk, whose state the server keeps). Messages name the input and
-    what was expected. `defer_finite`: the finite-value check (`batcher.check_finite`) is left to
-    the run (`Work.finite`: the batcher checks a merged run's values at once, where they were just
-    copied; the data plane's callers pass it). `sequence`: the request is a sequence's (the caller adds the control
+    what was expected. `sequence`: the request is a sequence's (the caller adds the control
     inputs); a model with control inputs takes no other.
 
     What depends only on the request's structure (its inputs' names, datatypes and shapes, the
@@ -110,7 +133,6 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
     rows, steps, outputs = plan
     feeds = {name: _as_text(name, a) if a.dtype == OBJECT or a.dtype.kind in "SU" else contiguous(a)
              for name, a in arrays.items()}  # fmt: skip
-    finite: list[tuple[str, str | None]] = []  # inputs whose values must be finite (and their lengths)
     if sig.lengths is not None and sig.ragged in feeds:
         if sig.lengths in feeds:
             lengths = feeds[sig.lengths]
@@ -127,14 +149,11 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
                     f"{sig.lengths}[{i}] = {int(lengths[i])}"
                 )
         else:
-            feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
-        finite.append((sig.ragged, sig.lengths))
+            lengths = feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
+        _check_finite(sig.ragged, feeds[sig.ragged], sig.input(sig.ragged), lengths)
     for pair in sig.states:
         if pair.input in feeds and not pair.implicit:  # a recurrent export's h0/c0
-            finite.append((pair.input, None))
-    if not defer_finite:
-        for name, lengths in finite:
-            check_finite(name, feeds[name], sig.input(name), feeds[lengths] if lengths else None)
+            _check_finite(pair.input, feeds[pair.input], sig.input(pair.input))
     for name, array in feeds.items() if sig.checks_values else ():
         spec = sig.input(name)
         if spec.value_range is not None and array.size:
@@ -153,9 +172,7 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
         cells = x.size // max(1, rows * steps)
     else:
         cells = max((a.size // rows for a in feeds.values()), default=1)
-    work = Work(feeds, list(outputs), rows, steps if sig.ragged is not None else None, None, cells, sig)
-    work.finite = tuple(finite) if defer_finite else ()
-    return Prepared(rt, work)
+    return Prepared(rt, Work(feeds, list(outputs), rows, steps if sig.ragged is not None else None, None, cells, sig))
 
 
 def _structure(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], sequence: bool):

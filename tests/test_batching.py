@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.batcher import Batcher, BatchPolicy, _Item, merge_and_run
-from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from server.errors import DeadlineExceeded, ResourceExhausted
 from server.proto import grpc_service_pb2 as pb
 from server.proto import grpc_service_pb2_grpc as pb_grpc
 from server.runtime import RuntimeOptions, load_model, select_providers
@@ -136,46 +136,6 @@ def test_deadline_passed_while_queued_is_not_run(runtime):
     with pytest.raises(DeadlineExceeded):
         late.result(10)
     assert len(infos) == 1  # the expired request never reached the runtime
-    batcher.close()
-
-
-def test_merged_run_checks_values_once_and_refuses_only_the_bad_request(runtime, encoders):
-    """The data plane leaves the finite-value check to the run (`Work.finite`): one check over the
-    merged feeds; when it finds NaN/Inf, each request is checked alone, a request with NaN/Inf in
-    its valid steps is refused with the same message `validate` would give, one with them only in
-    its own padding is not, and the others run merged, exactly."""
-    infos: list = []
-    batcher, gate = _blocked_batcher(BatchPolicy(max_batch=16), runtime, infos)
-    rng = np.random.default_rng(41)
-    running = _submit_in_thread(batcher, runtime, *ragged(rng, 1, 3, 6), ["h_n"])  # holds the run slot
-    time.sleep(0.1)
-    good1, bad, padded, good2 = (ragged(rng, 2, 8, 6) for _ in range(4))
-    bad[0][1, 0, 3] = np.nan
-    bad[1][1] = 8  # within the valid steps
-    padded[1][:] = [8, 3]
-    clean = padded[0].copy()
-    padded[0][1, 5:, :] = np.inf  # past its length 3: padding, never read
-    reqs = [good1, bad, padded, good2]
-    works = [
-        validate(runtime, {"x": x, "lengths": lengths}, ["y", "h_n"], defer_finite=True).work for x, lengths in reqs
-    ]
-    assert all(w.finite == (("x", "lengths"),) for w in works)
-    futures = [batcher.submit(w) for w in works]
-    gate.set()
-    running.result(10)
-    with pytest.raises(InvalidArgument) as refused:
-        futures[1].result(10)
-    with pytest.raises(InvalidArgument) as direct:  # the message validate gives when it checks itself
-        validate(runtime, {"x": bad[0], "lengths": bad[1]}, ["y", "h_n"])
-    assert str(refused.value) == str(direct.value) and "input 'x': values must be finite; x[1, 0, 3]" in str(
-        direct.value
-    )
-    for k in (0, 2, 3):
-        got, _queue_ns, info = futures[k].result(10)
-        x, lengths = reqs[k]
-        want = reference(encoders["bi"], clean if k == 2 else x, lengths)
-        assert np.abs(got["y"] - want["y"]).max() <= TOL and np.abs(got["h_n"] - want["h_n"]).max() <= TOL
-        assert info.requests == 3 and info.sequences == 6  # the three ran merged, without the refused one
     batcher.close()
 
 

@@ -134,6 +134,7 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
     feeds = {name: _as_text(name, a) if a.dtype == OBJECT or a.dtype.kind in "SU" else contiguous(a)
              for name, a in arrays.items()}  # fmt: skip
     if sig.lengths is not None and sig.ragged in feeds:
+        lengths = None  # not sent: every step is valid, so none is left out of the finite check
         if sig.lengths in feeds:
             lengths = feeds[sig.lengths]
             if rows <= _FEW_ROWS:  # Python's min/max over a short list: ~6x cheaper than two numpy reductions
@@ -149,7 +150,7 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
                     f"{sig.lengths}[{i}] = {int(lengths[i])}"
                 )
         else:
-            lengths = feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
+            feeds[sig.lengths] = np.full((rows,), steps, numpy_dtype(sig.input(sig.lengths).datatype))
         _check_finite(sig.ragged, feeds[sig.ragged], sig.input(sig.ragged), lengths)
     for pair in sig.states:
         if pair.input in feeds and not pair.implicit:  # a recurrent export's h0/c0

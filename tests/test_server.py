@@ -310,12 +310,20 @@ ERROR_CASES = {
         grpc.StatusCode.INVALID_ARGUMENT,
         ">= 1",
     ),
-    "NaN within the lengths": (
+    "NaN, no lengths sent": (  # every step is valid: the message does not speak of lengths
         _raw_request(
             inputs=[_tensor("x", "FP32", [1, 2, 6])], raw_input_contents=[np.full((1, 2, 6), np.nan, "f").tobytes()]
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "input 'x': values must be finite; x[0, 0, 0] = nan (12 non-finite value(s) within the valid lengths)",
+        "input 'x': values must be finite; x[0, 0, 0] = nan (12 non-finite value(s))",
+    ),
+    "NaN within the lengths": (
+        _raw_request(
+            inputs=[_tensor("x", "FP32", [1, 2, 6]), _tensor("lengths", "INT64", [1])],
+            raw_input_contents=[np.full((1, 2, 6), np.nan, "f").tobytes(), np.array([1], np.int64).tobytes()],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'x': values must be finite; x[0, 0, 0] = nan (6 non-finite value(s) within the valid lengths)",
     ),
 }
 

@@ -218,10 +218,10 @@ _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_content
 
 
 def serialize_response(response: pb.ModelInferResponse | bytes, raw: list[np.ndarray]) -> bytes:
-    """`response` (outputs described, no raw contents; or its wire bytes) in wire format with `raw` appended as its
-    raw_output_contents: each array's bytes are copied once, into the message (building the field
-    with `tobytes()` and serializing would copy them three times). Fields may come in any order on
-    the wire, so the message parses as if the contents were set on it."""
+    """`response` (outputs described, no raw contents; or its wire bytes) in wire format with `raw`
+    appended as its raw_output_contents: each array's bytes are copied once, into the message
+    (building the field with `tobytes()` and serializing would copy them three times). Fields may
+    come in any order on the wire, so the message parses as if the contents were set on it."""
     parts: list = [response if isinstance(response, bytes) else response.SerializeToString()]
     for array in raw:
         if array.dtype == OBJECT:

@@ -31,6 +31,7 @@ from server.gate import infer_request_counts_refusal
 from server.proto import grpc_service_pb2 as pb
 from server.shm import REGION as SHM_REGION
 from server.shm import ShmCall
+from server.signature import structure
 
 log = logging.getLogger(__name__)
 
@@ -164,31 +165,32 @@ _HEADS_MAX = 1024  # then all are forgotten (outputs' shapes follow the requests
 
 def to_infer_response_bytes(response: InferResponse, request: pb.ModelInferRequest | None = None) -> bytes:
     """`to_infer_response` in wire format, each output's bytes copied once (into the message).
-    The model's name and version and the outputs' descriptions are serialized once per output
-    structure (`_HEADS`); the id and parameters follow them (protobuf reads fields in any order,
-    and a message's fields may come in separate runs: the reply parses as the one message)."""
+    The model's name and version and the outputs' descriptions come first, serialized once per
+    output structure (`_HEADS`; not for strings or outputs in shared memory, whose descriptions
+    or contents vary); the id and parameters follow them (protobuf reads fields in any order, and
+    a message's fields may come in separate runs: the reply parses as the one message)."""
     in_shm = shm_outputs(request)
     outputs = response.outputs
+    key = head = None
     if not in_shm and not any(a.dtype == OBJECT for a in outputs.values()):
-        key = (response.model_name, response.model_version, *[(n, a.dtype, a.shape) for n, a in outputs.items()])
+        key = (response.model_name, response.model_version, *structure(outputs))
         head = _HEADS.get(key)
-        if head is None:
-            described = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
-            for name, array in outputs.items():
-                describe_output(described, name, array)
+    if head is None:
+        described = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
+        arrays = [
+            _NO_BYTES if name in in_shm else array
+            for name, array in ((name, describe_output(described, name, array)) for name, array in outputs.items())
+        ]
+        head = described.SerializeToString()
+        if key is not None:
             if len(_HEADS) >= _HEADS_MAX:
                 _HEADS.clear()
-            head = _HEADS[key] = described.SerializeToString()
-        tail = pb.ModelInferResponse(id=response.id)
-        _echo_parameters(tail, response, request)
-        return serialize_response(head + tail.SerializeToString(), list(outputs.values()))
-    out = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
-    arrays = [
-        _NO_BYTES if name in in_shm else array
-        for name, array in ((name, describe_output(out, name, array)) for name, array in response.outputs.items())
-    ]
-    _echo_parameters(out, response, request)
-    return serialize_response(out, arrays)
+            _HEADS[key] = head
+    else:
+        arrays = list(outputs.values())
+    tail = pb.ModelInferResponse(id=response.id)
+    _echo_parameters(tail, response, request)
+    return serialize_response(head + tail.SerializeToString(), arrays)
 
 
 _STREAM_INFER_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2, length-delimited

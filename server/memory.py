@@ -39,6 +39,7 @@ from server.arena import MIB, arena_cap, malloc_trim, share_ort_arena, shrink_op
 from server.dtypes import DATATYPES, numpy_dtype
 from server.errors import ResourceExhausted
 from server.layout import output_dims
+from server.signature import structure
 
 if TYPE_CHECKING:  # server.runtime imports this module
     from server.runtime import Runtime
@@ -175,7 +176,7 @@ def call_cost(rt: Runtime, inputs: dict[str, np.ndarray], outputs: list[str], re
     version (kept with `validate`'s in `Signature.plans`, which bounds them)."""
     key, sig = None, rt.signature
     if request_bytes is None:
-        key = ("cost", response_factor, *outputs, None, *[(name, a.dtype, a.shape) for name, a in inputs.items()])
+        key = ("cost", response_factor, *outputs, None, *structure(inputs))
         cost = sig.plans.get(key)
         if cost is not None:
             return cost

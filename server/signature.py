@@ -66,6 +66,12 @@ class StatePair:
 PLANS_MAX = 256  # request structures remembered per model version (`Signature.plans`)
 
 
+def structure(arrays: dict[str, np.ndarray]) -> tuple:
+    """What a key of `Signature.plans` (and the reply heads' cache) holds of some tensors: each
+    one's name, dtype and shape, in their order."""
+    return tuple((name, a.dtype, a.shape) for name, a in arrays.items())
+
+
 @dataclass
 class Signature:
     inputs: list[TensorSpec]  # as the client sees them (implicit state inputs left out)

@@ -14,7 +14,7 @@ from server.batcher import Work
 from server.dtypes import OBJECT, contiguous, numpy_dtype, oip_of
 from server.errors import InvalidArgument, clip
 from server.runtime import Runtime, reshape
-from server.signature import Signature, TensorSpec
+from server.signature import Signature, TensorSpec, structure
 
 _FEW_ROWS = 64  # lengths of at most this many sequences are range-checked in Python (see `validate`)
 
@@ -126,7 +126,7 @@ def validate(rt: Runtime, arrays: dict[str, np.ndarray], requested: list[str], s
     outputs asked for) is checked once per structure and model version (`_structure`, remembered
     in `Signature.plans`); what depends on values (lengths, finite, token ids, text) every time."""
     sig = rt.signature
-    key = (sequence, *requested, None, *[(name, a.dtype, a.shape) for name, a in arrays.items()])
+    key = (sequence, *requested, None, *structure(arrays))
     plan = sig.plans.get(key)
     if plan is None:
         plan = sig.remember(key, _structure(rt, arrays, requested, sequence))

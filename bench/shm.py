@@ -3,20 +3,27 @@
 the in-process best, in one run.
 
 Lines (payload single50: one sequence of T = 50 per request; batching on):
-  live    ServerLive at c=1: the bare RPC
+  live    ServerLive at c=1 and at the highest concurrency: the bare RPC
   plain   ModelInfer, tensors in the message, c=1 and c=64
   shm     ModelInfer, each client thread with its own input and output regions: it writes the
           input into its region, the request carries only the regions' names, offsets and sizes,
           the server writes the outputs into the output region (the reply holds none), c=1 and c=64
   best    ONNX Runtime in-process at batch 16 and 64 on the server's CPU (the better one)
 Then the acceptance figures: shm c=64 / best (goal >= 0.85), shm c=1 p50 - in-process batch-1
-run - live p50 (goal <= 0.5 ms), and the shm outputs equal the plain call's (1e-5).
+run - live p50 (goal <= 0.5 ms), and the shm outputs equal the plain call's (1e-5); and, beside
+them, the ceiling the shm c=64 line has with this frontend: the in-process best over what the
+server's run threads spent per sequence in that line plus the bare RPC's CPU per call at the same
+concurrency, i.e. the ratio a server whose request path cost nothing beyond gRPC's own would reach.
 
 Each served line also states the server's own CPU (utime + stime of its process, all threads, from
 /proc/<pid>/stat) over a window inside its load: `server_cpu_ms` per request (per sequence for
 plain and shm, counted by the server's ModelStatistics over the same window; per call for live,
 from the clients' rate), and `server_busy`, the share of one CPU it used. Compared with the
 in-process run's time per sequence, it shows what the served path adds, whatever the clients do.
+That CPU is also split by the server's thread names (`server.osthread`, `bench.streaming.cpu_split`):
+`run_cpu_ms` (its batcher threads: ONNX Runtime, merge and split), `loop_cpu_ms` (the event loop:
+the request path, gRPC's Python callbacks, and runs made inline when nothing else is in progress,
+as at c=1), `other_cpu_ms` (gRPC's own threads and the rest).
 
 Pinned as `python -m bench` is (server and in-process lines on CPU 0, clients on the other CPUs).
 Clients and server must share /dev/shm (same machine, same IPC namespace).
@@ -35,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import PAYLOADS, LoadResult, closed_loop, make_requests, run_grpc_load, run_in_processes
-from bench.streaming import _proc_cpu_s
+from bench.streaming import _proc_cpu_s, _thread_cpu_s, cpu_split
 from server.dtypes import numpy_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,8 +217,10 @@ def with_server_cpu(pid: int, target: str, model: str, load, warmup_s: float, du
         time.sleep(1.5)  # no count to watch: the clients' usual set-up time
     thread.join(timeout=max(0.0, warmup_s + 1.0))
     cpu0, n0, t0 = _proc_cpu_s(pid), _inferences(target, model) if count else 0, time.monotonic()
+    threads0 = _thread_cpu_s(pid)
     thread.join(timeout=duration_s / 2)
     cpu1, n1, t1 = _proc_cpu_s(pid), _inferences(target, model) if count else 0, time.monotonic()
+    threads1 = _thread_cpu_s(pid)
     thread.join()
     if "result" not in out:
         raise RuntimeError("the load did not finish")
@@ -219,7 +228,10 @@ def with_server_cpu(pid: int, target: str, model: str, load, warmup_s: float, du
     seconds = max(t1 - t0, 1e-9)
     served = n1 - n0 if count else result.summary()["seq_per_s"] * seconds
     cpu = cpu1 - cpu0
-    return result, {"server_cpu_ms": 1e3 * cpu / served if served > 0 else None, "server_busy": cpu / seconds}
+    figures = {"server_cpu_ms": 1e3 * cpu / served if served > 0 else None, "server_busy": cpu / seconds}
+    for part, part_s in cpu_split(threads0, threads1).items():
+        figures[f"{part}_cpu_ms"] = 1e3 * part_s / served if served > 0 else None
+    return result, figures
 
 
 def check_equal(target: str, model: str, features: int) -> float:
@@ -301,14 +313,20 @@ def main(argv: list[str] | None = None) -> int:
             s = {**res.summary(), **cpu}
             figures["lines"][f"{line}_c{conc}"] = s
             ms = "n/a" if s["server_cpu_ms"] is None else f"{s['server_cpu_ms']:.3f} ms"
+            parts = ", ".join(f"{part} {s[f'{part}_cpu_ms']:.3f}" for part in ("run", "loop", "other")
+                              if s.get(f"{part}_cpu_ms") is not None)  # fmt: skip
             print(f"{line:6} c={conc:<3} {s['seq_per_s']:8.1f} seq/s  p50 {s['p50_ms']:7.3f} ms  "
-                  f"p99 {s['p99_ms']:7.3f} ms  errors {s['errors']}  server CPU {ms}/req "
-                  f"({100 * s['server_busy']:.0f}% busy)", flush=True)  # fmt: skip
+                  f"p99 {s['p99_ms']:7.3f} ms  errors {s['errors']}  server CPU {ms}/req ({parts}; "
+                  f"{100 * s['server_busy']:.0f}% busy)", flush=True)  # fmt: skip
             return s
 
         common = (args.warmup, args.duration, args.client_processes)
         live = show("live", 1, lambda: run_grpc_load(srv.target, args.model, "single50", features, 1, *common,
                                                      cpus=client_cpus, method="ServerLive"), count=False)  # fmt: skip
+        top = max(levels)
+        live_top = live if top == 1 else show(
+            "live", top, lambda: run_grpc_load(srv.target, args.model, "single50", features, top, *common,
+                                               cpus=client_cpus, method="ServerLive"), count=False)  # fmt: skip
         for conc in levels:
             show("plain", conc, lambda conc=conc: run_grpc_load(srv.target, args.model, "single50", features, conc,
                                                                 *common, cpus=client_cpus))  # fmt: skip
@@ -325,9 +343,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                           conc, *common, cpus=client_cpus))
                    for conc in levels}  # fmt: skip
             targets = []
-            if max(levels) >= 64:
-                ratio = shm[max(levels)]["seq_per_s"] / best
-                targets.append(("shm c=%d / in-process best" % max(levels), ratio, ">= 0.85", ratio >= 0.85))
+            if top >= 64:
+                ratio = shm[top]["seq_per_s"] / best
+                targets.append(("shm c=%d / in-process best" % top, ratio, ">= 0.85", ratio >= 0.85))
+                run_ms, rpc_ms = shm[top].get("run_cpu_ms"), live_top["server_cpu_ms"]
+                if run_ms and rpc_ms is not None:  # a server that names its run threads (server.osthread)
+                    ceiling = 1e3 / best / (run_ms + rpc_ms)
+                    figures["ceiling"] = {"run_cpu_ms": run_ms, "rpc_cpu_ms": rpc_ms, "ratio": ceiling}
+                    print(f"shm c={top} ceiling with this frontend: {ceiling:.2f} of the in-process best "
+                          f"(its run threads {run_ms:.3f} ms per sequence + the bare RPC {rpc_ms:.3f} ms per call "
+                          f"at c={top}, against {1e3 / best:.3f} ms in-process)", flush=True)  # fmt: skip
             if 1 in shm:
                 over = shm[1]["p50_ms"] - run1_ms - live["p50_ms"]
                 targets.append(("shm c=1 p50 - batch-1 run - live p50 (ms)", over, "<= 0.5", over <= 0.5))

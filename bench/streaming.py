@@ -49,6 +49,34 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """utime + stime of a process's threads, seconds, summed per kernel thread name (the server
+    names its own: `server.osthread`); threads that end meanwhile are missing."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The server's CPU seconds between two `_thread_cpu_s` reads, by part: "run" (its models' run
+    threads, `run:*`: ONNX Runtime, the merge and split), "loop" (the event loop: each request's
+    path, gRPC's Python callbacks, and small runs made inline when nothing else is in progress),
+    "other" (gRPC's own threads, the executor, background threads; everything of a server that
+    does not name its threads)."""
+    parts = {"run": 0.0, "loop": 0.0, "other": 0.0}
+    for name, seconds in after.items():
+        part = "run" if name.startswith("run:") else "loop" if name == "loop" else "other"
+        parts[part] += max(0.0, seconds - before.get(name, 0.0))
+    return parts
+
+
 def _chunks(model: str, features: int, slot: int, mode_seed: int) -> tuple[bytes, bytes, bytes]:
     """A sequence slot's serialized chunk requests (`bench.path.chunk_requests`): (start, middle,
     end); id = the slot; sequence ids distinct per mode."""
@@ -74,13 +102,17 @@ async def _drive(target: str, mode: str, seqs: list[_Sequence], start_at: float,
                  stop_at: float) -> dict:  # fmt: skip
     import grpc
 
-    done = {"chunks": 0, "errors": 0, "first_error": ""}
+    done = {"chunks": 0, "errors": 0, "first_error": "", "latency_s": []}
     lo, hi = window
+    latency = done["latency_s"]  # each answered chunk's round trip (sent to answer read), in the window
 
-    def count(ok: bool, what: str = "") -> None:
-        if lo <= time.time() < hi:
+    def count(ok: bool, what: str = "", sent: float | None = None) -> None:
+        now = time.time()
+        if lo <= now < hi:
             if ok:
                 done["chunks"] += 1
+                if sent is not None:
+                    latency.append(now - sent)
             else:
                 done["errors"] += 1
         if not ok and not done["first_error"]:
@@ -94,10 +126,10 @@ async def _drive(target: str, mode: str, seqs: list[_Sequence], start_at: float,
             call = ch.unary_unary(INFER)  # bytes in, bytes out
 
             async def one(s: _Sequence) -> None:
-                while time.time() < stop_at:
+                while (sent := time.time()) < stop_at:
                     try:
                         await call(s.next(), timeout=30)
-                        count(True)
+                        count(True, sent=sent)
                     except grpc.RpcError as exc:
                         count(False, str(exc.details()))
 
@@ -106,10 +138,10 @@ async def _drive(target: str, mode: str, seqs: list[_Sequence], start_at: float,
 
             async def one(s: _Sequence) -> None:
                 stream = ch.stream_stream(STREAM)(timeout=stop_at - time.time() + 30)
-                while time.time() < stop_at:
+                while (sent := time.time()) < stop_at:
                     await stream.write(s.next())
                     reply = await stream.read()
-                    count(not reply.startswith(b"\x0a"), reply[:300].decode(errors="replace"))  # field 1: error
+                    count(not reply.startswith(b"\x0a"), reply[:300].decode(errors="replace"), sent)  # field 1: error
                 await stream.done_writing()
                 while await stream.read() is not grpc.aio.EOF:
                     pass
@@ -119,7 +151,9 @@ async def _drive(target: str, mode: str, seqs: list[_Sequence], start_at: float,
             from server.proto import grpc_service_pb2 as pb
 
             stream = ch.stream_stream(STREAM)(timeout=stop_at - time.time() + 30)
-            for s in seqs:
+            sent = [0.0] * len(seqs)
+            for k, s in enumerate(seqs):
+                sent[k] = time.time()
                 await stream.write(s.next())
             in_flight = len(seqs)
             while in_flight:
@@ -128,9 +162,11 @@ async def _drive(target: str, mode: str, seqs: list[_Sequence], start_at: float,
                     break
                 in_flight -= 1
                 message = pb.ModelStreamInferResponse.FromString(reply)
-                count(not message.error_message, message.error_message)
-                if time.time() < stop_at:
-                    await stream.write(seqs[int(message.infer_response.id)].next())
+                k = int(message.infer_response.id)
+                count(not message.error_message, message.error_message, sent[k])
+                sent[k] = time.time()
+                if sent[k] < stop_at:
+                    await stream.write(seqs[k].next())
                     in_flight += 1
             await stream.done_writing()
     return done
@@ -204,15 +240,16 @@ def served(target: str, pid: int, mode: str, model: str, features: int, warmup: 
     time.sleep(max(0.0, window[0] - time.time()))
     counters = _PerfStat(pid) if perf else None
     statistics = _statistics if stats else (lambda target, model: (0, 0, 0))  # the floor keeps none
-    cpu0, stats0 = _proc_cpu_s(pid), statistics(target, model)
+    cpu0, threads0, stats0 = _proc_cpu_s(pid), _thread_cpu_s(pid), statistics(target, model)
     time.sleep(max(0.0, window[1] - time.time()))
-    cpu1, stats1 = _proc_cpu_s(pid), statistics(target, model)
+    cpu1, threads1, stats1 = _proc_cpu_s(pid), _thread_cpu_s(pid), statistics(target, model)
     counted = counters.stop() if counters is not None else {}
     results = [out.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(30)
     chunks = sum(r["chunks"] for r in results)
     errors = sum(r["errors"] for r in results)
+    latency = np.sort(np.concatenate([np.asarray(r.get("latency_s", ()), float) for r in results]))
     inferences, executions = stats1[0] - stats0[0], stats1[1] - stats0[1]
     cpu = cpu1 - cpu0
     row = {
@@ -223,9 +260,16 @@ def served(target: str, pid: int, mode: str, model: str, features: int, warmup: 
         "frames_per_s": chunks * FRAMES / duration,
         "server_cpu_s": cpu,
         "server_cpu_ms_per_chunk": cpu / chunks * 1e3 if chunks else float("nan"),
+        # wall time of the runs (ModelStatistics): with the loop on the same core, this includes
+        # the time the loop's thread ran while a run was in progress; run_cpu_ms_per_chunk does not
         "ort_ms_per_chunk": (stats1[2] - stats0[2]) / 1e6 / inferences if inferences else float("nan"),
         "mean_batch": inferences / executions if executions else float("nan"),
+        # a chunk's round trip as its client saw it (written to answer read)
+        "p50_ms": float(np.percentile(latency, 50)) * 1e3 if latency.size else float("nan"),
+        "p99_ms": float(np.percentile(latency, 99)) * 1e3 if latency.size else float("nan"),
     }
+    for part, seconds in cpu_split(threads0, threads1).items():
+        row[f"{part}_cpu_ms_per_chunk"] = seconds / chunks * 1e3 if chunks else float("nan")
     for event, value in counted.items():  # instructions and thread switches: steadier than CPU time on a busy machine
         row[f"{event}_per_chunk"] = value / chunks if chunks else float("nan")
     # a 10 ms-frame stream needs 1/FRAME_S frames/s; one core gives 1 s of CPU per s
@@ -398,9 +442,14 @@ def transport_floor(models: Path, model: str, server_cpus, client_cpus, warmup: 
 
 
 def format_row(row: dict) -> str:
+    def get(key: str) -> float:  # figures an older run's JSON may lack
+        return row.get(key, float("nan"))
+
     text = (f"streaming {row['mode']:7} {SEQUENCES} seq x {FRAMES} frames: {row['frames_per_s']:8.0f} frames/s "
             f"({row['ratio']:.2f}x in-process)  server CPU {row['server_cpu_ms_per_chunk']:.3f} ms/chunk "
-            f"(ORT {row['ort_ms_per_chunk']:.3f})  mean batch {row['mean_batch']:.1f}  "
+            f"(run threads {get('run_cpu_ms_per_chunk'):.3f}, loop {get('loop_cpu_ms_per_chunk'):.3f}, "
+            f"other {get('other_cpu_ms_per_chunk'):.3f})  mean batch {row['mean_batch']:.1f}  "
+            f"latency p50 {get('p50_ms'):.1f} p99 {get('p99_ms'):.1f} ms  "
             f"real-time streams/core {row['realtime_streams_per_core']:.0f}  errors {row['errors']}")  # fmt: skip
     if "instructions_per_chunk" in row:
         text += f"  server {row['instructions_per_chunk'] / 1e6:.2f} M instructions/chunk"

@@ -30,6 +30,7 @@ from server.gate import Gate
 from server.handlers import Admission
 from server.memory import budget_from_settings
 from server.metrics import Metrics
+from server.osthread import name_os_thread
 from server.proto import grpc_service_pb2 as pb
 from server.rest_app import RestApp
 from server.rest_http import RestServer
@@ -147,6 +148,7 @@ class InferenceServer:
         ready = threading.Event()
 
         def run() -> None:
+            name_os_thread("loop")
             asyncio.set_event_loop(self._loop)
             self._loop.call_soon(ready.set)
             self._loop.run_forever()
@@ -311,12 +313,14 @@ class InferenceServer:
     # -- background work --------------------------------------------------------------------
     def _sweep_sequences(self) -> None:
         """Free sequences idle longer than sequence_idle_s (also checked on every access)."""
+        name_os_thread("seq-sweep")
         period = min(1.0, max(0.05, self.settings.sequence_idle_s / 4))
         while not self._draining.wait(period):
             self.sequences.sweep()
 
     def _poll(self) -> None:
         """Triton's poll mode: load new/changed versions, unload models removed from disk."""
+        name_os_thread("repo-poll")
         while not self._draining.wait(self.settings.poll_s):
             try:
                 self.repository.sync()

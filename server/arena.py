@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract.onnxfile import varint_bytes
+from server.osthread import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ class _Shrinker:
             self._cond.notify()
 
     def _loop(self) -> None:
+        name_os_thread("arena-shrink")
         trim_at = None  # time.monotonic() of the trim after the last shrinks
         while True:
             with self._cond:

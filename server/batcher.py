@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from server.osthread import name_os_thread
 from server.runtime import RunControl
 from server.signature import Signature
 from server.ticket import Ticket, deliver_all
@@ -422,6 +423,7 @@ class Batcher:
             return batch
 
     def _worker(self) -> None:
+        name_os_thread(f"run:{self.name}")
         while self._wait_for_work():
             try:
                 with self._slots:  # the batch is formed once a slot is free: it takes all that queued

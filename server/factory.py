@@ -18,6 +18,7 @@ from server.config import Settings
 from server.dataplane import DataPlane
 from server.memory import default_budget
 from server.metrics import Metrics
+from server.osthread import name_os_thread
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
 from server.sequences import SequenceStore
@@ -100,5 +101,7 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
         max_message_bytes=settings.max_message_mb << 20,
         # ONNX Runtime runs (batching off, or a retired version's late requests), request decoding
         # of large inputs and model loads: off the event loop. ORT releases the GIL while it runs.
-        executor=ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="infer"),
+        executor=ThreadPoolExecutor(
+            settings.grpc_workers, thread_name_prefix="infer", initializer=name_os_thread, initargs=("infer",)
+        ),
     )

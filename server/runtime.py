@@ -32,6 +32,7 @@ from server.arena import released_soon, shared_arena, shared_arena_shrink, shrin
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
 from server.memory import batch_and_time, run_options, working_bytes
+from server.osthread import name_os_thread
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -552,6 +553,7 @@ class _Watchdog:
             self._runs.discard(entry)
 
     def _loop(self) -> None:
+        name_os_thread("watchdog")
         while True:
             with self._cond:
                 while not self._runs:

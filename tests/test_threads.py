@@ -51,3 +51,26 @@ def test_default_server_pinned_to_one_cpu_keeps_every_thread_there(repo):
         assert any("1 intra-op" in line for line in replica.log), replica.log
     finally:
         replica.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_server_threads_are_named_by_role(repo):
+    """`python -m server` with the defaults: the event loop and each model's run threads carry their
+    role as the kernel thread name (what `top -H` and the benchmarks' CPU split read)."""
+    import numpy as np
+
+    from bench.streaming import _thread_cpu_s, cpu_split
+    from server.client import LSTMClient
+
+    replica = start_replica(repo)
+    try:
+        with LSTMClient(replica.address) as client:
+            for _ in range(200):  # enough loop CPU to pass the clock's 10 ms ticks
+                client.infer("bi", [np.ones((5, 6), np.float32)])
+        pid = replica.proc.pid
+        names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+        assert "loop" in names and any(n.startswith("run:bi") for n in names), names
+        parts = cpu_split({}, _thread_cpu_s(pid))
+        assert parts["loop"] > 0 and parts["other"] > 0, parts  # the loop served; loading ran elsewhere
+    finally:
+        replica.stop()

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         live = show("live", 1, lambda: run_grpc_load(srv.target, args.model, "single50", features, 1, *common,
                                                      cpus=client_cpus, method="ServerLive"), count=False)  # fmt: skip
         top = max(levels)
-        live_top = live if top == 1 else show(
+        live_top = None if top < 64 else show(  # the bare RPC at the ceiling's concurrency (below)
             "live", top, lambda: run_grpc_load(srv.target, args.model, "single50", features, top, *common,
                                                cpus=client_cpus, method="ServerLive"), count=False)  # fmt: skip
         for conc in levels:

@@ -49,9 +49,9 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _thread_cpu_s(pid: int) -> dict[str, float]:
-    """utime + stime of a process's threads, seconds, summed per kernel thread name (the server
-    names its own: `server.osthread`); threads that end meanwhile are missing."""
+def _thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of a process: tid -> (its kernel name, utime + stime in seconds). The server
+    names its own (`server.osthread`)."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -60,20 +60,24 @@ def _thread_cpu_s(pid: int) -> dict[str, float]:
         except OSError:  # the thread ended meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
-def cpu_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """The server's CPU seconds between two `_thread_cpu_s` reads, by part: "run" (its models' run
-    threads, `run:*`: ONNX Runtime, the merge and split), "loop" (the event loop: each request's
-    path, gRPC's Python callbacks, and small runs made inline when nothing else is in progress),
-    "other" (gRPC's own threads, the executor, background threads; everything of a server that
-    does not name its threads)."""
+RUN_THREADS = ("run:", "ort:")  # a model's batcher threads, and ONNX Runtime's own intra-op threads
+
+
+def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """The server's CPU seconds between two `_thread_cpu_s` reads, per thread (one that ended
+    meanwhile is missing; one that started counts whole), by part under its later name: "run" (its
+    models' run threads `run:*` and ONNX Runtime's `ort:*`: the runs, the merge and split), "loop"
+    (the event loop: each request's path, gRPC's Python callbacks, and small runs made inline when
+    nothing else is in progress), "other" (gRPC's own threads, the executors, background threads;
+    everything of a server that does not name its threads)."""
     parts = {"run": 0.0, "loop": 0.0, "other": 0.0}
-    for name, seconds in after.items():
-        part = "run" if name.startswith("run:") else "loop" if name == "loop" else "other"
-        parts[part] += max(0.0, seconds - before.get(name, 0.0))
+    for tid, (name, seconds) in after.items():
+        part = "run" if name.startswith(RUN_THREADS) else "loop" if name == "loop" else "other"
+        parts[part] += max(0.0, seconds - before.get(tid, (name, 0.0))[1])
     return parts
 
 
@@ -162,7 +166,11 @@ async def _drive(target: str, mode: str, seqs: list[_Sequence], start_at: float,
                     break
                 in_flight -= 1
                 message = pb.ModelStreamInferResponse.FromString(reply)
-                k = int(message.infer_response.id)
+                try:
+                    k = int(message.infer_response.id)
+                except ValueError:  # an answer without this client's id: an error before the request was read
+                    count(False, message.error_message or f"answer without an id: {reply[:100]!r}")
+                    continue
                 count(not message.error_message, message.error_message, sent[k])
                 sent[k] = time.time()
                 if sent[k] < stop_at:

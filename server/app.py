@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,7 @@ from server.gate import Gate
 from server.handlers import Admission
 from server.memory import budget_from_settings
 from server.metrics import Metrics
-from server.osthread import name_os_thread
+from server.osthread import name_os_thread, rename_inherited
 from server.proto import grpc_service_pb2 as pb
 from server.rest_app import RestApp
 from server.rest_http import RestServer
@@ -145,6 +146,10 @@ class InferenceServer:
 
     def _start_loop(self) -> None:
         self._loop = asyncio.new_event_loop()
+        # the loop's blocking hand-offs (run_in_executor(None, ...)): threads named for what they are
+        self._loop.set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=name_os_thread, initargs=("aio-exec",))
+        )
         ready = threading.Event()
 
         def run() -> None:
@@ -289,6 +294,7 @@ class InferenceServer:
         for name in self.repository.ready_models():
             await self.health.set(f"{SERVICE_NAME}/{name}", SERVING)
         await self._server_health()
+        rename_inherited("loop")  # gRPC's poller, started from this thread, carries its name until now
         self._serving = True
 
     def _abort(self) -> None:

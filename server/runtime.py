@@ -32,7 +32,7 @@ from server.arena import released_soon, shared_arena, shared_arena_shrink, shrin
 from server.dtypes import DATATYPES, to_bytes_array
 from server.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError, clip
 from server.memory import batch_and_time, run_options, working_bytes
-from server.osthread import name_os_thread
+from server.osthread import name_os_thread, named
 from server.signature import Signature, SignatureError, TensorSpec
 from server.signature import build as build_signature
 
@@ -390,7 +390,8 @@ def load_model(
     shared = uses_shared_arena(bounded)
     if shared:  # CPU allocations from the shared arena with a cap (server.arena.share_ort_arena)
         so.add_session_config_entry("session.use_env_allocators", "1")
-    session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
+    with named(f"ort:{name}:{version}"):  # ONNX Runtime's intra-op threads start now and keep this name
+        session = ort.InferenceSession(str(path), so, providers=list(providers.providers))
     meta = dict(session.get_modelmeta().custom_metadata_map)
     config = repo_config or {}
     try:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import PAYLOADS, LoadResult, closed_loop, make_requests, run_grpc_load, run_in_processes
-from bench.streaming import _proc_cpu_s, _thread_cpu_s, cpu_split
+from bench.streaming import _proc_cpu_s, _statistics, _thread_cpu_s, cpu_split
 from server.dtypes import numpy_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,20 +186,6 @@ def run_shm_load(target, model, payload, features, concurrency, warmup_s, durati
     )
     total.window_s = duration_s
     return total
-
-
-def _statistics(target: str, model: str) -> tuple[int, int, int]:
-    """(sequences inferred, ONNX Runtime runs, ns in those runs) for `model` so far (ModelStatistics)."""
-    import grpc
-
-    from server.proto import grpc_service_pb2 as pb
-    from server.proto import grpc_service_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(target) as ch:
-        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30)
-    ms = stats.model_stats
-    runs_ns = sum(b.compute_infer.ns for s in ms for b in s.batch_stats)  # each run once, whatever its size
-    return sum(s.inference_count for s in ms), sum(s.execution_count for s in ms), runs_ns
 
 
 def _inferences(target: str, model: str) -> int:

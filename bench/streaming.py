@@ -42,25 +42,27 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
+def _stat_cpu_s(stat: Path) -> float:
+    """utime + stime from a /proc .../stat file, seconds."""
+    text = stat.read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all its threads), seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def _thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
     """Each thread of a process: tid -> (its kernel name, utime + stime in seconds). The server
     names its own (`server.osthread`)."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
-            stat = (task / "stat").read_text()
+            out[int(task.name)] = ((task / "comm").read_text().strip(), _stat_cpu_s(task / "stat"))
         except OSError:  # the thread ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
@@ -200,7 +202,7 @@ def _statistics(target: str, model: str) -> tuple[int, int, int]:
     from server.proto import grpc_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as ch:
-        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model))
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30)
     ms = stats.model_stats
     runs_ns = sum(b.compute_infer.ns for s in ms for b in s.batch_stats)  # each ORT run once
     return sum(s.inference_count for s in ms), sum(s.execution_count for s in ms), runs_ns
@@ -257,7 +259,7 @@ def served(target: str, pid: int, mode: str, model: str, features: int, warmup: 
         w.join(30)
     chunks = sum(r["chunks"] for r in results)
     errors = sum(r["errors"] for r in results)
-    latency = np.sort(np.concatenate([np.asarray(r.get("latency_s", ()), float) for r in results]))
+    latency = np.concatenate([np.asarray(r.get("latency_s", ()), float) for r in results])
     inferences, executions = stats1[0] - stats0[0], stats1[1] - stats0[1]
     cpu = cpu1 - cpu0
     row = {

@@ -620,11 +620,20 @@ def test_served_int8_concurrent_equals_alone(twin_repo, twin_server, twin_client
     twin, base = session(family.model_path(twin_repo, model)), session(family.model_path(twin_repo, "encoder"))
     reqs = _requests(24, seed=9)
     reqs[0][0][:] *= 10.0  # a loud batch-mate for whoever shares its run
-    before = runs()
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda r: twin_client.infer_batch(model, *r), reqs))
-    assert runs() - before < len(reqs), "no request was merged: the check below would prove nothing"
-    for k, ((x, lengths), got) in enumerate(zip(reqs, results)):
+    # With two instances and eager batching, a request is merged only when both are busy as it arrives; on a
+    # loaded machine one burst can go through one by one. Bursts repeat (bounded) until one was merged, and
+    # every answer of every burst is checked below.
+    checked: list[tuple[int, tuple[np.ndarray, np.ndarray], dict]] = []
+    for _ in range(8):
+        before = runs()
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda r: twin_client.infer_batch(model, *r), reqs))
+        checked += [(k, req, got) for k, (req, got) in enumerate(zip(reqs, results))]
+        if runs() - before < len(reqs):
+            break
+    else:
+        pytest.fail(f"no request was merged in {len(checked) // len(reqs)} bursts: the check below would prove nothing")
+    for k, (x, lengths), got in checked:
         alone = twin.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})
         want = base.run(["y", "h_n", "c_n"], {"x": x, "lengths": lengths})
         for name, mine, value in zip(("y", "h_n", "c_n"), alone, want):

@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -31,7 +30,7 @@ from server.gate import Gate
 from server.handlers import Admission
 from server.memory import budget_from_settings
 from server.metrics import Metrics
-from server.osthread import name_os_thread, rename_inherited
+from server.osthread import name_os_thread, rename_inherited, thread_pool
 from server.proto import grpc_service_pb2 as pb
 from server.rest_app import RestApp
 from server.rest_http import RestServer
@@ -147,9 +146,7 @@ class InferenceServer:
     def _start_loop(self) -> None:
         self._loop = asyncio.new_event_loop()
         # the loop's blocking hand-offs (run_in_executor(None, ...)): threads named for what they are
-        self._loop.set_default_executor(
-            ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=name_os_thread, initargs=("aio-exec",))
-        )
+        self._loop.set_default_executor(thread_pool("aio-exec", prefix="asyncio"))
         ready = threading.Event()
 
         def run() -> None:

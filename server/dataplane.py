@@ -26,7 +26,7 @@ from server.dtypes import OBJECT, numpy_dtype
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, clip
 from server.layout import output_dims
 from server.metrics import Metrics
-from server.osthread import name_os_thread
+from server.osthread import thread_pool
 from server.repository import ModelRepository
 from server.runtime import RunControl, Runtime
 from server.sequences import SequenceStore, parse_sequence
@@ -117,9 +117,7 @@ class DataPlane:
         requests whose outputs would not fit are refused before they run. `executor`: the threads
         `infer_async` runs ONNX Runtime (and large validations) on (default: 32 threads)."""
         self.repository = repository
-        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
-            32, thread_name_prefix="infer", initializer=name_os_thread, initargs=("infer",)
-        )
+        self.executor = executor or thread_pool("infer", 32)
         self.max_message_bytes = max_message_bytes
         self.stats = stats
         self.limits = limits

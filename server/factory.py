@@ -10,7 +10,6 @@ Nothing is loaded here: `plane.repository.load_all()` loads the models.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from server.batcher import BatchPolicy
 from server.codec import Limits
@@ -18,7 +17,7 @@ from server.config import Settings
 from server.dataplane import DataPlane
 from server.memory import default_budget
 from server.metrics import Metrics
-from server.osthread import name_os_thread
+from server.osthread import thread_pool
 from server.repository import ModelRepository
 from server.runtime import RuntimeOptions, select_providers
 from server.sequences import SequenceStore
@@ -101,7 +100,5 @@ def build_plane(settings: Settings, metrics: Metrics | None = None) -> DataPlane
         max_message_bytes=settings.max_message_mb << 20,
         # ONNX Runtime runs (batching off, or a retired version's late requests), request decoding
         # of large inputs and model loads: off the event loop. ORT releases the GIL while it runs.
-        executor=ThreadPoolExecutor(
-            settings.grpc_workers, thread_name_prefix="infer", initializer=name_os_thread, initargs=("infer",)
-        ),
+        executor=thread_pool("infer", settings.grpc_workers),
     )

@@ -29,6 +29,7 @@ import ctypes
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _PR_SET_NAME, _PR_GET_NAME = 15, 16  # prctl(2)
@@ -57,6 +58,14 @@ def os_thread_name() -> str | None:
     if _prctl(_PR_GET_NAME, buffer, 0, 0, 0) != 0:
         return None
     return buffer.value.decode("utf-8", "replace")
+
+
+def thread_pool(name: str, max_workers: int | None = None, prefix: str | None = None) -> ThreadPoolExecutor:
+    """A ThreadPoolExecutor whose threads carry the kernel name `name` (and the Python name
+    `prefix`_N, `name`_N by default)."""
+    return ThreadPoolExecutor(
+        max_workers, thread_name_prefix=prefix or name, initializer=name_os_thread, initargs=(name,)
+    )
 
 
 @contextlib.contextmanager
